@@ -1,0 +1,5 @@
+"""Damped Newton optimizer along GGN eigen-directions and damping strategies."""
+
+from vivitlib.optim.damping import BootstrapDamping, ConstantDamping, DampingStrategy
+
+__all__ = ["BootstrapDamping", "ConstantDamping", "DampingStrategy"]

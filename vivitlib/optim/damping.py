@@ -1,0 +1,408 @@
+"""Damping strategies for Newton steps along GGN eigen-directions.
+
+A damping strategy turns per-sample directional derivatives into one damping per
+direction. It is any callable with the signature
+
+.. code-block:: python
+
+    strategy(gammas: Tensor[N_g, K], lambdas: Tensor[N_c, K]) -> Tensor[K]
+
+where ``gammas[n, k] = e_kᵀ g_n`` are the per-sample first-order directional
+derivatives and ``lambdas[n, k] = e_kᵀ G_n e_k`` the per-sample curvatures along
+the ``K`` nontrivial GGN eigenvectors ``e_k`` (``N_g`` and ``N_c`` may differ when
+gradients and curvature use different samples). The returned dampings ``δ_k`` enter
+the step ``Δθ = -Σ_k γ_k / (λ_k + δ_k) e_k``; ``inf`` means "no step along ``e_k``".
+
+Subclassing :class:`DampingStrategy` is optional; it adds ``state_dict`` /
+``load_state_dict`` so that :class:`~vivitlib.optim.DampedNewton` can checkpoint a
+strategy's internal state (for instance a random generator).
+
+Reference:
+    Dangel, Tatzel, Hennig. ViViT: Curvature access through the generalized
+    Gauss-Newton's low-rank structure. TMLR 2022, Section 4.2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["DampingStrategy", "ConstantDamping", "BootstrapDamping"]
+
+
+def _check_derivatives(gammas: Tensor, lambdas: Tensor) -> None:
+    """Validate the per-sample directional derivatives handed to a strategy.
+
+    Args:
+        gammas: Per-sample directional gradients, shape ``[N_g, K]``.
+        lambdas: Per-sample directional curvatures, shape ``[N_c, K]``.
+
+    Raises:
+        TypeError: If an argument is not a tensor.
+        ValueError: If shapes are not ``[N, K]`` with matching ``K`` and ``N > 0``.
+
+    """
+    for name, value in (("gammas", gammas), ("lambdas", lambdas)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value)}.")
+        if value.ndim != 2:
+            raise ValueError(
+                f"{name} must have shape [N, K] (samples x directions), got shape "
+                f"{tuple(value.shape)}."
+            )
+        if value.shape[0] == 0 and value.shape[1] > 0:
+            raise ValueError(f"{name} has no samples (shape {tuple(value.shape)}).")
+    if gammas.shape[1] != lambdas.shape[1]:
+        raise ValueError(
+            "gammas and lambdas must describe the same number of directions K, got "
+            f"shapes {tuple(gammas.shape)} and {tuple(lambdas.shape)}."
+        )
+
+
+class DampingStrategy:
+    """Base class of damping strategies (optional, see the module docstring).
+
+    Subclasses implement :meth:`__call__`; strategies with internal state override
+    :meth:`state_dict` and :meth:`load_state_dict`.
+    """
+
+    def __call__(self, gammas: Tensor, lambdas: Tensor) -> Tensor:
+        """Compute one damping per direction.
+
+        Args:
+            gammas: Per-sample directional gradients ``γ_nk``, shape ``[N_g, K]``.
+            lambdas: Per-sample directional curvatures ``λ_nk``, shape ``[N_c, K]``.
+
+        Returns:
+            Dampings ``δ_k``, shape ``[K]``; ``inf`` where no step should be taken.
+
+        """
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the strategy's internal state (empty by default).
+
+        Returns:
+            A dictionary that :meth:`load_state_dict` accepts.
+
+        """
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore internal state saved by :meth:`state_dict` (no-op by default).
+
+        Args:
+            state_dict: Dictionary returned by :meth:`state_dict`.
+
+        """
+
+
+class ConstantDamping(DampingStrategy):
+    """The same damping ``δ`` along every direction.
+
+    Args:
+        delta: Non-negative damping ``δ`` (``0.0`` gives undamped Newton steps).
+
+    Raises:
+        TypeError: If ``delta`` is not a real number.
+        ValueError: If ``delta`` is negative or not finite.
+
+    Example:
+        >>> import torch
+        >>> ConstantDamping(0.5)(torch.ones(3, 2), torch.ones(4, 2))
+        tensor([0.5000, 0.5000])
+
+    """
+
+    def __init__(self, delta: float) -> None:
+        if isinstance(delta, bool) or not isinstance(delta, int | float):
+            raise TypeError(f"delta must be a float, got {type(delta)}.")
+        if not math.isfinite(delta) or delta < 0:
+            raise ValueError(f"delta must be finite and >= 0, got {delta}.")
+        self.delta = float(delta)
+
+    def __call__(self, gammas: Tensor, lambdas: Tensor) -> Tensor:
+        """Return ``δ`` for each of the ``K`` directions.
+
+        Args:
+            gammas: Per-sample directional gradients, shape ``[N_g, K]``.
+            lambdas: Per-sample directional curvatures, shape ``[N_c, K]``.
+
+        Returns:
+            Tensor of shape ``[K]`` filled with ``δ``.
+
+        """
+        _check_derivatives(gammas, lambdas)
+        return torch.full(
+            (gammas.shape[1],), self.delta, dtype=gammas.dtype, device=gammas.device
+        )
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"delta": self.delta}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        self.delta = float(state_dict["delta"])
+
+    def __repr__(self) -> str:  # noqa: D105
+        return f"ConstantDamping(delta={self.delta})"
+
+
+def _linear_percentile(values: Tensor, percentile: float) -> Tensor:
+    """Percentile along the first axis with linear interpolation (numpy's default).
+
+    Args:
+        values: Samples along dim 0, shape ``[R, ...]``.
+        percentile: Percentile in ``[0, 100]``.
+
+    Returns:
+        Tensor of shape ``values.shape[1:]``.
+
+    """
+    ordered = values.sort(dim=0).values
+    position = percentile / 100.0 * (values.shape[0] - 1)
+    low = math.floor(position)
+    high = min(low + 1, values.shape[0] - 1)
+    frac = position - low
+    if frac == 0.0:
+        return ordered[low]
+    return ordered[low] + frac * (ordered[high] - ordered[low])
+
+
+class BootstrapDamping(DampingStrategy):
+    r"""Noise-aware directional damping chosen by a bootstrap lower bound.
+
+    For direction ``k`` and candidate damping ``δ`` the step along ``e_k`` computed
+    from the mini-batch means ``γ̄_k = mean_n γ_nk`` and ``λ̄_k = mean_n λ_nk`` is
+
+    .. math::
+        s_k(δ) = -\frac{\bar γ_k}{\bar λ_k + δ} .
+
+    Its loss reduction under the quadratic model of a batch with means
+    ``(γ*, λ*)`` is
+
+    .. math::
+        \mathcal{R}(δ) = -s_k(δ)\, γ^* - \tfrac{1}{2} s_k(δ)^2 λ^* .
+
+    The N per-sample values are resampled with replacement ``num_resamples`` times;
+    each resample gives means ``(γ*_r, λ*_r)`` and hence ``R_r(δ)``. The
+    ``percentile``-th percentile (linear interpolation) over ``r`` is a confident
+    lower bound ``B_k(δ)``. The strategy returns ``δ_k = argmax_δ B_k(δ)`` over the
+    candidate grid (the smallest candidate among ties), and ``inf`` (no step) where
+    ``max_δ B_k(δ) <= 0``. Candidates with ``λ̄_k + δ <= 0`` are never chosen.
+
+    When ``gammas`` and ``lambdas`` have the same number of rows they are taken to
+    be the same samples and resampled with one shared index draw (``paired``);
+    otherwise the two sets are resampled independently (first ``gammas``, then
+    ``lambdas``). Each resample draws its indices with
+    ``torch.randint(N, (num_resamples, N), generator=generator)``, on the CPU.
+
+    All directions, candidates and resamples are evaluated at once; memory is
+    ``O(num_resamples · len(candidates) · K)``.
+
+    Args:
+        candidates: Damping candidates. Default: 61 log-spaced values
+            ``10**linspace(-4, 2, 61)``.
+        percentile: Lower percentile in ``(0, 100)`` used as bound. Default: ``5.0``.
+        num_resamples: Number of bootstrap resamples. Default: ``100``.
+        generator: A CPU ``torch.Generator``, an ``int`` seed, or ``None``. ``None``
+            creates a private generator seeded from torch's global generator, so
+            ``torch.manual_seed`` makes runs reproducible. Default: ``None``.
+        paired: Resample gammas and lambdas with shared indices. ``None`` pairs them
+            exactly when they have the same number of samples. Default: ``None``.
+
+    Raises:
+        TypeError: If ``generator`` has the wrong type.
+        ValueError: If a candidate is negative or not finite, the grid is empty,
+            ``percentile`` is outside ``(0, 100)`` or ``num_resamples < 1``.
+
+    Example:
+        >>> import torch
+        >>> strategy = BootstrapDamping(candidates=[0.1, 1.0], generator=0)
+        >>> gammas = torch.ones(8, 2)          # noise-free gradient
+        >>> lambdas = torch.ones(8, 2)
+        >>> strategy(gammas, lambdas)          # smallest candidate is best
+        tensor([0.1000, 0.1000])
+
+    """
+
+    def __init__(
+        self,
+        candidates: Sequence[float] | Tensor | None = None,
+        percentile: float = 5.0,
+        num_resamples: int = 100,
+        generator: torch.Generator | int | None = None,
+        paired: bool | None = None,
+    ) -> None:
+        if candidates is None:
+            candidates = 10.0 ** torch.linspace(-4, 2, 61, dtype=torch.float64)
+        grid = torch.as_tensor(candidates, dtype=torch.float64).flatten()
+        if grid.numel() == 0:
+            raise ValueError("candidates must contain at least one damping.")
+        if not torch.isfinite(grid).all() or (grid < 0).any():
+            raise ValueError(f"candidates must be finite and >= 0, got {grid}.")
+        if not 0.0 < float(percentile) < 100.0:
+            raise ValueError(f"percentile must lie in (0, 100), got {percentile}.")
+        if isinstance(num_resamples, bool) or not isinstance(num_resamples, int):
+            raise TypeError(f"num_resamples must be an int, got {type(num_resamples)}.")
+        if num_resamples < 1:
+            raise ValueError(f"num_resamples must be >= 1, got {num_resamples}.")
+        self.candidates = grid.sort().values
+        self.percentile = float(percentile)
+        self.num_resamples = num_resamples
+        self.paired = paired
+        self.generator = self._make_generator(generator)
+
+    @staticmethod
+    def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
+        """Return a CPU generator from a generator, a seed, or the global RNG."""
+        if isinstance(generator, torch.Generator):
+            if generator.device.type != "cpu":
+                raise ValueError(
+                    "generator must live on the CPU (indices are drawn there), got "
+                    f"device {generator.device}."
+                )
+            return generator
+        if generator is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        elif isinstance(generator, int) and not isinstance(generator, bool):
+            seed = generator
+        else:
+            raise TypeError(
+                "generator must be a torch.Generator, an int seed or None, got "
+                f"{type(generator)}."
+            )
+        new = torch.Generator()
+        new.manual_seed(seed)
+        return new
+
+    def _resample_means(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Means of bootstrap resamples via sample counts.
+
+        Args:
+            values: Per-sample values, shape ``[N, K]``.
+            indices: Drawn sample indices, shape ``[R, N]``.
+
+        Returns:
+            Resampled means, shape ``[R, K]``.
+
+        """
+        num_resamples, n = indices.shape
+        counts = torch.zeros(num_resamples, n, dtype=values.dtype)
+        counts.scatter_add_(1, indices, torch.ones_like(counts))
+        return counts.to(values.device) @ values / n
+
+    def draw_indices(self, num_gammas: int, num_lambdas: int) -> tuple[Tensor, Tensor]:
+        """Draw the bootstrap indices for one call (advances the generator).
+
+        Args:
+            num_gammas: Number of gradient samples ``N_g``.
+            num_lambdas: Number of curvature samples ``N_c``.
+
+        Returns:
+            Index tensors of shapes ``[R, N_g]`` and ``[R, N_c]`` (the same tensor
+            when the samples are paired).
+
+        """
+        shape = (self.num_resamples,)
+        paired = self.paired if self.paired is not None else num_gammas == num_lambdas
+        if paired and num_gammas != num_lambdas:
+            raise ValueError(
+                "paired=True needs as many gamma as lambda samples, got "
+                f"{num_gammas} and {num_lambdas}. Use paired=None or False."
+            )
+        idx_g = torch.randint(
+            0, num_gammas, shape + (num_gammas,), generator=self.generator
+        )
+        if paired:
+            return idx_g, idx_g
+        idx_c = torch.randint(
+            0, num_lambdas, shape + (num_lambdas,), generator=self.generator
+        )
+        return idx_g, idx_c
+
+    def lower_bounds(self, gammas: Tensor, lambdas: Tensor) -> Tensor:
+        """Bootstrap lower bounds ``B_k(δ)`` on the quadratic-model loss reduction.
+
+        Args:
+            gammas: Per-sample directional gradients ``γ_nk``, shape ``[N_g, K]``.
+            lambdas: Per-sample directional curvatures ``λ_nk``, shape ``[N_c, K]``.
+
+        Returns:
+            Bounds of shape ``[C, K]`` for the ``C`` sorted candidates; ``-inf``
+            where ``λ̄_k + δ <= 0``.
+
+        """
+        _check_derivatives(gammas, lambdas)
+        idx_g, idx_c = self.draw_indices(gammas.shape[0], lambdas.shape[0])
+        gamma_boot = self._resample_means(gammas, idx_g)  # [R, K]
+        lambda_boot = self._resample_means(lambdas, idx_c)  # [R, K]
+
+        deltas = self.candidates.to(dtype=gammas.dtype, device=gammas.device)
+        denominator = lambdas.mean(0) + deltas[:, None]  # [C, K]
+        valid = denominator > 0
+        steps = -gammas.mean(0) / torch.where(valid, denominator, 1.0)  # [C, K]
+
+        reductions = (
+            -steps * gamma_boot[:, None, :] - 0.5 * steps**2 * (lambda_boot[:, None, :])
+        )  # [R, C, K]
+        bounds = _linear_percentile(reductions, self.percentile)
+        return torch.where(valid, bounds, -torch.inf)
+
+    def __call__(self, gammas: Tensor, lambdas: Tensor) -> Tensor:
+        """Pick the damping with the largest bootstrap lower bound per direction.
+
+        Args:
+            gammas: Per-sample directional gradients ``γ_nk``, shape ``[N_g, K]``.
+            lambdas: Per-sample directional curvatures ``λ_nk``, shape ``[N_c, K]``.
+
+        Returns:
+            Dampings ``δ_k``, shape ``[K]``; ``inf`` where no candidate has a
+            positive bound.
+
+        """
+        _check_derivatives(gammas, lambdas)
+        if gammas.shape[1] == 0:
+            return gammas.new_zeros(0)
+        bounds = self.lower_bounds(gammas, lambdas)  # [C, K]
+        best, choice = bounds.max(dim=0)
+        deltas = self.candidates.to(dtype=gammas.dtype, device=gammas.device)
+        chosen = deltas[choice]
+        return torch.where(best > 0, chosen, torch.inf)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the generator state and the settings.
+
+        Returns:
+            Dictionary with keys ``generator_state``, ``candidates``,
+            ``percentile`` and ``num_resamples``.
+
+        """
+        return {
+            "generator_state": self.generator.get_state(),
+            "candidates": self.candidates.clone(),
+            "percentile": self.percentile,
+            "num_resamples": self.num_resamples,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state returned by :meth:`state_dict`.
+
+        Args:
+            state_dict: Dictionary returned by :meth:`state_dict`.
+
+        """
+        self.generator.set_state(state_dict["generator_state"].clone())
+        self.candidates = torch.as_tensor(state_dict["candidates"]).clone()
+        self.percentile = float(state_dict["percentile"])
+        self.num_resamples = int(state_dict["num_resamples"])
+
+    def __repr__(self) -> str:  # noqa: D105
+        return (
+            f"BootstrapDamping(candidates=<{self.candidates.numel()} in "
+            f"[{self.candidates.min().item():.1e}, {self.candidates.max().item():.1e}]"
+            f">, percentile={self.percentile}, num_resamples={self.num_resamples})"
+        )

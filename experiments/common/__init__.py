@@ -1,0 +1,1 @@
+"""Machinery shared by the studies: data, training, checkpoints, results, plots."""

@@ -1,0 +1,48 @@
+"""Plotting helpers: headless (agg) figures, consistent style, atomic PNG output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def subplots(nrows: int, ncols: int, width: float = 3.2, height: float = 2.6, **kwargs):
+    """Create a grid of axes, ``width`` x ``height`` inches each, 2-D indexable."""
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kwargs
+    )
+    return fig, axes
+
+
+def save(fig, path: Path, dpi: int = 120) -> Path:
+    """Save ``fig`` as PNG (creating folders) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def log_bins(values: np.ndarray, num: int = 40, floor: float = 1e-12) -> np.ndarray:
+    """Log-spaced histogram bins covering the positive ``values``."""
+    positive = np.asarray(values)[np.asarray(values) > floor]
+    if positive.size == 0:
+        return np.logspace(-6, 0, num)
+    low, high = positive.min(), positive.max()
+    if high <= low:
+        high = low * 10
+    return np.logspace(np.log10(low) - 0.05, np.log10(high) + 0.05, num)
+
+
+def step_colors(steps: list[int]) -> dict[int, tuple]:
+    """One colour per checkpoint step, light (early) to dark (late)."""
+    cmap = plt.get_cmap("viridis")
+    count = max(len(steps) - 1, 1)
+    return {step: cmap(i / count) for i, step in enumerate(sorted(steps))}

@@ -1,0 +1,156 @@
+"""Train-then-evaluate orchestration shared by the studies that follow training.
+
+A run trains one problem with one optimizer, writing checkpoints at the evaluation
+steps (resuming from the latest checkpoint), then evaluates every checkpoint into one
+table per ``(run, step)`` — skipped when the table is already on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from experiments.common.data import ImageData
+from experiments.common.results import cached_table, config_key, write_table
+from experiments.common.training import (
+    TrainConfig,
+    checkpoint_path,
+    load_checkpoint,
+    train,
+)
+from experiments.problems import Problem, make_extended
+
+Evaluator = Callable[[nn.Module, nn.Module, int], pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a study.
+
+    Attributes:
+        problem: The problem.
+        data: Its data.
+        train_config: Training hyper-parameters.
+        out_dir: The study's output folder.
+
+    """
+
+    problem: Problem
+    data: ImageData
+    train_config: TrainConfig
+    out_dir: Path
+
+    @property
+    def label(self) -> dict[str, object]:
+        """Columns identifying the run in result tables."""
+        cfg = self.train_config
+        return {
+            "problem": self.problem.name,
+            "optimizer": cfg.optimizer,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+        }
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Folder of this run's checkpoints."""
+        return Path(self.out_dir) / "checkpoints" / config_key(self.label)
+
+    def fresh_model(self) -> tuple[nn.Module, nn.Module]:
+        """Build a BackPACK-extended model (seeded initialisation) and loss."""
+        return make_extended(
+            self.problem,
+            self.data.input_shape,
+            self.data.num_classes,
+            self.train_config.seed,
+        )
+
+    def load(self, step: int) -> tuple[nn.Module, nn.Module]:
+        """Load the model at ``step`` (from its checkpoint) and the loss."""
+        model, loss_fn = self.fresh_model()
+        load_checkpoint(checkpoint_path(self.checkpoint_dir, step), model)
+        return model, loss_fn
+
+
+def train_run(
+    run: Run, save_steps: Iterable[int], progress: bool = True
+) -> pd.DataFrame:
+    """Train (or resume) ``run``, checkpointing at ``save_steps``; write its log CSV."""
+    model, loss_fn = run.fresh_model()
+    log = train(
+        model,
+        loss_fn,
+        run.data,
+        run.train_config,
+        run.checkpoint_dir,
+        save_steps,
+        progress=progress,
+    )
+    write_table(log, Path(run.out_dir) / "logs" / f"{config_key(run.label)}.csv")
+    return log
+
+
+def evaluate_checkpoints(
+    run: Run, steps: Iterable[int], evaluate: Evaluator, name: str = "eval"
+) -> pd.DataFrame:
+    """Evaluate the checkpoints of ``run`` at ``steps``, one cached table per step.
+
+    Args:
+        run: A trained run.
+        steps: Checkpoint steps to evaluate.
+        evaluate: ``(model, loss_fn, step) -> DataFrame`` for one checkpoint; the
+            model has batch norm in eval mode.
+        name: Names this kind of evaluation in the table keys. Default: ``'eval'``.
+
+    Returns:
+        The tables of all steps, concatenated, with the run's label columns and the
+        columns ``step`` and ``epoch``.
+
+    """
+    frames = []
+    steps_per_epoch = len(run.data.train_y) // run.train_config.batch_size
+    for step in sorted(set(steps)):
+        config = {
+            "eval": name,
+            **run.label,
+            "step": step,
+            "epoch": round(step / steps_per_epoch, 3),
+        }
+
+        def compute(step: int = step) -> pd.DataFrame:
+            model, loss_fn = run.load(step)
+            model.eval()
+            torch.manual_seed(run.train_config.seed + step)
+            return evaluate(model, loss_fn, step)
+
+        frames.append(cached_table(run.out_dir, config, compute).drop(columns="eval"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def train_and_evaluate(
+    run: Run,
+    steps: Iterable[int],
+    evaluate: Evaluator,
+    name: str = "eval",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """:func:`train_run` followed by :func:`evaluate_checkpoints` on ``steps``."""
+    steps = sorted(set(steps))
+    train_run(run, steps, progress=progress)
+    return evaluate_checkpoints(run, steps, evaluate, name)
+
+
+def default_steps(num_steps: int, count: int = 3) -> list[int]:
+    """Pick evaluation steps: start, early (5 %), end; log-spaced if ``count`` > 3."""
+    if count <= 3:
+        return sorted({0, max(1, num_steps // 20), num_steps})
+    points = torch.logspace(
+        0, torch.log10(torch.tensor(float(max(num_steps, 1)))), count - 1
+    )
+    return sorted({0, *(int(p) for p in points.round()), num_steps})

@@ -1,0 +1,93 @@
+"""Training, checkpoint resume, result files and environment record."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import experiments.common.training as training
+from experiments.common.data import load_digits
+from experiments.common.results import cached_table, config_key, write_environment
+from experiments.common.study import Run, train_and_evaluate
+from experiments.common.training import TrainConfig, batch_indices
+from experiments.problems import get_problem
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_batches_are_a_function_of_step():
+    first = batch_indices(100, 32, 4, seed=1)
+    assert torch.equal(first, batch_indices(100, 32, 4, seed=1))
+    epoch = torch.cat([batch_indices(100, 32, s, seed=1) for s in range(3)])
+    assert len(set(epoch.tolist())) == 96
+    with pytest.raises(ValueError, match="exceeds"):
+        batch_indices(10, 32, 0, seed=0)
+
+
+def test_config_key_is_file_safe():
+    assert config_key({"a": 1, "b": "x/y z"}) == "a=1_b=x-y-z"
+
+
+def test_cached_table_skips_present_results(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return pd.DataFrame({"value": [0.1 + 0.2, 1e-300]})
+
+    first = cached_table(tmp_path, {"run": 1}, compute)
+    second = cached_table(tmp_path, {"run": 1}, compute)
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(first, second)
+    assert first["value"][0] == 0.1 + 0.2 and list(first.columns) == ["run", "value"]
+
+
+def test_environment_record(tmp_path):
+    path = write_environment(tmp_path, {"problem": "digits_mlp", "steps": [1, 2]})
+    record = json.loads(path.read_text())
+    assert record["torch"] == torch.__version__
+    assert record["arguments"]["steps"] == [1, 2]
+
+
+def _evaluate(model, loss_fn, step):
+    x, y = load_digits().split("test")
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return pd.DataFrame(
+        {"loss": [loss_fn(model(x), y).item()], "param_norm": [params.norm().item()]}
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_interrupted_training_resumes_to_same_table(
+    tmp_path, digits, monkeypatch, optimizer
+):
+    config = TrainConfig(optimizer, lr=0.01, batch_size=32, num_steps=60)
+    problem, steps = get_problem("digits_mlp"), [0, 20, 60]
+    reference = train_and_evaluate(
+        Run(problem, digits, config, tmp_path / "ref"), steps, _evaluate, progress=False
+    )
+
+    calls = {"count": 0}
+    original = training._train_step
+
+    def interrupting(*args):
+        calls["count"] += 1
+        if calls["count"] > 35:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    run = Run(problem, digits, config, tmp_path / "resumed")
+    monkeypatch.setattr(training, "_train_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(run, steps, _evaluate, progress=False)
+    monkeypatch.setattr(training, "_train_step", original)
+    resumed = train_and_evaluate(run, steps, _evaluate, progress=False)
+
+    pd.testing.assert_frame_equal(reference, resumed)
+    assert resumed["loss"].iloc[-1] < resumed["loss"].iloc[0]
+    logs = list((tmp_path / "resumed" / "logs").glob("*.csv"))
+    assert len(pd.read_csv(logs[0])) == 60

@@ -1,3 +1,10 @@
 """vivitlib: exact, fast access to GGN curvature and its mini-batch noise."""
 
+from vivitlib import linalg
+from vivitlib.block import GGNBlock
+from vivitlib.ggn import QUANTITIES, LowRankGGN
+from vivitlib.groups import layerwise_groups
+
 __version__ = "0.1.0"
+
+__all__ = ["GGNBlock", "LowRankGGN", "QUANTITIES", "layerwise_groups", "linalg"]

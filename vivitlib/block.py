@@ -1,0 +1,240 @@
+"""Per-group accumulation during the backward pass, and the results users read.
+
+Column order of every Gram-space quantity is sample-major: column ``n·C + c``
+belongs to curvature sample ``n`` and factor column ``c`` (output dimension for
+the exact factor, MC sample for ``mc_samples > 0``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from vivitlib import linalg
+from vivitlib.extensions.factors import (
+    DenseFactor,
+    DenseGrads,
+    Factor,
+    Grads,
+    factor_apply,
+    factor_gram,
+    factor_times_grads,
+)
+
+
+@dataclass
+class Scaling:
+    """Turns BackPACK's factor and gradients into the library's conventions.
+
+    With ``N`` samples in the batch, ``S`` curvature samples and ``S'`` gradient
+    samples: ``Ṽ = sqrt(N/|S|) V`` (so ``Ṽ Ṽᵀ`` is the GGN of the subset's mean
+    loss, rescaled to the batch's reduction) and ``g_n = N · grad_batch_n`` (so
+    the mean of ``g_n`` over all samples is the gradient of the loss as
+    reduced by the user, for ``'mean'`` and ``'sum'`` alike).
+    """
+
+    batch_size: int
+    num_curv: int
+    num_grad: int
+
+    @property
+    def factor(self) -> float:
+        """Multiplier of BackPACK's factor ``V``."""
+        return (self.batch_size / self.num_curv) ** 0.5
+
+    @property
+    def grads(self) -> float:
+        """Multiplier of BackPACK's per-sample gradients."""
+        return float(self.batch_size)
+
+
+@dataclass
+class GroupAccumulator:
+    """Running sums of one group's contractions while BackPACK walks the net."""
+
+    params: list[Tensor]
+    keep_factors: bool
+    gram: Tensor | None = None  # [N, C, N, C], float64
+    vt_grads: Tensor | None = None  # [N, C, N'], float64
+    grad_totals: dict[int, Tensor] = field(default_factory=dict)
+    factors: dict[int, Factor] = field(default_factory=dict)
+    visited: set[int] = field(default_factory=set)
+    factor_dtype: torch.dtype | None = None
+
+    def add(self, param: Tensor, factor: Factor | Tensor, grads: Grads | Tensor | None):
+        """Add one parameter's share of every contraction."""
+        if isinstance(factor, Tensor):
+            factor = DenseFactor(factor.flatten(2))
+        if isinstance(grads, Tensor):
+            grads = DenseGrads(grads.flatten(1))
+        self.factor_dtype = factor.dtype
+        gram = factor_gram(factor).permute(1, 0, 3, 2).to(torch.float64)
+        self.gram = gram if self.gram is None else self.gram.add_(gram)
+        if grads is not None:
+            vtg = factor_times_grads(factor, grads).permute(1, 0, 2)
+            vtg = vtg.to(torch.float64)
+            self.vt_grads = vtg if self.vt_grads is None else self.vt_grads.add_(vtg)
+            self.grad_totals[id(param)] = grads.total()
+        if self.keep_factors:
+            self.factors[id(param)] = factor
+        self.visited.add(id(param))
+
+    def missing(self) -> list[Tensor]:
+        """Parameters of the group that received no factor in this pass."""
+        return [p for p in self.params if id(p) not in self.visited]
+
+
+class GGNBlock:
+    """Curvature of one parameter group from one backward pass.
+
+    Attributes:
+        params: The group's parameters.
+        gram: Gram matrix ``ṼᵀṼ`` (float64), ``[N_c·C, N_c·C]``, sample-major.
+        evals: Nontrivial GGN eigenvalues, descending, ``[K]``.
+        gram_evecs: Matching Gram eigenvectors ``ẽ_k``, ``[N_c·C, K]``.
+        num_curv_samples: ``N_c``, samples behind the curvature.
+        num_grad_samples: ``N_g``, samples behind the per-sample gradients.
+    """
+
+    def __init__(
+        self,
+        acc: GroupAccumulator,
+        scaling: Scaling,
+        *,
+        rtol: float | None,
+        eigh_dtype: torch.dtype,
+        has_grads: bool,
+    ):
+        self.params = acc.params
+        self.num_curv_samples = scaling.num_curv
+        self.num_grad_samples = scaling.num_grad
+        n, c = acc.gram.shape[:2]
+        self.gram = acc.gram.reshape(n * c, n * c) * scaling.factor**2
+        self.evals, self.gram_evecs = linalg.gram_eigh(
+            self.gram, rtol=rtol, dtype=eigh_dtype, factor_dtype=acc.factor_dtype
+        )
+        self._num_columns = c
+        self._factors = acc.factors
+        self._factor_scale = scaling.factor
+        self._has_grads = has_grads
+        if has_grads:
+            self._vt_grads = acc.vt_grads.reshape(n * c, -1) * (
+                scaling.factor * scaling.grads
+            )
+            self._grad_mean = [
+                acc.grad_totals[id(p)].reshape(p.shape)
+                * (scaling.grads / scaling.num_grad)
+                for p in self.params
+            ]
+
+    @property
+    def num_directions(self) -> int:
+        """``K``, the number of nontrivial eigen-directions."""
+        return self.evals.numel()
+
+    def evecs(self, k: int | None = None) -> list[Tensor]:
+        """Top-``k`` GGN eigenvectors ``e_k = Ṽ ẽ_k / √λ_k``, lifted on demand.
+
+        Args:
+            k: How many (default: all ``K``).
+
+        Returns:
+            One tensor per parameter, ``[k, *param.shape]``; together they are
+            orthonormal across the group.
+        """
+        k = self.num_directions if k is None else min(k, self.num_directions)
+        coeffs = self.gram_evecs[:, :k] / self.evals[:k].sqrt()
+        return self._apply(coeffs * self._factor_scale)
+
+    def _apply(self, coeffs: Tensor) -> list[Tensor]:
+        """``Σ_{n,c} coeffs[(n,c), k] v_nc`` per parameter, ``[k, *shape]``."""
+        self._require_factors()
+        n = coeffs.shape[0] // self._num_columns
+        cnk = coeffs.reshape(n, self._num_columns, -1).transpose(0, 1)
+        return [
+            factor_apply(self._factors[id(p)], cnk).reshape(-1, *p.shape)
+            for p in self.params
+        ]
+
+    @cached_property
+    def gammas(self) -> Tensor:
+        """Per-sample directional gradients ``γ_nk = e_kᵀ g_n``, ``[N_g, K]``."""
+        self._require_grads()
+        return linalg.directional_gammas(self._vt_grads, self.gram_evecs, self.evals)
+
+    @cached_property
+    def lambdas(self) -> Tensor:
+        """Per-sample directional curvatures ``λ_nk = e_kᵀ G_n e_k``, ``[N_c, K]``."""
+        return linalg.directional_lambdas(
+            self.gram_evecs, self.evals, self.num_curv_samples
+        )
+
+    @property
+    def gamma_means(self) -> Tensor:
+        """``γ_k = e_kᵀ g`` (``g``: mean gradient of the gradient samples), ``[K]``."""
+        return self.gammas.mean(0)
+
+    @property
+    def lambda_means(self) -> Tensor:
+        """``λ_k``: mean of ``λ_nk`` over samples, equal to ``evals``, ``[K]``."""
+        return self.lambdas.mean(0)
+
+    @property
+    def gamma_snr(self) -> Tensor:
+        """``SNR(γ_k) = γ_k² / Var_n(γ_nk)``, ``[K]``."""
+        return linalg.signal_to_noise(self.gammas)
+
+    @property
+    def lambda_snr(self) -> Tensor:
+        """``SNR(λ_k) = λ_k² / Var_n(λ_nk)``, ``[K]``."""
+        return linalg.signal_to_noise(self.lambdas)
+
+    @property
+    def grad(self) -> list[Tensor]:
+        """Mean gradient over the gradient samples, one tensor per parameter."""
+        self._require_grads()
+        return self._grad_mean
+
+    @property
+    def grad_norm_sq(self) -> Tensor:
+        """``‖g‖²`` of the group's mean gradient (float64 scalar)."""
+        return sum(g.double().pow(2).sum() for g in self.grad)
+
+    @property
+    def gradient_overlaps(self) -> Tensor:
+        """``γ_k² / ‖g‖²``, the gradient's share along each direction, ``[K]``."""
+        return linalg.gradient_overlaps(self.gamma_means, self.grad_norm_sq)
+
+    def newton_step(self, damping: float | Tensor) -> list[Tensor]:
+        """Damped Newton step ``-Σ_k γ_k / (λ_k + δ_k) e_k``, lifted once.
+
+        Args:
+            damping: ``δ >= 0`` for all directions, or ``[K]`` per direction;
+                ``inf`` leaves a direction out.
+
+        Returns:
+            One tensor per parameter, shaped like it.
+        """
+        self._require_grads()
+        coeffs = linalg.newton_coefficients(
+            self.gram_evecs, self.evals, self.gamma_means, damping
+        )
+        step = self._apply(coeffs[:, None] * self._factor_scale)
+        return [s[0] for s in step]
+
+    def _require_factors(self):
+        if not self._factors:
+            raise RuntimeError(
+                "Eigenvectors and Newton steps need the factor kept after the pass: "
+                "include 'eigenvectors' or 'newton_step' in LowRankGGN(compute=...)."
+            )
+
+    def _require_grads(self):
+        if not self._has_grads:
+            raise RuntimeError(
+                "Directional derivatives need per-sample gradients: include "
+                "'directional_derivatives' or 'newton_step' in LowRankGGN(compute=...)."
+            )

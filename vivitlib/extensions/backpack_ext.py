@@ -1,0 +1,148 @@
+"""BackPACK extensions that collect factored ``V`` and per-sample gradients.
+
+Both subclass BackPACK's own (``SqrtGGN`` and ``BatchGrad``), swap in factored
+handlers for linear and convolution weights, save under private attribute
+names, and report every module they reach to their owner so it can validate
+the pass and roll back on failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from torch import Tensor
+from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
+
+from backpack.extensions import BatchGrad
+from backpack.extensions.firstorder.batch_grad.conv1d import BatchGradConv1d
+from backpack.extensions.firstorder.batch_grad.conv2d import BatchGradConv2d
+from backpack.extensions.firstorder.batch_grad.conv3d import BatchGradConv3d
+from backpack.extensions.firstorder.batch_grad.linear import BatchGradLinear
+from backpack.extensions.secondorder.hbp import LossHessianStrategy
+from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
+from backpack.extensions.secondorder.sqrt_ggn.convnd import (
+    SqrtGGNConv1d,
+    SqrtGGNConv2d,
+    SqrtGGNConv3d,
+)
+from backpack.extensions.secondorder.sqrt_ggn.linear import SqrtGGNLinear
+from vivitlib.extensions import layers
+
+FACTOR_FIELD = "_vivitlib_ggn_factor"
+GRADS_FIELD = "_vivitlib_batch_grads"
+
+
+class PassOwner(Protocol):
+    """What the extensions need from the object collecting their results."""
+
+    def run_extension(
+        self, call: Callable[..., None], module: Module, g_inp: Any, g_out: Any
+    ) -> None:
+        """Validate ``module``, run ``call``, roll back on failure."""
+
+
+class _FactoredSqrtLinear(SqrtGGNLinear):
+    def weight(self, ext, module, g_inp, g_out, backproped: Tensor):  # noqa: D102
+        return layers.linear_weight_factor(module, backproped, ext.get_subsampling())
+
+
+def _factored_sqrt_conv(base: type) -> type:
+    class _FactoredSqrtConv(base):
+        def weight(self, ext, module, g_inp, g_out, backproped: Tensor):  # noqa: D102
+            subsampling = ext.get_subsampling()
+            factor = layers.conv_weight_factor(module, backproped, subsampling)
+            if factor is not None:
+                return factor
+            return self.derivatives.param_mjp(
+                "weight", module, g_inp, g_out, backproped,
+                sum_batch=False, subsampling=subsampling,
+            )  # fmt: skip
+
+    _FactoredSqrtConv.__name__ = f"Factored{base.__name__}"
+    return _FactoredSqrtConv
+
+
+class _FactoredGradLinear(BatchGradLinear):
+    def weight(self, ext, module, g_inp, g_out, bp_quantities):  # noqa: D102
+        return layers.linear_weight_grads(module, g_out[0], ext.get_subsampling())
+
+
+def _factored_grad_conv(base: type) -> type:
+    class _FactoredGradConv(base):
+        def __init__(self):
+            super().__init__()
+            self._dense_weight = self._make_param_function("weight")
+
+        def weight(self, ext, module, g_inp, g_out, bp_quantities):  # noqa: D102
+            grads = layers.conv_weight_grads(module, g_out[0], ext.get_subsampling())
+            if grads is not None:
+                return grads
+            return self._dense_weight(ext, module, g_inp, g_out, bp_quantities)
+
+    _FactoredGradConv.__name__ = f"Factored{base.__name__}"
+    return _FactoredGradConv
+
+
+#: Module class -> factored handler, for the GGN factor and per-sample gradients.
+FACTORED_SQRT = {
+    Linear: _FactoredSqrtLinear,
+    Conv1d: _factored_sqrt_conv(SqrtGGNConv1d),
+    Conv2d: _factored_sqrt_conv(SqrtGGNConv2d),
+    Conv3d: _factored_sqrt_conv(SqrtGGNConv3d),
+}
+FACTORED_GRADS = {
+    Linear: _FactoredGradLinear,
+    Conv1d: _factored_grad_conv(BatchGradConv1d),
+    Conv2d: _factored_grad_conv(BatchGradConv2d),
+    Conv3d: _factored_grad_conv(BatchGradConv3d),
+}
+
+
+class GGNFactorExtension(SqrtGGN):
+    """GGN factor ``V`` (exact or Monte-Carlo, optionally sub-sampled), factored.
+
+    Args:
+        owner: Receives every module call (validation, roll-back).
+        mc_samples: 0 for the exact loss-Hessian factor, ``m > 0`` for ``m``
+            Monte-Carlo samples.
+        subsampling: Sample indices whose columns are kept (``None``: all).
+    """
+
+    def __init__(
+        self, owner: PassOwner, mc_samples: int, subsampling: list[int] | None
+    ):
+        strategy = (
+            LossHessianStrategy.EXACT if mc_samples == 0 else LossHessianStrategy.SAMPLING
+        )
+        super().__init__(strategy, FACTOR_FIELD, subsampling)
+        self._mc_samples = mc_samples
+        self._owner = owner
+        for module_cls, handler in FACTORED_SQRT.items():
+            self.set_module_extension(module_cls, handler(), overwrite=True)
+
+    def get_num_mc_samples(self) -> int:
+        """Number of Monte-Carlo samples of the loss Hessian factor."""
+        return self._mc_samples
+
+    def __call__(self, module: Module, g_inp, g_out) -> None:  # noqa: D102
+        self._owner.run_extension(super().__call__, module, g_inp, g_out)
+
+
+class BatchGradsExtension(BatchGrad):
+    """Per-sample gradients, factored for linear and convolution weights.
+
+    Args:
+        owner: Receives every module call (validation, roll-back).
+        subsampling: Sample indices to keep (``None``: all).
+    """
+
+    def __init__(self, owner: PassOwner, subsampling: list[int] | None):
+        super().__init__(subsampling=subsampling)
+        self.savefield = GRADS_FIELD
+        self._owner = owner
+        for module_cls, handler in FACTORED_GRADS.items():
+            self.set_module_extension(module_cls, handler(), overwrite=True)
+
+    def __call__(self, module: Module, g_inp, g_out) -> None:  # noqa: D102
+        self._owner.run_extension(super().__call__, module, g_inp, g_out)

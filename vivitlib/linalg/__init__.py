@@ -1,0 +1,28 @@
+"""Plain-tensor maths on the GGN factor and its Gram matrix (no BackPACK import).
+
+Users who hold their own factor ``V`` (shape ``[M, D]`` with ``G = Vᵀ V``... see
+each function) and per-sample gradients can call these directly.
+"""
+
+from vivitlib.linalg.directional import (
+    directional_gammas,
+    directional_lambdas,
+    gradient_overlaps,
+    signal_to_noise,
+)
+from vivitlib.linalg.eigh import default_rtol, gram_eigh, lift
+from vivitlib.linalg.gram import gram_matrix
+from vivitlib.linalg.newton import newton_coefficients, newton_step
+
+__all__ = [
+    "default_rtol",
+    "directional_gammas",
+    "directional_lambdas",
+    "gradient_overlaps",
+    "gram_eigh",
+    "gram_matrix",
+    "lift",
+    "newton_coefficients",
+    "newton_step",
+    "signal_to_noise",
+]

@@ -1,0 +1,77 @@
+"""Per-sample first- and second-order directional derivatives and their statistics."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def directional_gammas(vt_grads: Tensor, gram_evecs: Tensor, evals: Tensor) -> Tensor:
+    """Per-sample directional gradients ``γ_nk = e_kᵀ g_n``.
+
+    .. math:: γ_{nk} = \\tilde{e}_k^⊤ V^⊤ g_n / \\sqrt{λ_k}
+
+    Args:
+        vt_grads: ``Vᵀ g_n`` stacked over samples, shape ``[M, N_g]``.
+        gram_evecs: Gram eigenvectors ``[M, K]``.
+        evals: Nonzero eigenvalues ``[K]``.
+
+    Returns:
+        ``γ_nk``, shape ``[N_g, K]``.
+    """
+    return (vt_grads.to(gram_evecs.dtype).T @ gram_evecs) / evals.sqrt()
+
+
+def directional_lambdas(gram_evecs: Tensor, evals: Tensor, num_samples: int) -> Tensor:
+    """Per-sample directional curvatures ``λ_nk = e_kᵀ G_n e_k``.
+
+    For ``V = N^{-1/2} [v_11 … v_NC]`` (columns sample-major) and
+    ``G = (1/N) Σ_n G_n``, the Gram matrix gives them for free:
+
+    .. math:: λ_{nk} = N λ_k \\sum_c [\\tilde{e}_k]_{nc}^2
+
+    so that their mean over ``n`` is ``λ_k``.
+
+    Args:
+        gram_evecs: Gram eigenvectors ``[N·C, K]``.
+        evals: Nonzero eigenvalues ``[K]``.
+        num_samples: ``N``, the number of samples behind the columns.
+
+    Returns:
+        ``λ_nk``, shape ``[N, K]``.
+    """
+    M, K = gram_evecs.shape
+    if M % num_samples != 0:
+        raise ValueError(f"Gram size {M} is not a multiple of N={num_samples}.")
+    per_sample = gram_evecs.reshape(num_samples, M // num_samples, K).pow(2).sum(1)
+    return num_samples * evals * per_sample
+
+
+def signal_to_noise(samples: Tensor) -> Tensor:
+    """Signal-to-noise ratio ``mean² / variance`` over the first axis.
+
+    The variance uses Bessel's correction (``N - 1``). A direction with zero
+    variance gets ``inf`` (or ``nan`` if its mean is zero too).
+
+    Args:
+        samples: Per-sample values, shape ``[N, K]``.
+
+    Returns:
+        SNR per direction, shape ``[K]``.
+    """
+    return samples.mean(0).pow(2) / samples.var(0)
+
+
+def gradient_overlaps(gamma_means: Tensor, grad_norm_sq: Tensor | float) -> Tensor:
+    """Normalised overlap ``γ_k² / ‖g‖²`` of the gradient with each direction.
+
+    Overlaps are additive over orthonormal directions, so their sum is at most
+    one; ``1 - sum`` is the gradient's share in the flat (null) space.
+
+    Args:
+        gamma_means: Directional gradients ``γ_k = e_kᵀ g``, shape ``[K]``.
+        grad_norm_sq: ``‖g‖²``.
+
+    Returns:
+        Overlaps, shape ``[K]``.
+    """
+    return gamma_means.pow(2) / grad_norm_sq

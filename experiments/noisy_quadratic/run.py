@@ -1,0 +1,161 @@
+"""Run the noisy-quadratic comparison (ViViT paper, Figure 3) over many seeds.
+
+Compares SGD, constant damping over a range and bootstrap damping.
+
+Usage::
+
+    MPLBACKEND=agg python -m experiments.noisy_quadratic.run            # 100 seeds
+    python -m experiments.noisy_quadratic.run --seeds 5 --steps 10     # quick look
+    python -m experiments.noisy_quadratic.run --gamma-var 1e4 --out results/nq_hi
+
+Writes to ``--out`` (default ``results/noisy_quadratic``): ``config.json`` (settings
+and environment), ``runs/<optimizer>/seed_<s>.csv`` (one file per optimizer and seed;
+present files are skipped, so interrupted studies resume), ``summary.csv`` (loss and
+distance statistics per optimizer and step), ``final.csv`` (final loss and distance
+per run) and ``noisy_quadratic.png``. The noise model is documented in
+:mod:`experiments.noisy_quadratic.problem`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from experiments.common.plotting import save
+from experiments.common.results import environment, write_table
+from experiments.noisy_quadratic import plot
+from experiments.noisy_quadratic.problem import NoisyQuadratic, optimizer_names, run
+
+DEFAULT_DAMPINGS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=100, help="number of seeds")
+    parser.add_argument("--steps", type=int, default=20, help="steps per run")
+    parser.add_argument("--dim", type=int, default=20, help="dimension D")
+    parser.add_argument("--batch-size", type=int, default=128, help="samples N")
+    parser.add_argument("--gamma-var", type=float, default=5000.0, help="σ_γ²")
+    parser.add_argument("--lambda-var", type=float, default=200.0, help="σ_λ²")
+    parser.add_argument(
+        "--dampings", type=float, nargs="+", default=DEFAULT_DAMPINGS,
+        help="constant dampings to compare",
+    )  # fmt: skip
+    parser.add_argument("--sgd-lr", type=float, default=1e-3)
+    parser.add_argument("--newton-lr", type=float, default=1.0)
+    parser.add_argument(
+        "--num-candidates", type=int, default=61,
+        help="bootstrap grid size, 10**linspace(-4, 2, n)",
+    )  # fmt: skip
+    parser.add_argument("--damping-seed", type=int, default=0,
+                        help="seed whose bootstrap dampings are plotted")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("results/noisy_quadratic"))
+    parser.add_argument("--no-plot", action="store_true", help="skip the figure")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.steps < 1:
+        parser.error("--seeds and --steps must be >= 1")
+    if not 0 <= args.damping_seed < args.seeds:
+        parser.error("--damping-seed must lie in [0, --seeds)")
+    return args
+
+
+def settings(args: argparse.Namespace, problem: NoisyQuadratic) -> dict:
+    """Everything that determines a run's content (not the number of seeds)."""
+    return {
+        "problem": problem.to_dict(),
+        "steps": args.steps,
+        "dampings": list(args.dampings),
+        "sgd_lr": args.sgd_lr,
+        "newton_lr": args.newton_lr,
+        "num_candidates": args.num_candidates,
+    }
+
+
+def check_config(out: Path, config: dict) -> None:
+    """Write ``config.json`` or make sure existing results used the same settings."""
+    path = out / "config.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored["settings"] != config:
+            raise SystemExit(
+                f"{path} holds results for other settings:\n{stored['settings']}\n"
+                "Pass another --out or delete that folder."
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"settings": config, "environment": environment()}
+    path.write_text(json.dumps(record, indent=2))
+
+
+def run_file(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / name / f"seed_{seed:03d}.csv"
+
+
+def compute(args: argparse.Namespace, problem: NoisyQuadratic) -> list[Path]:
+    """Run every missing (optimizer, seed) pair; return all run files."""
+    names = optimizer_names(args.dampings)
+    jobs = [(name, seed) for seed in range(args.seeds) for name in names]
+    files = [run_file(args.out, name, seed) for name, seed in jobs]
+    todo = [(job, f) for job, f in zip(jobs, files) if not f.exists()]
+    bar = tqdm(todo, desc="noisy quadratic", unit="run", disable=args.no_progress)
+    for (name, seed), path in bar:
+        frame = run(
+            problem, name, seed, args.steps, args.sgd_lr, args.newton_lr,
+            args.num_candidates,
+        )  # fmt: skip
+        write_table(frame, path)
+    return files
+
+
+def summarize(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Loss/distance statistics per optimizer and step, and final values per run."""
+    grouped = runs.groupby(["optimizer", "step"], sort=False)
+    stats = []
+    for column in ("loss", "distance"):
+        agg = grouped[column].agg(
+            mean="mean",
+            median="median",
+            q25=lambda x: x.quantile(0.25),
+            q75=lambda x: x.quantile(0.75),
+            min="min",
+            max="max",
+        )
+        stats.append(agg.add_prefix(f"{column}_"))
+    summary = pd.concat(stats, axis=1).reset_index()
+    last = runs[runs["step"] == runs["step"].max()]
+    final = last[["optimizer", "seed", "loss", "distance"]].reset_index(drop=True)
+    return summary, final
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    problem = NoisyQuadratic(
+        dim=args.dim,
+        batch_size=args.batch_size,
+        gamma_var=args.gamma_var,
+        lambda_var=args.lambda_var,
+    )
+    check_config(args.out, settings(args, problem))
+    files = compute(args, problem)
+    runs = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    summary, final = summarize(runs)
+    write_table(summary, args.out / "summary.csv")
+    write_table(final, args.out / "final.csv")
+    table = final.groupby("optimizer", sort=False)["distance"].describe()
+    print(table[["min", "25%", "50%", "75%", "max"]].to_string(float_format="%.3g"))
+    if not args.no_plot:
+        example = runs[
+            (runs["optimizer"] == "bootstrap") & (runs["seed"] == args.damping_seed)
+        ]
+        figure = plot.figure(summary, final, example, problem)
+        save(figure, args.out / "noisy_quadratic.png", dpi=150)
+        print(f"wrote {args.out / 'noisy_quadratic.png'}")
+
+
+if __name__ == "__main__":
+    main()

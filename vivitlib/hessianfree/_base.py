@@ -1,0 +1,294 @@
+"""Base class of the matrix-free curvature operators over a data set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+
+from vivitlib.hessianfree import distributed as _dist
+from vivitlib.hessianfree._checks import (
+    check_data,
+    check_model_state,
+    check_params,
+    check_reduction,
+)
+
+
+class CurvatureOperator:
+    """Symmetric ``[D, D]`` curvature matrix of a loss over a data set.
+
+    Subclasses implement one batch's product in :meth:`_build` (a state, e.g.
+    a gradient graph, reusable for many vectors) and :meth:`_apply`. This class
+    loops over the data, weights the batches, accumulates in float64,
+    all-reduces across ``torch.distributed`` ranks and converts vectors.
+
+    For ``L(θ) = (1/N) Σ_n ℓ_n`` (``reduction='mean'``) the batch with
+    ``N_b`` samples is weighted by ``N_b / N``; with ``reduction='sum'`` by 1.
+
+    Attributes:
+        params: The parameters ``θ`` (``D`` entries in total).
+        shape: ``(D, D)``.
+        num_data: Number of samples ``N`` (over all ranks).
+        num_products: Matrix-vector products made so far (a ``[D, k]`` input
+            counts ``k``); the determinism check is not counted. Writable.
+
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        *,
+        params: Iterable[Tensor] | None = None,
+        reduction: str | None = None,
+        cache_graph: bool | None = None,
+        check_deterministic: bool = True,
+        distributed: bool | None = None,
+        progressbar: bool = False,
+    ) -> None:
+        """Validate the inputs, count the data and check determinism.
+
+        Args:
+            model: The model ``f(θ, x)``, in a deterministic state (eval mode
+                for dropout and batch norm).
+            loss_fn: Callable ``loss_fn(output, y)`` returning the batch loss.
+            data: A ``DataLoader`` (``shuffle=False``), a list of ``(X, y)``
+                batches, or one ``(X, y)`` pair.
+            params: Parameters to differentiate, default all trainable ones.
+            reduction: ``'mean'`` or ``'sum'``; default ``loss_fn.reduction``.
+            cache_graph: Keep each batch's graph between products (fast, costs
+                memory). Default ``None`` caches when there is a single batch.
+                The cache is rebuilt when a parameter is changed in place.
+            check_deterministic: Compare two products of one random vector
+                (not counted in ``num_products``). Default ``True``.
+            distributed: All-reduce products over ``torch.distributed``;
+                default ``None`` does so when a multi-rank group is active.
+            progressbar: Show a ``tqdm`` bar over the batches. Default ``False``.
+
+        Raises:
+            TypeError: For inputs of the wrong type.
+            ValueError: For a model in train mode with dropout/batch norm, a
+                shuffling loader, bad parameters, an unknown reduction, or
+                products that are not deterministic.
+
+        """
+        check_model_state(model)
+        self._reduction = check_reduction(loss_fn, reduction)
+        self.params = check_params(model, params)
+        self._data = check_data(data)
+        self._model = model
+        self._loss_fn = loss_fn
+        self._progressbar = progressbar
+        self._distributed = _dist.resolve_distributed(distributed)
+        self._sizes = [p.numel() for p in self.params]
+        dim = sum(self._sizes)
+        self.shape = (dim, dim)
+        self.num_products = 0
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+
+        local_batches = 0
+        num_data = 0
+        for X, y in self._data:
+            local_batches += 1
+            num_data += self._batch_size(X, y)
+        if self._distributed:
+            num_data = _dist.all_reduce_count(num_data, self.device)
+        if num_data == 0:
+            raise ValueError("data holds no samples.")
+        self.num_data = num_data
+        self._cache_graph = local_batches == 1 if cache_graph is None else cache_graph
+        self._cache: list[tuple[Tensor, Tensor, Any]] | None = None
+        self._cache_versions: tuple[int, ...] | None = None
+        if check_deterministic:
+            self._check_deterministic()
+
+    # ---- to implement -------------------------------------------------------
+    def _build(self, X: Tensor, y: Tensor) -> Any:
+        """Return a state from which products with one batch are computed."""
+        raise NotImplementedError
+
+    def _apply(self, state: Any, vec: list[Tensor], retain: bool) -> list[Tensor]:
+        """Return the batch's (unweighted) product with parameter-shaped ``vec``."""
+        raise NotImplementedError
+
+    def _batch_weight(self, batch_size: int) -> float:
+        """Weight of a batch's product in the full-data product."""
+        return batch_size / self.num_data if self._reduction == "mean" else 1.0
+
+    # ---- public -------------------------------------------------------------
+    def __matmul__(self, v: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        """Multiply the operator onto ``v``.
+
+        Args:
+            v: A flat tensor ``[D]``, a matrix ``[D, k]`` or a list of tensors
+                shaped like ``params``.
+
+        Returns:
+            The product in the format, dtype and device of ``v``; computed in
+            the parameters' dtype per batch and summed in float64.
+
+        Raises:
+            TypeError: If ``v`` is neither a tensor nor a list of tensors.
+            ValueError: If the shapes do not match the parameters.
+
+        """
+        if isinstance(v, list | tuple):
+            if len(v) != len(self.params) or any(
+                not isinstance(t, Tensor) or t.shape != p.shape
+                for t, p in zip(v, self.params)
+            ):
+                raise ValueError("v must hold one tensor shaped like each parameter.")
+            flat = torch.cat([t.reshape(-1) for t in v]).unsqueeze(1)
+            out = self.matmat(flat)[:, 0]
+            return [
+                o.view_as(t).to(t)
+                for o, t in zip(out.split(self._sizes), v)
+            ]
+        if not isinstance(v, Tensor):
+            raise TypeError(f"v must be a tensor or list of tensors, got {type(v)}.")
+        if v.ndim not in (1, 2) or v.shape[0] != self.shape[0]:
+            raise ValueError(
+                f"v must have shape [{self.shape[0]}] or [{self.shape[0]}, k], "
+                f"got {tuple(v.shape)}."
+            )
+        mat = v if v.ndim == 2 else v.unsqueeze(1)
+        out = self.matmat(mat).to(device=v.device, dtype=v.dtype)
+        return out if v.ndim == 2 else out[:, 0]
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Return the float64 product with ``V`` of shape ``[D, k]``.
+
+        Args:
+            V: Matrix ``[D, k]`` of any floating dtype and device.
+
+        Returns:
+            ``[D, k]`` float64 tensor on the parameters' device.
+
+        """
+        result = self._matmat(V, use_cache=True)
+        self.num_products += V.shape[1]
+        return result
+
+    def to_scipy(self) -> LinearOperator:
+        """Return a float64 ``scipy.sparse.linalg.LinearOperator`` view.
+
+        Each scipy product is counted in ``num_products``.
+        """
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            x = np.asarray(x, dtype=np.float64)
+            mat = torch.from_numpy(x.reshape(x.shape[0], -1))
+            return self.matmat(mat).cpu().numpy()
+
+        def matvec(x: np.ndarray) -> np.ndarray:
+            return matmat(np.asarray(x).reshape(-1, 1))[:, 0]
+
+        return LinearOperator(
+            self.shape, matvec=matvec, rmatvec=matvec, matmat=matmat,
+            rmatmat=matmat, dtype=np.float64,
+        )
+
+    def flatten(self, tensors: list[Tensor]) -> Tensor:
+        """Concatenate parameter-shaped tensors (or ``[k, *shape]``) to ``[D(, k)]``."""
+        batched = tensors[0].dim() == self.params[0].dim() + 1
+        if batched:
+            return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], 1).T
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: Tensor) -> list[Tensor]:
+        """Split ``[D]`` into parameter shapes, or ``[D, k]`` into ``[k, *shape]``."""
+        chunks = flat.split(self._sizes)
+        if flat.ndim == 1:
+            return [c.reshape(p.shape) for c, p in zip(chunks, self.params)]
+        return [c.T.reshape(-1, *p.shape) for c, p in zip(chunks, self.params)]
+
+    def clear_cache(self) -> None:
+        """Drop the cached graphs (they are rebuilt on the next product)."""
+        self._cache = None
+        self._cache_versions = None
+
+    # ---- internals ----------------------------------------------------------
+    @staticmethod
+    def _batch_size(X: Any, y: Any) -> int:
+        return X.shape[0] if isinstance(X, Tensor) else len(y)
+
+    def _to_device(self, X: Any, y: Any) -> tuple[Any, Any]:
+        move = lambda t: t.to(self.device) if isinstance(t, Tensor) else t  # noqa: E731
+        return move(X), move(y)
+
+    def _batches(self) -> Iterator[tuple[Any, int]]:
+        """Yield ``(state, batch_size)``, from the cache when it is valid."""
+        if self._cache_graph:
+            versions = tuple(p._version for p in self.params)
+            if self._cache is None or versions != self._cache_versions:
+                self._cache = None
+                cache = []
+                for X, y in self._data:
+                    X, y = self._to_device(X, y)
+                    cache.append((self._build(X, y), self._batch_size(X, y)))
+                self._cache = cache
+                self._cache_versions = tuple(p._version for p in self.params)
+            yield from self._cache
+            return
+        for X, y in self._data:
+            X, y = self._to_device(X, y)
+            yield self._build(X, y), self._batch_size(X, y)
+
+    def _matmat(self, V: Tensor, use_cache: bool) -> Tensor:
+        dim, k = self.shape[0], V.shape[1]
+        V = V.to(device=self.device, dtype=self.dtype)
+        cols = [
+            [c.view_as(p) for c, p in zip(V[:, j].split(self._sizes), self.params)]
+            for j in range(k)
+        ]
+        result = torch.zeros(dim, k, dtype=torch.float64, device=self.device)
+        cache_graph = self._cache_graph
+        self._cache_graph = cache_graph and use_cache
+        try:
+            batches = self._batches()
+            if self._progressbar:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(batches, desc=type(self).__name__, leave=False)
+            for state, size in batches:
+                weight = self._batch_weight(size)
+                for j, col in enumerate(cols):
+                    out = self._apply(state, col, retain=self._cache_graph or j < k - 1)
+                    flat = torch.cat([o.reshape(-1) for o in out])
+                    result[:, j].add_(flat, alpha=weight)
+        finally:
+            self._cache_graph = cache_graph
+        if self._distributed:
+            _dist.all_reduce_sum(result)
+        return result
+
+    def _check_deterministic(self) -> None:
+        gen = torch.Generator().manual_seed(1234)
+        v = torch.randn(self.shape[0], 1, generator=gen, dtype=torch.float64)
+        first = self._matmat(v, use_cache=False)
+        second = self._matmat(v, use_cache=False)
+        diff = (first - second).norm().item()
+        scale = max(first.norm().item(), second.norm().item(), 1e-30)
+        rtol = 1e-10 if self.dtype == torch.float64 else 1e-4
+        if diff > rtol * scale:
+            raise ValueError(
+                f"{type(self).__name__} is not deterministic: two products of the "
+                f"same vector differ (relative difference {diff / scale:.2e}). "
+                "Usual causes: dropout active or batch norm in train mode (call "
+                "model.eval()), a shuffling loader or random data augmentation "
+                "(use shuffle=False and fixed transforms). Pass "
+                "check_deterministic=False to skip this check."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(D={self.shape[0]}, N={self.num_data}, "
+            f"reduction={self._reduction!r}, num_products={self.num_products})"
+        )

@@ -1,0 +1,227 @@
+"""Validation helpers shared by the Hessian-free operators and algorithms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import (
+    DataLoader,
+    RandomSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
+
+_DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+WHICH = ("largest", "smallest", "magnitude")
+
+
+def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    """Return ``value`` if it is an integer of at least ``minimum``.
+
+    Raises:
+        TypeError: If ``value`` is not an integer.
+        ValueError: If ``value`` is smaller than ``minimum``.
+
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+    return value
+
+
+def check_positive_float(value: object, name: str, allow_zero: bool = False) -> float:
+    """Return ``value`` as float if it is a positive (or zero) real number.
+
+    Raises:
+        TypeError: If ``value`` is not a real number.
+        ValueError: If ``value`` is negative (or zero when not allowed).
+
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}.")
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        raise ValueError(f"{name} must be positive, got {value}.")
+    return float(value)
+
+
+def check_generator(generator: object) -> torch.Generator:
+    """Return ``generator``, or a new one seeded with 0 when it is ``None``.
+
+    Raises:
+        TypeError: If ``generator`` is neither ``None`` nor a ``torch.Generator``.
+
+    """
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            "generator must be a torch.Generator (e.g. "
+            f"torch.Generator().manual_seed(0)), got {type(generator).__name__}."
+        )
+    return generator
+
+
+def check_which(which: object) -> str:
+    """Return ``which`` if it names a supported end of the spectrum.
+
+    Raises:
+        ValueError: If ``which`` is not one of ``largest, smallest, magnitude``.
+
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}.")
+    return str(which)
+
+
+def check_model_state(model: nn.Module) -> None:
+    """Raise if a module of ``model`` makes products random or state-changing.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module``.
+        ValueError: If dropout with ``p > 0`` or batch norm is in train mode.
+
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    for name, module in model.named_modules():
+        if isinstance(module, _DROPOUT) and module.training and module.p > 0:
+            raise ValueError(
+                f"Module {name!r} is dropout in train mode: products would be "
+                "random. Call model.eval() before building the operator."
+            )
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"Module {name!r} is batch norm in train mode: products would "
+                "depend on the batching and update running statistics. Call "
+                "model.eval() before building the operator."
+            )
+
+
+def check_params(model: nn.Module, params: Iterable[Tensor] | None) -> list[Tensor]:
+    """Return the parameters to differentiate, validated against ``model``.
+
+    Args:
+        model: The model.
+        params: ``None`` for all trainable parameters of ``model``, or a list
+            of parameters of ``model``.
+
+    Returns:
+        List of parameters that require gradients.
+
+    Raises:
+        TypeError: If ``params`` is not an iterable of tensors.
+        ValueError: If ``params`` is empty, repeats a tensor, contains a tensor
+            that is not a parameter of ``model`` or does not require grad.
+
+    """
+    if params is None:
+        result = [p for p in model.parameters() if p.requires_grad]
+    else:
+        if isinstance(params, Tensor) or not isinstance(params, Iterable):
+            raise TypeError("params must be a list of tensors (or None for all).")
+        result = list(params)
+        if not all(isinstance(p, Tensor) for p in result):
+            raise TypeError("params must contain only tensors.")
+        own = {id(p) for p in model.parameters()}
+        if any(id(p) not in own for p in result):
+            raise ValueError("params contains a tensor that is not a model parameter.")
+        if len({id(p) for p in result}) != len(result):
+            raise ValueError("params contains the same tensor twice.")
+        if any(not p.requires_grad for p in result):
+            raise ValueError("params contains a tensor with requires_grad=False.")
+    if not result:
+        raise ValueError("No parameters to differentiate (all frozen or empty list).")
+    return result
+
+
+def check_reduction(loss_fn: object, reduction: str | None) -> str:
+    """Return the loss reduction, from ``reduction`` or ``loss_fn.reduction``.
+
+    Raises:
+        TypeError: If ``loss_fn`` is not callable.
+        ValueError: If the reduction is unknown or not ``'mean'``/``'sum'``.
+
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+    if reduction is None:
+        reduction = getattr(loss_fn, "reduction", None)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"Loss reduction must be 'mean' or 'sum', got {reduction!r}. Use a "
+            "loss module with that reduction or pass reduction='mean'|'sum'."
+        )
+    return reduction
+
+
+def check_data(data: object) -> Iterable:
+    """Return ``data`` as a re-iterable collection of ``(X, y)`` batches.
+
+    Args:
+        data: A ``DataLoader``, a list (or other re-iterable) of ``(X, y)``
+            pairs, or one ``(X, y)`` pair of tensors.
+
+    Returns:
+        A re-iterable of ``(X, y)`` batches.
+
+    Raises:
+        TypeError: If ``data`` is a one-shot iterator or not iterable.
+        ValueError: If ``data`` is a shuffling ``DataLoader``.
+
+    """
+    if (
+        isinstance(data, tuple | list)
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    ):
+        return [tuple(data)]
+    if isinstance(data, DataLoader):
+        if isinstance(data.sampler, _RANDOM_SAMPLERS) or isinstance(
+            getattr(data, "batch_sampler", None), _RANDOM_SAMPLERS
+        ):
+            raise ValueError(
+                "The data loader shuffles (random sampler): products must see the "
+                "same batches every pass. Build it with shuffle=False."
+            )
+        return data
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be a DataLoader, a list of (X, y) batches or one (X, y) "
+            f"pair, got {type(data).__name__}."
+        )
+    if iter(data) is data:
+        raise TypeError(
+            "data is a one-shot iterator; products loop over the data many times. "
+            "Pass a DataLoader or a list of (X, y) batches."
+        )
+    return data
+
+
+def check_square_operator(op: object) -> int:
+    """Return the dimension ``D`` of a square operator with a ``shape``.
+
+    Raises:
+        TypeError: If ``op`` has no two-dimensional ``shape``.
+        ValueError: If ``op`` is not square.
+
+    """
+    shape = getattr(op, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise TypeError(
+            "op must be a square linear operator with a 2d shape (a vivitlib "
+            f"operator, a torch matrix, a scipy LinearOperator), got {type(op)}."
+        )
+    if shape[0] != shape[1]:
+        raise ValueError(f"op must be square, got shape {tuple(shape)}.")
+    return int(shape[0])

@@ -227,3 +227,38 @@ def make_extended(
         model.eval()
     model = extend(model, use_converter=problem.use_converter)
     return model, extend(problem.make_loss())
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Default training hyper-parameters of a problem.
+
+    Attributes:
+        sgd_lr: SGD (momentum 0.9) learning rate.
+        adam_lr: Adam learning rate.
+        batch_size: Training mini-batch size.
+        epochs: Training epochs.
+
+    """
+
+    sgd_lr: float = 0.05
+    adam_lr: float = 0.002
+    batch_size: int = 64
+    epochs: int = 40
+
+
+#: DeepOBS baselines (Schneider et al., 2019; Dangel et al., 2020) for the large
+#: problems, hand-tuned short runs for the digits problems.
+TRAINING_DEFAULTS: dict[str, TrainingDefaults] = {
+    "cifar10_3c3d": TrainingDefaults(0.00398, 0.000298, 128, 100),
+    "cifar10_resnet18": TrainingDefaults(0.05, 0.001, 128, 100),
+    "mnist_2c2d": TrainingDefaults(0.0316, 0.001, 128, 100),
+    "fashion_mnist_2c2d": TrainingDefaults(0.0316, 0.001, 128, 100),
+    "mnist_logreg": TrainingDefaults(0.1, 0.001, 128, 50),
+    "mnist_mlp": TrainingDefaults(0.05, 0.001, 128, 50),
+}
+
+
+def training_defaults(name: str) -> TrainingDefaults:
+    """Return the default training hyper-parameters of problem ``name``."""
+    return TRAINING_DEFAULTS.get(name, TrainingDefaults())

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import torch
 
+from experiments.common.data import ImageData
+from experiments.common.study import Run
+from experiments.common.training import OPTIMIZERS, TrainConfig
+from experiments.problems import Problem, training_defaults
+
 
 def base_parser(study: str, description: str, problem: str = "digits_mlp"):
     """Build an argument parser with the options every study shares.
@@ -27,24 +32,27 @@ def base_parser(study: str, description: str, problem: str = "digits_mlp"):
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--problem", default=problem, help="problem name, see experiments.problems"
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder with torchvision MNIST/FMNIST/CIFAR-10 files (no download)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("results") / study, help="output folder"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument(
-        "--quick", action="store_true", help="short version (minutes on a laptop)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add = parser.add_argument
+    add("--problem", default=problem, help="problem name, see experiments.problems")
+    add("--data-dir", default=None, help="folder of torchvision files (no download)")
+    add("--out", type=Path, default=Path("results") / study, help="output folder")
+    add("--seed", type=int, default=0, help="random seed")
+    add("--threads", type=int, default=None, help="torch CPU threads")
+    add("--quick", action="store_true", help="short version (minutes on 2 cores)")
+    add("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """Add the options of studies that train: optimizers, epochs, steps, batches."""
+    add = parser.add_argument
+    add("--optimizers", default="sgd,adam", help=f"comma-separated, from {OPTIMIZERS}")
+    add("--epochs", type=float, default=None, help="default: the problem's")
+    add("--batch-size", type=int, default=None, help="default: the problem's")
+    add("--lr-sgd", type=float, default=None, help="default: the problem's")
+    add("--lr-adam", type=float, default=None, help="default: the problem's")
+    add("--steps", default=None, help="checkpoint steps, e.g. '0,20,400'")
+    add("--eval-batch-size", type=int, default=128, help="held-out batch size N")
 
 
 def setup(args: argparse.Namespace) -> None:
@@ -57,6 +65,33 @@ def setup(args: argparse.Namespace) -> None:
 def parse_steps(text: str) -> list[int]:
     """Parse a comma-separated list of steps like ``'0,50,400'``."""
     return sorted({int(part) for part in text.split(",") if part.strip()})
+
+
+def make_runs(args: argparse.Namespace, problem: Problem, data: ImageData) -> list[Run]:
+    """Build one :class:`Run` per optimizer from the training options.
+
+    Args:
+        args: Parsed arguments including those of :func:`add_training_args`.
+        problem: The problem.
+        data: Its data.
+
+    Returns:
+        The runs, in the order of ``--optimizers``.
+
+    """
+    defaults = training_defaults(problem.name)
+    batch_size = args.batch_size or defaults.batch_size
+    epochs = args.epochs if args.epochs is not None else defaults.epochs
+    num_steps = int(epochs * (len(data.train_y) // batch_size))
+    lrs = {
+        "sgd": args.lr_sgd or defaults.sgd_lr,
+        "adam": args.lr_adam or defaults.adam_lr,
+    }
+    runs = []
+    for name in args.optimizers.split(","):
+        config = TrainConfig(name, lrs[name], batch_size, num_steps, seed=args.seed)
+        runs.append(Run(problem, data, config, args.out))
+    return runs
 
 
 def report(study: str, table: Path, figures: list[Path]) -> None:

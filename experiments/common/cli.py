@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from experiments.common.data import ImageData
-from experiments.common.study import Run
+from experiments.common.study import Run, default_steps
 from experiments.common.training import OPTIMIZERS, TrainConfig
 from experiments.problems import Problem, training_defaults
 
@@ -43,16 +43,18 @@ def base_parser(study: str, description: str, problem: str = "digits_mlp"):
     return parser
 
 
-def add_training_args(parser: argparse.ArgumentParser) -> None:
+def add_training_args(
+    parser: argparse.ArgumentParser, optimizers: str = "sgd,adam", eval_batch: int = 128
+) -> None:
     """Add the options of studies that train: optimizers, epochs, steps, batches."""
     add = parser.add_argument
-    add("--optimizers", default="sgd,adam", help=f"comma-separated, from {OPTIMIZERS}")
+    add("--optimizers", default=optimizers, help=f"comma-separated, from {OPTIMIZERS}")
     add("--epochs", type=float, default=None, help="default: the problem's")
     add("--batch-size", type=int, default=None, help="default: the problem's")
     add("--lr-sgd", type=float, default=None, help="default: the problem's")
     add("--lr-adam", type=float, default=None, help="default: the problem's")
     add("--steps", default=None, help="checkpoint steps, e.g. '0,20,400'")
-    add("--eval-batch-size", type=int, default=128, help="held-out batch size N")
+    add("--eval-batch-size", type=int, default=eval_batch, help="held-out batch size")
 
 
 def setup(args: argparse.Namespace) -> None:
@@ -65,6 +67,16 @@ def setup(args: argparse.Namespace) -> None:
 def parse_steps(text: str) -> list[int]:
     """Parse a comma-separated list of steps like ``'0,50,400'``."""
     return sorted({int(part) for part in text.split(",") if part.strip()})
+
+
+def eval_steps(args: argparse.Namespace, num_steps: int) -> list[int]:
+    """Return ``--steps`` if given, else initialisation, early and final step."""
+    return parse_steps(args.steps) if args.steps else default_steps(num_steps)
+
+
+def held_out_batch(args: argparse.Namespace, data: ImageData):
+    """Return the fixed held-out batch: the first ``--eval-batch-size`` test samples."""
+    return data.test_x[: args.eval_batch_size], data.test_y[: args.eval_batch_size]
 
 
 def make_runs(args: argparse.Namespace, problem: Problem, data: ImageData) -> list[Run]:

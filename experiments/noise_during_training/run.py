@@ -14,7 +14,7 @@ from functools import partial
 
 from experiments.common import cli
 from experiments.common.results import combine, write_environment
-from experiments.common.study import default_steps, train_and_evaluate
+from experiments.common.study import train_and_evaluate
 from experiments.noise_during_training.compute import noise_table
 from experiments.noise_during_training.plot import plot_noise
 from experiments.problems import get_problem
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_environment(args.out, vars(args))
     frames = []
     for run in cli.make_runs(args, problem, data):
-        steps = _steps(args, run.train_config.num_steps)
+        steps = cli.eval_steps(args, run.train_config.num_steps)
         frames.append(
             train_and_evaluate(run, steps, evaluate, STUDY, not args.no_progress)
         )
@@ -58,10 +58,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _evaluate(model, loss_fn, step, *, inputs, labels):
     return noise_table(model, loss_fn, inputs, labels)
-
-
-def _steps(args: argparse.Namespace, num_steps: int) -> list[int]:
-    return cli.parse_steps(args.steps) if args.steps else default_steps(num_steps)
 
 
 if __name__ == "__main__":

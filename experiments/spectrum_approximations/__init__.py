@@ -1,0 +1,1 @@
+"""Study 2: the GGN spectrum under approximations (ViViT, Figure 1a)."""

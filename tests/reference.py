@@ -39,7 +39,9 @@ def flat_params(params: list[Tensor]) -> Tensor:
     return torch.cat([p.detach().flatten() for p in params])
 
 
-def dense_curvature(model, loss_fn, X: Tensor, y: Tensor, params=None) -> DenseCurvature:
+def dense_curvature(
+    model, loss_fn, X: Tensor, y: Tensor, params=None
+) -> DenseCurvature:
     """Dense GGN, per-sample GGNs and gradients w.r.t. ``params`` (default all)."""
     original = dict(model.named_parameters())
     if params is None:

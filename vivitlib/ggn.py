@@ -6,11 +6,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from backpack.utils.module_classification import is_loss
 from torch import Tensor
 from torch.nn import Module
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from backpack.utils.module_classification import is_loss
 from vivitlib import _checks
 from vivitlib.block import GGNBlock, GroupAccumulator, Scaling
 from vivitlib.extensions import (
@@ -106,7 +106,9 @@ class LowRankGGN:
         )
         self.compute = _check_compute(compute)
         if eigh_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"eigh_dtype must be float32 or float64, got {eigh_dtype}.")
+            raise ValueError(
+                f"eigh_dtype must be float32 or float64, got {eigh_dtype}."
+            )
         self.eigh_dtype = eigh_dtype
         self.rtol = rtol
         self._param_group = {
@@ -232,7 +234,9 @@ class LowRankGGN:
 
     def _finish_pass(self) -> list[GGNBlock]:
         if self._pass is None:
-            raise RuntimeError(f"No curvature has been collected. {_checks._NO_PASS_HINT}")
+            raise RuntimeError(
+                f"No curvature has been collected. {_checks._NO_PASS_HINT}"
+            )
         leftovers = _clear_fields(self.param_groups)
         if leftovers:
             raise RuntimeError(

@@ -11,9 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from torch import Tensor
-from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
-
 from backpack.extensions import BatchGrad
 from backpack.extensions.firstorder.batch_grad.conv1d import BatchGradConv1d
 from backpack.extensions.firstorder.batch_grad.conv2d import BatchGradConv2d
@@ -27,6 +24,9 @@ from backpack.extensions.secondorder.sqrt_ggn.convnd import (
     SqrtGGNConv3d,
 )
 from backpack.extensions.secondorder.sqrt_ggn.linear import SqrtGGNLinear
+from torch import Tensor
+from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
+
 from vivitlib.extensions import layers
 
 FACTOR_FIELD = "_vivitlib_ggn_factor"
@@ -113,7 +113,9 @@ class GGNFactorExtension(SqrtGGN):
         self, owner: PassOwner, mc_samples: int, subsampling: list[int] | None
     ):
         strategy = (
-            LossHessianStrategy.EXACT if mc_samples == 0 else LossHessianStrategy.SAMPLING
+            LossHessianStrategy.EXACT
+            if mc_samples == 0
+            else LossHessianStrategy.SAMPLING
         )
         super().__init__(strategy, FACTOR_FIELD, subsampling)
         self._mc_samples = mc_samples

@@ -41,7 +41,10 @@ class DenseFactor:
 
 @dataclass
 class OuterFactor:
-    """``V`` of one weight as outer products: ``s`` ``[C, N, T, O]``, ``a`` ``[N, T, I]``."""
+    """``V`` of one weight as outer products.
+
+    ``s``: ``[C, N, T, O]`` backpropagated factor; ``a``: ``[N, T, I]`` input.
+    """
 
     s: Tensor
     a: Tensor
@@ -74,7 +77,10 @@ class DenseGrads:
 
 @dataclass
 class OuterGrads:
-    """Per-sample weight gradients ``Σ_t δ_nt a_ntᵀ``: ``δ`` ``[N', T, O]``, ``a`` ``[N', T, I]``."""
+    """Per-sample weight gradients ``Σ_t δ_nt a_ntᵀ``.
+
+    ``delta``: ``[N', T, O]`` output gradients; ``a``: ``[N', T, I]`` input.
+    """
 
     delta: Tensor
     a: Tensor
@@ -126,7 +132,7 @@ def factor_times_grads(factor: Factor, grads: Grads) -> Tensor:
 
 
 def factor_apply(factor: Factor, coeffs: Tensor) -> Tensor:
-    """Apply ``V_p`` to coefficient vectors: ``Σ_{c,n} coeffs[c,n,k] v_cn``, ``[K, D_p]``."""
+    """Apply ``V_p`` to coefficients: ``Σ_{c,n} coeffs[c,n,k] v_cn``, ``[K, D_p]``."""
     coeffs = coeffs.to(factor.dtype)
     if isinstance(factor, OuterFactor):
         u = torch.einsum("cnk,cnto->knto", coeffs, factor.s)

@@ -21,11 +21,11 @@ output has few positions compared with the weight size (late layers).
 
 from __future__ import annotations
 
+from backpack.utils.conv import unfold_input
+from backpack.utils.subsampling import subsample
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
-from backpack.utils.conv import unfold_input
-from backpack.utils.subsampling import subsample
 from vivitlib.extensions.factors import OuterFactor, OuterGrads
 
 _ConvNd = Conv1d | Conv2d | Conv3d

@@ -6,9 +6,9 @@ from torch import Tensor
 
 
 def directional_gammas(vt_grads: Tensor, gram_evecs: Tensor, evals: Tensor) -> Tensor:
-    """Per-sample directional gradients ``γ_nk = e_kᵀ g_n``.
+    r"""Per-sample directional gradients ``γ_nk = e_kᵀ g_n``.
 
-    .. math:: γ_{nk} = \\tilde{e}_k^⊤ V^⊤ g_n / \\sqrt{λ_k}
+    .. math:: γ_{nk} = \tilde{e}_k^⊤ V^⊤ g_n / \sqrt{λ_k}
 
     Args:
         vt_grads: ``Vᵀ g_n`` stacked over samples, shape ``[M, N_g]``.
@@ -22,12 +22,12 @@ def directional_gammas(vt_grads: Tensor, gram_evecs: Tensor, evals: Tensor) -> T
 
 
 def directional_lambdas(gram_evecs: Tensor, evals: Tensor, num_samples: int) -> Tensor:
-    """Per-sample directional curvatures ``λ_nk = e_kᵀ G_n e_k``.
+    r"""Per-sample directional curvatures ``λ_nk = e_kᵀ G_n e_k``.
 
     For ``V = N^{-1/2} [v_11 … v_NC]`` (columns sample-major) and
     ``G = (1/N) Σ_n G_n``, the Gram matrix gives them for free:
 
-    .. math:: λ_{nk} = N λ_k \\sum_c [\\tilde{e}_k]_{nc}^2
+    .. math:: λ_{nk} = N λ_k \sum_c [\tilde{e}_k]_{nc}^2
 
     so that their mean over ``n`` is ``λ_k``.
 

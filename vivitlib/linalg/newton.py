@@ -10,11 +10,11 @@ from vivitlib._checks import check_damping
 def newton_coefficients(
     gram_evecs: Tensor, evals: Tensor, gamma_means: Tensor, damping: float | Tensor
 ) -> Tensor:
-    """Gram-space coefficients ``c`` with ``Δθ = V c``.
+    r"""Gram-space coefficients ``c`` with ``Δθ = V c``.
 
     .. math::
-        Δθ = -\\sum_k \\frac{γ_k}{λ_k + δ_k} e_k
-           = V \\sum_k \\frac{-γ_k}{(λ_k + δ_k)\\sqrt{λ_k}} \\tilde{e}_k
+        Δθ = -\sum_k \frac{γ_k}{λ_k + δ_k} e_k
+           = V \sum_k \frac{-γ_k}{(λ_k + δ_k)\sqrt{λ_k}} \tilde{e}_k
 
     Flat directions (``λ = 0``) are left alone; ``δ_k = inf`` skips direction k.
 

@@ -1,0 +1,128 @@
+"""Small float64 problems, as data, shared by the core tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from backpack import backpack, extend
+from torch import nn
+
+from tests.reference import DenseCurvature, dense_curvature
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.inner = nn.Linear(5, 5)
+        self.act = nn.Tanh()
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = x + self.act(self.inner(x))
+        return self.out(x)
+
+
+def _mlp(d_in, d_hidden, d_out, act=nn.Tanh):
+    return nn.Sequential(nn.Linear(d_in, d_hidden), act(), nn.Linear(d_hidden, d_out))
+
+
+def _cnn():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 2, 2),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+
+
+def _conv1d_seq():
+    return nn.Sequential(nn.Conv1d(2, 3, 3, stride=2), nn.Sigmoid(), nn.Flatten(),
+                         nn.Linear(12, 2))  # fmt: skip
+
+
+def _sequence_linear():
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+
+
+def _batchnorm():
+    net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def _class_targets(n, c):
+    return torch.randint(0, c, (n,))
+
+
+CASES: list[dict[str, Any]] = [
+    dict(id="mlp-ce-mean", model=lambda: _mlp(5, 4, 3), loss=nn.CrossEntropyLoss,
+         x=(6, 5), y=lambda n: _class_targets(n, 3)),
+    dict(id="mlp-ce-sum", model=lambda: _mlp(5, 4, 3),
+         loss=lambda: nn.CrossEntropyLoss(reduction="sum"),
+         x=(6, 5), y=lambda n: _class_targets(n, 3)),
+    dict(id="mlp-mse-mean", model=lambda: _mlp(4, 5, 3, nn.Sigmoid), loss=nn.MSELoss,
+         x=(5, 4), y=lambda n: torch.randn(n, 3)),
+    dict(id="mlp-mse-sum", model=lambda: _mlp(4, 5, 3, nn.ReLU),
+         loss=lambda: nn.MSELoss(reduction="sum"), x=(5, 4), y=lambda n: torch.randn(n, 3)),
+    dict(id="cnn-ce", model=_cnn, loss=nn.CrossEntropyLoss, x=(4, 2, 6, 6),
+         y=lambda n: _class_targets(n, 3)),
+    dict(id="conv1d-mse", model=_conv1d_seq, loss=nn.MSELoss, x=(4, 2, 9),
+         y=lambda n: torch.randn(n, 2)),
+    dict(id="seq-linear-mse", model=_sequence_linear, loss=nn.MSELoss, x=(4, 2, 3),
+         y=lambda n: torch.randn(n, 2)),
+    dict(id="resnet-converter-ce", model=_Residual, loss=nn.CrossEntropyLoss, x=(5, 4),
+         y=lambda n: _class_targets(n, 3), converter=True),
+    dict(id="batchnorm-eval-ce", model=_batchnorm, loss=nn.CrossEntropyLoss, x=(5, 4),
+         y=lambda n: _class_targets(n, 3)),
+    dict(id="bce-logits", model=lambda: _mlp(4, 3, 1), loss=nn.BCEWithLogitsLoss,
+         x=(5, 4), y=lambda n: torch.randint(0, 2, (n, 1)).double()),
+]  # fmt: skip
+
+
+@dataclass
+class Problem:
+    """A set-up problem: extended model and loss, one batch."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    X: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def run(self, ggn) -> torch.Tensor:
+        """One forward/backward pass collecting ``ggn``; returns the loss."""
+        with backpack(*ggn.extensions, extension_hook=ggn.hook):
+            loss = self.loss_fn(self.model(self.X), self.y)
+            loss.backward()
+        return loss
+
+    def dense(self, params=None) -> DenseCurvature:
+        return dense_curvature(self.model, self.loss_fn, self.X, self.y, params)
+
+
+def make_problem(case: dict[str, Any], seed: int = 0) -> Problem:
+    torch.manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.set_default_dtype(torch.float64)
+        try:
+            model = case["model"]()
+            X = torch.randn(*case["x"])
+            y = case["y"](case["x"][0])
+        finally:
+            torch.set_default_dtype(torch.float32)
+    model = model.double()
+    model = extend(model, use_converter=case.get("converter", False))
+    return Problem(model, extend(case["loss"]()), X, y)
+
+
+CASE_IDS = [c["id"] for c in CASES]

@@ -1,0 +1,35 @@
+"""Assertions shared by the core tests."""
+
+import torch
+
+from tests.reference import eigh_desc
+
+
+def flat_evecs(block, k=None) -> torch.Tensor:
+    """Eigenvectors of a block as rows ``[k, D]``."""
+    return torch.cat([e.flatten(1) for e in block.evecs(k)], dim=1)
+
+
+def assert_eigenpairs(block, dense_ggn, rtol=1e-6):
+    """Eigenvalues match dense ones; eigenvectors span the same eigenspaces."""
+    evals, evecs = eigh_desc(dense_ggn)
+    K = block.num_directions
+    scale = evals[0]
+    # every dense eigenvalue above the threshold is found, and nothing else
+    assert (evals[K:].abs() <= 1e-8 * scale).all(), "missed a nontrivial eigenvalue"
+    torch.testing.assert_close(block.evals, evals[:K], rtol=rtol, atol=1e-10 * scale)
+    E = flat_evecs(block)
+    torch.testing.assert_close(E @ E.T, torch.eye(K, dtype=E.dtype), atol=1e-8, rtol=0)
+    torch.testing.assert_close(
+        E @ dense_ggn, block.evals[:, None] * E, atol=1e-8 * scale, rtol=0
+    )
+    # projector onto each (possibly degenerate) eigenspace agrees with dense
+    start = 0
+    while start < K:
+        stop = start + 1
+        while stop < K and evals[stop] > evals[start] * (1 - 1e-6):
+            stop += 1
+        P = E[start:stop].T @ E[start:stop]
+        Q = evecs[:, start:stop] @ evecs[:, start:stop].T
+        torch.testing.assert_close(P, Q, atol=1e-6, rtol=0)
+        start = stop

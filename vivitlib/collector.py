@@ -1,0 +1,265 @@
+"""Shared machinery of every object that collects curvature in a BackPACK pass.
+
+A collector owns parameter groups and BackPACK extensions, validates the pass
+at the loss module (reduction, NaN/Inf, index ranges, loss as last operation),
+hands each module's buffers to per-group accumulators as BackPACK reaches it,
+and on any failure restores ``.grad`` and drops partial buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from backpack.utils.module_classification import is_loss
+from torch import Tensor
+from torch.nn import Module
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from vivitlib import _checks
+from vivitlib.block import Scaling
+from vivitlib.extensions import (
+    FACTOR_FIELD,
+    GRADS_FIELD,
+    BatchGradsExtension,
+    GGNFactorExtension,
+)
+from vivitlib.groups import normalize_groups
+
+_REDUCTIONS = ("mean", "sum")
+
+
+class _Pass:
+    """Book-keeping of one backward pass: batch facts, accumulators, grad backup."""
+
+    def __init__(self, loss_module: Module, groups: list[dict[str, Any]], accumulators):
+        self.loss_output = loss_module.output
+        self.batch_size = loss_module.input0.shape[0]
+        self.grad_backup = {
+            id(p): (p, None if p.grad is None else p.grad.detach().clone())
+            for group in groups
+            for p in group["params"]
+        }
+        self.accumulators = accumulators
+        self.finished = False
+
+    def restore_grads(self) -> None:
+        """Put every ``.grad`` back as it was before the pass."""
+        for p, grad in self.grad_backup.values():
+            p.grad = grad
+
+
+class BackpackCollector:
+    """Base of :class:`~vivitlib.LowRankGGN` and friends: one BackPACK pass, validated.
+
+    Subclasses provide ``_new_accumulators()`` (one object per group with
+    ``add(param, factor, grads)`` and ``missing()``) and read the accumulators
+    after :meth:`_finish_pass`.
+
+    Args:
+        params: Parameters (one group) or a list of ``{"params": [...]}`` dicts.
+        mc_samples: ``0`` exact loss-Hessian factor, ``m > 0`` Monte-Carlo samples.
+        subsampling: Curvature sample indices (``None``: all).
+        grad_subsampling: Per-sample-gradient indices (``None``: all).
+        needs_grads: Whether per-sample gradients are collected.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        mc_samples: int = 0,
+        subsampling: Sequence[int] | Tensor | None = None,
+        grad_subsampling: Sequence[int] | Tensor | None = None,
+        needs_grads: bool = True,
+    ):
+        self.param_groups = normalize_groups(params)
+        self.mc_samples = _checks.check_positive_int(
+            mc_samples, "mc_samples", allow_zero=True
+        )
+        self.subsampling = _checks.check_indices(subsampling, "subsampling")
+        self.grad_subsampling = _checks.check_indices(
+            grad_subsampling, "grad_subsampling"
+        )
+        self._needs_grads = needs_grads
+        self._param_group = {
+            id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]
+        }
+        exts: list = [GGNFactorExtension(self, self.mc_samples, self.subsampling)]
+        if needs_grads:
+            exts.append(BatchGradsExtension(self, self.grad_subsampling))
+        self._extensions = tuple(exts)
+        self._pass: _Pass | None = None
+
+    @property
+    def extensions(self) -> tuple:
+        """BackPACK extensions to pass to ``backpack(...)``."""
+        return self._extensions
+
+    def reset(self) -> None:
+        """Drop the latest pass's results and buffers."""
+        if self._pass is not None:
+            _clear_fields(self.param_groups)
+        self._pass = None
+        self._on_reset()
+
+    def _on_reset(self) -> None:
+        """Drop results derived from the latest pass (subclass hook)."""
+
+    def _new_accumulators(self) -> list:
+        raise NotImplementedError
+
+    # -- called by BackPACK -------------------------------------------------
+
+    def run_extension(
+        self, call: Callable[..., None], module: Module, g_inp: Any, g_out: Any
+    ) -> None:
+        """Validate ``module``, run one of this object's extensions on it.
+
+        On any failure, ``.grad`` of every grouped parameter is restored to its
+        value before the pass and partial buffers are dropped.
+        """
+        try:
+            if is_loss(module):
+                self._begin_pass(module, g_out)
+            else:
+                _check_module(module)
+            call(module, g_inp, g_out)
+        except Exception as err:
+            self._abort()
+            raise _explain(err, module) from err
+
+    def hook(self, module: Module) -> None:
+        """Extension hook: contract ``module``'s buffers into the groups, free them."""
+        if self._pass is None or self._pass.finished or is_loss(module):
+            return
+        try:
+            for param in module.parameters(recurse=False):
+                self._collect(param)
+        except Exception:
+            self._abort()
+            raise
+
+    # -- internals ----------------------------------------------------------
+
+    def _begin_pass(self, loss_module: Module, g_out: Any) -> None:
+        if self._pass is not None and self._pass.loss_output is loss_module.output:
+            return  # a second extension on the same loss
+        self.reset()
+        reduction = getattr(loss_module, "reduction", None)
+        if reduction not in _REDUCTIONS:
+            raise ValueError(
+                f"{type(loss_module).__name__}(reduction={reduction!r}) is not "
+                "supported; use reduction='mean' or 'sum'."
+            )
+        _checks.check_finite(
+            loss_module.input0,
+            "The model output",
+            "Check the inputs and parameters for NaN/Inf.",
+        )
+        _checks.check_finite(
+            loss_module.output, "The loss", "Check the targets for NaN/Inf."
+        )
+        if not torch.allclose(g_out[0], torch.ones_like(g_out[0])):
+            raise ValueError(
+                "The loss module must be the last operation before backward(), but "
+                f"its output received gradient {g_out[0].flatten()[:1].item():g}. "
+                "Call backward() on the loss module's output directly (no scaling "
+                "or sums after it)."
+            )
+        batch_size = loss_module.input0.shape[0]
+        _checks.check_indices_in_range(self.subsampling, batch_size, "subsampling")
+        _checks.check_indices_in_range(
+            self.grad_subsampling, batch_size, "grad_subsampling"
+        )
+        self._pass = _Pass(loss_module, self.param_groups, self._new_accumulators())
+
+    def _collect(self, param: Tensor) -> None:
+        factor = param.__dict__.pop(FACTOR_FIELD, None)
+        grads = param.__dict__.pop(GRADS_FIELD, None)
+        group = self._param_group.get(id(param))
+        if group is None or factor is None:
+            return
+        if self._needs_grads and grads is None:
+            raise RuntimeError("Per-sample gradients are missing for a parameter.")
+        self._pass.accumulators[group].add(param, factor, grads)
+
+    def _abort(self) -> None:
+        if self._pass is not None:
+            self._pass.restore_grads()
+        _clear_fields(self.param_groups)
+        self._pass = None
+        self._on_reset()
+
+    def _finish_pass(self) -> Scaling:
+        """Check the pass is complete; return the scaling of its buffers."""
+        if self._pass is None:
+            raise RuntimeError(
+                f"No curvature has been collected. {_checks._NO_PASS_HINT}"
+            )
+        leftovers = _clear_fields(self.param_groups)
+        if leftovers:
+            raise RuntimeError(
+                "Buffers were computed but never collected: pass "
+                "`extension_hook=ggn.hook` to `backpack(...)`."
+            )
+        for index, acc in enumerate(self._pass.accumulators):
+            missing = acc.missing()
+            if missing:
+                shapes = [tuple(p.shape) for p in missing]
+                raise RuntimeError(
+                    f"Group {index}: parameters of shapes {shapes} received no GGN "
+                    "factor. Extend every module that owns them with "
+                    "backpack.extend(model) (or extend(model, use_converter=True) "
+                    "for residual nets) and keep them in the forward pass."
+                )
+        self._pass.finished = True
+        n = self._pass.batch_size
+        return Scaling(
+            batch_size=n,
+            num_curv=n if self.subsampling is None else len(self.subsampling),
+            num_grad=n if self.grad_subsampling is None else len(self.grad_subsampling),
+        )
+
+
+def _check_module(module: Module) -> None:
+    if isinstance(module, _BatchNorm) and module.training:
+        raise ValueError(
+            f"{module} is in train mode: batch statistics couple the samples, so "
+            "per-sample curvature is undefined. Call model.eval() before the "
+            "curvature pass."
+        )
+
+
+def _clear_fields(groups: list[dict[str, Any]]) -> bool:
+    """Delete leftover buffers from grouped parameters; return whether any existed."""
+    found = False
+    for group in groups:
+        for p in group["params"]:
+            for name in (FACTOR_FIELD, GRADS_FIELD):
+                if name in p.__dict__:
+                    del p.__dict__[name]
+                    found = True
+    return found
+
+
+def _explain(err: Exception, module: Module) -> Exception:
+    """Translate BackPACK's terse errors into messages naming the fix."""
+    text = str(err)
+    name = type(module).__name__
+    if isinstance(err, NotImplementedError) and "does not have an extension" in text:
+        return NotImplementedError(
+            f"{name} is not supported: BackPACK has no square-root GGN rule for it. "
+            "Replace the layer by a supported one (Linear, Conv1d/2d/3d, "
+            "ConvTranspose, activations, pooling, Flatten, Dropout, eval-mode "
+            "BatchNorm, ...) or, for residual/functional code, try "
+            "extend(model, use_converter=True)."
+        )
+    if isinstance(err, AssertionError) and "backpropagation quantity" in text:
+        return RuntimeError(
+            f"BackPACK reached {name} without a curvature signal from the loss: "
+            "extend the loss function too (loss_fn = backpack.extend(loss_fn)), and "
+            "make the loss module the last operation of the forward pass."
+        )
+    return err

@@ -79,3 +79,21 @@ def dense_curvature(
 def eigh_desc(matrix: Tensor) -> tuple[Tensor, Tensor]:
     evals, evecs = torch.linalg.eigh(matrix)
     return evals.flip(0), evecs.flip(1)
+
+
+def per_sample_hessians(model, loss_fn, X: Tensor, y: Tensor) -> Tensor:
+    """Per-sample loss Hessians ``[N, D, D]`` whose mean is the batch loss Hessian."""
+    model, loss_fn = plain_copy(model), plain_copy(loss_fn)
+    named = dict(model.named_parameters())
+    names = list(named)
+    sizes = [named[n].numel() for n in names]
+    theta = flat_params(list(named.values()))
+    N = X.shape[0]
+    scale = N if loss_fn.reduction == "sum" else 1
+
+    def loss_n(vec, n):
+        params = {k: c.reshape(named[k].shape) for k, c in zip(names, vec.split(sizes))}
+        out = functional_call(model, params, (X[n : n + 1],))
+        return loss_fn(out, y[n : n + 1]) * scale
+
+    return torch.stack([hessian(loss_n)(theta, n) for n in range(N)])

@@ -2,9 +2,18 @@
 
 from vivitlib import linalg
 from vivitlib.block import GGNBlock
+from vivitlib.directional import DirectionalDerivatives, per_sample_hessian_curvatures
 from vivitlib.ggn import QUANTITIES, LowRankGGN
 from vivitlib.groups import layerwise_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["GGNBlock", "LowRankGGN", "QUANTITIES", "layerwise_groups", "linalg"]
+__all__ = [
+    "DirectionalDerivatives",
+    "GGNBlock",
+    "LowRankGGN",
+    "QUANTITIES",
+    "layerwise_groups",
+    "linalg",
+    "per_sample_hessian_curvatures",
+]

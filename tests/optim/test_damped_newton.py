@@ -232,12 +232,14 @@ def test_no_positive_curvature_leaves_parameters_unchanged():
         torch.randn(8, 3, dtype=torch.float64),
         torch.randn(8, 2, dtype=torch.float64),
     )
-    opt = DampedNewton(first.parameters(), mc_samples=0)
+    opt = DampedNewton(first.parameters(), mc_samples=0, track_dampings=True)
     before = flat(first.parameters())
     backward(opt, model, loss_fn, X, y)
     with pytest.warns(UserWarning, match="no direction with positive curvature"):
         opt.step()
     assert torch.equal(flat(first.parameters()), before)
+    (record,) = opt.damping_history
+    assert record.dampings.numel() == 0 and not record.applied
 
 
 def test_weight_decay_is_decoupled():

@@ -7,10 +7,12 @@ Reference:
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -229,10 +231,9 @@ class DampedNewton(torch.optim.Optimizer):
                 ) from err
             raise
         try:
-            updates = [
-                self._group_update(index, group, block)
-                for index, (group, block) in enumerate(zip(self.param_groups, blocks))
-            ]
+            updates = []
+            for index, (group, block) in enumerate(zip(self.param_groups, blocks)):
+                updates.append(self._group_update(index, group, block))
         finally:
             self._ggn.reset()
         for group, update in zip(self.param_groups, updates):
@@ -254,17 +255,20 @@ class DampedNewton(torch.optim.Optimizer):
         """Compute a group's (undamped-by-lr) step, or ``None`` for no change."""
         if block.num_directions == 0:
             self._warn(index, "the GGN has no direction with positive curvature")
-            return None
-        strategy = group["damping"]
-        dampings = strategy(block.gammas, block.lambdas)
-        dampings = self._check_dampings(dampings, block.num_directions, strategy)
-        applied = bool(torch.isfinite(dampings).any())
-        update = block.newton_step(dampings) if applied else None
-        if not applied:
-            self._warn(index, "the damping strategy rejected every direction")
-        elif not all(bool(torch.isfinite(u).all()) for u in update):
-            self._warn(index, "the step is not finite")
-            update, applied = None, False
+            dampings, update = block.evals.new_zeros(0), None
+        else:
+            strategy = group["damping"]
+            dampings = strategy(block.gammas, block.lambdas)
+            dampings = self._check_dampings(dampings, block.num_directions, strategy)
+            update = None
+            if not bool(torch.isfinite(dampings).any()):
+                self._warn(index, "the damping strategy rejected every direction")
+            else:
+                update = block.newton_step(dampings)
+                if not all(bool(torch.isfinite(u).all()) for u in update):
+                    self._warn(index, "the step is not finite")
+                    update = None
+        applied = update is not None
         if self.track_dampings:
             record = DampingRecord(
                 step=self._num_steps,
@@ -302,7 +306,7 @@ class DampedNewton(torch.optim.Optimizer):
             f"DampedNewton: {reason} in parameter group {index}; its parameters "
             "are left unchanged in this step.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=_caller_stacklevel(),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -365,6 +369,15 @@ class DampedNewton(torch.optim.Optimizer):
             if hasattr(strategy, "load_state_dict"):
                 strategy.load_state_dict(saved["state"])
         self._num_steps = int(num_steps)
+
+
+def _caller_stacklevel() -> int:
+    """Stack level of the first frame outside vivitlib and torch (for warnings)."""
+    frame, level = inspect.currentframe(), 0
+    skip = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return max(level, 1)
 
 
 def _strategy_state(strategy: Any) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""SGD, Adam, constant- and bootstrap-damped Newton on the digits data set."""

@@ -41,6 +41,16 @@ def _cnn():
     )
 
 
+def _adaptive_pool_cnn():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(12, 3),
+    )
+
+
 def _conv1d_seq():
     return nn.Sequential(nn.Conv1d(2, 3, 3, stride=2), nn.Sigmoid(), nn.Flatten(),
                          nn.Linear(12, 2))  # fmt: skip
@@ -73,6 +83,8 @@ CASES: list[dict[str, Any]] = [
          loss=lambda: nn.MSELoss(reduction="sum"), x=(5, 4), y=lambda n: torch.randn(n, 3)),
     dict(id="cnn-ce", model=_cnn, loss=nn.CrossEntropyLoss, x=(4, 2, 6, 6),
          y=lambda n: _class_targets(n, 3)),
+    dict(id="adaptive-pool-cnn-ce", model=_adaptive_pool_cnn, loss=nn.CrossEntropyLoss,
+         x=(3, 2, 7, 7), y=lambda n: _class_targets(n, 3)),
     dict(id="conv1d-mse", model=_conv1d_seq, loss=nn.MSELoss, x=(4, 2, 9),
          y=lambda n: torch.randn(n, 2)),
     dict(id="seq-linear-mse", model=_sequence_linear, loss=nn.MSELoss, x=(4, 2, 3),

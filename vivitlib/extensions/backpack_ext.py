@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from vivitlib.extensions import layers
+from vivitlib.extensions.extra_layers import EXTRA_SQRT
 
 FACTOR_FIELD = "_vivitlib_ggn_factor"
 GRADS_FIELD = "_vivitlib_batch_grads"
@@ -120,7 +121,7 @@ class GGNFactorExtension(SqrtGGN):
         super().__init__(strategy, FACTOR_FIELD, subsampling)
         self._mc_samples = mc_samples
         self._owner = owner
-        for module_cls, handler in FACTORED_SQRT.items():
+        for module_cls, handler in {**EXTRA_SQRT, **FACTORED_SQRT}.items():
             self.set_module_extension(module_cls, handler(), overwrite=True)
 
     def get_num_mc_samples(self) -> int:

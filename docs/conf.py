@@ -114,3 +114,19 @@ html_show_sourcelink = False
 # -- MathJax ----------------------------------------------------------------
 
 mathjax3_config = {"tex": {"macros": {"R": r"\mathbb{R}"}}}
+
+# -- Hooks ------------------------------------------------------------------
+
+#: Result classes that users receive but never construct: their constructor
+#: signature is internal, so the docs show the class name only.
+_RESULT_CLASSES = {"vivitlib.GGNBlock", "vivitlib.block.GGNBlock"}
+
+
+def _hide_internal_signature(app, what, name, obj, options, signature, ret):
+    if what == "class" and name in _RESULT_CLASSES:
+        return "", None
+    return None
+
+
+def setup(app):
+    app.connect("autodoc-process-signature", _hide_internal_signature)

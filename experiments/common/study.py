@@ -77,6 +77,21 @@ class Run:
         load_checkpoint(checkpoint_path(self.checkpoint_dir, step), model)
         return model, loss_fn
 
+    def plain_model(self, trained: nn.Module) -> nn.Module:
+        """Copy ``trained``'s weights into a model without BackPACK hooks (eval mode).
+
+        For matrix-free (double-backward) curvature, which BackPACK's hooks would
+        slow down; models that need BackPACK's converter are not supported.
+        """
+        if self.problem.use_converter:
+            raise NotImplementedError(
+                f"{self.problem.name} uses BackPACK's converter; its state cannot be "
+                "copied into a plain model. Use a problem without residual blocks."
+            )
+        model = self.problem.make_model(self.data.input_shape, self.data.num_classes)
+        model.load_state_dict(trained.state_dict())
+        return model.eval()
+
 
 def train_run(
     run: Run, save_steps: Iterable[int], progress: bool = True

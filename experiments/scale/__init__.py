@@ -1,0 +1,1 @@
+"""Study 3: the largest batch size within a memory budget (ViViT, Figure 1b/c)."""

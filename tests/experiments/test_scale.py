@@ -1,0 +1,67 @@
+"""Study 3: critical batch size search, resume, and one real measurement."""
+
+import pandas as pd
+
+import experiments.scale.run as study
+from experiments.scale.search import critical_batch_size, subprocess_measure
+from tests.experiments.utils import assert_finite, assert_resumes
+
+
+def fake_measure(problem, method, device, threads, timeout):
+    per_sample = {"gradient": 1e3}.get(method, 1e5)
+
+    def measure(batch_size):
+        return pd.DataFrame(
+            {
+                "peak_bytes": [per_sample * batch_size**2],
+                "seconds": [0.0],
+                "error": [""],
+            }
+        )
+
+    return measure
+
+
+def test_search_finds_largest_fitting_batch(tmp_path):
+    measure = fake_measure("p", "ggn_exact", "cpu", 1, 1)
+    n_crit, points = critical_batch_size(
+        measure,
+        tmp_path,
+        {"m": 1},
+        1e5 * 100**2,
+        start=8,
+        max_batch=4096,
+        resolution=0.0,
+    )
+    assert n_crit == 100
+    assert len(points) == len(set(points["batch_size"]))
+
+
+def test_scale_table_and_resume(monkeypatch, tmp_path):
+    monkeypatch.setattr(study, "MEASURE", fake_measure)
+    argv = [
+        "--problem",
+        "digits_logreg",
+        "--methods",
+        "gradient,ggn_exact",
+        "--memory-budget-gb",
+        str(1e5 * 64**2 / 2**30),
+        "--device",
+        "cpu",
+        "--max-batch",
+        "4096",
+    ]
+    table = assert_resumes(
+        monkeypatch, study.main, argv, tmp_path, study, "critical_batch_size", call=2
+    )
+    assert_finite(table, ["n_crit", "budget_gb"])
+    n_crit = table.set_index("method")["n_crit"]
+    assert 56 <= n_crit["ggn_exact"] <= 64
+    assert 560 <= n_crit["gradient"] <= 640
+    assert (tmp_path / "ref" / "critical_batch_size.png").exists()
+
+
+def test_real_measurement_in_subprocess():
+    row = subprocess_measure("digits_logreg", "ggn_exact", "cpu")(8)
+    assert row["error"].iloc[0] == ""
+    assert row["peak_bytes"].iloc[0] >= 0 and row["seconds"].iloc[0] > 0

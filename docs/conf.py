@@ -12,6 +12,12 @@ so intersphinx is tolerant:
 * the online inventories are fetched only when ``VIVITLIB_DOCS_ONLINE=1``;
 * otherwise the project is left out of the mapping, its references render as
   plain code, and the build stays warning-free.
+
+With ``VIVITLIB_DOCS_ONLINE=1`` and a local copy, an unreachable server falls
+back to the copy silently; without a local copy it is a warning (an error
+under ``-W``), which is what one asks for by going online. To save an
+inventory, download ``<url>/objects.inv`` (URLs in ``_INTERSPHINX`` below) to
+``docs/_inventories/<name>.inv``.
 """
 
 from __future__ import annotations
@@ -83,14 +89,16 @@ _INTERSPHINX = {
 _ONLINE = os.environ.get("VIVITLIB_DOCS_ONLINE", "") == "1"
 
 
-def _intersphinx_mapping() -> dict[str, tuple[str, str | None]]:
+def _intersphinx_mapping() -> dict[str, tuple[str, tuple[str | None, ...]]]:
+    """Inventory locations per project: online first (if asked), then local."""
     mapping = {}
     for name, url in _INTERSPHINX.items():
         local = DOCS / "_inventories" / f"{name}.inv"
+        locations: list[str | None] = [None] if _ONLINE else []
         if local.is_file():
-            mapping[name] = (url, str(local))
-        elif _ONLINE:
-            mapping[name] = (url, None)
+            locations.append(str(local))
+        if locations:
+            mapping[name] = (url, tuple(locations))
     return mapping
 
 

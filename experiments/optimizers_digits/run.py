@@ -18,7 +18,10 @@ Hyperparameter defaults were picked on seed 0 from small grids: SGD (momentum 0.
 lr 0.1 from {0.05, 0.2}; Adam lr 0.01 from {1e-3, 1e-2}; constant damping 3 from
 {0.01, 0.1, 0.3, 1, 3} (lr 1; δ ≤ 0.3 diverges). ``newton_bootstrap`` uses the
 library's default grid ``1e-4..1e2``; ``newton_bootstrap_floor`` only candidates
-``≥ --damping``.
+``≥ --damping``. The bootstrap guards against noise in the quadratic model, not
+against the model's failure far from the current parameters: with small candidates
+it takes near-undamped steps along flat, low-noise directions, which overshoot on a
+network (the default-grid run diverges in its first steps).
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ def configs(args: argparse.Namespace) -> list[RunConfig]:
 
 def summarize(curves: pd.DataFrame) -> pd.DataFrame:
     """Final metrics (mean and spread over seeds) and time per step per optimizer."""
-    last = curves[curves["step"] == curves.groupby("seed")["step"].transform("max")]
+    last_step = curves.groupby(["optimizer", "seed"])["step"].transform("max")
+    last = curves[curves["step"] == last_step]
     metrics = ["train_loss", "train_accuracy", "test_loss", "test_accuracy"]
     final = last.groupby("optimizer", sort=False)[metrics].agg(["mean", "min", "max"])
     final.columns = [f"{a}_{b}" for a, b in final.columns]

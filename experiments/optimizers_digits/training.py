@@ -32,6 +32,11 @@ OPTIMIZERS = (
 )
 
 
+#: A run counts as diverged (and stops) once a mini-batch loss exceeds this multiple
+#: of the initial training loss or is not finite.
+DIVERGED = 100.0
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Hyperparameters of one run.
@@ -145,7 +150,8 @@ def train(problem: Problem, data: ImageData, config: RunConfig) -> pd.DataFrame:
         directions, stepped_directions, diverged``. ``time_s`` is the cumulative
         training time, ``step_time_s`` the mean time per step since the previous
         row, ``batch_loss`` the mean mini-batch loss since then; the direction
-        counts are means per step (Newton only, else NaN).
+        counts are means per step (Newton only, else NaN). A diverged run (see
+        :data:`DIVERGED`) ends with a row flagged ``diverged``.
     """
     if config.optimizer.startswith("newton"):
         model, loss_fn = make_extended(
@@ -184,5 +190,5 @@ def train(problem: Problem, data: ImageData, config: RunConfig) -> pd.DataFrame:
         interval_time += duration
         elapsed += duration
         losses.append(loss)
-        diverged = not math.isfinite(loss)
+        diverged = not math.isfinite(loss) or loss > DIVERGED * rows[0]["train_loss"]
     return pd.DataFrame(rows)

@@ -203,6 +203,12 @@ class BootstrapDamping(DampingStrategy):
     All directions, candidates and resamples are evaluated at once; memory is
     ``O(num_resamples · len(candidates) · K)``.
 
+    The bootstrap only sees the batch: it guards against sampling noise, not
+    against curvature the batch missed (heavy-tailed ``λ_nk`` with few samples can
+    make ``λ̄_k`` and all its resamples too small) nor against the quadratic model
+    failing far from ``θ`` (on networks, combine it with a damping floor via
+    ``candidates``).
+
     Args:
         candidates: Damping candidates. Default: 61 log-spaced values
             ``10**linspace(-4, 2, 61)``.

@@ -1,6 +1,6 @@
 """vivitlib: exact, fast access to GGN curvature and its mini-batch noise."""
 
-from vivitlib import linalg
+from vivitlib import hessianfree, linalg, optim
 from vivitlib.block import GGNBlock
 from vivitlib.directional import DirectionalDerivatives, per_sample_hessian_curvatures
 from vivitlib.ggn import QUANTITIES, LowRankGGN
@@ -14,6 +14,8 @@ __all__ = [
     "LowRankGGN",
     "QUANTITIES",
     "layerwise_groups",
+    "hessianfree",
     "linalg",
+    "optim",
     "per_sample_hessian_curvatures",
 ]

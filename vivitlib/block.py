@@ -174,12 +174,15 @@ class GGNBlock:
 
     @property
     def gamma_means(self) -> Tensor:
-        """``γ_k = e_kᵀ g`` (``g``: mean gradient of the gradient samples), ``[K]``."""
+        """Directional gradients ``γ_k = e_kᵀ g``, ``[K]``.
+
+        ``g`` is the mean gradient over the gradient samples.
+        """
         return self.gammas.mean(0)
 
     @property
     def lambda_means(self) -> Tensor:
-        """``λ_k``: mean of ``λ_nk`` over samples, equal to ``evals``, ``[K]``."""
+        """Mean of ``λ_nk`` over samples, i.e. ``λ_k``; equal to ``evals``, ``[K]``."""
         return self.lambdas.mean(0)
 
     @property

@@ -1,0 +1,1 @@
+"""Study 6: loss landscape along the GGN's top eigenvectors vs random directions."""

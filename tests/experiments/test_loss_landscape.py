@@ -1,0 +1,49 @@
+"""Study 6 end to end in a tiny configuration, and its resume."""
+
+import experiments.loss_landscape.run as study
+from tests.experiments.utils import assert_finite, assert_resumes
+
+ARGV = [
+    "--problem",
+    "digits_logreg",
+    "--epochs",
+    "0.5",
+    "--batch-size",
+    "64",
+    "--steps",
+    "0,11",
+    "--eval-batch-size",
+    "16",
+    "--num-points",
+    "5",
+    "--train-samples",
+    "128",
+    "--radius",
+    "0.5",
+    "--no-progress",
+]
+
+
+def _second_difference(rows):
+    line = rows[rows["beta"] == 0].set_index("alpha")["loss"].sort_index()
+    return line.iloc[0] + line.iloc[-1] - 2 * line.loc[0.0]
+
+
+def test_landscape_table_and_resume(monkeypatch, tmp_path):
+    table = assert_resumes(
+        monkeypatch, study.main, ARGV, tmp_path, study, "landscape_table", call=2
+    )
+    assert_finite(table, ["alpha", "beta", "loss"])
+    assert set(table["plane"]) == {"top", "random"}
+    assert set(table["split"]) == {"train", "test"}
+    for _, rows in table.groupby(["step", "split"]):
+        assert len(rows) == 2 * 5 * 5
+        origin = rows[(rows["alpha"] == 0) & (rows["beta"] == 0)]["loss"]
+        assert origin.max() - origin.min() < 1e-6  # same weights in both planes
+        top = rows[rows["plane"] == "top"]
+        assert top["lambda_1"].iloc[0] >= top["lambda_2"].iloc[0] > 0
+        # the top eigen-direction is far more curved than a random one
+        assert _second_difference(top) > 5 * _second_difference(
+            rows[rows["plane"] == "random"]
+        )
+    assert (tmp_path / "ref" / "landscape_digits_logreg.png").exists()

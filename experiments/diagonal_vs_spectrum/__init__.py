@@ -1,0 +1,1 @@
+"""Study 5: the GGN diagonal vs its spectrum (Deep Curvature suite)."""

@@ -1,0 +1,1 @@
+"""Experiment scripts: one folder per study, run from the repository root."""

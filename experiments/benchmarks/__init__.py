@@ -1,0 +1,1 @@
+"""Benchmarks comparing vivitlib with its peers."""

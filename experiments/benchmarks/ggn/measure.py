@@ -1,0 +1,135 @@
+"""Measurements in fresh subprocesses: interleaved wall time, peak memory, limits.
+
+Run as ``python -m experiments.benchmarks.ggn.measure '<json job>'``; the job's
+result is printed as one JSON line. Each memory figure comes from its own
+process: the resident-set high-water mark (``ru_maxrss``) after one pass minus
+the mark after building model, data and runner. Memory limits for the
+critical batch size are address-space limits (``RLIMIT_AS``) set to the
+process's virtual size after set-up plus the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[3]
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _vmsize_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmSize not found in /proc/self/status.")
+
+
+def _setup(job: dict[str, Any]):
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from experiments.benchmarks.ggn.problems import make_problem
+    from experiments.benchmarks.ggn.runners import make_runner
+
+    problem = make_problem(job["problem"], job["batch_size"], job.get("seed", 0))
+    return {lib: make_runner(lib, job["config"], problem) for lib in job["libraries"]}
+
+
+def time_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Warm up every library once, then time ``repeats`` interleaved rounds."""
+    runners = _setup(job)
+    for run in runners.values():
+        run()
+    times: dict[str, list[float]] = {lib: [] for lib in runners}
+    for _ in range(job["repeats"]):
+        for lib, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[lib].append(time.perf_counter() - start)
+    return {
+        lib: {"median_s": statistics.median(t), "runs_s": t} for lib, t in times.items()
+    }
+
+
+def memory_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Peak resident memory of one pass above the post-set-up mark (MiB)."""
+    (run,) = _setup(job).values()
+    baseline = _maxrss_mib()
+    limit = job.get("limit_mib")
+    if limit is not None:
+        budget = _vmsize_bytes() + int(limit * 2**20)
+        resource.setrlimit(resource.RLIMIT_AS, (budget, budget))
+    try:
+        run()
+    except (MemoryError, RuntimeError) as err:
+        return {"ok": False, "error": str(err).splitlines()[0][:200]}
+    return {"ok": True, "peak_mib": _maxrss_mib() - baseline, "baseline_mib": baseline}
+
+
+def in_subprocess(job: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``job`` in a fresh interpreter; a crash reads as ``{"ok": False}``."""
+    threads = str(job["threads"])
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               PYTHONWARNINGS="ignore")  # fmt: skip
+    cmd = [sys.executable, "-m", "experiments.benchmarks.ggn.measure", json.dumps(job)]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timeout after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"ok": False, "error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    return json.loads(lines[-1])
+
+
+def largest_batch(
+    library: str, base_job: dict[str, Any], limit_mib: float, start: int, stop: int
+) -> int:
+    """Largest ``N`` (within ``[start, stop]``, to 1/16 precision) fitting the limit.
+
+    Doubles ``N`` from ``start`` until a pass fails, then bisects. Returns 0 if
+    even ``start`` fails.
+    """
+
+    def fits(n: int) -> bool:
+        job = dict(base_job, kind="memory", libraries=[library], batch_size=n,
+                   limit_mib=limit_mib)  # fmt: skip
+        return bool(in_subprocess(job).get("ok"))
+
+    if not fits(start):
+        return 0
+    good, bad = start, None
+    while bad is None and good < stop:
+        candidate = min(2 * good, stop)
+        if fits(candidate):
+            good = candidate
+        else:
+            bad = candidate
+    while bad is not None and bad - good > max(1, good // 16):
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def main() -> None:
+    """Subprocess entry: run the JSON job given as the only argument."""
+    job = json.loads(sys.argv[1])
+    result = time_job(job) if job["kind"] == "time" else memory_job(job)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

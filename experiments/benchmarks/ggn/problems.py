@@ -1,0 +1,119 @@
+"""Benchmark problems: digits MLP, DeepOBS 3C3D on CIFAR-shaped input, a small ResNet.
+
+Every problem is rebuilt from a seed, so vivitlib and vivit see the same model,
+data and targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from backpack import extend
+from torch import Tensor, nn
+
+from experiments.problems import cnn_3c3d
+
+PROBLEMS = ("digits_mlp", "3c3d", "resnet")
+
+
+@dataclass
+class Problem:
+    """An extended model with its loss and one batch."""
+
+    name: str
+    model: nn.Module
+    loss_fn: nn.Module
+    X: Tensor
+    y: Tensor
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Trainable parameters, in model order."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def layer_groups(self) -> list[dict[str, list[nn.Parameter]]]:
+        """One ``{"params": [...]}`` group per module that owns parameters."""
+        groups = []
+        for module in self.model.modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if own:
+                groups.append({"params": own})
+        return groups
+
+    def zero_grad(self) -> None:
+        """Drop ``.grad`` of every parameter."""
+        for p in self.params:
+            p.grad = None
+
+
+class _Block(nn.Module):
+    """``x + conv(relu(conv(x)))`` with same-size 3x3 convolutions."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return x + self.conv2(self.relu(self.conv1(x)))
+
+
+def small_resnet() -> nn.Module:
+    """Residual CNN for 3x32x32 inputs (about 78k parameters), for the converter."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        _Block(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        _Block(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+def _digits(batch_size: int) -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    X = torch.as_tensor(bunch.data[:batch_size], dtype=torch.float32) / 16.0
+    y = torch.as_tensor(bunch.target[:batch_size], dtype=torch.int64)
+    return X, y
+
+
+def make_problem(name: str, batch_size: int, seed: int = 0) -> Problem:
+    """Build problem ``name`` with ``batch_size`` samples, deterministically.
+
+    Args:
+        name: One of :data:`PROBLEMS`.
+        batch_size: ``N``.
+        seed: Seed for weights and random data.
+
+    Returns:
+        The extended problem (float32, CPU).
+
+    Raises:
+        ValueError: For an unknown name.
+    """
+    torch.manual_seed(seed)
+    converter = False
+    if name == "digits_mlp":
+        model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
+        X, y = _digits(batch_size)
+    elif name == "3c3d":
+        model = cnn_3c3d((3, 32, 32), 10)
+        X, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+    elif name == "resnet":
+        model, converter = small_resnet(), True
+        X, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+    else:
+        raise ValueError(f"Unknown problem {name!r}; choose one of {PROBLEMS}.")
+    model = extend(model, use_converter=converter)
+    return Problem(name, model, extend(nn.CrossEntropyLoss()), X, y)

@@ -1,0 +1,1 @@
+"""Hessian-free benchmark: vivitlib vs PyHessian vs curvlinops vs scipy eigsh."""

@@ -19,9 +19,8 @@ from vivitlib.extensions.factors import (
     DenseGrads,
     Factor,
     Grads,
+    contract,
     factor_apply,
-    factor_gram,
-    factor_times_grads,
 )
 
 
@@ -71,20 +70,25 @@ class GroupAccumulator:
         if isinstance(grads, Tensor):
             grads = DenseGrads(grads.flatten(1))
         self.factor_dtype = factor.dtype
-        gram = factor_gram(factor).permute(1, 0, 3, 2).to(torch.float64)
-        self.gram = gram if self.gram is None else self.gram.add_(gram)
+        gram, vtg, kept = contract(factor, grads, keep=self.keep_factors)
+        self.gram = _accumulate(self.gram, gram.permute(1, 0, 3, 2))
         if grads is not None:
-            vtg = factor_times_grads(factor, grads).permute(1, 0, 2)
-            vtg = vtg.to(torch.float64)
-            self.vt_grads = vtg if self.vt_grads is None else self.vt_grads.add_(vtg)
+            self.vt_grads = _accumulate(self.vt_grads, vtg.permute(1, 0, 2))
             self.grad_totals[id(param)] = grads.total()
         if self.keep_factors:
-            self.factors[id(param)] = factor
+            self.factors[id(param)] = kept
         self.visited.add(id(param))
 
     def missing(self) -> list[Tensor]:
         """Parameters of the group that received no factor in this pass."""
         return [p for p in self.params if id(p) not in self.visited]
+
+
+def _accumulate(total: Tensor | None, part: Tensor) -> Tensor:
+    """``total + part`` in float64 (a contiguous copy on first use)."""
+    if total is None:
+        return part.to(torch.float64).contiguous()
+    return total.add_(part)
 
 
 class GGNBlock:

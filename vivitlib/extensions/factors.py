@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vivitlib.extensions import kernels
+
 
 @dataclass
 class DenseFactor:
@@ -56,8 +58,7 @@ class OuterFactor:
 
     def dense(self) -> DenseFactor:
         """Materialise ``[C, N, O·I]``."""
-        v = torch.einsum("cnto,nti->cnoi", self.s, self.a)
-        return DenseFactor(v.flatten(2))
+        return DenseFactor(kernels.outer_dense(self.s, self.a))
 
 
 @dataclass
@@ -91,27 +92,51 @@ class OuterGrads:
 
     def dense(self) -> DenseGrads:
         """Materialise ``[N', O·I]``."""
-        return DenseGrads(torch.einsum("nto,nti->noi", self.delta, self.a).flatten(1))
+        return DenseGrads(kernels.grads_dense(self.delta, self.a))
 
 
 Factor = DenseFactor | OuterFactor
 Grads = DenseGrads | OuterGrads
 
 
+def outer_plan(C: int, N: int, T: int, O: int, I: int) -> str:  # noqa: E741
+    """Contraction plan of an outer-product factor: 'outer', 'pairwise' or 'dense'.
+
+    ``T = 1`` (plain linear layers): ``⟨v_cn, v_dm⟩ = ⟨s_cn, s_dm⟩ ⟨a_n, a_m⟩``.
+    Otherwise the cheaper, in multiply-adds, of (see :mod:`.kernels`)
+
+    * dense: ``C·N·T·O·I + (C·N)²·O·I / 2``;
+    * pairwise: ``N²·T²·I / 2 + N²·T²·C·O / 2 + N²·C²·T·O / 2``.
+
+    Both keep intermediates chunked, so memory does not enter the choice.
+    """
+    if T == 1:
+        return "outer"
+    dense = C * N * T * O * I + (C * N) ** 2 * O * I // 2
+    pairwise = (N * T) ** 2 * (I + C * O) // 2 + (N * C) ** 2 * T * O // 2
+    return "pairwise" if pairwise < dense else "dense"
+
+
+def _plan(factor: OuterFactor) -> str:
+    C, N, T, O = factor.s.shape  # noqa: E741
+    return outer_plan(C, N, T, O, factor.a.shape[-1])
+
+
+def _rows(v: Tensor) -> tuple[Tensor, bool]:
+    """``V`` ``[C, N, D]`` as contiguous rows ``[M, D]``; whether sample-major."""
+    if v.transpose(0, 1).is_contiguous():
+        return v.transpose(0, 1).flatten(end_dim=1), True
+    return v.reshape(-1, v.shape[-1]), False
+
+
+def _to_backpack_order(gram_nm: Tensor) -> Tensor:
+    """``[N, C, N, C]`` (sample-major) as a view in BackPACK order."""
+    return gram_nm.permute(1, 0, 3, 2)
+
+
 def factor_gram(factor: Factor) -> Tensor:
     """Gram contribution ``V_pᵀ V_p`` in BackPACK order, ``[C, N, C, N]``."""
-    if isinstance(factor, OuterFactor):
-        s, a = factor.s, factor.a
-        if s.shape[2] == 1:
-            ss = torch.einsum("cno,dmo->cndm", s[:, :, 0], s[:, :, 0])
-            aa = a[:, 0] @ a[:, 0].T
-            return ss * aa[None, :, None, :]
-        aa = torch.einsum("nti,mui->ntmu", a, a)
-        return torch.einsum("cnto,dmuo,ntmu->cndm", s, s, aa)
-    v = factor.v
-    C, N = v.shape[:2]
-    flat = v.reshape(C * N, -1)
-    return (flat @ flat.T).reshape(C, N, C, N)
+    return contract(factor, None)[0]
 
 
 def factor_times_grads(factor: Factor, grads: Grads) -> Tensor:
@@ -121,14 +146,84 @@ def factor_times_grads(factor: Factor, grads: Grads) -> Tensor:
         if s.shape[2] == 1:
             sd = torch.einsum("cno,mo->cnm", s[:, :, 0], grads.delta[:, 0])
             return sd * (a[:, 0] @ grads.a[:, 0].T)[None]
-        aa = torch.einsum("nti,mui->ntmu", a, grads.a)
-        return torch.einsum("cnto,muo,ntmu->cnm", s, grads.delta, aa)
-    if isinstance(factor, OuterFactor):
-        g = grads.dense().g.reshape(-1, factor.s.shape[-1], factor.a.shape[-1])
-        ga = torch.einsum("moi,nti->nmto", g, factor.a)
-        return torch.einsum("cnto,nmto->cnm", factor.s, ga)
-    v = factor.v
-    return torch.einsum("cnd,md->cnm", v, grads.dense().g)
+        if _plan(factor) == "pairwise":
+            vtg = kernels.pairwise_times_grads(s, a, grads.delta, grads.a)
+            return vtg.transpose(0, 1)
+    return _dense_times_grads(factor.dense().v, grads)
+
+
+def _dense_times_grads(v: Tensor, grads: Grads) -> Tensor:
+    rows, sample_major = _rows(v)
+    C, N = v.shape[:2]
+    vtg = rows @ grads.dense().g.T
+    if sample_major:
+        return vtg.reshape(N, C, -1).transpose(0, 1)
+    return vtg.reshape(C, N, -1)
+
+
+def contract(
+    factor: Factor, grads: Grads | None, keep: bool = False
+) -> tuple[Tensor, Tensor | None, Factor | None]:
+    """Gram contribution and ``Vᵀ g`` of one parameter, sharing work between them.
+
+    Args:
+        factor: The parameter's factor.
+        grads: Its per-sample gradients, or ``None``.
+        keep: Whether to return a representation to keep for lifting.
+
+    Returns:
+        ``(gram, vtg, kept)``: ``[C, N, C, N]`` and ``[C, N, N']`` (or ``None``)
+        in BackPACK order (possibly as permuted views), and what to keep (see
+        :func:`keep_as`; ``None`` unless ``keep``).
+    """
+    if isinstance(factor, OuterFactor) and factor.s.shape[2] == 1:
+        s, a = factor.s[:, :, 0], factor.a[:, 0]
+        gram = torch.einsum("cno,dmo->cndm", s, s) * (a @ a.T)[None, :, None, :]
+        vtg = None if grads is None else factor_times_grads(factor, grads)
+        return gram, vtg, factor if keep else None
+    if isinstance(factor, OuterFactor) and _plan(factor) == "pairwise":
+        shared = (
+            isinstance(grads, OuterGrads)
+            and grads.a.shape == factor.a.shape
+            and torch.equal(grads.a, factor.a)
+        )
+        gram, vtg = kernels.pairwise_gram(
+            factor.s, factor.a, grads.delta if shared else None
+        )
+        if vtg is not None:
+            vtg = vtg.transpose(0, 1)
+        elif grads is not None:
+            vtg = factor_times_grads(factor, grads)
+        return _to_backpack_order(gram), vtg, keep_as(factor) if keep else None
+    dense = factor.dense()
+    rows, sample_major = _rows(dense.v)
+    C, N = dense.v.shape[:2]
+    gram = kernels.sym_gram(rows)
+    if sample_major:
+        gram = _to_backpack_order(gram.reshape(N, C, N, C))
+    else:
+        gram = gram.reshape(C, N, C, N)
+    vtg = None if grads is None else _dense_times_grads(dense.v, grads)
+    return gram, vtg, keep_as(factor, dense) if keep else None
+
+
+def keep_as(
+    factor: Factor, dense: DenseFactor | None = None, dense_ratio: float = 4.0
+) -> Factor:
+    """What to keep of a factor for lifting: dense if at most ``dense_ratio`` × larger.
+
+    Applying a dense ``V`` to ``K`` coefficient vectors costs ``K·C·N·O·I``, the
+    outer form ``K·N·T·O·I`` (``T`` times more work per column than per sample);
+    the dense form is kept when its memory is within ``dense_ratio`` of the
+    factors'. ``dense`` is an already materialised ``V`` to reuse.
+    """
+    if isinstance(factor, DenseFactor) or factor.s.shape[2] == 1:
+        return factor
+    C, N, _, O = factor.s.shape  # noqa: E741
+    dense_size = C * N * O * factor.a.shape[-1]
+    if dense_size <= dense_ratio * (factor.s.numel() + factor.a.numel()):
+        return factor.dense() if dense is None else dense
+    return factor
 
 
 def factor_apply(factor: Factor, coeffs: Tensor) -> Tensor:
@@ -137,4 +232,7 @@ def factor_apply(factor: Factor, coeffs: Tensor) -> Tensor:
     if isinstance(factor, OuterFactor):
         u = torch.einsum("cnk,cnto->knto", coeffs, factor.s)
         return torch.einsum("knto,nti->koi", u, factor.a).flatten(1)
-    return torch.einsum("cnk,cnd->kd", coeffs, factor.v)
+    rows, sample_major = _rows(factor.v)
+    if sample_major:
+        coeffs = coeffs.transpose(0, 1)
+    return coeffs.reshape(rows.shape[0], -1).T @ rows

@@ -4,19 +4,23 @@ A new layer kind is one handler here plus one table line in
 :mod:`vivitlib.extensions.backpack_ext`. Layers not listed use BackPACK's dense
 ``[C, N, *param.shape]`` factor for that layer only.
 
-Cost model for a weight with ``T`` positions (1 for a plain linear layer), ``C``
-columns per sample, ``N`` samples, output size ``O`` and input size ``I``
-(``I = C_in · kernel size`` for convolutions), counting multiply-adds of the
-Gram contribution:
+Linear and convolution weights (``groups=1``, zero padding) are kept as outer
+products: backpropagated factor ``s`` ``[C, N, T, O]`` and layer input ``a``
+``[N, T, I]`` (unfolded for convolutions, ``I = C_in · kernel size``; ``T``
+positions, 1 for a plain linear layer). How they are contracted is decided per
+layer from these shapes by :func:`vivitlib.extensions.factors.outer_plan`
+(work in multiply-adds):
 
-* factored: ``(C·N·T)²·O + (N·T)²·I`` (pairwise position products), memory
-  ``(C·N·T)²`` for the intermediate;
-* dense: ``C·N·T·O·I`` to form ``V`` plus ``(C·N)²·O·I`` for ``VᵀV``, memory
-  ``C·N·O·I``.
+* ``T = 1``: ``(C·N)²·O + N²·I`` for the Gram matrix;
+* dense: ``V`` formed by one batched matmul per column (``C·N·T·O·I``), Gram
+  ``(C·N)²·O·I / 2``;
+* pairwise: input kernels per sample pair, ``N²·T²·(I + C·O) / 2 +
+  N²·C²·T·O / 2`` — chosen for late convolutions with few positions.
 
-The factored path is taken when both its work and its memory are smaller.
-Plain linear layers (``T = 1``) always qualify; convolutions qualify where the
-output has few positions compared with the weight size (late layers).
+Forming ``V`` from the unfolded input avoids BackPACK's weight Jacobian (a
+repeated input and a grouped convolution, whose intermediate is the memory
+spike of a convolution net); :func:`prefer_factored` keeps BackPACK's path
+only where the unfolded input would outweigh ``V`` and ``s`` together.
 """
 
 from __future__ import annotations
@@ -32,12 +36,12 @@ _ConvNd = Conv1d | Conv2d | Conv3d
 
 
 def prefer_factored(C: int, N: int, T: int, O: int, I: int) -> bool:  # noqa: E741
-    """Whether the outer-product path is cheaper in work and memory (see module doc)."""
-    factored_work = (C * N * T) ** 2 * O + (N * T) ** 2 * I
-    dense_work = C * N * T * O * I + (C * N) ** 2 * O * I
-    factored_mem = (C * N * T) ** 2 + N * T * I
-    dense_mem = C * N * O * I
-    return factored_work <= dense_work and factored_mem <= dense_mem
+    """Whether to keep outer-product factors rather than BackPACK's dense ``V``.
+
+    True unless the unfolded input ``N·T·I`` outweighs the dense factor
+    ``C·N·O·I`` plus the backpropagated factor ``C·N·T·O`` (see module doc).
+    """
+    return N * T * I <= C * N * O * I + C * N * T * O
 
 
 def _conv_unfoldable(module: _ConvNd) -> bool:
@@ -73,7 +77,7 @@ def linear_weight_factor(
 def conv_weight_factor(
     module: _ConvNd, backproped: Tensor, subsampling: list[int] | None
 ) -> OuterFactor | None:
-    """Outer-product factor of a convolution weight, or ``None`` if dense is cheaper."""
+    """Outer-product factor of a convolution weight, or ``None`` for BackPACK's."""
     if not _conv_unfoldable(module):
         return None
     C, N, O = backproped.shape[:3]  # noqa: E741

@@ -1,0 +1,51 @@
+"""Smoke test of the side-by-side benchmark (tiny problem, in-process runners)."""
+
+import pytest
+import torch
+
+from experiments.benchmarks.ggn import run
+from experiments.benchmarks.ggn.measure import in_subprocess, time_job
+from experiments.benchmarks.ggn.problems import make_problem
+from experiments.benchmarks.ggn.runners import CONFIGS, make_runner, vivit_available
+
+LIBS = ["vivitlib"] + (["vivit"] if vivit_available() else [])
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("library", LIBS)
+def test_runner_on_digits(library, config):
+    problem = make_problem("digits_mlp", 8)
+    result = make_runner(library, config, problem)()
+    assert result is not None
+    assert all(p.grad is not None for p in problem.params)
+
+
+@pytest.mark.skipif(not vivit_available(), reason="vivit-for-pytorch not installed")
+def test_libraries_agree_on_eigenvalues():
+    problem = make_problem("digits_mlp", 8)
+    ours = make_runner("vivitlib", "eigvals", problem)()[0]
+    theirs = make_runner("vivit", "eigvals", problem)()[0].flip(0)[: ours.numel()]
+    torch.testing.assert_close(ours.float(), theirs, rtol=1e-3, atol=1e-5)
+
+
+def test_timing_and_table(tmp_path):
+    job = dict(kind="time", problem="digits_mlp", batch_size=8, config="eigvals",
+               threads=1, libraries=LIBS, repeats=1)  # fmt: skip
+    times = time_job(job)
+    rows = [
+        dict(problem="p", N=8, config="gradient", grad_s=0.1, grad_MiB=1.0),
+        dict(problem="p", N=8, config="eigvals",
+             **{f"{lib}_s": times[lib]["median_s"] for lib in LIBS},
+             **{f"{lib}_MiB": 2.0 for lib in LIBS}),
+    ]  # fmt: skip
+    df = run.summarise(rows, LIBS)
+    assert df["vivitlib_x_grad_MiB"].item() == 2.0
+    assert "| p | 8 | eigvals |" in run.to_markdown(df[["problem", "N", "config"]])
+
+
+def test_memory_in_fresh_process():
+    job = dict(kind="memory", problem="digits_mlp", batch_size=8, config="eigvals",
+               threads=1, libraries=["vivitlib"])  # fmt: skip
+    result = in_subprocess(job, timeout=120)
+    assert result["ok"], result
+    assert result["peak_mib"] >= 0

@@ -1,0 +1,93 @@
+"""Every layer kind and contraction plan against the dense float64 reference.
+
+Checks Gram matrix (eigenvalues), lifted eigenvectors, per-sample directional
+derivatives γ and λ and the damped Newton step, for each way a layer's share
+can be computed: the plans of :func:`vivitlib.extensions.factors.outer_plan`
+forced in turn, and BackPACK's dense factor (``prefer_factored`` off).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import vivitlib
+from tests.core.cases import make_problem
+from tests.core.helpers import assert_eigenpairs, flat_evecs
+from vivitlib.extensions import factors, kernels, layers
+
+
+def _head(features: int, model: nn.Module) -> nn.Module:
+    return nn.Sequential(model, nn.Sigmoid(), nn.Flatten(), nn.Linear(features, 3))
+
+
+LAYER_CASES = {
+    "linear": (lambda: _head(4, nn.Linear(5, 4)), (5, 5)),
+    "linear-sequence": (lambda: _head(8, nn.Linear(3, 4)), (4, 2, 3)),
+    "conv1d": (lambda: _head(9, nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2)),
+               (4, 2, 7)),
+    "conv2d": (lambda: _head(12, nn.Conv2d(2, 2, 3, stride=(2, 1), padding=1,
+                                          dilation=(1, 2))), (3, 2, 4, 5)),
+    "conv3d": (lambda: _head(16, nn.Conv3d(1, 1, 2, padding=(1, 0, 0))), (3, 1, 3, 3, 3)),
+    "conv2d-groups": (lambda: _head(8, nn.Conv2d(2, 2, 2, groups=2)), (3, 2, 3, 3)),
+    "convtranspose2d": (lambda: _head(18, nn.ConvTranspose2d(2, 2, 2)), (3, 2, 2, 2)),
+}  # fmt: skip
+ROUTES = ("dense", "pairwise", "backpack")
+
+
+@pytest.fixture(params=LAYER_CASES, ids=list(LAYER_CASES))
+def layer_problem(request):
+    model, shape = LAYER_CASES[request.param]
+    case = dict(model=model, loss=nn.CrossEntropyLoss, x=shape,
+                y=lambda n: torch.randint(0, 3, (n,)))  # fmt: skip
+    return make_problem(case)
+
+
+def _force(monkeypatch, route: str) -> None:
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 50)  # several chunks
+    if route == "backpack":
+        monkeypatch.setattr(layers, "prefer_factored", lambda *a: False)
+    else:
+        monkeypatch.setattr(
+            factors, "outer_plan", lambda C, N, T, *a: "outer" if T == 1 else route
+        )
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_all_quantities_match_dense(layer_problem, route, monkeypatch):
+    _force(monkeypatch, route)
+    problem = layer_problem
+    ggn = vivitlib.LowRankGGN(problem.params)
+    problem.run(ggn)
+    block, dense = ggn.blocks[0], problem.dense()
+    assert_eigenpairs(block, dense.ggn)
+    torch.testing.assert_close(
+        block.gram.trace(), dense.ggn.trace(), rtol=1e-10, atol=0
+    )
+    E = flat_evecs(block)
+    gammas = dense.per_sample_grads @ E.T
+    lambdas = torch.einsum("kd,nde,ke->nk", E, dense.per_sample_ggn, E)
+    tol = 1e-9 * gammas.abs().max()
+    torch.testing.assert_close(block.gammas, gammas, atol=tol, rtol=1e-7)
+    tol = 1e-9 * block.evals[0]
+    torch.testing.assert_close(block.lambdas, lambdas, atol=tol, rtol=1e-7)
+    damping = 0.1
+    step = torch.cat([s.flatten() for s in block.newton_step(damping)])
+    expected = -E.T @ ((E @ dense.grad) / (block.evals + damping))
+    tol = 1e-9 * expected.abs().max()
+    torch.testing.assert_close(step, expected, rtol=1e-6, atol=tol)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_grad_subsampling_and_layerwise(layer_problem, route, monkeypatch):
+    """Different curvature and gradient samples, one group per layer."""
+    _force(monkeypatch, route)
+    problem = layer_problem
+    groups = vivitlib.layerwise_groups(problem.model)
+    ggn = vivitlib.LowRankGGN(groups, subsampling=[0, 2], grad_subsampling=[1, 2])
+    problem.run(ggn)
+    for group, block in zip(groups, ggn.blocks):
+        E = flat_evecs(block)
+        dense_g = problem.dense(group["params"]).per_sample_grads
+        torch.testing.assert_close(
+            block.gammas, dense_g[[1, 2]] @ E.T, atol=1e-9, rtol=1e-7
+        )

@@ -243,10 +243,10 @@ class CurvatureOperator:
 
     def _matmat(self, V: Tensor, use_cache: bool) -> Tensor:
         dim, k = self.shape[0], V.shape[1]
-        V = V.to(device=self.device, dtype=self.dtype)
+        rows = V.T.to(device=self.device, dtype=self.dtype).contiguous()  # [k, D]
         cols = [
-            [c.view_as(p) for c, p in zip(V[:, j].split(self._sizes), self.params)]
-            for j in range(k)
+            [c.view_as(p) for c, p in zip(row.split(self._sizes), self.params)]
+            for row in rows
         ]
         result = torch.zeros(dim, k, dtype=torch.float64, device=self.device)
         cache_graph = self._cache_graph

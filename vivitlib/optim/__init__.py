@@ -2,6 +2,7 @@
 
 from vivitlib.optim.damped_newton import DampedNewton, DampingRecord
 from vivitlib.optim.damping import BootstrapDamping, ConstantDamping, DampingStrategy
+from vivitlib.optim.lanczos_newton import LanczosDampedNewton, RefreshRecord
 
 __all__ = [
     "BootstrapDamping",
@@ -9,4 +10,6 @@ __all__ = [
     "DampedNewton",
     "DampingRecord",
     "DampingStrategy",
+    "LanczosDampedNewton",
+    "RefreshRecord",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 from backpack import backpack
-from torch import nn
+from torch import Tensor, nn
 
 from experiments.common.data import ImageData
 from experiments.common.training import batch_indices
@@ -74,7 +74,24 @@ class RunConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}.")
 
 
-def _make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+def bootstrap_grid(low: float, high: float = 100.0, per_decade: int = 10) -> Tensor:
+    """Log-spaced bootstrap damping candidates from ``low`` to ``high``, both included.
+
+    Args:
+        low: Smallest candidate (> 0).
+        high: Largest candidate. Default: ``100``.
+        per_decade: Candidates per decade. Default: ``10``.
+
+    Returns:
+        The candidates ``[M]``, ascending.
+    """
+    decades = math.log10(high / low)
+    num = max(round(per_decade * decades), 1) + 1
+    return torch.logspace(math.log10(low), math.log10(high), num)
+
+
+def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Create the optimizer of ``config`` for ``model`` (Newton: extended model)."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(), lr=config.lr, momentum=config.momentum
@@ -87,8 +104,7 @@ def _make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimize
         low = config.bootstrap_min
         if config.optimizer == "newton_bootstrap_floor":
             low = config.damping
-        decades = math.log10(100.0 / low)
-        grid = torch.logspace(math.log10(low), 2.0, max(round(10 * decades), 1) + 1)
+        grid = bootstrap_grid(low)
         damping = BootstrapDamping(candidates=grid, generator=config.seed)
     return DampedNewton(
         model.parameters(), damping, lr=config.lr, mc_samples=config.mc_samples,
@@ -108,9 +124,14 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, data: ImageData) -> dict:
     return result
 
 
-def _train_step(model, loss_fn, optimizer, inputs, labels) -> float:
+def train_step(model, loss_fn, optimizer, inputs, labels) -> float:
+    """One step on ``(inputs, labels)``; return the mini-batch loss.
+
+    Optimizers exposing BackPACK ``extensions`` and a ``hook`` (``DampedNewton``,
+    ``LanczosDampedNewton``) get their backward pass inside ``with backpack(...)``.
+    """
     optimizer.zero_grad()
-    if isinstance(optimizer, DampedNewton):
+    if hasattr(optimizer, "extensions") and hasattr(optimizer, "hook"):
         with backpack(*optimizer.extensions, extension_hook=optimizer.hook):
             loss = loss_fn(model(inputs), labels)
             loss.backward()
@@ -162,7 +183,7 @@ def train(problem: Problem, data: ImageData, config: RunConfig) -> pd.DataFrame:
         model = problem.make_model(data.input_shape, data.num_classes)
         loss_fn = problem.make_loss()
     torch.manual_seed(config.seed)
-    optimizer = _make_optimizer(config, model)
+    optimizer = make_optimizer(config, model)
     rows, elapsed, interval_time, losses, records = [], 0.0, 0.0, [], 0
     diverged = False
     for step in range(config.steps + 1):
@@ -183,7 +204,7 @@ def train(problem: Problem, data: ImageData, config: RunConfig) -> pd.DataFrame:
         inputs, labels = data.train_x[idx], data.train_y[idx]
         start = time.perf_counter()
         try:
-            loss = _train_step(model, loss_fn, optimizer, inputs, labels)
+            loss = train_step(model, loss_fn, optimizer, inputs, labels)
         except ValueError:  # non-finite outputs are refused by the curvature pass
             loss = math.nan
         duration = time.perf_counter() - start

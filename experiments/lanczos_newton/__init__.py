@@ -1,0 +1,1 @@
+"""SGD, Adam, Gram-space and Lanczos damped Newton on digits: matched steps and time."""

@@ -1,0 +1,300 @@
+"""One training run of the Lanczos-Newton comparison: a step budget, then a time budget.
+
+Every run first takes ``steps`` optimisation steps (the matched-steps comparison) and
+then keeps going until its training wall time reaches ``time_budget`` seconds (the
+matched-time comparison), at most ``max_steps`` steps in all. Mini-batches come from
+:func:`experiments.common.training.batch_indices` (a pure function of seed and step),
+so every optimizer sees the same batches in the same order; the curvature batch of
+the Lanczos refreshes is a fixed random subset of the training set, the same for both
+Lanczos variants.
+
+Wall time counts what an optimizer needs to move the parameters: forward, backward
+(inside BackPACK for the Newton optimizers), ``step()``, and for the Lanczos
+optimizers every refresh, the first one (in the constructor) included. The
+evaluations on the full training and test sets are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from experiments.common.data import ImageData
+from experiments.common.training import batch_indices
+from experiments.optimizers_digits import training as digits_training
+from experiments.problems import Problem, make_extended
+from vivitlib.optim import BootstrapDamping, ConstantDamping, LanczosDampedNewton
+
+OPTIMIZERS = (
+    "sgd",
+    "adam",
+    "gram_bootstrap",
+    "lanczos_constant",
+    "lanczos_bootstrap",
+)
+
+#: Optimizers of :mod:`experiments.optimizers_digits` that build the first three.
+_DIGITS_NAMES = {
+    "sgd": "sgd",
+    "adam": "adam",
+    "gram_bootstrap": "newton_bootstrap_floor",
+}
+
+
+def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Small CNN for 8x8 digits: 13,706 parameters on ``[1, 8, 8]`` inputs.
+
+    Two 3x3 'same' convolutions (16, 32 channels), each followed by ReLU and 2x2
+    max-pooling, then a fully-connected ReLU layer of width 64 and the output layer;
+    PyTorch's default initialisation.
+    """
+    channels, height, width = input_shape
+    flat = 32 * (height // 4) * (width // 4)
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+#: The default problem of this study (not in the shared registry: the registry's
+#: ``digits_2c2d`` has 325k parameters and makes every Newton step ~0.4 s on a core).
+SMALL_CNN = Problem("digits_small_cnn", "digits", small_cnn)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Hyperparameters of one run.
+
+    Attributes:
+        optimizer: One of :data:`OPTIMIZERS`.
+        lr: Learning rate.
+        steps: Step budget of the matched-steps comparison.
+        time_budget: Training seconds of the matched-time comparison.
+        max_steps: Cap on the steps taken to reach ``time_budget``.
+        batch_size: Mini-batch size.
+        seed: Seed of initialisation, batch order, curvature batch and randomness.
+        eval_every: Evaluate every this many steps up to ``steps``.
+        time_points: Evaluations on an even grid of ``time_budget``.
+        damping: Constant ``δ`` of ``lanczos_constant``; smallest bootstrap
+            candidate of ``gram_bootstrap`` and ``lanczos_bootstrap`` (the grid runs
+            log-spaced up to 100, 10 per decade). Unused by SGD and Adam.
+        mc_samples: MC samples of the per-sample GGN (Gram space and ``λ_nk``).
+        k: Lanczos directions.
+        refresh_every: Steps between Lanczos refreshes.
+        curvature_batch_size: Samples of the fixed curvature batch of the refreshes.
+        curvature: ``'ggn'`` or ``'hessian'`` for the refreshes.
+        momentum: SGD momentum. Default: ``0.9``.
+    """
+
+    optimizer: str
+    lr: float
+    steps: int
+    time_budget: float
+    max_steps: int
+    batch_size: int
+    seed: int
+    eval_every: int
+    time_points: int
+    damping: float
+    mc_samples: int = 1
+    k: int = 20
+    refresh_every: int = 10
+    curvature_batch_size: int = 256
+    curvature: str = "ggn"
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        """Validate the optimizer name and budgets."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}.")
+        if self.max_steps < self.steps or self.time_budget < 0:
+            raise ValueError("need max_steps >= steps and time_budget >= 0.")
+
+
+def curvature_batch(data: ImageData, size: int, seed: int):
+    """The fixed curvature batch: ``size`` training samples drawn with ``seed``."""
+    generator = torch.Generator().manual_seed(2_000_003 + seed)
+    idx = torch.randperm(len(data.train_y), generator=generator)[:size]
+    return data.train_x[idx], data.train_y[idx]
+
+
+def _warm_up() -> None:
+    """Pay one-off costs before any clock runs.
+
+    The first ``torch.optim.Optimizer`` built in a process imports ``torch._dynamo``
+    (seconds); without this the first run's set-up time would include it.
+    """
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+
+def _build(problem: Problem, data: ImageData, config: RunConfig):
+    """Model, loss, optimizer and the seconds the optimizer's set-up took."""
+    _warm_up()
+    if config.optimizer.startswith(("gram", "lanczos")):
+        model, loss_fn = make_extended(
+            problem, data.input_shape, data.num_classes, config.seed
+        )
+    else:
+        torch.manual_seed(config.seed)
+        model = problem.make_model(data.input_shape, data.num_classes)
+        loss_fn = problem.make_loss()
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    if config.optimizer in _DIGITS_NAMES:
+        digits_config = digits_training.RunConfig(
+            optimizer=_DIGITS_NAMES[config.optimizer],
+            lr=config.lr,
+            steps=config.steps,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            eval_every=config.eval_every,
+            damping=config.damping,
+            mc_samples=config.mc_samples,
+            momentum=config.momentum,
+        )
+        optimizer = digits_training.make_optimizer(digits_config, model)
+    else:
+        optimizer = _lanczos(config, model, loss_fn, data)
+    return model, loss_fn, optimizer, time.perf_counter() - start
+
+
+def _lanczos(config, model, loss_fn, data) -> LanczosDampedNewton:
+    if config.optimizer == "lanczos_constant":
+        # Deep Curvature suite: refresh eigenvalues |λ_k| plus a constant damping
+        damping, step_curvature = ConstantDamping(config.damping), "refresh"
+    else:
+        grid = digits_training.bootstrap_grid(config.damping)
+        damping = BootstrapDamping(candidates=grid, generator=config.seed)
+        step_curvature = "batch"
+    return LanczosDampedNewton(
+        model,
+        loss_fn,
+        curvature_batch(data, config.curvature_batch_size, config.seed),
+        k=config.k,
+        refresh_every=config.refresh_every,
+        curvature=config.curvature,
+        damping=damping,
+        lr=config.lr,
+        step_curvature=step_curvature,
+        mc_samples=config.mc_samples,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+
+def _time_refreshes(optimizer, setup_time: float) -> list[float]:
+    """Record the seconds of every refresh (the constructor's counts as the first)."""
+    times = [setup_time] if isinstance(optimizer, LanczosDampedNewton) else []
+    if times:
+        original = optimizer.refresh
+
+        def timed():
+            start = time.perf_counter()
+            record = original()
+            times.append(time.perf_counter() - start)
+            return record
+
+        optimizer.refresh = timed  # step() calls self.refresh()
+    return times
+
+
+def _refresh_stats(optimizer, refresh_times: list[float]) -> dict:
+    history = getattr(optimizer, "refresh_history", [])
+    products = sum(r.num_products for r in history)
+    return {
+        "refreshes": len(history),
+        "products": products,
+        "products_per_refresh": products / len(history) if history else math.nan,
+        "unconverged_refreshes": sum(not r.converged for r in history),
+        "refresh_time_s": sum(refresh_times),
+    }
+
+
+class _Schedule:
+    """When to evaluate and when to stop (see the module docstring)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.interval = config.time_budget / max(config.time_points, 1)
+        self.next_time = self.interval
+
+    def done(self, step: int, elapsed: float, diverged: bool) -> bool:
+        cfg = self.config
+        budgets_met = step >= cfg.steps and elapsed >= cfg.time_budget
+        return diverged or budgets_met or step >= cfg.max_steps
+
+    def evaluate(self, step: int, elapsed: float, done: bool) -> bool:
+        cfg = self.config
+        on_grid = step % cfg.eval_every == 0 or step == cfg.steps
+        on_steps = step <= cfg.steps and on_grid
+        on_time = self.interval > 0 and elapsed >= self.next_time
+        while self.interval > 0 and self.next_time <= elapsed:
+            self.next_time += self.interval
+        return done or on_steps or on_time
+
+
+def train(problem: Problem, data: ImageData, config: RunConfig) -> pd.DataFrame:
+    """Train one model and log evaluations.
+
+    Args:
+        problem: The problem (model factory and loss).
+        data: Its data set.
+        config: Hyperparameters and budgets.
+
+    Returns:
+        One row per evaluation with columns ``step, time_s, step_time_s,
+        batch_loss, train_loss, train_accuracy, test_loss, test_accuracy,
+        refreshes, products, products_per_refresh, unconverged_refreshes,
+        refresh_time_s, diverged``. ``time_s`` is the cumulative training time
+        (optimizer set-up included), ``step_time_s`` the mean time per step since
+        the previous row, ``batch_loss`` the mean mini-batch loss since then; the
+        refresh columns are cumulative (zero and NaN for optimizers without
+        refreshes). A diverged run (see ``DIVERGED`` in
+        :mod:`experiments.optimizers_digits.training`) ends with a flagged row.
+    """
+    model, loss_fn, optimizer, setup_time = _build(problem, data, config)
+    refresh_times = _time_refreshes(optimizer, setup_time)
+    schedule = _Schedule(config)
+    rows, losses = [], []
+    elapsed, interval_time, step, diverged = setup_time, 0.0, 0, False
+    while True:
+        done = schedule.done(step, elapsed, diverged)
+        if schedule.evaluate(step, elapsed, done):
+            row = {"step": step, "time_s": elapsed}
+            row["step_time_s"] = interval_time / len(losses) if losses else math.nan
+            row["batch_loss"] = sum(losses) / len(losses) if losses else math.nan
+            row.update(digits_training.evaluate(model, loss_fn, data))
+            row.update(_refresh_stats(optimizer, refresh_times))
+            row["diverged"] = diverged
+            rows.append(row)
+            interval_time, losses = 0.0, []
+        if done:
+            break
+        idx = batch_indices(len(data.train_y), config.batch_size, step, config.seed)
+        start = time.perf_counter()
+        try:
+            loss = digits_training.train_step(
+                model, loss_fn, optimizer, data.train_x[idx], data.train_y[idx]
+            )
+        except ValueError:  # non-finite outputs are refused by the curvature pass
+            loss = math.nan
+        duration = time.perf_counter() - start
+        interval_time += duration
+        elapsed += duration
+        step += 1
+        losses.append(loss)
+        limit = digits_training.DIVERGED * rows[0]["train_loss"]
+        diverged = not math.isfinite(loss) or loss > limit
+    return pd.DataFrame(rows)

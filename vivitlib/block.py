@@ -98,7 +98,8 @@ class GGNBlock:
         params: The group's parameters.
         gram: Gram matrix ``ṼᵀṼ`` (float64), ``[N_c·C, N_c·C]``, sample-major.
         evals: Nontrivial GGN eigenvalues, descending, ``[K]``.
-        gram_evecs: Matching Gram eigenvectors ``ẽ_k``, ``[N_c·C, K]``.
+        gram_evecs: Matching Gram eigenvectors ``ẽ_k``, ``[N_c·C, K]`` (``None``
+            when only eigenvalues were asked for: then ``eigvalsh`` suffices).
         num_curv_samples: ``N_c``, samples behind the curvature.
         num_grad_samples: ``N_g``, samples behind the per-sample gradients.
     """
@@ -111,6 +112,7 @@ class GGNBlock:
         rtol: float | None,
         eigh_dtype: torch.dtype,
         has_grads: bool,
+        eigenvectors: bool = True,
     ):
         self.params = acc.params
         self.num_curv_samples = scaling.num_curv
@@ -118,7 +120,11 @@ class GGNBlock:
         n, c = acc.gram.shape[:2]
         self.gram = acc.gram.reshape(n * c, n * c) * scaling.factor**2
         self.evals, self.gram_evecs = linalg.gram_eigh(
-            self.gram, rtol=rtol, dtype=eigh_dtype, factor_dtype=acc.factor_dtype
+            self.gram,
+            rtol=rtol,
+            dtype=eigh_dtype,
+            factor_dtype=acc.factor_dtype,
+            eigenvectors=eigenvectors,
         )
         self._num_columns = c
         self._factors = acc.factors
@@ -149,6 +155,7 @@ class GGNBlock:
             One tensor per parameter, ``[k, *param.shape]``; together they are
             orthonormal across the group.
         """
+        self._require_factors()
         k = self.num_directions if k is None else min(k, self.num_directions)
         coeffs = self.gram_evecs[:, :k] / self.evals[:k].sqrt()
         return self._apply(coeffs * self._factor_scale)
@@ -172,6 +179,11 @@ class GGNBlock:
     @cached_property
     def lambdas(self) -> Tensor:
         """Per-sample directional curvatures ``λ_nk = e_kᵀ G_n e_k``, ``[N_c, K]``."""
+        if self.gram_evecs is None:
+            raise RuntimeError(
+                "Per-sample curvatures need the Gram eigenvectors: add "
+                "'directional_derivatives' to LowRankGGN(compute=...)."
+            )
         return linalg.directional_lambdas(
             self.gram_evecs, self.evals, self.num_curv_samples
         )

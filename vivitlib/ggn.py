@@ -97,6 +97,7 @@ class LowRankGGN(BackpackCollector):
                     rtol=self.rtol,
                     eigh_dtype=self.eigh_dtype,
                     has_grads=self._needs_grads,
+                    eigenvectors=self.compute != ("eigenvalues",),
                 )
                 for acc in self._pass.accumulators
             ]

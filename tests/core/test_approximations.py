@@ -136,6 +136,12 @@ def test_eigenvalues_only_keeps_no_factor():
         block.evecs()
     with pytest.raises(RuntimeError, match="compute="):
         block.gammas  # noqa: B018
+    with pytest.raises(RuntimeError, match="compute="):
+        block.lambdas  # noqa: B018
+    assert block.gram_evecs is None
+    full = vivitlib.LowRankGGN(problem.params)
+    problem.run(full)
+    torch.testing.assert_close(block.evals, full.blocks[0].evals, rtol=1e-10, atol=0)
 
 
 def test_float32_model_and_eigh_option():

@@ -2,6 +2,7 @@
 
 from vivitlib import hessianfree, linalg, optim
 from vivitlib.block import GGNBlock
+from vivitlib.collector import combine
 from vivitlib.directional import DirectionalDerivatives, per_sample_hessian_curvatures
 from vivitlib.ggn import QUANTITIES, LowRankGGN
 from vivitlib.groups import layerwise_groups
@@ -13,6 +14,7 @@ __all__ = [
     "GGNBlock",
     "LowRankGGN",
     "QUANTITIES",
+    "combine",
     "layerwise_groups",
     "hessianfree",
     "linalg",

@@ -8,8 +8,9 @@ and on any failure restores ``.grad`` and drops partial buffers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from backpack.utils.module_classification import is_loss
@@ -28,6 +29,7 @@ from vivitlib.extensions import (
 from vivitlib.groups import normalize_groups
 
 _REDUCTIONS = ("mean", "sum")
+_INSTANCE_TAGS = itertools.count()
 
 
 class _Pass:
@@ -86,9 +88,13 @@ class BackpackCollector:
         self._param_group = {
             id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]
         }
+        tag = next(_INSTANCE_TAGS)
+        self._fields = (f"{FACTOR_FIELD}_{tag}", f"{GRADS_FIELD}_{tag}")
         exts: list = [GGNFactorExtension(self, self.mc_samples, self.subsampling)]
         if needs_grads:
             exts.append(BatchGradsExtension(self, self.grad_subsampling))
+        for ext, field in zip(exts, self._fields):
+            ext.savefield = field  # private per collector: several can share a pass
         self._extensions = tuple(exts)
         self._pass: _Pass | None = None
 
@@ -100,7 +106,7 @@ class BackpackCollector:
     def reset(self) -> None:
         """Drop the latest pass's results and buffers."""
         if self._pass is not None:
-            _clear_fields(self.param_groups)
+            _clear_fields(self.param_groups, self._fields)
         self._pass = None
         self._on_reset()
 
@@ -176,8 +182,8 @@ class BackpackCollector:
         self._pass = _Pass(loss_module, self.param_groups, self._new_accumulators())
 
     def _collect(self, param: Tensor) -> None:
-        factor = param.__dict__.pop(FACTOR_FIELD, None)
-        grads = param.__dict__.pop(GRADS_FIELD, None)
+        factor = param.__dict__.pop(self._fields[0], None)
+        grads = param.__dict__.pop(self._fields[1], None)
         group = self._param_group.get(id(param))
         if group is None or factor is None:
             return
@@ -188,7 +194,7 @@ class BackpackCollector:
     def _abort(self) -> None:
         if self._pass is not None:
             self._pass.restore_grads()
-        _clear_fields(self.param_groups)
+        _clear_fields(self.param_groups, self._fields)
         self._pass = None
         self._on_reset()
 
@@ -198,7 +204,7 @@ class BackpackCollector:
             raise RuntimeError(
                 f"No curvature has been collected. {_checks._NO_PASS_HINT}"
             )
-        leftovers = _clear_fields(self.param_groups)
+        leftovers = _clear_fields(self.param_groups, self._fields)
         if leftovers:
             raise RuntimeError(
                 "Buffers were computed but never collected: pass "
@@ -232,12 +238,46 @@ def _check_module(module: Module) -> None:
         )
 
 
-def _clear_fields(groups: list[dict[str, Any]]) -> bool:
+class JointPass(NamedTuple):
+    """Extensions and hook of several collectors sharing one backward pass."""
+
+    extensions: tuple
+    hook: Callable[[Module], None]
+
+
+def combine(*collectors: Any) -> JointPass:
+    """Let several collectors (or optimisers) share one backward pass.
+
+    Example::
+
+        joint = vivitlib.combine(ggn, opt)
+        with backpack(*joint.extensions, extension_hook=joint.hook):
+            loss_fn(model(X), y).backward()
+
+    Each keeps its own buffers; work is not shared between them.
+
+    Args:
+        collectors: Objects with ``extensions`` and ``hook`` (e.g.
+            :class:`~vivitlib.LowRankGGN`, :class:`~vivitlib.optim.DampedNewton`).
+
+    Returns:
+        The concatenated extensions and a hook calling every collector's hook.
+    """
+    hooks = [c.hook for c in collectors]
+
+    def hook(module: Module) -> None:
+        for each in hooks:
+            each(module)
+
+    return JointPass(tuple(e for c in collectors for e in c.extensions), hook)
+
+
+def _clear_fields(groups: list[dict[str, Any]], fields: tuple[str, str]) -> bool:
     """Delete leftover buffers from grouped parameters; return whether any existed."""
     found = False
     for group in groups:
         for p in group["params"]:
-            for name in (FACTOR_FIELD, GRADS_FIELD):
+            for name in fields:
                 if name in p.__dict__:
                     del p.__dict__[name]
                     found = True

@@ -157,3 +157,29 @@ def test_float32_model_and_eigh_option():
         evals = torch.linalg.eigvalsh(ref).flip(0)[: block.num_directions]
         torch.testing.assert_close(block.evals.double(), evals, rtol=1e-4, atol=1e-6)
         assert block.evecs(2)[0].dtype == torch.float32
+
+
+def test_two_collectors_share_one_pass():
+    from backpack import backpack
+
+    problem = make_problem(_BY_ID["cnn-ce"])
+    alone = vivitlib.LowRankGGN(problem.params)
+    problem.run(alone)
+    for p in problem.params:
+        p.grad = None
+    ggn = vivitlib.LowRankGGN(problem.params)
+    sub = vivitlib.LowRankGGN(
+        vivitlib.layerwise_groups(problem.model), subsampling=[1, 2]
+    )
+    joint = vivitlib.combine(ggn, sub)
+    with backpack(*joint.extensions, extension_hook=joint.hook):
+        problem.loss_fn(problem.model(problem.X), problem.y).backward()
+    torch.testing.assert_close(ggn.blocks[0].evals, alone.blocks[0].evals)
+    torch.testing.assert_close(ggn.blocks[0].gammas, alone.blocks[0].gammas)
+    dense = problem.dense()
+    first = problem.params[:2]
+    size = sum(p.numel() for p in first)
+    expected = dense.per_sample_ggn[[1, 2]].mean(0)[:size, :size]
+    evals = torch.linalg.eigvalsh(expected).flip(0)[: sub.blocks[0].num_directions]
+    torch.testing.assert_close(sub.blocks[0].evals, evals, rtol=1e-7, atol=1e-12)
+    assert not [k for p in problem.params for k in vars(p) if k.startswith("_vivitlib")]

@@ -103,7 +103,8 @@ def critical_batch_size(
             out_dir, {**config, "batch_size": batch_size}, lambda: measure(batch_size)
         )
         rows.append(row)
-        error = row["error"].fillna("").iloc[0]
+        error = row["error"].iloc[0]
+        error = "" if pd.isna(error) else str(error)
         if error.startswith("failed"):
             raise _Failed(error)
         return not error and float(row["peak_bytes"].iloc[0]) <= budget_bytes

@@ -27,7 +27,8 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
-	$(PY) -m experiments.benchmarks.run_all
+	$(PY) -m experiments.benchmarks.ggn.run
+	$(PY) -m experiments.benchmarks.hessianfree.run
 
 lint: $(STAMP)
 	$(PY) -m ruff check vivitlib tests experiments

@@ -35,7 +35,7 @@ def diagonal():
 def test_diagonal_full_lanczos_is_exact(diagonal):
     # Rademacher probes have (e_i^T z)^2 = 1: the quadrature is exact
     A, evals = diagonal
-    sd = hf.spectral_density(A, num_iters=40, num_probes=2, kernel_var=1e-3,
+    sd = hf.spectral_density(A, num_iters=40, num_probes=2, kernel_var=1e-3, deflate=0,
                              num_points=4000, generator=_gen())
     assert sd.num_products == 80 and sd.weights.sum().item() == pytest.approx(1.0)
     exact = _exact(evals, sd.grid, _sigma(sd))
@@ -52,6 +52,7 @@ def test_diagonal_full_lanczos_is_exact(diagonal):
 def test_log_density_is_exact_on_diagonal(diagonal):
     A, evals = diagonal
     sd = hf.spectral_density(A, num_iters=40, num_probes=1, log=True, log_eps=1e-6,
+                             deflate=0,
                              kernel_var=1e-3, num_points=4000, generator=_gen())
     assert sd.log
     points = torch.log(evals.abs() + 1e-6)
@@ -77,7 +78,7 @@ def test_operator_density_converges_to_exact():
     evals = torch.linalg.eigvalsh(DENSE["hessian"](problem))
     errors = []
     for probes in (4, 64):
-        sd = hf.spectral_density(op, num_iters=20, num_probes=probes,
+        sd = hf.spectral_density(op, num_iters=20, num_probes=probes, deflate=0,
                                  kernel_var=1e-3, generator=_gen(1))
         exact = _exact(evals, sd.grid, _sigma(sd))
         errors.append(_l1(sd.density, exact, sd.grid))
@@ -91,10 +92,15 @@ def test_operator_density_converges_to_exact():
 def test_no_reorthogonalization_and_reproducibility(diagonal):
     A, evals = diagonal
     a = hf.spectral_density(A, num_iters=15, num_probes=3, reorthogonalize=False,
-                            generator=_gen(3))
+                            deflate=0, generator=_gen(3))
     b = hf.spectral_density(A, num_iters=15, num_probes=3, reorthogonalize=False,
-                            generator=_gen(3))
+                            deflate=0, generator=_gen(3))
     assert torch.equal(a.density, b.density) and a.num_products == 45
+    # default deflation: min(20, D - num_iters) = 20 outliers at weight 1/D each
+    c = hf.spectral_density(A, num_iters=15, num_probes=2, generator=_gen(3))
+    assert c.deflated.shape == (20,) and c.num_products > 30
+    torch.testing.assert_close(c.deflated[:3], torch.tensor([12.0, 9.0, 6.5]).double(),
+                               rtol=1e-3, atol=0)
     assert a.weights.sum().item() == pytest.approx(1.0)
 
 

@@ -33,7 +33,8 @@ def _compute(problem, loader):
     out["top"] = hf.topk_eigh(H, 3, tol=1e-8,
                               generator=torch.Generator().manual_seed(0)).eigenvalues
     out["density"] = hf.spectral_density(
-        H, num_iters=8, num_probes=3, generator=torch.Generator().manual_seed(0)
+        H, num_iters=8, num_probes=3, deflate=0,
+        generator=torch.Generator().manual_seed(0),
     ).density
     return out
 

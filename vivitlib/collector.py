@@ -131,6 +131,13 @@ class BackpackCollector:
                 self._begin_pass(module, g_out)
             else:
                 _check_module(module)
+            if not hasattr(module, "output"):
+                raise RuntimeError(
+                    f"{type(module).__name__} was reached twice in one backward pass "
+                    "(or ran its forward outside the extended model): a module used "
+                    "more than once in the forward pass (shared weights) is not "
+                    "supported by BackPACK. Use a separate module for each use."
+                )
             call(module, g_inp, g_out)
         except Exception as err:
             self._abort()

@@ -39,8 +39,8 @@ def normalize_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
 
     Raises:
         TypeError: On entries that are neither tensors nor group dicts.
-        ValueError: On an empty group, a parameter without ``requires_grad``,
-            or a parameter listed twice (in one group or in two).
+        ValueError: On an empty group (parameters with ``requires_grad=False``
+            are skipped), or a parameter listed twice (in one group or in two).
     """
     if isinstance(params, Tensor):
         raise TypeError(
@@ -81,11 +81,13 @@ def _group_params(group: dict[str, Any], index: int) -> list[Tensor]:
     for p in params:
         if not isinstance(p, Tensor):
             raise TypeError(f"Group {index} holds {type(p)}, expected tensors.")
-        if not p.requires_grad:
-            raise ValueError(
-                f"A parameter of shape {tuple(p.shape)} in group {index} does not "
-                "require grad; drop it or set requires_grad=True."
-            )
+    params = [p for p in params if p.requires_grad]  # frozen ones carry no curvature
+    if not params:
+        raise ValueError(
+            f"Group {index} has no parameter with requires_grad=True; frozen "
+            "parameters are skipped, so unfreeze some or drop the group."
+        )
+    for p in params:
         if not isinstance(p, Parameter) and not p.is_leaf:
             raise ValueError(f"Group {index} holds a non-leaf tensor; pass parameters.")
     return params

@@ -96,7 +96,7 @@ def test_bad_groups(problem):
     with pytest.raises(TypeError, match="mixes"):
         vivitlib.LowRankGGN([p[0], {"params": [p[1]]}])
     frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
-    with pytest.raises(ValueError, match="does not require grad"):
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         vivitlib.LowRankGGN([frozen])
 
 
@@ -197,3 +197,27 @@ def test_bad_damping(problem):
         block.newton_step(-1.0)
     with pytest.raises(ValueError, match="shape"):
         block.newton_step(torch.zeros(block.num_directions + 1))
+
+
+def test_module_used_twice():
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4).double()
+    model = extend(nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 3).double()))
+    from tests.core.cases import Problem
+
+    problem = Problem(model, extend(nn.CrossEntropyLoss()),
+                      torch.randn(5, 4).double(), torch.randint(0, 3, (5,)))  # fmt: skip
+    _run_expecting(problem, vivitlib.LowRankGGN(problem.params), RuntimeError,
+                   "more than once in the forward pass")  # fmt: skip
+
+
+def test_frozen_parameters_are_skipped():
+    problem = make_problem(_MLP)
+    first = problem.params[0]
+    first.requires_grad_(False)
+    ggn = vivitlib.LowRankGGN(problem.model.parameters())
+    assert all(p is not first for p in ggn.param_groups[0]["params"])
+    problem.run(ggn)
+    dense = problem.dense(params=problem.params)
+    evals = torch.linalg.eigvalsh(dense.ggn).flip(0)[: ggn.blocks[0].num_directions]
+    torch.testing.assert_close(ggn.blocks[0].evals, evals, rtol=1e-7, atol=1e-12)

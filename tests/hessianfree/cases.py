@@ -33,14 +33,46 @@ def _mlp(din: int, dh: int, dout: int, act: type[nn.Module]) -> nn.Module:
 
 
 CASES = [
-    dict(id="ce-mean-tanh", loss="ce", reduction="mean", act=nn.Tanh, n=13, bs=5,
-         shape=(5, 4, 3), seed=0),
-    dict(id="ce-sum-sigmoid", loss="ce", reduction="sum", act=nn.Sigmoid, n=11, bs=4,
-         shape=(4, 3, 3), seed=1),
-    dict(id="mse-mean-tanh", loss="mse", reduction="mean", act=nn.Tanh, n=9, bs=4,
-         shape=(3, 4, 2), seed=2),
-    dict(id="mse-sum-relu", loss="mse", reduction="sum", act=nn.ReLU, n=10, bs=10,
-         shape=(3, 5, 2), seed=3),
+    dict(
+        id="ce-mean-tanh",
+        loss="ce",
+        reduction="mean",
+        act=nn.Tanh,
+        n=13,
+        bs=5,
+        shape=(5, 4, 3),
+        seed=0,
+    ),
+    dict(
+        id="ce-sum-sigmoid",
+        loss="ce",
+        reduction="sum",
+        act=nn.Sigmoid,
+        n=11,
+        bs=4,
+        shape=(4, 3, 3),
+        seed=1,
+    ),
+    dict(
+        id="mse-mean-tanh",
+        loss="mse",
+        reduction="mean",
+        act=nn.Tanh,
+        n=9,
+        bs=4,
+        shape=(3, 4, 2),
+        seed=2,
+    ),
+    dict(
+        id="mse-sum-relu",
+        loss="mse",
+        reduction="sum",
+        act=nn.ReLU,
+        n=10,
+        bs=10,
+        shape=(3, 5, 2),
+        seed=3,
+    ),
 ]
 
 
@@ -90,6 +122,7 @@ def dense_empirical_fisher(problem: Problem) -> Tensor:
     theta, out_fn = _flat_fn(problem)
     rows = []
     for x, t in zip(problem.X, problem.y):
+
         def loss(th, x=x, t=t):
             return problem.loss_fn(out_fn(th, x[None]), t[None])
 

@@ -21,9 +21,13 @@ def hessian_case():
 def _spiked(D=60, seed=0):
     """Dense symmetric matrix with 5 outliers, a bulk and a negative edge."""
     g = _gen(seed)
-    evals = torch.cat([torch.tensor([9.0, 7.0, 5.0, 4.0, 3.0]),
-                       0.3 * torch.randn(D - 6, generator=g, dtype=torch.float64),
-                       torch.tensor([-2.0])]).double()
+    evals = torch.cat(
+        [
+            torch.tensor([9.0, 7.0, 5.0, 4.0, 3.0]),
+            0.3 * torch.randn(D - 6, generator=g, dtype=torch.float64),
+            torch.tensor([-2.0]),
+        ]
+    ).double()
     Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
     return Q @ torch.diag(evals) @ Q.T, torch.sort(evals, descending=True).values
 
@@ -42,8 +46,9 @@ def test_lanczos_relations(hessian_case, reorth):
         torch.testing.assert_close(res.alphas[:6], ref.alphas[:6], rtol=1e-6, atol=1e-8)
         return
     Q, T = res.basis, res.tridiagonal
-    torch.testing.assert_close(Q.T @ Q, torch.eye(m, dtype=torch.float64), atol=1e-12,
-                               rtol=0)
+    torch.testing.assert_close(
+        Q.T @ Q, torch.eye(m, dtype=torch.float64), atol=1e-12, rtol=0
+    )
     torch.testing.assert_close(Q.T @ dense @ Q, T, atol=1e-10, rtol=1e-10)
     resid = dense @ Q - Q @ T
     # A Q - Q T = beta_m q_{m+1} e_m^T: only the last column is non-zero
@@ -78,16 +83,18 @@ def test_topk_eigh_operator(hessian_case, which):
     op, dense = hessian_case
     exact = torch.linalg.eigvalsh(dense)
     key = {"largest": exact, "smallest": -exact, "magnitude": exact.abs()}[which]
-    want = torch.sort(exact[torch.argsort(key, descending=True)[:3]],
-                      descending=True).values
+    want = torch.sort(
+        exact[torch.argsort(key, descending=True)[:3]], descending=True
+    ).values
     res = hf.topk_eigh(op, 3, which=which, tol=1e-8, generator=_gen())
     assert res.converged
     torch.testing.assert_close(res.eigenvalues, want, rtol=1e-7, atol=1e-10)
     evals, evecs = res
     assert [e.shape for e in evecs] == [(3, *p.shape) for p in op.params]
     V = res.flat_eigenvectors
-    torch.testing.assert_close(V.T @ V, torch.eye(3, dtype=torch.float64), atol=1e-8,
-                               rtol=0)
+    torch.testing.assert_close(
+        V.T @ V, torch.eye(3, dtype=torch.float64), atol=1e-8, rtol=0
+    )
     torch.testing.assert_close(dense @ V, V * evals, atol=1e-5, rtol=0)
     assert ((res.eigenvalues - want).abs() <= res.error_bounds + 1e-12).all()
 
@@ -108,8 +115,9 @@ def test_topk_eigh_thick_restart_and_invariant_subspace():
     torch.testing.assert_close(res.eigenvalues, evals[:4], rtol=1e-7, atol=1e-9)
     # block-diagonal matrix with a start vector inside one block: the Krylov
     # space is invariant, the solver must continue in the other block
-    B = torch.block_diag(torch.diag(torch.tensor([1.0, 2.0])),
-                         torch.diag(torch.tensor([5.0, 3.0, 0.5]))).double()
+    B = torch.block_diag(
+        torch.diag(torch.tensor([1.0, 2.0])), torch.diag(torch.tensor([5.0, 3.0, 0.5]))
+    ).double()
     res = hf.topk_eigh(B, 2, tol=1e-10, v0=torch.tensor([1.0, 1, 0, 0, 0]))
     torch.testing.assert_close(res.eigenvalues, torch.tensor([5.0, 3.0]).double())
 

@@ -27,16 +27,24 @@ def _sigma(sd):
 
 @pytest.fixture
 def diagonal():
-    evals = torch.cat([torch.tensor([12.0, 9.0, 6.5]),
-                       torch.linspace(-0.8, 1.5, 37)]).double()
+    evals = torch.cat(
+        [torch.tensor([12.0, 9.0, 6.5]), torch.linspace(-0.8, 1.5, 37)]
+    ).double()
     return torch.diag(evals), evals
 
 
 def test_diagonal_full_lanczos_is_exact(diagonal):
     # Rademacher probes have (e_i^T z)^2 = 1: the quadrature is exact
     A, evals = diagonal
-    sd = hf.spectral_density(A, num_iters=40, num_probes=2, kernel_var=1e-3, deflate=0,
-                             num_points=4000, generator=_gen())
+    sd = hf.spectral_density(
+        A,
+        num_iters=40,
+        num_probes=2,
+        kernel_var=1e-3,
+        deflate=0,
+        num_points=4000,
+        generator=_gen(),
+    )
     assert sd.num_products == 80 and sd.weights.sum().item() == pytest.approx(1.0)
     exact = _exact(evals, sd.grid, _sigma(sd))
     assert _l1(sd.density, exact, sd.grid) < 1e-8
@@ -44,16 +52,25 @@ def test_diagonal_full_lanczos_is_exact(diagonal):
     assert sd.range[0] < evals.min() and sd.range[1] > evals.max()
     # re-smoothing with another kernel
     wide = sd.smooth(kernel_var=1e-2)
-    exact_wide = _exact(evals, sd.grid, math.sqrt(1e-2) * 0.5 * (sd.range[1]
-                                                                - sd.range[0]))
+    exact_wide = _exact(
+        evals, sd.grid, math.sqrt(1e-2) * 0.5 * (sd.range[1] - sd.range[0])
+    )
     assert _l1(wide, exact_wide, sd.grid) < 1e-8
 
 
 def test_log_density_is_exact_on_diagonal(diagonal):
     A, evals = diagonal
-    sd = hf.spectral_density(A, num_iters=40, num_probes=1, log=True, log_eps=1e-6,
-                             deflate=0,
-                             kernel_var=1e-3, num_points=4000, generator=_gen())
+    sd = hf.spectral_density(
+        A,
+        num_iters=40,
+        num_probes=1,
+        log=True,
+        log_eps=1e-6,
+        deflate=0,
+        kernel_var=1e-3,
+        num_points=4000,
+        generator=_gen(),
+    )
     assert sd.log
     points = torch.log(evals.abs() + 1e-6)
     assert sd.range[0] < points.min() and sd.range[1] > points.max()
@@ -63,8 +80,15 @@ def test_log_density_is_exact_on_diagonal(diagonal):
 
 def test_deflation_removes_outliers(diagonal):
     A, evals = diagonal
-    sd = hf.spectral_density(A, num_iters=37, num_probes=1, deflate=3,
-                             kernel_var=1e-3, num_points=4000, generator=_gen())
+    sd = hf.spectral_density(
+        A,
+        num_iters=37,
+        num_probes=1,
+        deflate=3,
+        kernel_var=1e-3,
+        num_points=4000,
+        generator=_gen(),
+    )
     torch.testing.assert_close(sd.deflated, evals[:3], rtol=1e-3, atol=0)
     assert sd.weights.sum().item() == pytest.approx(1.0)
     assert sd.weights[:3].tolist() == pytest.approx([1 / 40] * 3)
@@ -78,29 +102,50 @@ def test_operator_density_converges_to_exact():
     evals = torch.linalg.eigvalsh(DENSE["hessian"](problem))
     errors = []
     for probes in (4, 64):
-        sd = hf.spectral_density(op, num_iters=20, num_probes=probes, deflate=0,
-                                 kernel_var=1e-3, generator=_gen(1))
+        sd = hf.spectral_density(
+            op,
+            num_iters=20,
+            num_probes=probes,
+            deflate=0,
+            kernel_var=1e-3,
+            generator=_gen(1),
+        )
         exact = _exact(evals, sd.grid, _sigma(sd))
         errors.append(_l1(sd.density, exact, sd.grid))
     # probe noise shrinks like 1/sqrt(probes): 4x fewer error expected
     assert errors[1] < 0.2 and errors[1] < 0.5 * errors[0]
     # quadrature moments: weighted mean of nodes is Hutchinson's tr(H)/D
-    assert abs((sd.weights @ sd.nodes).item() - evals.mean().item()) < 0.2 * evals.abs(
-    ).mean().item()
+    assert (
+        abs((sd.weights @ sd.nodes).item() - evals.mean().item())
+        < 0.2 * evals.abs().mean().item()
+    )
 
 
 def test_no_reorthogonalization_and_reproducibility(diagonal):
     A, evals = diagonal
-    a = hf.spectral_density(A, num_iters=15, num_probes=3, reorthogonalize=False,
-                            deflate=0, generator=_gen(3))
-    b = hf.spectral_density(A, num_iters=15, num_probes=3, reorthogonalize=False,
-                            deflate=0, generator=_gen(3))
+    a = hf.spectral_density(
+        A,
+        num_iters=15,
+        num_probes=3,
+        reorthogonalize=False,
+        deflate=0,
+        generator=_gen(3),
+    )
+    b = hf.spectral_density(
+        A,
+        num_iters=15,
+        num_probes=3,
+        reorthogonalize=False,
+        deflate=0,
+        generator=_gen(3),
+    )
     assert torch.equal(a.density, b.density) and a.num_products == 45
     # default deflation: min(20, D - num_iters) = 20 outliers at weight 1/D each
     c = hf.spectral_density(A, num_iters=15, num_probes=2, generator=_gen(3))
     assert c.deflated.shape == (20,) and c.num_products > 30
-    torch.testing.assert_close(c.deflated[:3], torch.tensor([12.0, 9.0, 6.5]).double(),
-                               rtol=1e-3, atol=0)
+    torch.testing.assert_close(
+        c.deflated[:3], torch.tensor([12.0, 9.0, 6.5]).double(), rtol=1e-3, atol=0
+    )
     assert a.weights.sum().item() == pytest.approx(1.0)
 
 

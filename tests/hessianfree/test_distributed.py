@@ -23,31 +23,38 @@ def _free_port() -> int:
 def _compute(problem, loader):
     """Everything compared between the runs, as a dict of tensors."""
     out = {}
-    for name, cls in [("H", hf.HessianOperator), ("G", hf.GGNOperator),
-                      ("F", hf.EmpiricalFisherOperator)]:
+    for name, cls in [
+        ("H", hf.HessianOperator),
+        ("G", hf.GGNOperator),
+        ("F", hf.EmpiricalFisherOperator),
+    ]:
         op = cls(problem.model, problem.loss_fn, loader)
         V = torch.linspace(-1, 1, op.shape[0] * 2, dtype=torch.float64)
         out[name] = op @ V.reshape(op.shape[0], 2)
     H = hf.HessianOperator(problem.model, problem.loss_fn, loader)
     out["alphas"] = hf.lanczos(H, 10, generator=torch.Generator().manual_seed(0)).alphas
-    out["top"] = hf.topk_eigh(H, 3, tol=1e-8,
-                              generator=torch.Generator().manual_seed(0)).eigenvalues
+    out["top"] = hf.topk_eigh(
+        H, 3, tol=1e-8, generator=torch.Generator().manual_seed(0)
+    ).eigenvalues
     out["density"] = hf.spectral_density(
-        H, num_iters=8, num_probes=3, deflate=0,
+        H,
+        num_iters=8,
+        num_probes=3,
+        deflate=0,
         generator=torch.Generator().manual_seed(0),
     ).density
     return out
 
 
 def _worker(rank, port, queue):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
     try:
         torch.set_num_threads(1)
         problem = make_problem(CASES[0])
         data = TensorDataset(problem.X[:12], problem.y[:12])  # divisible by 2
-        sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank,
-                                     shuffle=False)
+        sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
         out = _compute(problem, DataLoader(data, batch_size=4, sampler=sampler))
         queue.put((rank, out))
     finally:
@@ -66,12 +73,18 @@ def test_two_gloo_ranks_match_single_process():
     ref = _compute(problem, DataLoader(data, batch_size=5))
     for rank in range(WORLD):
         for key, value in ref.items():
-            torch.testing.assert_close(results[rank][key], value, rtol=1e-9,
-                                       atol=1e-11, msg=f"rank {rank}: {key}")
+            torch.testing.assert_close(
+                results[rank][key],
+                value,
+                rtol=1e-9,
+                atol=1e-11,
+                msg=f"rank {rank}: {key}",
+            )
 
 
 def test_distributed_true_without_group_raises():
     problem = make_problem(CASES[0])
     with pytest.raises(RuntimeError, match="init_process_group"):
-        hf.HessianOperator(problem.model, problem.loss_fn, problem.batches,
-                           distributed=True)
+        hf.HessianOperator(
+            problem.model, problem.loss_fn, problem.batches, distributed=True
+        )

@@ -26,8 +26,9 @@ def problem(request):
 @pytest.mark.parametrize("cache_graph", [None, True, False])
 def test_products_match_dense(problem, kind, cache_graph):
     dense = DENSE[kind](problem)
-    op = OPERATORS[kind](problem.model, problem.loss_fn, problem.batches,
-                         cache_graph=cache_graph)
+    op = OPERATORS[kind](
+        problem.model, problem.loss_fn, problem.batches, cache_graph=cache_graph
+    )
     D = dense.shape[0]
     assert op.shape == (D, D)
     gen = torch.Generator().manual_seed(0)
@@ -36,8 +37,9 @@ def test_products_match_dense(problem, kind, cache_graph):
     torch.testing.assert_close(op @ V[:, 0], dense @ V[:, 0], rtol=1e-10, atol=1e-12)
     listed = op @ op.unflatten(V[:, 1])
     assert [t.shape for t in listed] == [p.shape for p in problem.params()]
-    torch.testing.assert_close(op.flatten(listed), dense @ V[:, 1], rtol=1e-10,
-                               atol=1e-12)
+    torch.testing.assert_close(
+        op.flatten(listed), dense @ V[:, 1], rtol=1e-10, atol=1e-12
+    )
     assert op.num_products == 5
     # second round reuses (or rebuilds) the graph and gives the same numbers
     torch.testing.assert_close(op @ V, dense @ V, rtol=1e-10, atol=1e-12)
@@ -75,8 +77,9 @@ def test_param_subset_is_the_dense_sub_block():
     sizes = [p.numel() for p in params]
     start = sum(sizes[:2])
     chosen = params[2:]
-    op = hf.HessianOperator(problem.model, problem.loss_fn, problem.batches,
-                            params=chosen)
+    op = hf.HessianOperator(
+        problem.model, problem.loss_fn, problem.batches, params=chosen
+    )
     block = dense[start:, start:]
     v = torch.randn(block.shape[0], dtype=torch.float64)
     torch.testing.assert_close(op @ v, block @ v, rtol=1e-10, atol=1e-12)
@@ -90,8 +93,9 @@ def test_to_scipy_eigsh_matches_dense():
     assert linop.dtype == np.float64
     x = np.arange(dense.shape[0], dtype=np.float64)
     np.testing.assert_allclose(linop @ x, dense.numpy() @ x, rtol=1e-10, atol=1e-12)
-    vals = eigsh(linop, k=3, which="LA", return_eigenvectors=False,
-                 v0=np.ones(dense.shape[0]))
+    vals = eigsh(
+        linop, k=3, which="LA", return_eigenvectors=False, v0=np.ones(dense.shape[0])
+    )
     exact = torch.linalg.eigvalsh(dense).numpy()[-3:]
     np.testing.assert_allclose(np.sort(vals), exact, rtol=1e-8, atol=1e-10)
 
@@ -104,8 +108,9 @@ def test_cache_rebuilt_after_inplace_parameter_update():
     with torch.no_grad():
         for p in problem.model.parameters():
             p.mul_(1.5)
-    torch.testing.assert_close(op @ v, DENSE["hessian"](problem) @ v, rtol=1e-10,
-                               atol=1e-12)
+    torch.testing.assert_close(
+        op @ v, DENSE["hessian"](problem) @ v, rtol=1e-10, atol=1e-12
+    )
 
 
 def test_dropout_in_train_mode_raises():
@@ -147,8 +152,9 @@ def test_nondeterministic_products_raise():
     match = "not deterministic.*dropout.*batch norm.*shuffl"
     with pytest.raises(ValueError, match=match):
         hf.HessianOperator(_NoisyModel(), nn.CrossEntropyLoss(), (X, y))
-    op = hf.HessianOperator(_NoisyModel(), nn.CrossEntropyLoss(), (X, y),
-                            check_deterministic=False)
+    op = hf.HessianOperator(
+        _NoisyModel(), nn.CrossEntropyLoss(), (X, y), check_deterministic=False
+    )
     assert op.shape == (8, 8)
 
 

@@ -147,10 +147,7 @@ class CurvatureOperator:
                 raise ValueError("v must hold one tensor shaped like each parameter.")
             flat = torch.cat([t.reshape(-1) for t in v]).unsqueeze(1)
             out = self.matmat(flat)[:, 0]
-            return [
-                o.view_as(t).to(t)
-                for o, t in zip(out.split(self._sizes), v)
-            ]
+            return [o.view_as(t).to(t) for o, t in zip(out.split(self._sizes), v)]
         if not isinstance(v, Tensor):
             raise TypeError(f"v must be a tensor or list of tensors, got {type(v)}.")
         if v.ndim not in (1, 2) or v.shape[0] != self.shape[0]:
@@ -191,8 +188,12 @@ class CurvatureOperator:
             return matmat(np.asarray(x).reshape(-1, 1))[:, 0]
 
         return LinearOperator(
-            self.shape, matvec=matvec, rmatvec=matvec, matmat=matmat,
-            rmatmat=matmat, dtype=np.float64,
+            self.shape,
+            matvec=matvec,
+            rmatvec=matvec,
+            matmat=matmat,
+            rmatmat=matmat,
+            dtype=np.float64,
         )
 
     def flatten(self, tensors: list[Tensor]) -> Tensor:

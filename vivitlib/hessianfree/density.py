@@ -41,9 +41,7 @@ from vivitlib.hessianfree.lanczos import _lanczos
 POINTS_PER_SIGMA = 32
 
 
-def smooth(
-    nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float
-) -> Tensor:
+def smooth(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tensor:
     """Gaussian-smoothed density ``Σ_j w_j N(t; x_j, σ²)`` on ``grid``.
 
     Args:
@@ -104,8 +102,9 @@ class SpectralDensity:
             return torch.log(self.nodes.abs() + self.log_eps)
         return self.nodes
 
-    def smooth(self, grid: Tensor | None = None, kernel_var: float | None = None
-               ) -> Tensor:
+    def smooth(
+        self, grid: Tensor | None = None, kernel_var: float | None = None
+    ) -> Tensor:
         """Re-smooth the quadrature on ``grid`` with another ``kernel_var``.
 
         Args:
@@ -118,8 +117,9 @@ class SpectralDensity:
         grid = self.grid if grid is None else grid.to(torch.float64)
         var = self.kernel_var if kernel_var is None else kernel_var
         half = 0.5 * (self.range[1] - self.range[0])
-        return smooth(self.transformed_nodes(), self.weights, grid,
-                      math.sqrt(var) * half)
+        return smooth(
+            self.transformed_nodes(), self.weights, grid, math.sqrt(var) * half
+        )
 
 
 def spectral_density(

@@ -74,8 +74,9 @@ def _select(theta: Tensor, num: int, which: str) -> Tensor:
     return torch.argsort(key, descending=True)[:num]
 
 
-def _error_bounds(theta: Tensor, res: Tensor, idx: Tensor, which: str,
-                  max_cluster: int = 4) -> Tensor:
+def _error_bounds(
+    theta: Tensor, res: Tensor, idx: Tensor, which: str, max_cluster: int = 4
+) -> Tensor:
     """Error bounds on the Ritz values ``theta[idx]``.
 
     For every cluster ``C`` of up to ``max_cluster`` consecutive Ritz values
@@ -117,8 +118,9 @@ def _result(op, theta, vecs, res, bounds, converged, products, restarts) -> Eigh
     order = torch.argsort(theta, descending=True)
     theta, vecs, res, bounds = theta[order], vecs[:, order], res[order], bounds[order]
     per_param = op.unflatten(vecs) if isinstance(op, CurvatureOperator) else [vecs.T]
-    return EighResult(theta, per_param, vecs, res, bounds, converged, products,
-                      restarts)
+    return EighResult(
+        theta, per_param, vecs, res, bounds, converged, products, restarts
+    )
 
 
 def topk_eigh(
@@ -168,8 +170,17 @@ def topk_eigh(
     return _result(op, theta, vecs, res, bounds, conv, matmat.num_products, restarts)
 
 
-def _thick_restart(matmat, k, which, tol, max_products, max_basis, generator, v0,
-                   deflation: Tensor | None = None):
+def _thick_restart(
+    matmat,
+    k,
+    which,
+    tol,
+    max_products,
+    max_basis,
+    generator,
+    v0,
+    deflation: Tensor | None = None,
+):
     """Thick-restart Lanczos on ``matmat``, optionally deflated.
 
     Runs in the complement of the orthonormal ``deflation`` basis if given.
@@ -297,5 +308,6 @@ def power_iteration(
         vecs = torch.cat([vecs, v], 1)
     theta = torch.tensor(thetas, dtype=torch.float64)
     res = torch.tensor(residuals, dtype=torch.float64)
-    return _result(op, theta, vecs, res, res.clone(), all_converged,
-                   matmat.num_products, 0)
+    return _result(
+        op, theta, vecs, res, res.clone(), all_converged, matmat.num_products, 0
+    )

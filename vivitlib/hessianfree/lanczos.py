@@ -102,8 +102,9 @@ def _lanczos(
         v0 = rademacher(dim, 1, check_generator(generator), matmat.device)[:, 0]
     elif not isinstance(v0, Tensor) or v0.shape != (dim,):
         raise ValueError(f"v0 must be a tensor of shape [{dim}].")
-    q = orthogonalize(v0.to(device=matmat.device, dtype=torch.float64)[:, None],
-                      deflation)[:, 0]
+    q = orthogonalize(
+        v0.to(device=matmat.device, dtype=torch.float64)[:, None], deflation
+    )[:, 0]
     norm = q.norm()
     if norm == 0:
         raise ValueError("v0 is zero (or lies in the deflated subspace).")

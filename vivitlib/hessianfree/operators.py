@@ -24,14 +24,23 @@ from torch import Tensor
 from vivitlib.hessianfree._base import CurvatureOperator
 
 
-def _grad(outputs: Tensor, inputs: list[Tensor], grad_outputs: Tensor,
-          retain: bool, create: bool = False) -> list[Tensor]:
+def _grad(
+    outputs: Tensor,
+    inputs: list[Tensor],
+    grad_outputs: Tensor,
+    retain: bool,
+    create: bool = False,
+) -> list[Tensor]:
     """Vector-Jacobian product; inputs the outputs do not depend on get zeros."""
     if not outputs.requires_grad:
         return [torch.zeros_like(t) for t in inputs]
     grads = torch.autograd.grad(
-        outputs, inputs, grad_outputs, retain_graph=retain or create,
-        create_graph=create, allow_unused=True,
+        outputs,
+        inputs,
+        grad_outputs,
+        retain_graph=retain or create,
+        create_graph=create,
+        allow_unused=True,
     )
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
@@ -67,7 +76,10 @@ class HessianOperator(CurvatureOperator):
         if not grads:
             return [torch.zeros_like(p) for p in self.params]
         hv = torch.autograd.grad(
-            grads, self.params, [vec[i] for i in idx], retain_graph=retain,
+            grads,
+            self.params,
+            [vec[i] for i in idx],
+            retain_graph=retain,
             allow_unused=True,
         )
         return [

@@ -154,8 +154,9 @@ class SketchResult:
     num_products: int
 
 
-def sketch(op: object, size: int, *, generator: torch.Generator | None = None
-           ) -> SketchResult:
+def sketch(
+    op: object, size: int, *, generator: torch.Generator | None = None
+) -> SketchResult:
     """Compute the Rademacher sketch ``Sᵀ A S`` with ``size`` products.
 
     ``S ∈ R^{D×s}`` has i.i.d. entries ``±1/√s``, so ``tr(SᵀAS)`` is the

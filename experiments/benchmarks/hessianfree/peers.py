@@ -61,8 +61,10 @@ def curvlinops_operator(model, loss_fn, data, kind: str = "hessian"):
         import curvlinops
     except ImportError:
         return None
-    cls = {"hessian": curvlinops.HessianLinearOperator,
-           "ggn": curvlinops.GGNLinearOperator}[kind]
+    cls = {
+        "hessian": curvlinops.HessianLinearOperator,
+        "ggn": curvlinops.GGNLinearOperator,
+    }[kind]
     op = cls(model, loss_fn, list(model.parameters()), data)
     counter = Counter()
     original = op._matmat

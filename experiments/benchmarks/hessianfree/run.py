@@ -55,29 +55,59 @@ def bench_topk(ctx, seeds, ks=(1, 5, 20)):
             H.num_products = 0
             t = time.perf_counter()
             res = hf.topk_eigh(H, k, tol=1e-3, generator=gen(seed))
-            rows.append(dict(method="vivitlib topk_eigh", k=k, seed=seed,
-                             products=res.num_products,
-                             seconds=time.perf_counter() - t,
-                             max_rel_err=rel_err(res.eigenvalues, top)))
+            rows.append(
+                dict(
+                    method="vivitlib topk_eigh",
+                    k=k,
+                    seed=seed,
+                    products=res.num_products,
+                    seconds=time.perf_counter() - t,
+                    max_rel_err=rel_err(res.eigenvalues, top),
+                )
+            )
             H.num_products = 0
             v0 = hf._linalg.rademacher(H.shape[0], 1, gen(seed), "cpu")[:, 0].numpy()
             t = time.perf_counter()
-            vals = eigsh(H.to_scipy(), k=k, which="LA", tol=1e-3, v0=v0,
-                         return_eigenvectors=False)
-            rows.append(dict(method="scipy eigsh (vivitlib op)", k=k, seed=seed,
-                             products=H.num_products,
-                             seconds=time.perf_counter() - t,
-                             max_rel_err=rel_err(vals, top)))
+            vals = eigsh(
+                H.to_scipy(),
+                k=k,
+                which="LA",
+                tol=1e-3,
+                v0=v0,
+                return_eigenvectors=False,
+            )
+            rows.append(
+                dict(
+                    method="scipy eigsh (vivitlib op)",
+                    k=k,
+                    seed=seed,
+                    products=H.num_products,
+                    seconds=time.perf_counter() - t,
+                    max_rel_err=rel_err(vals, top),
+                )
+            )
             if ctx.get("curv"):
                 C, counter = ctx["curv"]
                 counter.n = 0
                 t = time.perf_counter()
-                vals = eigsh(C.to_scipy(), k=k, which="LA", tol=1e-3, v0=v0,
-                             return_eigenvectors=False)
-                rows.append(dict(method="curvlinops + eigsh", k=k, seed=seed,
-                                 products=counter.n,
-                                 seconds=time.perf_counter() - t,
-                                 max_rel_err=rel_err(vals, top)))
+                vals = eigsh(
+                    C.to_scipy(),
+                    k=k,
+                    which="LA",
+                    tol=1e-3,
+                    v0=v0,
+                    return_eigenvectors=False,
+                )
+                rows.append(
+                    dict(
+                        method="curvlinops + eigsh",
+                        k=k,
+                        seed=seed,
+                        products=counter.n,
+                        seconds=time.perf_counter() - t,
+                        max_rel_err=rel_err(vals, top),
+                    )
+                )
             if ctx.get("pyh") and (seed == seeds[0] or k < 20):
                 obj, counter = ctx["pyh"]
                 for tol in (1e-3, 1e-5):
@@ -85,10 +115,16 @@ def bench_topk(ctx, seeds, ks=(1, 5, 20)):
                     torch.manual_seed(seed)
                     t = time.perf_counter()
                     vals, _ = obj.eigenvalues(maxIter=100, tol=tol, top_n=k)
-                    rows.append(dict(method=f"pyhessian power it. (tol {tol:g})",
-                                     k=k, seed=seed, products=counter.n,
-                                     seconds=time.perf_counter() - t,
-                                     max_rel_err=rel_err(vals, top)))
+                    rows.append(
+                        dict(
+                            method=f"pyhessian power it. (tol {tol:g})",
+                            k=k,
+                            seed=seed,
+                            products=counter.n,
+                            seconds=time.perf_counter() - t,
+                            max_rel_err=rel_err(vals, top),
+                        )
+                    )
     return pd.DataFrame(rows)
 
 
@@ -141,38 +177,61 @@ def _pyhessian_density(obj, num_iters, num_probes):
 
 def bench_density(ctx, seeds):
     H, dref = ctx["H"], ctx["dref"]
-    configs = [("vivitlib default (deflate 20 + 22x38)", dict()),
-               ("vivitlib 30x30", dict(num_iters=30, num_probes=30, deflate=0)),
-               ("vivitlib 90x10", dict(num_iters=90, num_probes=10, deflate=0)),
-               ("vivitlib 90x10, no reorth.", dict(num_iters=90, num_probes=10,
-                                                  deflate=0, reorthogonalize=False))]
+    configs = [
+        ("vivitlib default (deflate 20 + 22x38)", dict()),
+        ("vivitlib 30x30", dict(num_iters=30, num_probes=30, deflate=0)),
+        ("vivitlib 90x10", dict(num_iters=90, num_probes=10, deflate=0)),
+        (
+            "vivitlib 90x10, no reorth.",
+            dict(num_iters=90, num_probes=10, deflate=0, reorthogonalize=False),
+        ),
+    ]
     rows = []
     for seed in seeds:
         for name, kw in configs:
             t = time.perf_counter()
-            sd = hf.spectral_density(H, kernel_var=KERNEL_VAR, generator=gen(seed),
-                                     **kw)
-            rows.append(dict(method=name, seed=seed, products=sd.num_products,
-                             seconds=time.perf_counter() - t,
-                             l1=l1_nodes(dref, sd.nodes, sd.weights),
-                             l1_own_range=l1_own(dref, sd)))
+            sd = hf.spectral_density(
+                H, kernel_var=KERNEL_VAR, generator=gen(seed), **kw
+            )
+            rows.append(
+                dict(
+                    method=name,
+                    seed=seed,
+                    products=sd.num_products,
+                    seconds=time.perf_counter() - t,
+                    l1=l1_nodes(dref, sd.nodes, sd.weights),
+                    l1_own_range=l1_own(dref, sd),
+                )
+            )
         if ctx.get("pyh"):
             obj, counter = ctx["pyh"]
             counter.n = 0
             torch.manual_seed(seed)
             t = time.perf_counter()
             nodes, weights = _pyhessian_density(obj, 90, 10)
-            rows.append(dict(method="pyhessian 90x10", seed=seed, products=counter.n,
-                             seconds=time.perf_counter() - t,
-                             l1=l1_nodes(dref, nodes, weights)))
+            rows.append(
+                dict(
+                    method="pyhessian 90x10",
+                    seed=seed,
+                    products=counter.n,
+                    seconds=time.perf_counter() - t,
+                    l1=l1_nodes(dref, nodes, weights),
+                )
+            )
         if ctx.get("curv"):
             C, counter = ctx["curv"]
             counter.n = 0
             t = time.perf_counter()
             nodes, weights = peers.curvlinops_slq(C, 90, 10, seed)
-            rows.append(dict(method="curvlinops 90x10 (+range)", seed=seed,
-                             products=counter.n, seconds=time.perf_counter() - t,
-                             l1=l1_nodes(dref, nodes, weights)))
+            rows.append(
+                dict(
+                    method="curvlinops 90x10 (+range)",
+                    seed=seed,
+                    products=counter.n,
+                    seconds=time.perf_counter() - t,
+                    l1=l1_nodes(dref, nodes, weights),
+                )
+            )
     return pd.DataFrame(rows)
 
 
@@ -182,37 +241,61 @@ def bench_trace(ctx, seeds, budget=100):
     rows = []
 
     def add(method, seed, value, products, seconds):
-        rows.append(dict(method=method, seed=seed, products=products,
-                         seconds=seconds, rel_err=abs(value - exact) / abs(exact)))
+        rows.append(
+            dict(
+                method=method,
+                seed=seed,
+                products=products,
+                seconds=seconds,
+                rel_err=abs(value - exact) / abs(exact),
+            )
+        )
 
     for seed in seeds:
         for method in ("krylov", "hutch++", "hutchinson"):
             t = time.perf_counter()
             est = hf.hutchinson_trace(H, budget, method=method, generator=gen(seed))
-            add(f"vivitlib {method}", seed, est.estimate, est.num_products,
-                time.perf_counter() - t)
+            add(
+                f"vivitlib {method}",
+                seed,
+                est.estimate,
+                est.num_products,
+                time.perf_counter() - t,
+            )
         if ctx.get("pyh"):
             obj, counter = ctx["pyh"]
             counter.n = 0
             torch.manual_seed(seed)
             t = time.perf_counter()
             samples = obj.trace(maxIter=budget, tol=0.0)
-            add("pyhessian hutchinson", seed, float(np.mean(samples)), counter.n,
-                time.perf_counter() - t)
+            add(
+                "pyhessian hutchinson",
+                seed,
+                float(np.mean(samples)),
+                counter.n,
+                time.perf_counter() - t,
+            )
         if ctx.get("curv"):
             from curvlinops import hutchinson_trace, hutchpp_trace, xtrace
 
             C, counter = ctx["curv"]
             # curvlinops' Hutch++ needs a multiple of 3, XTrace of 2
-            for name, fn, n in [("hutchinson", hutchinson_trace, budget),
-                                ("hutch++", hutchpp_trace, budget // 3 * 3),
-                                ("xtrace", xtrace, budget // 2 * 2)]:
+            for name, fn, n in [
+                ("hutchinson", hutchinson_trace, budget),
+                ("hutch++", hutchpp_trace, budget // 3 * 3),
+                ("xtrace", xtrace, budget // 2 * 2),
+            ]:
                 counter.n = 0
                 torch.manual_seed(seed)
                 t = time.perf_counter()
                 value = float(fn(C, n))
-                add(f"curvlinops {name}", seed, value, counter.n,
-                    time.perf_counter() - t)
+                add(
+                    f"curvlinops {name}",
+                    seed,
+                    value,
+                    counter.n,
+                    time.perf_counter() - t,
+                )
     return pd.DataFrame(rows)
 
 
@@ -233,23 +316,44 @@ def bench_speed(ctx, num_batches=4):
     H = ctx["H"]
     v = torch.randn(H.shape[0], generator=gen(0))
     vl = H.unflatten(v)
-    rows = [dict(setting="1 batch of 1000", method="vivitlib (cached graph)",
-                 ms_per_product=_time(lambda: H @ v))]
+    rows = [
+        dict(
+            setting="1 batch of 1000",
+            method="vivitlib (cached graph)",
+            ms_per_product=_time(lambda: H @ v),
+        )
+    ]
     if ctx.get("pyh"):
         ph = sys.modules["pyhessian.hessian"]
         obj, _ = ctx["pyh"]
-        rows.append(dict(setting="1 batch of 1000", method="pyhessian (cached graph)",
-                         ms_per_product=_time(lambda: ph.hessian_vector_product(
-                             obj.gradsH, obj.params, vl))))
+        rows.append(
+            dict(
+                setting="1 batch of 1000",
+                method="pyhessian (cached graph)",
+                ms_per_product=_time(
+                    lambda: ph.hessian_vector_product(obj.gradsH, obj.params, vl)
+                ),
+            )
+        )
     if ctx.get("curv"):
         C, _ = ctx["curv"]
-        rows.append(dict(setting="1 batch of 1000", method="curvlinops",
-                         ms_per_product=_time(lambda: C @ v)))
+        rows.append(
+            dict(
+                setting="1 batch of 1000",
+                method="curvlinops",
+                ms_per_product=_time(lambda: C @ v),
+            )
+        )
     batches = list(zip(X.chunk(num_batches), y.chunk(num_batches)))
     setting = f"{num_batches} batches of {len(X) // num_batches}"
     Hb = hf.HessianOperator(model, loss_fn, batches)
-    rows.append(dict(setting=setting, method="vivitlib",
-                     ms_per_product=_time(lambda: Hb @ v, reps=5)))
+    rows.append(
+        dict(
+            setting=setting,
+            method="vivitlib",
+            ms_per_product=_time(lambda: Hb @ v, reps=5),
+        )
+    )
     params = list(model.parameters())
 
     def naive():
@@ -261,20 +365,35 @@ def bench_speed(ctx, num_batches=4):
                 o.add_(h, alpha=len(Xb) / len(X))
         return out
 
-    rows.append(dict(setting=setting, method="graph rebuilt per batch (autograd)",
-                     ms_per_product=_time(naive, reps=5)))
+    rows.append(
+        dict(
+            setting=setting,
+            method="graph rebuilt per batch (autograd)",
+            ms_per_product=_time(naive, reps=5),
+        )
+    )
     if ctx.get("pyh"):
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(X, y), batch_size=len(X) // num_batches)
+            torch.utils.data.TensorDataset(X, y), batch_size=len(X) // num_batches
+        )
         obj, _ = peers.pyhessian_handle(model, loss_fn, None, None, dataloader=loader)
-        rows.append(dict(setting=setting, method="pyhessian",
-                         ms_per_product=_time(lambda: obj.dataloader_hv_product(vl),
-                                              reps=5)))
+        rows.append(
+            dict(
+                setting=setting,
+                method="pyhessian",
+                ms_per_product=_time(lambda: obj.dataloader_hv_product(vl), reps=5),
+            )
+        )
         ctx["pyh"] = peers.pyhessian_handle(model, loss_fn, X, y)
     if ctx.get("curv"):
         Cb, _ = peers.curvlinops_operator(model, loss_fn, batches)
-        rows.append(dict(setting=setting, method="curvlinops",
-                         ms_per_product=_time(lambda: Cb @ v, reps=5)))
+        rows.append(
+            dict(
+                setting=setting,
+                method="curvlinops",
+                ms_per_product=_time(lambda: Cb @ v, reps=5),
+            )
+        )
     return pd.DataFrame(rows)
 
 
@@ -287,10 +406,14 @@ def markdown(df: pd.DataFrame) -> str:
             return f"{x:.4g}" if math.isfinite(x) else "-"
         return str(x)
 
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |",
-             "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(x) for x in row) + " |"
-              for row in df.itertuples(index=False)]
+    lines = [
+        "| " + " | ".join(map(str, df.columns)) + " |",
+        "|" + "---|" * len(df.columns),
+    ]
+    lines += [
+        "| " + " | ".join(fmt(x) for x in row) + " |"
+        for row in df.itertuples(index=False)
+    ]
     return "\n".join(lines)
 
 
@@ -298,34 +421,54 @@ def summarize(frames) -> str:
     out = ["# Hessian-free benchmark (digits, 64-200-10 tanh MLP, D = 15,010)", ""]
     if "topk" in frames:
         df = frames["topk"]
-        agg = df.groupby(["k", "method"], sort=False).agg(
-            products_mean=("products", "mean"), products_max=("products", "max"),
-            seconds=("seconds", "mean"), max_rel_err=("max_rel_err", "max"),
-            runs=("seed", "count")).reset_index()
-        out += ["## Top-k eigenvalues (tol 1e-3, over seeds)", "",
-                markdown(agg), ""]
+        agg = (
+            df.groupby(["k", "method"], sort=False)
+            .agg(
+                products_mean=("products", "mean"),
+                products_max=("products", "max"),
+                seconds=("seconds", "mean"),
+                max_rel_err=("max_rel_err", "max"),
+                runs=("seed", "count"),
+            )
+            .reset_index()
+        )
+        out += ["## Top-k eigenvalues (tol 1e-3, over seeds)", "", markdown(agg), ""]
     if "density" in frames:
         df = frames["density"]
         agg = df.groupby("method", sort=False).agg(
-            products=("products", "mean"), l1_mean=("l1", "mean"),
-            l1_std=("l1", "std"), seconds=("seconds", "mean"),
-            runs=("seed", "count"))
+            products=("products", "mean"),
+            l1_mean=("l1", "mean"),
+            l1_std=("l1", "std"),
+            seconds=("seconds", "mean"),
+            runs=("seed", "count"),
+        )
         if "l1_own_range" in df:
             agg["l1_own_range_mean"] = df.groupby("method", sort=False)[
-                "l1_own_range"].mean()
-        out += ["## Spectral density (L1 to exact smoothed density, kernel var "
-                "1e-5)", "", markdown(agg.reset_index()), ""]
+                "l1_own_range"
+            ].mean()
+        out += [
+            "## Spectral density (L1 to exact smoothed density, kernel var 1e-5)",
+            "",
+            markdown(agg.reset_index()),
+            "",
+        ]
     if "trace" in frames:
         df = frames["trace"]
         agg = df.groupby("method", sort=False).agg(
-            products=("products", "mean"), rel_err_mean=("rel_err", "mean"),
-            rel_err_max=("rel_err", "max"), seconds=("seconds", "mean"),
-            runs=("seed", "count"))
-        out += ["## Trace (100 products)", "",
-                markdown(agg.reset_index()), ""]
+            products=("products", "mean"),
+            rel_err_mean=("rel_err", "mean"),
+            rel_err_max=("rel_err", "max"),
+            seconds=("seconds", "mean"),
+            runs=("seed", "count"),
+        )
+        out += ["## Trace (100 products)", "", markdown(agg.reset_index()), ""]
     if "speed" in frames:
-        out += ["## Hessian-vector product speed (float32, CPU)", "",
-                markdown(frames["speed"]), ""]
+        out += [
+            "## Hessian-vector product speed (float32, CPU)",
+            "",
+            markdown(frames["speed"]),
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -344,34 +487,51 @@ def main(argv=None) -> None:
     evals = exact_eigenvalues(args.out)
     problem = make_problem()
     model, loss_fn, X, y = problem
-    ctx = dict(problem=problem, evals=evals,
-               H=hf.HessianOperator(model, loss_fn, (X, y)))
+    ctx = dict(
+        problem=problem, evals=evals, H=hf.HessianOperator(model, loss_fn, (X, y))
+    )
     ctx["dref"] = density_reference(evals)
     ctx["pyh"] = peers.pyhessian_handle(model, loss_fn, X, y)
     ctx["curv"] = peers.curvlinops_operator(model, loss_fn, [(X, y)])
-    env = dict(torch=torch.__version__, python=platform.python_version(),
-               threads=args.threads, machine=platform.machine(),
-               pyhessian=peers.version("pyhessian"),
-               curvlinops=peers.version("curvlinops-for-pytorch"),
-               lambda_max=float(evals.max()), lambda_min=float(evals.min()),
-               trace=float(evals.sum()))
+    env = dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        threads=args.threads,
+        machine=platform.machine(),
+        pyhessian=peers.version("pyhessian"),
+        curvlinops=peers.version("curvlinops-for-pytorch"),
+        lambda_max=float(evals.max()),
+        lambda_min=float(evals.min()),
+        trace=float(evals.sum()),
+    )
     with open(os.path.join(args.out, "env.json"), "w") as f:
         json.dump(env, f, indent=1)
-    notes = [f"- {name} not installed: skipped" for name, key in
-             [("pyhessian", "pyh"), ("curvlinops-for-pytorch", "curv")]
-             if ctx[key] is None]
+    notes = [
+        f"- {name} not installed: skipped"
+        for name, key in [("pyhessian", "pyh"), ("curvlinops-for-pytorch", "curv")]
+        if ctx[key] is None
+    ]
 
     frames = {}
-    runners = dict(speed=lambda: bench_speed(ctx), topk=lambda: bench_topk(ctx, seeds),
-                   density=lambda: bench_density(ctx, seeds),
-                   trace=lambda: bench_trace(ctx, seeds))
+    runners = dict(
+        speed=lambda: bench_speed(ctx),
+        topk=lambda: bench_topk(ctx, seeds),
+        density=lambda: bench_density(ctx, seeds),
+        trace=lambda: bench_trace(ctx, seeds),
+    )
     for name in sections:
         start = time.perf_counter()
         frames[name] = runners[name]()
         frames[name].to_csv(os.path.join(args.out, f"{name}.csv"), index=False)
         print(f"[{name}] done in {time.perf_counter() - start:.0f} s")
-    text = summarize(frames) + "\n" + "\n".join(notes) + "\n\nEnvironment: " + (
-        json.dumps(env)) + "\n"
+    text = (
+        summarize(frames)
+        + "\n"
+        + "\n".join(notes)
+        + "\n\nEnvironment: "
+        + (json.dumps(env))
+        + "\n"
+    )
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     print(text)

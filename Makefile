@@ -20,7 +20,7 @@ demo: $(STAMP)
 	MPLBACKEND=agg $(PY) -m experiments.quickstart
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 MPLBACKEND=agg $(PY) -m pytest -n 2 -q tests
+	OMP_NUM_THREADS=1 MPLBACKEND=agg $(PY) -m pytest -n 2 -q
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W -b html docs docs/_build/html

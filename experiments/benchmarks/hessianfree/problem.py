@@ -15,23 +15,30 @@ STEPS = 200
 LR = 0.5
 
 
-def make_problem(seed: int = 0, dtype: torch.dtype = torch.float32):
+def make_problem(
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    num_data: int = NUM_DATA,
+    hidden: int = HIDDEN,
+    steps: int = STEPS,
+):
     """Return ``(model, loss_fn, X, y)`` after 200 full-batch SGD steps.
 
     Digits (sklearn's embedded copy, 8x8 images scaled to [0, 1]), the first
     1000 images, a 64-200-10 tanh MLP (D = 15,010), cross-entropy ('mean').
+    ``num_data``, ``hidden`` and ``steps`` shrink it (smoke test).
     """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    X = torch.tensor(digits.data[:NUM_DATA] / 16.0, dtype=dtype)
-    y = torch.tensor(digits.target[:NUM_DATA], dtype=torch.long)
+    X = torch.tensor(digits.data[:num_data] / 16.0, dtype=dtype)
+    y = torch.tensor(digits.target[:num_data], dtype=torch.long)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 10))
+    model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
     model = model.to(dtype)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for _ in range(STEPS):
+    for _ in range(steps):
         opt.zero_grad()
         loss_fn(model(X), y).backward()
         opt.step()
@@ -68,12 +75,19 @@ def dense_hessian(model, loss_fn, X, y, chunk: int = 200) -> torch.Tensor:
     return 0.5 * (H + H.T)
 
 
-def exact_eigenvalues(out_dir: str, seed: int = 0) -> np.ndarray:
-    """Exact Hessian eigenvalues (ascending), cached in ``out_dir``."""
-    path = os.path.join(out_dir, f"exact_eigenvalues_seed{seed}.npy")
+def exact_eigenvalues(out_dir: str, seed: int = 0, **size) -> np.ndarray:
+    """Exact Hessian eigenvalues (ascending), cached in ``out_dir``.
+
+    ``size`` (``num_data``, ``hidden``, ``steps``) is passed to
+    :func:`make_problem`; a non-default size gets its own cache file.
+    """
+    default = dict(num_data=NUM_DATA, hidden=HIDDEN, steps=STEPS)
+    size = {**default, **size}
+    tag = "" if size == default else "_n{num_data}_h{hidden}_s{steps}".format(**size)
+    path = os.path.join(out_dir, f"exact_eigenvalues_seed{seed}{tag}.npy")
     if os.path.exists(path):
         return np.load(path)
-    model, loss_fn, X, y = make_problem(seed)
+    model, loss_fn, X, y = make_problem(seed, **size)
     start = time.perf_counter()
     H = dense_hessian(model, loss_fn, X, y)
     print(f"dense Hessian {tuple(H.shape)} in {time.perf_counter() - start:.0f} s")

@@ -31,7 +31,13 @@ import torch
 from scipy.sparse.linalg import eigsh
 
 from experiments.benchmarks.hessianfree import peers
-from experiments.benchmarks.hessianfree.problem import exact_eigenvalues, make_problem
+from experiments.benchmarks.hessianfree.problem import (
+    HIDDEN,
+    NUM_DATA,
+    STEPS,
+    exact_eigenvalues,
+    make_problem,
+)
 from vivitlib import hessianfree as hf
 
 KERNEL_VAR = 1e-5
@@ -417,8 +423,8 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def summarize(frames) -> str:
-    out = ["# Hessian-free benchmark (digits, 64-200-10 tanh MLP, D = 15,010)", ""]
+def summarize(frames, title="digits, 64-200-10 tanh MLP, D = 15,010") -> str:
+    out = [f"# Hessian-free benchmark ({title})", ""]
     if "topk" in frames:
         df = frames["topk"]
         agg = (
@@ -478,14 +484,18 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--sections", default="speed,topk,density,trace")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--num-data", type=int, default=NUM_DATA)
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     sections = args.sections.split(",")
     seeds = list(range(args.seeds))
 
-    evals = exact_eigenvalues(args.out)
-    problem = make_problem()
+    size = dict(num_data=args.num_data, hidden=args.hidden, steps=args.steps)
+    evals = exact_eigenvalues(args.out, **size)
+    problem = make_problem(**size)
     model, loss_fn, X, y = problem
     ctx = dict(
         problem=problem, evals=evals, H=hf.HessianOperator(model, loss_fn, (X, y))
@@ -503,6 +513,11 @@ def main(argv=None) -> None:
         lambda_max=float(evals.max()),
         lambda_min=float(evals.min()),
         trace=float(evals.sum()),
+        **size,
+    )
+    title = (
+        f"digits ({args.num_data}), 64-{args.hidden}-10 tanh MLP, "
+        f"D = {ctx['H'].shape[0]:,}"
     )
     with open(os.path.join(args.out, "env.json"), "w") as f:
         json.dump(env, f, indent=1)
@@ -525,7 +540,7 @@ def main(argv=None) -> None:
         frames[name].to_csv(os.path.join(args.out, f"{name}.csv"), index=False)
         print(f"[{name}] done in {time.perf_counter() - start:.0f} s")
     text = (
-        summarize(frames)
+        summarize(frames, title)
         + "\n"
         + "\n".join(notes)
         + "\n\nEnvironment: "

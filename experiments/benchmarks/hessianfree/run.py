@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -53,84 +54,82 @@ def rel_err(est, exact) -> float:
 
 
 # ---- top-k ------------------------------------------------------------------
+def _measured(method, k, seed, top, counter, call) -> dict:
+    """Run ``call`` once (products counted by ``counter``) into one table row."""
+    counter.n = 0
+    t = time.perf_counter()
+    vals = call()
+    return dict(
+        method=method,
+        k=k,
+        seed=seed,
+        products=counter.n,
+        seconds=time.perf_counter() - t,
+        max_rel_err=rel_err(vals, top),
+    )
+
+
+class _OpCounter:
+    """Adapter: ``.n`` reads and resets a vivitlib operator's product count."""
+
+    def __init__(self, op):
+        self.op = op
+
+    @property
+    def n(self) -> int:
+        return self.op.num_products
+
+    @n.setter
+    def n(self, value: int) -> None:
+        self.op.num_products = value
+
+
+def _eigsh(op_scipy, k, v0):
+    return eigsh(op_scipy, k=k, which="LA", tol=1e-3, v0=v0, return_eigenvectors=False)
+
+
+def _topk_vivitlib(H, k, seed):
+    return hf.topk_eigh(H, k, tol=1e-3, generator=gen(seed)).eigenvalues
+
+
+def _topk_pyhessian(obj, k, tol):
+    return obj.eigenvalues(maxIter=100, tol=tol, top_n=k)[0]
+
+
 def bench_topk(ctx, seeds, ks=(1, 5, 20)):
     H, top = ctx["H"], ctx["evals"][::-1]
+    ours = _OpCounter(H)
     rows = []
     for k in ks:
         for seed in seeds:
-            H.num_products = 0
-            t = time.perf_counter()
-            res = hf.topk_eigh(H, k, tol=1e-3, generator=gen(seed))
-            rows.append(
-                dict(
-                    method="vivitlib topk_eigh",
-                    k=k,
-                    seed=seed,
-                    products=res.num_products,
-                    seconds=time.perf_counter() - t,
-                    max_rel_err=rel_err(res.eigenvalues, top),
-                )
-            )
-            H.num_products = 0
             v0 = hf._linalg.rademacher(H.shape[0], 1, gen(seed), "cpu")[:, 0].numpy()
-            t = time.perf_counter()
-            vals = eigsh(
-                H.to_scipy(),
-                k=k,
-                which="LA",
-                tol=1e-3,
-                v0=v0,
-                return_eigenvectors=False,
-            )
-            rows.append(
-                dict(
-                    method="scipy eigsh (vivitlib op)",
-                    k=k,
-                    seed=seed,
-                    products=H.num_products,
-                    seconds=time.perf_counter() - t,
-                    max_rel_err=rel_err(vals, top),
-                )
-            )
+            runs = [
+                ("vivitlib topk_eigh", ours, partial(_topk_vivitlib, H, k, seed)),
+                (
+                    "scipy eigsh (vivitlib op)",
+                    ours,
+                    partial(_eigsh, H.to_scipy(), k, v0),
+                ),
+            ]
             if ctx.get("curv"):
                 C, counter = ctx["curv"]
-                counter.n = 0
-                t = time.perf_counter()
-                vals = eigsh(
-                    C.to_scipy(),
-                    k=k,
-                    which="LA",
-                    tol=1e-3,
-                    v0=v0,
-                    return_eigenvectors=False,
-                )
-                rows.append(
-                    dict(
-                        method="curvlinops + eigsh",
-                        k=k,
-                        seed=seed,
-                        products=counter.n,
-                        seconds=time.perf_counter() - t,
-                        max_rel_err=rel_err(vals, top),
+                runs.append(
+                    (
+                        "curvlinops + eigsh",
+                        counter,
+                        partial(_eigsh, C.to_scipy(), k, v0),
                     )
                 )
             if ctx.get("pyh") and (seed == seeds[0] or k < 20):
                 obj, counter = ctx["pyh"]
                 for tol in (1e-3, 1e-5):
-                    counter.n = 0
-                    torch.manual_seed(seed)
-                    t = time.perf_counter()
-                    vals, _ = obj.eigenvalues(maxIter=100, tol=tol, top_n=k)
-                    rows.append(
-                        dict(
-                            method=f"pyhessian power it. (tol {tol:g})",
-                            k=k,
-                            seed=seed,
-                            products=counter.n,
-                            seconds=time.perf_counter() - t,
-                            max_rel_err=rel_err(vals, top),
-                        )
-                    )
+                    runs.append(
+                        (f"pyhessian power it. (tol {tol:g})", counter,
+                         partial(_topk_pyhessian, obj, k, tol))
+                    )  # fmt: skip
+            for method, counter, call in runs:
+                torch.manual_seed(seed)
+                rows.append(_measured(method, k, seed, top, counter, call))
     return pd.DataFrame(rows)
 
 

@@ -51,6 +51,30 @@ def _adaptive_pool_cnn():
     )
 
 
+def _grouped_dilated_cnn():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, groups=2, dilation=2, padding=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(100, 3),
+    )
+
+
+def _conv_transpose():
+    return nn.Sequential(
+        nn.ConvTranspose2d(2, 3, 2, stride=2),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(108, 2),
+    )
+
+
+def _conv3d_avgpool():
+    return nn.Sequential(
+        nn.Conv3d(1, 2, 2), nn.AvgPool3d(2), nn.Flatten(), nn.Linear(16, 3)
+    )
+
+
 def _conv1d_seq():
     return nn.Sequential(nn.Conv1d(2, 3, 3, stride=2), nn.Sigmoid(), nn.Flatten(),
                          nn.Linear(12, 2))  # fmt: skip
@@ -85,6 +109,15 @@ CASES: list[dict[str, Any]] = [
          y=lambda n: _class_targets(n, 3)),
     dict(id="adaptive-pool-cnn-ce", model=_adaptive_pool_cnn, loss=nn.CrossEntropyLoss,
          x=(3, 2, 7, 7), y=lambda n: _class_targets(n, 3)),
+    dict(id="grouped-dilated-conv-ce", model=_grouped_dilated_cnn,
+         loss=nn.CrossEntropyLoss, x=(4, 2, 5, 5), y=lambda n: _class_targets(n, 3)),
+    dict(id="conv-transpose-mse", model=_conv_transpose, loss=nn.MSELoss,
+         x=(3, 2, 3, 3), y=lambda n: torch.randn(n, 2)),
+    dict(id="conv3d-avgpool-ce-sum", model=_conv3d_avgpool,
+         loss=lambda: nn.CrossEntropyLoss(reduction="sum"), x=(4, 1, 5, 5, 5),
+         y=lambda n: _class_targets(n, 3)),
+    dict(id="ce-sequence-output", model=lambda: nn.Sequential(nn.Conv1d(3, 4, 3, padding=1)),
+         loss=nn.CrossEntropyLoss, x=(3, 3, 5), y=lambda n: torch.randint(0, 4, (n, 5))),
     dict(id="conv1d-mse", model=_conv1d_seq, loss=nn.MSELoss, x=(4, 2, 9),
          y=lambda n: torch.randn(n, 2)),
     dict(id="seq-linear-mse", model=_sequence_linear, loss=nn.MSELoss, x=(4, 2, 3),

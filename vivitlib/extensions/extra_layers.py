@@ -7,10 +7,6 @@ them here lets, e.g., torchvision's ResNets (``AdaptiveAvgPool2d``) through.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-import torch
 from backpack.core.derivatives.adaptive_avg_pool_nd import (
     AdaptiveAvgPool1dDerivatives,
     AdaptiveAvgPool2dDerivatives,
@@ -20,25 +16,10 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from torch.nn import AdaptiveAvgPool1d, AdaptiveAvgPool2d, AdaptiveAvgPool3d
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """BackPACK's pooling derivatives build their kernel in the default dtype."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _sqrt_rule(derivatives_cls: type) -> type:
     class _Rule(SqrtGGNBaseModule):
         def __init__(self):
             super().__init__(derivatives_cls())
-
-        def backpropagate(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
-            with _default_dtype(module.input0.dtype):
-                return super().backpropagate(ext, module, g_inp, g_out, backproped)
 
     _Rule.__name__ = f"SqrtGGN{derivatives_cls.__name__.replace('Derivatives', '')}"
     return _Rule

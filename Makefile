@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 env: $(STAMP)
 
 demo: $(STAMP)
-	MPLBACKEND=agg $(PY) -m experiments.quickstart
+	MPLBACKEND=agg $(PY) -m experiments.noise_during_training.run --quick
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 MPLBACKEND=agg $(PY) -m pytest -n 2 -q

@@ -21,3 +21,16 @@ def test_readme_python_snippets_run():
         p.shape for p in namespace["model"].parameters()
     ]
     assert namespace["evals"].shape == (5,)
+
+
+def test_make_targets_run_existing_modules():
+    """Every ``python -m <module>`` in the Makefile names an importable module."""
+    import importlib.util
+
+    makefile = (README.parent / "Makefile").read_text()
+    modules = re.findall(r"\$\(PY\) -m ([\w.]+)", makefile)
+    assert "experiments.noise_during_training.run" in modules
+    for module in modules:
+        if module in {"pip", "pytest", "sphinx", "ruff"}:
+            continue
+        assert importlib.util.find_spec(module) is not None, module

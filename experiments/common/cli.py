@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from experiments.common.data import ImageData
-from experiments.common.study import Run, default_steps
+from experiments.common.results import combine, write_environment
+from experiments.common.study import Evaluator, Run, default_steps, train_and_evaluate
 from experiments.common.training import OPTIMIZERS, TrainConfig
 from experiments.problems import Problem, training_defaults
 
@@ -69,9 +72,46 @@ def parse_steps(text: str) -> list[int]:
     return sorted({int(part) for part in text.split(",") if part.strip()})
 
 
-def eval_steps(args: argparse.Namespace, num_steps: int) -> list[int]:
-    """Return ``--steps`` if given, else initialisation, early and final step."""
-    return parse_steps(args.steps) if args.steps else default_steps(num_steps)
+def eval_steps(
+    args: argparse.Namespace,
+    num_steps: int,
+    default: Callable[[int], list[int]] = default_steps,
+) -> list[int]:
+    """Return ``--steps`` if given, else ``default(num_steps)`` (init, early, final)."""
+    return parse_steps(args.steps) if args.steps else default(num_steps)
+
+
+def train_and_tabulate(
+    args: argparse.Namespace,
+    problem: Problem,
+    data: ImageData,
+    study: str,
+    evaluator_for: Callable[[Run], Evaluator],
+    default: Callable[[int], list[int]] = default_steps,
+) -> pd.DataFrame:
+    """Train every run of a study, evaluate its checkpoints, write ``<study>.csv``.
+
+    Args:
+        args: Parsed command line (``--out``, ``--steps``, ``--no-progress``, ...).
+        problem: The problem.
+        data: Its data.
+        study: Study name (table file name and progress label).
+        evaluator_for: Returns the checkpoint evaluator of a run.
+        default: Evaluation steps when ``--steps`` is not given.
+
+    Returns:
+        The combined table of every run and evaluated step.
+    """
+    write_environment(args.out, vars(args))
+    frames = []
+    for run in make_runs(args, problem, data):
+        steps = eval_steps(args, run.train_config.num_steps, default)
+        frames.append(
+            train_and_evaluate(
+                run, steps, evaluator_for(run), study, not args.no_progress
+            )
+        )
+    return combine(frames, args.out / f"{study}.csv")
 
 
 def held_out_batch(args: argparse.Namespace, data: ImageData):

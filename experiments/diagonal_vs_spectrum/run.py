@@ -13,8 +13,7 @@ import importlib.util
 from functools import partial
 
 from experiments.common import cli
-from experiments.common.results import combine, write_environment
-from experiments.common.study import train_and_evaluate
+from experiments.common.results import combine
 from experiments.diagonal_vs_spectrum.compute import diagonal_table, summarize
 from experiments.diagonal_vs_spectrum.plot import plot_diagonal
 from experiments.problems import get_problem
@@ -38,15 +37,10 @@ def main(argv: list[str] | None = None) -> dict:
     problem = get_problem(args.problem)
     data = problem.load_data(args.data_dir)
     inputs, labels = cli.held_out_batch(args, data)
-    write_environment(args.out, vars(args))
-    frames = []
-    for run in cli.make_runs(args, problem, data):
-        evaluate = partial(_evaluate, inputs=inputs, labels=labels, run=run, args=args)
-        steps = cli.eval_steps(args, run.train_config.num_steps)
-        frames.append(
-            train_and_evaluate(run, steps, evaluate, STUDY, not args.no_progress)
-        )
-    table = combine(frames, args.out / f"{STUDY}.csv")
+    evaluate = partial(_evaluate, inputs=inputs, labels=labels, args=args)
+    table = cli.train_and_tabulate(
+        args, problem, data, STUDY, lambda run: partial(evaluate, run=run)
+    )
     summary = combine(
         [summarize(table, ["problem", "step"])], args.out / f"{STUDY}_summary.csv"
     )

@@ -12,8 +12,7 @@ from __future__ import annotations
 from functools import partial
 
 from experiments.common import cli
-from experiments.common.results import combine, write_environment
-from experiments.common.study import default_steps, train_and_evaluate
+from experiments.common.study import default_steps
 from experiments.gradient_variance.compute import variance_table
 from experiments.gradient_variance.plot import plot_variance
 from experiments.problems import get_problem
@@ -43,17 +42,10 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(args.num_batches)
     ]
     evaluate = partial(_evaluate, batches=batches, top_k=args.top_k)
-    write_environment(args.out, vars(args))
-    frames = []
-    for run in cli.make_runs(args, problem, data):
-        num_steps = run.train_config.num_steps
-        steps = (
-            cli.parse_steps(args.steps) if args.steps else default_steps(num_steps, 6)
-        )
-        frames.append(
-            train_and_evaluate(run, steps, evaluate, STUDY, not args.no_progress)
-        )
-    table = combine(frames, args.out / f"{STUDY}.csv")
+    table = cli.train_and_tabulate(
+        args, problem, data, STUDY, lambda run: evaluate,
+        default=lambda num_steps: default_steps(num_steps, 6),
+    )  # fmt: skip
     figures = plot_variance(table, args.out)
     cli.report(STUDY, args.out / f"{STUDY}.csv", figures)
     return {"table": args.out / f"{STUDY}.csv", "figures": figures}

@@ -15,13 +15,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from experiments.common.plotting import save, subplots
+from experiments.optimizers_digits.plot import PANELS
 
-METRICS = [
-    ("train_loss", "train loss", "log"),
-    ("test_loss", "test loss", "log"),
-    ("train_accuracy", "train accuracy", "linear"),
-    ("test_accuracy", "test accuracy", "linear"),
-]
+METRICS = PANELS  # same four loss/accuracy panels as the digits comparison
 
 
 def _curves(ax, curves, x, column, colors, steps):

@@ -11,8 +11,6 @@ from __future__ import annotations
 from functools import partial
 
 from experiments.common import cli
-from experiments.common.results import combine, write_environment
-from experiments.common.study import train_and_evaluate
 from experiments.loss_landscape.compute import landscape_table
 from experiments.loss_landscape.plot import plot_landscape
 from experiments.problems import get_problem
@@ -45,15 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = partial(
         _evaluate, batch=cli.held_out_batch(args, data), splits=splits, args=args
     )
-    write_environment(args.out, vars(args))
-    frames = []
-    for run in cli.make_runs(args, problem, data):
-        num_steps = run.train_config.num_steps
-        steps = cli.parse_steps(args.steps) if args.steps else [0, num_steps]
-        frames.append(
-            train_and_evaluate(run, steps, evaluate, STUDY, not args.no_progress)
-        )
-    table = combine(frames, args.out / f"{STUDY}.csv")
+    table = cli.train_and_tabulate(
+        args, problem, data, STUDY, lambda run: evaluate,
+        default=lambda num_steps: [0, num_steps],
+    )  # fmt: skip
     figures = plot_landscape(table, args.out)
     cli.report(STUDY, args.out / f"{STUDY}.csv", figures)
     return {"table": args.out / f"{STUDY}.csv", "figures": figures}

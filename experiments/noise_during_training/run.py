@@ -13,8 +13,6 @@ import argparse
 from functools import partial
 
 from experiments.common import cli
-from experiments.common.results import combine, write_environment
-from experiments.common.study import train_and_evaluate
 from experiments.noise_during_training.compute import noise_table
 from experiments.noise_during_training.plot import plot_noise
 from experiments.problems import get_problem
@@ -43,14 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
         data.test_y[: args.eval_batch_size],
     )
     evaluate = partial(_evaluate, inputs=inputs, labels=labels)
-    write_environment(args.out, vars(args))
-    frames = []
-    for run in cli.make_runs(args, problem, data):
-        steps = cli.eval_steps(args, run.train_config.num_steps)
-        frames.append(
-            train_and_evaluate(run, steps, evaluate, STUDY, not args.no_progress)
-        )
-    table = combine(frames, args.out / f"{STUDY}.csv")
+    table = cli.train_and_tabulate(args, problem, data, STUDY, lambda run: evaluate)
     figures = plot_noise(table, args.out)
     cli.report(STUDY, args.out / f"{STUDY}.csv", figures)
     return {"table": args.out / f"{STUDY}.csv", "figures": figures}

@@ -11,8 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 from experiments.common import cli
-from experiments.common.results import combine, write_environment
-from experiments.common.study import train_and_evaluate
+from experiments.common.results import combine
 from experiments.problems import get_problem
 from experiments.spectrum_approximations.compute import distances, spectra_table
 from experiments.spectrum_approximations.plot import plot_spectra
@@ -34,17 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     problem = get_problem(args.problem)
     data = problem.load_data(args.data_dir)
     inputs, labels = cli.held_out_batch(args, data)
-    write_environment(args.out, vars(args))
-    frames = []
-    for run in cli.make_runs(args, problem, data):
-        evaluate = partial(
-            _evaluate, inputs=inputs, labels=labels, fraction=args.fraction
-        )
-        steps = cli.eval_steps(args, run.train_config.num_steps)
-        frames.append(
-            train_and_evaluate(run, steps, evaluate, STUDY, not args.no_progress)
-        )
-    table = combine(frames, args.out / f"{STUDY}.csv")
+    evaluate = partial(_evaluate, inputs=inputs, labels=labels, fraction=args.fraction)
+    table = cli.train_and_tabulate(args, problem, data, STUDY, lambda run: evaluate)
     summary = combine(
         [distances(table, ["problem", "optimizer", "step"])],
         args.out / f"{STUDY}_distances.csv",

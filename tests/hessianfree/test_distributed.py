@@ -56,7 +56,9 @@ def _worker(rank, port, queue):
         data = TensorDataset(problem.X[:12], problem.y[:12])  # divisible by 2
         sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
         out = _compute(problem, DataLoader(data, batch_size=4, sampler=sampler))
-        queue.put((rank, out))
+        # numpy arrays are pickled by value; torch tensors would travel as shared
+        # file descriptors that vanish if the worker exits before they are read
+        queue.put((rank, {k: v.detach().cpu().numpy() for k, v in out.items()}))
     finally:
         dist.destroy_process_group()
 
@@ -74,7 +76,7 @@ def test_two_gloo_ranks_match_single_process():
     for rank in range(WORLD):
         for key, value in ref.items():
             torch.testing.assert_close(
-                results[rank][key],
+                torch.from_numpy(results[rank][key]),
                 value,
                 rtol=1e-9,
                 atol=1e-11,

@@ -1,9 +1,25 @@
-"""Per-sample gradient variance and per-direction curvature variance on data batches.
+"""Gradient and curvature variance, and Hessian norms, on batches of training data.
 
-For each batch of ``N`` training samples: the mini-batch gradient ``ḡ``, the trace of
-the per-sample gradient covariance ``tr Σ = mean_n ‖g_n - ḡ‖²`` (from BackPACK's
-``BatchGrad``), and along the GGN's top eigen-directions the mean curvature ``λ_k``
-and the variance of the per-sample curvatures ``λ_nk`` (vivitlib's ``lambdas``).
+For each batch of ``N`` training samples (pass in float64):
+
+* from BackPACK's ``BatchGrad``: ``grad_norm_sq`` = ``‖ḡ‖²`` of the mini-batch
+  gradient and ``grad_var_trace`` = ``tr Σ = mean_n ‖g_n − ḡ‖²``;
+* from vivitlib's Gram matrix: ``ggn_frobenius`` = ``‖G‖_F`` and
+  ``ggn_sample_var`` = ``mean_n ‖G_n − G‖_F²``, the variance of the per-sample GGNs
+  ``G_n`` about their mean ``G`` (exact: ``‖G_n‖_F`` is the norm of sample ``n``'s
+  diagonal Gram block);
+* matrix-free (:mod:`vivitlib.hessianfree`, float64) on the batch Hessian ``H``:
+  ``hessian_lambda_max`` (Lanczos), ``hessian_trace`` and ``hessian_frobenius``
+  (Hutchinson, ``E[vᵀHv]`` and ``E‖Hv‖²`` over Rademacher ``v``, ``--probes``
+  probes) — the Deep Curvature suite's norms along training; their spread over the
+  batches is the batch-to-batch variance of the Hessian;
+* along the GGN's top directions (one row each, ``k < top_k``): the columns of
+  :func:`experiments.common.curvature.direction_table` (``eigenvalue`` λ_k,
+  ``lambda_var`` the variance of the per-sample curvatures λ_nk, ...);
+* the cut-off-independent summary of the batch's whole GGN spectrum,
+  :func:`experiments.noise_during_training.summary.spectrum_summary` (e.g.
+  ``lambda_snr_gt1_share_1e-04``: share of the directions with ``λ > 1e-4·λ_max``
+  whose curvature SNR exceeds one), repeated on each row of the batch.
 """
 
 from __future__ import annotations
@@ -13,6 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from experiments.common.curvature import direction_table, low_rank_ggn
+from experiments.noise_during_training.compute import in_precision
+from experiments.noise_during_training.summary import spectrum_summary
 
 
 def gradient_variance(
@@ -36,30 +54,114 @@ def gradient_variance(
     }
 
 
-def variance_table(
-    model: nn.Module, loss_fn: nn.Module, batches: list, top_k: int = 20
-) -> pd.DataFrame:
-    """Compute gradient and curvature variance on each batch.
+def ggn_sample_variance(gram: Tensor, num_samples: int) -> dict[str, float]:
+    """Return ``‖G‖_F`` and ``mean_n ‖G_n − G‖_F²`` from the Gram matrix.
 
     Args:
-        model: BackPACK-extended model (batch norm in eval mode).
+        gram: Gram matrix ``VᵀV`` ``[N·C, N·C]`` of a mean-reduced loss,
+            sample-major (column ``n·C + c``), ``V = N^{-1/2} [v_nc]``.
+        num_samples: ``N``.
+
+    Returns:
+        ``{"ggn_frobenius": ..., "ggn_sample_var": ...}``.
+
+    """
+    gram = gram.to(torch.float64)
+    size = gram.shape[0] // num_samples
+    blocks = gram.reshape(num_samples, size, num_samples, size)
+    own = torch.diagonal(blocks, dim1=0, dim2=2).permute(2, 0, 1)  # [N, C, C]
+    per_sample = (num_samples * own).square().sum((1, 2))  # ‖G_n‖_F²
+    total = gram.square().sum()  # ‖G‖_F²
+    return {
+        "ggn_frobenius": total.sqrt().item(),
+        "ggn_sample_var": (per_sample.mean() - total).item(),
+    }
+
+
+def hessian_norms(
+    plain: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    num_probes: int,
+    seed: int,
+) -> dict[str, float]:
+    """Largest eigenvalue, trace and Frobenius norm of the batch Hessian.
+
+    Args:
+        plain: Model without BackPACK hooks, in the evaluation precision.
+        loss_fn: Loss.
+        inputs: Batch inputs.
+        labels: Batch labels.
+        num_probes: Rademacher probes of the trace and Frobenius estimates.
+        seed: Seed of the probes and the Lanczos start.
+
+    Returns:
+        ``hessian_lambda_max``, ``hessian_trace``, ``hessian_frobenius``.
+
+    """
+    from vivitlib import hessianfree as hf
+
+    op = hf.HessianOperator(plain, loss_fn, [(inputs, labels)])
+    generator = torch.Generator().manual_seed(seed)
+    top = hf.topk_eigh(op, 1, tol=1e-6, generator=generator).eigenvalues
+    probes = torch.randint(
+        0, 2, (op.shape[0], num_probes), generator=generator, dtype=torch.float64
+    )
+    probes = 2 * probes - 1
+    products = op.matmat(probes).to(torch.float64)
+    return {
+        "hessian_lambda_max": float(top[0]),
+        "hessian_trace": (probes * products).sum(0).mean().item(),
+        "hessian_frobenius": products.square().sum(0).mean().sqrt().item(),
+    }
+
+
+def variance_table(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    batches: list,
+    top_k: int = 20,
+    *,
+    plain: nn.Module | None = None,
+    num_probes: int = 20,
+    precision: str = "float64",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Compute gradient and curvature variance, and Hessian norms, on each batch.
+
+    Args:
+        model: BackPACK-extended model (batch norm in eval mode); cast in place.
         loss_fn: BackPACK-extended loss.
         batches: ``(inputs, labels)`` batches of training data.
         top_k: Number of top GGN directions reported per batch. Default: ``20``.
+        plain: The same model without BackPACK hooks for the Hessian norms;
+            ``None`` skips them.
+        num_probes: Hutchinson probes. Default: ``20``.
+        precision: Evaluation precision. Default: ``'float64'``.
+        seed: Seed of the Hessian estimates. Default: ``0``.
 
     Returns:
-        One row per (batch, direction ``k < top_k``) with the columns of
-        :func:`experiments.common.curvature.direction_table`, ``batch``,
-        ``grad_norm_sq``, ``grad_var_trace`` and ``lambda_frac_snr_gt1`` (the
-        fraction of all nontrivial directions whose curvature SNR exceeds 1).
+        One row per (batch, direction ``k < top_k``) with the columns listed in the
+        module docstring and ``batch``.
 
     """
     frames = []
     for index, (inputs, labels) in enumerate(batches):
+        model, inputs = in_precision(model, inputs, precision)
         grads = gradient_variance(model, loss_fn, inputs, labels)
         ggn = low_rank_ggn(model, loss_fn, inputs, labels)
-        table = direction_table(ggn.blocks[0])
-        frac = float((table["lambda_snr"] > 1).mean())
-        table = table.head(top_k).assign(batch=index, **grads, lambda_frac_snr_gt1=frac)
-        frames.append(table)
+        block = ggn.blocks[0]
+        table = direction_table(block)
+        stats = {
+            **grads,
+            **ggn_sample_variance(block.gram, len(labels)),
+            **spectrum_summary(table),
+        }
+        if plain is not None:
+            plain, _ = in_precision(plain, inputs, precision)
+            stats.update(
+                hessian_norms(plain, loss_fn, inputs, labels, num_probes, seed + index)
+            )
+        frames.append(table.head(top_k).assign(batch=index, **stats))
     return pd.concat(frames, ignore_index=True)

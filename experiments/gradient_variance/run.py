@@ -1,9 +1,13 @@
-"""Study 7: gradient and curvature variance during training.
+"""Study 7: gradient and curvature variance, and Hessian norms, during training.
 
 Trains with SGD and Adam and, at log-spaced checkpoints, measures on several fixed
-batches of training data the per-sample gradient variance (trace of the gradient
-covariance, against the squared mean gradient) and, along the GGN's top directions,
-the variance of the per-sample curvatures λ_nk.
+batches of training data (float64): the per-sample gradient variance (trace of the
+gradient covariance, against the squared mean gradient), the variance of the
+per-sample GGNs and of the per-sample curvatures λ_nk along the top directions, the
+share of directions with curvature SNR > 1 above fixed fractions of λ_max, and the
+batch Hessian's largest eigenvalue, trace and Frobenius norm (Deep Curvature suite;
+their spread over the batches is the Hessian's batch-to-batch variance;
+``--probes 0`` skips them). Columns: :mod:`experiments.gradient_variance.compute`.
 Run with ``python -m experiments.gradient_variance.run``.
 """
 
@@ -15,6 +19,7 @@ from experiments.common import cli
 from experiments.common.study import default_steps
 from experiments.gradient_variance.compute import variance_table
 from experiments.gradient_variance.plot import plot_variance
+from experiments.noise_during_training.compute import PRECISIONS
 from experiments.problems import get_problem
 
 STUDY = "gradient_variance"
@@ -24,8 +29,11 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the study; return the paths of its table and figures."""
     parser = cli.base_parser(STUDY, __doc__)
     cli.add_training_args(parser, eval_batch=64)
-    parser.add_argument("--num-batches", type=int, default=4, help="batches per step")
-    parser.add_argument("--top-k", type=int, default=20, help="directions reported")
+    add = parser.add_argument
+    add("--num-batches", type=int, default=4, help="batches per step")
+    add("--top-k", type=int, default=20, help="directions reported")
+    add("--probes", type=int, default=20, help="Hutchinson probes (0: no Hessian)")
+    add("--precision", default="float64", choices=sorted(PRECISIONS))
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs = 10 if args.epochs is None else args.epochs
@@ -41,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for i in range(args.num_batches)
     ]
-    evaluate = partial(_evaluate, batches=batches, top_k=args.top_k)
+    evaluate = partial(_evaluate, batches=batches, args=args)
     table = cli.train_and_tabulate(
-        args, problem, data, STUDY, lambda run: evaluate,
+        args, problem, data, STUDY, lambda run: partial(evaluate, run=run),
         default=lambda num_steps: default_steps(num_steps, 6),
     )  # fmt: skip
     figures = plot_variance(table, args.out)
@@ -51,8 +59,18 @@ def main(argv: list[str] | None = None) -> dict:
     return {"table": args.out / f"{STUDY}.csv", "figures": figures}
 
 
-def _evaluate(model, loss_fn, step, *, batches, top_k):
-    return variance_table(model, loss_fn, batches, top_k)
+def _evaluate(model, loss_fn, step, *, batches, args, run):
+    plain = run.plain_model(model) if args.probes > 0 else None
+    return variance_table(
+        model,
+        loss_fn,
+        batches,
+        args.top_k,
+        plain=plain,
+        num_probes=args.probes,
+        precision=args.precision,
+        seed=args.seed + step,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,14 @@
-"""Study 7 end to end in a tiny configuration, and its resume."""
+"""Study 7 end to end in a tiny configuration, its resume, and the GGN variance."""
+
+import torch
+from torch.func import functional_call, jacrev
 
 import experiments.gradient_variance.run as study
+from experiments.common.curvature import low_rank_ggn
+from experiments.common.data import load_digits
+from experiments.gradient_variance.compute import ggn_sample_variance
+from experiments.noise_during_training.summary import THRESHOLDS, tag
+from experiments.problems import get_problem, make_extended
 from tests.experiments.utils import assert_finite, assert_resumes
 
 ARGV = [
@@ -18,6 +26,8 @@ ARGV = [
     "2",
     "--top-k",
     "5",
+    "--probes",
+    "4",
     "--no-progress",
 ]
 
@@ -26,6 +36,8 @@ def test_variance_study_table_and_resume(monkeypatch, tmp_path):
     table = assert_resumes(
         monkeypatch, study.main, ARGV, tmp_path, study, "variance_table", call=3
     )
+    shares = [f"lambda_snr_gt1_share_{tag(f)}" for f in THRESHOLDS]
+    hessian = ["hessian_lambda_max", "hessian_trace", "hessian_frobenius"]
     assert_finite(
         table,
         [
@@ -33,11 +45,49 @@ def test_variance_study_table_and_resume(monkeypatch, tmp_path):
             "grad_var_trace",
             "eigenvalue",
             "lambda_var",
-            "lambda_frac_snr_gt1",
+            "ggn_frobenius",
+            "ggn_sample_var",
+            *shares,
+            *hessian,
         ],
     )
     assert set(table["batch"]) == {0, 1} and set(table["optimizer"]) == {"sgd", "adam"}
     assert (table["grad_var_trace"] > 0).all() and (table["lambda_var"] >= 0).all()
+    assert (table["ggn_sample_var"] >= 0).all()
     assert table.groupby(["optimizer", "step", "batch"]).size().max() <= 5
-    assert table["lambda_frac_snr_gt1"].between(0, 1).all()
+    assert table[shares].stack().between(0, 1).all()
+    # logistic regression: the Hessian is the GGN, whose top eigenvalue vivitlib has
+    top = table[table["k"] == 0]
+    assert (
+        (top["hessian_lambda_max"] - top["eigenvalue"]).abs()
+        <= 1e-6 * top["eigenvalue"]
+    ).all()
+    # Frobenius norm of the Hessian (Hutchinson) vs the exact one of the GGN
+    ratio = top["hessian_frobenius"] / top["ggn_frobenius"]
+    assert ratio.between(0.3, 3).all()
     assert (tmp_path / "ref" / "variance_digits_logreg.png").exists()
+
+
+def test_ggn_sample_variance_matches_dense_per_sample_ggns():
+    data = load_digits()
+    inputs, labels = data.test_x[:5].double(), data.test_y[:5]
+    problem = get_problem("digits_mlp")
+    model, loss_fn = make_extended(problem, (1, 8, 8), 10, seed=2)
+    model.double()
+    ggn = low_rank_ggn(model, loss_fn, inputs, labels, compute=("eigenvalues",))
+    result = ggn_sample_variance(ggn.blocks[0].gram, len(labels))
+
+    plain = problem.make_model((1, 8, 8), 10).double()
+    plain.load_state_dict(model.state_dict())
+    params = {k: v.detach() for k, v in plain.named_parameters()}
+    jac = jacrev(lambda p: functional_call(plain, p, (inputs,)))(params)
+    jac = torch.cat([j.flatten(start_dim=2) for j in jac.values()], dim=2)
+    probs = plain(inputs).softmax(1).detach()
+    per_sample = torch.stack(
+        [j.T @ (torch.diag(p) - torch.outer(p, p)) @ j for j, p in zip(jac, probs)]
+    )
+    mean = per_sample.mean(0)
+    expected_var = (per_sample - mean).square().sum((1, 2)).mean().item()
+    expected_norm = mean.square().sum().sqrt().item()
+    assert abs(result["ggn_sample_var"] - expected_var) <= 1e-9 * expected_var
+    assert abs(result["ggn_frobenius"] - expected_norm) <= 1e-9 * expected_norm

@@ -11,8 +11,14 @@ import pandas as pd
 import torch
 
 from experiments.common.data import ImageData
-from experiments.common.results import combine, write_environment
-from experiments.common.study import Evaluator, Run, default_steps, train_and_evaluate
+from experiments.common.results import combine, number_options, write_environment
+from experiments.common.study import (
+    TRAINING_OPTIONS,
+    Evaluator,
+    Run,
+    default_steps,
+    train_and_evaluate,
+)
 from experiments.common.training import OPTIMIZERS, TrainConfig
 from experiments.problems import Problem, training_defaults
 
@@ -101,15 +107,21 @@ def train_and_tabulate(
 
     Returns:
         The combined table of every run and evaluated step.
+
+    Every option but :data:`~experiments.common.results.NON_NUMERIC_OPTIONS` and
+    :data:`~experiments.common.study.TRAINING_OPTIONS` (whose effect the tables'
+    run and step columns already record) keys the cached evaluation tables, so a
+    changed option (e.g. ``--eval-batch-size``) computes new tables.
     """
     write_environment(args.out, vars(args))
+    options = number_options(vars(args), exclude=TRAINING_OPTIONS)
     frames = []
     for run in make_runs(args, problem, data):
         steps = eval_steps(args, run.train_config.num_steps, default)
+        evaluate = evaluator_for(run)
+        progress = not args.no_progress
         frames.append(
-            train_and_evaluate(
-                run, steps, evaluator_for(run), study, not args.no_progress
-            )
+            train_and_evaluate(run, steps, evaluate, study, progress, options)
         )
     return combine(frames, args.out / f"{study}.csv")
 

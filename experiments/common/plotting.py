@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +12,11 @@ matplotlib.use("agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from experiments.common.files import (  # noqa: E402
+    ResultsNotWritableError,
+    atomic_write_bytes,
+)
 
 
 def subplots(nrows: int, ncols: int, width: float = 3.2, height: float = 2.6, **kwargs):
@@ -21,12 +28,22 @@ def subplots(nrows: int, ncols: int, width: float = 3.2, height: float = 2.6, **
 
 
 def save(fig, path: Path, dpi: int = 120) -> Path:
-    """Save ``fig`` as PNG (creating folders) and close it."""
+    """Save ``fig`` as PNG (creating folders, atomically) and close it.
+
+    Identical bytes are not written again. If the folder is read-only and an older
+    figure exists, a warning says it was not updated.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
     plt.close(fig)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except ResultsNotWritableError as err:
+        if not path.is_file():
+            raise
+        warnings.warn(f"{path} was not updated: {err}", UserWarning, stacklevel=2)
     return path
 
 

@@ -7,7 +7,7 @@ table per ``(run, step)`` — skipped when the table is already on disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from experiments.common.data import ImageData
-from experiments.common.results import cached_table, config_key, write_table
+from experiments.common.locking import claim_folder
+from experiments.common.results import (
+    cached_table,
+    config_key,
+    recorded_options,
+    write_table,
+)
 from experiments.common.training import (
     TrainConfig,
     checkpoint_path,
@@ -26,6 +32,14 @@ from experiments.common.training import (
 from experiments.problems import Problem, make_extended
 
 Evaluator = Callable[[nn.Module, nn.Module, int], pd.DataFrame]
+
+#: Command-line options that only decide which runs and checkpoints exist; each
+#: evaluation table's key already names its run (problem, optimizer, lr, batch size,
+#: seed) and step, which is all these options change about it.
+TRAINING_OPTIONS = frozenset(
+    {"problem", "optimizers", "epochs", "batch_size", "lr_sgd", "lr_adam", "steps"}
+    | {"seed"}
+)
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,13 @@ class Run:
 def train_run(
     run: Run, save_steps: Iterable[int], progress: bool = True
 ) -> pd.DataFrame:
-    """Train (or resume) ``run``, checkpointing at ``save_steps``; write its log CSV."""
+    """Train (or resume) ``run``, checkpointing at ``save_steps``; write its log CSV.
+
+    Claims ``run.out_dir`` for this process first (see
+    :mod:`experiments.common.locking`); a complete run in a read-only folder writes
+    nothing.
+    """
+    claim_folder(run.out_dir)
     model, loss_fn = run.fresh_model()
     log = train(
         model,
@@ -112,7 +132,11 @@ def train_run(
 
 
 def evaluate_checkpoints(
-    run: Run, steps: Iterable[int], evaluate: Evaluator, name: str = "eval"
+    run: Run,
+    steps: Iterable[int],
+    evaluate: Evaluator,
+    name: str = "eval",
+    options: Mapping[str, object] | None = None,
 ) -> pd.DataFrame:
     """Evaluate the checkpoints of ``run`` at ``steps``, one cached table per step.
 
@@ -122,12 +146,20 @@ def evaluate_checkpoints(
         evaluate: ``(model, loss_fn, step) -> DataFrame`` for one checkpoint; the
             model has batch norm in eval mode.
         name: Names this kind of evaluation in the table keys. Default: ``'eval'``.
+        options: The options that change the evaluation's numbers besides the run
+            and the step (e.g. ``--eval-batch-size``); they key the cached tables
+            (see :func:`~experiments.common.results.cached_table`). Default: the
+            arguments recorded by
+            :func:`~experiments.common.results.write_environment` for
+            ``run.out_dir``, without :data:`TRAINING_OPTIONS`.
 
     Returns:
         The tables of all steps, concatenated, with the run's label columns and the
         columns ``step`` and ``epoch``.
 
     """
+    if options is None:
+        options = recorded_options(run.out_dir, exclude=TRAINING_OPTIONS)
     frames = []
     steps_per_epoch = len(run.data.train_y) // run.train_config.batch_size
     for step in sorted(set(steps)):
@@ -144,7 +176,8 @@ def evaluate_checkpoints(
             torch.manual_seed(run.train_config.seed + step)
             return evaluate(model, loss_fn, step)
 
-        frames.append(cached_table(run.out_dir, config, compute).drop(columns="eval"))
+        table = cached_table(run.out_dir, config, compute, options)
+        frames.append(table.drop(columns="eval"))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -154,11 +187,12 @@ def train_and_evaluate(
     evaluate: Evaluator,
     name: str = "eval",
     progress: bool = True,
+    options: Mapping[str, object] | None = None,
 ) -> pd.DataFrame:
     """:func:`train_run` followed by :func:`evaluate_checkpoints` on ``steps``."""
     steps = sorted(set(steps))
     train_run(run, steps, progress=progress)
-    return evaluate_checkpoints(run, steps, evaluate, name)
+    return evaluate_checkpoints(run, steps, evaluate, name, options)
 
 
 def default_steps(num_steps: int, count: int = 3) -> list[int]:

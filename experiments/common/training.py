@@ -4,11 +4,15 @@ Mini-batches are a pure function of ``(seed, step)``: epoch ``e`` uses a permuta
 the training set drawn from a generator seeded with ``(seed, e)``, and the incomplete
 last batch is dropped. A checkpoint holds model, optimizer, torch RNG state, step and
 the training log, so resuming from it continues bit-for-bit like an uninterrupted run.
+Checkpoints are written atomically and read with ``torch.load(weights_only=True)``
+(no code in a file is ever executed); a damaged one is set aside and recomputed from
+the checkpoint before it.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from experiments.common.data import ImageData
+from experiments.common.files import CorruptFileError, atomic_write
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -83,17 +88,35 @@ def checkpoint_path(folder: Path, step: int) -> Path:
     return Path(folder) / f"step{step:07d}.pt"
 
 
+def checkpoint_steps(folder: Path) -> dict[int, Path]:
+    """The checkpoints in ``folder`` by step (damaged ones included)."""
+    found = {}
+    for path in Path(folder).glob("step*.pt") if Path(folder).exists() else ():
+        digits = path.stem[len("step") :]
+        if digits.isdigit():
+            found[int(digits)] = path
+    return dict(sorted(found.items()))
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """Find the checkpoint with the largest step in ``folder``, or ``None``."""
-    found = sorted(Path(folder).glob("step*.pt")) if Path(folder).exists() else []
-    return found[-1] if found else None
+    found = checkpoint_steps(folder)
+    return found[max(found)] if found else None
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, optimizer, step: int, log: list
+    path: Path,
+    model: nn.Module,
+    optimizer,
+    step: int,
+    log: list,
+    config: TrainConfig | None = None,
 ) -> None:
-    """Save model, optimizer, torch RNG state, step and log atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save model, optimizer, RNG state, step, log (and config) atomically.
+
+    The file is written under a unique temporary name and renamed, so a killed run
+    leaves either the previous file or the complete new one.
+    """
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -101,19 +124,144 @@ def save_checkpoint(
         "step": step,
         "log": list(log),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    if config is not None:
+        state["config"] = resume_record(config)
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load and check a checkpoint without executing anything stored in it.
+
+    Loads with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+    containers only, so a crafted file cannot run code.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        CorruptFileError: If the file is truncated, damaged, holds other objects or
+            does not describe step ``N`` of its name ``stepN.pt``; the message names
+            the file and the fix.
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist; re-run to train.")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # torch raises many types for damaged files
+        raise CorruptFileError(_damaged(path, f"{type(err).__name__}: {err}")) from err
+    problem = _structure_problem(state, path)
+    if problem:
+        raise CorruptFileError(_damaged(path, problem))
+    return state
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer=None) -> dict:
-    """Restore model (and optimizer, RNG) from ``path``; return the stored state."""
-    state = torch.load(path, weights_only=False)
+    """Restore model (and optimizer, RNG) from ``path``; return the stored state.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        CorruptFileError: If it is damaged (see :func:`read_checkpoint`).
+
+    """
+    state = read_checkpoint(path)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return state
+
+
+def resume_record(config: TrainConfig) -> dict:
+    """The hyper-parameters a checkpoint must share with a run to resume it.
+
+    Everything but ``num_steps``: batches are a function of ``(seed, step)`` and the
+    learning rate is constant, so the state at step ``s`` does not depend on the
+    total number of steps, and a longer run continues from a shorter one's files.
+    """
+    record = asdict(config)
+    record.pop("num_steps")
+    return record
+
+
+def resume_point(
+    folder: Path, stops: Iterable[int], config: TrainConfig
+) -> tuple[int, dict | None]:
+    """Find where training resumes: the latest usable checkpoint.
+
+    A checkpoint at step ``s`` is usable if it loads and matches ``config``, if
+    ``s <= config.num_steps``, and if every required step in ``stops`` before ``s``
+    has a usable checkpoint (otherwise that one is recomputed by resuming earlier).
+    Damaged checkpoints are renamed to ``*.pt.damaged`` (kept for inspection) with a
+    warning and recomputed.
+
+    Returns:
+        ``(step, state)``, or ``(0, None)`` to start from the initialisation.
+
+    Raises:
+        ValueError: If a checkpoint was written for other hyper-parameters.
+
+    """
+    stops = set(stops)
+    found = {s: p for s, p in checkpoint_steps(folder).items() if s <= config.num_steps}
+    limit = min((s for s in stops if s not in found), default=config.num_steps + 1)
+    best: tuple[int, dict | None] = (0, None)
+    for step, path in found.items():
+        if step > limit:
+            break
+        try:
+            state = read_checkpoint(path)
+        except CorruptFileError as err:
+            _set_aside(path, err)
+            limit = min(limit, step) if step in stops else limit
+            continue
+        _check_config(state, path, config)
+        best = (step, state)
+    return best
+
+
+def _structure_problem(state: object, path: Path) -> str | None:
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a checkpoint dict"
+    missing = {"model", "optimizer", "rng", "step", "log"} - set(state)
+    if missing:
+        return f"keys {sorted(missing)} are missing"
+    digits = Path(path).stem[len("step") :]
+    if digits.isdigit() and state["step"] != int(digits):
+        return f"it holds step {state['step']}, its name says {int(digits)}"
+    if not isinstance(state["log"], list) or len(state["log"]) != state["step"]:
+        return "its training log does not have one entry per step"
+    return None
+
+
+def _damaged(path: Path, reason: str) -> str:
+    return (
+        f"Checkpoint {path} is damaged or not a checkpoint of this project ({reason}). "
+        "Delete it and re-run: training resumes from the previous checkpoint."
+    )
+
+
+def _set_aside(path: Path, err: Exception) -> None:
+    target = path.with_name(path.name + ".damaged")
+    try:
+        os.replace(path, target)
+        where = f"moved to {target}"
+    except OSError:
+        where = "left in place"
+    warnings.warn(
+        f"{err} It was {where}; recomputing it from an earlier checkpoint.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _check_config(state: dict, path: Path, config: TrainConfig) -> None:
+    stored, expected = state.get("config"), resume_record(config)
+    if stored is not None and stored != expected:
+        raise ValueError(
+            f"Checkpoint {path} was written for {stored}, this run has {expected}. "
+            "Pass another --out or delete the folder "
+            f"{Path(path).parent} to train again."
+        )
 
 
 def train(
@@ -127,9 +275,12 @@ def train(
 ) -> pd.DataFrame:
     """Train ``model``, writing checkpoints at ``save_steps``.
 
-    If ``checkpoint_dir`` holds checkpoints, training resumes from the latest one;
-    if that is the final step, nothing is trained. Studies evaluate the checkpoints
-    afterwards (see :func:`experiments.common.study.evaluate_checkpoints`).
+    Training resumes from the latest usable checkpoint in ``checkpoint_dir`` (see
+    :func:`resume_point`): after an interruption, with more steps than before
+    (continuing the shorter run), or from before a missing or damaged checkpoint of
+    ``save_steps``. If every checkpoint is present, nothing is trained or written.
+    Studies evaluate the checkpoints afterwards (see
+    :func:`experiments.common.study.evaluate_checkpoints`).
 
     Args:
         model: The model (modified in place).
@@ -149,21 +300,22 @@ def train(
     stops = sorted(
         {s for s in save_steps if 0 <= s <= config.num_steps} | {config.num_steps}
     )
-    start, log = 0, []
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is not None:
-        state = load_checkpoint(latest, model, optimizer)
-        start, log = state["step"], state["log"]
-        stops = [s for s in stops if s >= start]
+    start, state = resume_point(checkpoint_dir, stops, config)
+    log = []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        log = list(state["log"])
+        stops = [s for s in stops if s > start]
     bar = tqdm(
         total=config.num_steps, initial=start, disable=not progress, desc="train"
     )
     for step in range(start, config.num_steps + 1):
         if stops and step == stops[0]:
             stops.pop(0)
-            save_checkpoint(
-                checkpoint_path(checkpoint_dir, step), model, optimizer, step, log
-            )
+            path = checkpoint_path(checkpoint_dir, step)
+            save_checkpoint(path, model, optimizer, step, log, config)
         if step == config.num_steps:
             break
         log.append(_train_step(model, loss_fn, data, config, optimizer, step))

@@ -139,7 +139,7 @@ def test_topk_eigh_reproducible_and_bad_inputs(hessian_case):
         hf.topk_eigh(op, 2, which="top")
     with pytest.raises(ValueError, match="k must be at most"):
         hf.topk_eigh(op, op.shape[0] + 1)
-    with pytest.raises(ValueError, match="tol must be positive"):
+    with pytest.raises(ValueError, match="tol must be a finite positive"):
         hf.topk_eigh(op, 2, tol=0.0)
     with pytest.warns(UserWarning, match="did not reach"):
         hf.topk_eigh(op, 2, tol=1e-14, max_products=3)

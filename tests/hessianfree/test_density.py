@@ -155,7 +155,7 @@ def test_density_bad_inputs(diagonal):
         hf.spectral_density(A, num_iters=41)
     with pytest.raises(ValueError, match="deflate must be smaller"):
         hf.spectral_density(A, num_iters=3, deflate=40)
-    with pytest.raises(ValueError, match="kernel_var must be positive"):
+    with pytest.raises(ValueError, match="kernel_var must be a finite positive"):
         hf.spectral_density(A, num_iters=3, kernel_var=-1.0)
     with pytest.raises(TypeError, match="num_probes must be an int"):
         hf.spectral_density(A, num_iters=3, num_probes=2.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -13,10 +14,13 @@ from torch import Tensor, nn
 from vivitlib.hessianfree import distributed as _dist
 from vivitlib.hessianfree._checks import (
     check_data,
+    check_finite,
     check_model_state,
     check_params,
     check_reduction,
 )
+from vivitlib.hessianfree._loss import mean_denominator
+from vivitlib.hessianfree._state import ModelGuard
 
 
 class CurvatureOperator:
@@ -29,6 +33,16 @@ class CurvatureOperator:
 
     For ``L(θ) = (1/N) Σ_n ℓ_n`` (``reduction='mean'``) the batch with
     ``N_b`` samples is weighted by ``N_b / N``; with ``reduction='sum'`` by 1.
+    For ``CrossEntropyLoss``/``NLLLoss`` with class weights or ignored
+    targets, ``N_b`` and ``N`` are the loss's own denominators (summed
+    weights of the kept targets), so the product is exact for any batching.
+    Empty batches (and batches whose targets are all ignored) are skipped.
+
+    Before every product the operator checks that dropout / batch norm are
+    still in eval mode, that no parameter was frozen, converted or set to
+    NaN/Inf, and that ``v`` and the product are finite; a cached graph is
+    reused only while the parameters and buffers equal a snapshot taken when
+    it was built (so ``p.data`` edits are seen too).
 
     Attributes:
         params: The parameters ``θ`` (``D`` entries in total).
@@ -50,6 +64,7 @@ class CurvatureOperator:
         cache_graph: bool | None = None,
         check_deterministic: bool = True,
         distributed: bool | None = None,
+        timeout: float | timedelta | None = None,
         progressbar: bool = False,
     ) -> None:
         """Validate the inputs, count the data and check determinism.
@@ -63,29 +78,40 @@ class CurvatureOperator:
             params: Parameters to differentiate, default all trainable ones.
             reduction: ``'mean'`` or ``'sum'``; default ``loss_fn.reduction``.
             cache_graph: Keep each batch's graph between products (fast, costs
-                memory). Default ``None`` caches when there is a single batch.
-                The cache is rebuilt when a parameter is changed in place.
+                memory and one copy of the parameters). Default ``None`` caches
+                when there is a single batch. The cache is rebuilt whenever a
+                parameter or buffer differs from its value at build time.
             check_deterministic: Compare two products of one random vector
                 (not counted in ``num_products``). Default ``True``.
             distributed: All-reduce products over ``torch.distributed``;
                 default ``None`` does so when a multi-rank group is active.
+            timeout: Seconds (or ``timedelta``) after which a collective whose
+                peers do not join raises instead of waiting for the process
+                group's timeout (30 min by default); see
+                :mod:`vivitlib.hessianfree.distributed`. Default ``None``.
             progressbar: Show a ``tqdm`` bar over the batches. Default ``False``.
 
         Raises:
-            TypeError: For inputs of the wrong type.
+            TypeError: For inputs of the wrong type (also data whose floating
+                inputs have another dtype than the parameters).
             ValueError: For a model in train mode with dropout/batch norm, a
-                shuffling loader, bad parameters, an unknown reduction, or
-                products that are not deterministic.
+                shuffling loader, bad or non-finite parameters, non-finite or
+                empty data, an unknown reduction, or products that are not
+                deterministic.
 
         """
         check_model_state(model)
         self._reduction = check_reduction(loss_fn, reduction)
         self.params = check_params(model, params)
         self._data = check_data(data)
+        self._guard = ModelGuard(model, self.params)
+        self._guard.check_finite()
         self._model = model
         self._loss_fn = loss_fn
         self._progressbar = progressbar
         self._distributed = _dist.resolve_distributed(distributed)
+        self._timeout = _dist.check_timeout(timeout)
+        self._group = _dist.make_group(self._timeout) if self._distributed else None
         self._sizes = [p.numel() for p in self.params]
         dim = sum(self._sizes)
         self.shape = (dim, dim)
@@ -93,19 +119,32 @@ class CurvatureOperator:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
 
-        local_batches = 0
-        num_data = 0
-        for X, y in self._data:
+        local_batches, num_data, denominator = 0, 0, 0.0
+        for index, (X, y) in enumerate(self._data):
+            size = self._check_batch(index, X, y)
             local_batches += 1
-            num_data += self._batch_size(X, y)
+            num_data += size
+            denominator += mean_denominator(loss_fn, y, size) if size else 0.0
         if self._distributed:
-            num_data = _dist.all_reduce_count(num_data, self.device)
+            counts = _dist.all_reduce_counts(
+                [num_data, denominator], self.device, self._group, self._timeout
+            )
+            num_data, denominator = int(counts[0]), counts[1]
         if num_data == 0:
-            raise ValueError("data holds no samples.")
+            raise ValueError(
+                "data holds no samples (an empty loader or only empty batches): "
+                "pass at least one non-empty (X, y) batch."
+            )
+        if denominator <= 0:
+            raise ValueError(
+                "No sample contributes to the loss: every target equals the loss's "
+                "ignore_index or has class weight 0, so the mean loss is undefined. "
+                "Pass data with at least one counted target."
+            )
         self.num_data = num_data
+        self._denominator = denominator
         self._cache_graph = local_batches == 1 if cache_graph is None else cache_graph
-        self._cache: list[tuple[Tensor, Tensor, Any]] | None = None
-        self._cache_versions: tuple[int, ...] | None = None
+        self._cache: list[tuple[Any, float]] | None = None
         if check_deterministic:
             self._check_deterministic()
 
@@ -118,9 +157,44 @@ class CurvatureOperator:
         """Return the batch's (unweighted) product with parameter-shaped ``vec``."""
         raise NotImplementedError
 
-    def _batch_weight(self, batch_size: int) -> float:
+    def _batch_weight(self, y: Any, batch_size: int) -> float:
         """Weight of a batch's product in the full-data product."""
-        return batch_size / self.num_data if self._reduction == "mean" else 1.0
+        if self._reduction == "sum":
+            return 1.0
+        return mean_denominator(self._loss_fn, y, batch_size) / self._denominator
+
+    def _check_batch(self, index: int, X: Any, y: Any) -> int:
+        """Validate batch ``index`` when the operator is built; return its size.
+
+        Raises:
+            TypeError: If floating inputs have another dtype than the parameters.
+            ValueError: If ``X`` and ``y`` disagree on the number of samples or
+                hold NaN or Inf.
+
+        """
+        size = self._batch_size(X, y)
+        if isinstance(X, Tensor) and isinstance(y, Tensor) and y.ndim:
+            if y.shape[0] != size:
+                raise ValueError(
+                    f"Batch {index}: X holds {size} samples but y holds "
+                    f"{y.shape[0]}; pass matching (X, y) pairs."
+                )
+        dtypes = {p.dtype for p in self.params}
+        if isinstance(X, Tensor) and X.is_floating_point() and {X.dtype} != dtypes:
+            raise TypeError(
+                f"Batch {index}: X has dtype {X.dtype} but the parameters are "
+                f"{self.dtype}. Convert the data (X.to({self.dtype})) or the model "
+                f"(model.to({X.dtype})) so that they agree."
+            )
+        for name, t in (("inputs X", X), ("targets y", y)):
+            if isinstance(t, Tensor):
+                check_finite(
+                    t,
+                    f"Batch {index}'s {name}",
+                    "Remove or impute the non-finite samples before building "
+                    "the operator.",
+                )
+        return size
 
     # ---- public -------------------------------------------------------------
     def __matmul__(self, v: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
@@ -136,7 +210,8 @@ class CurvatureOperator:
 
         Raises:
             TypeError: If ``v`` is neither a tensor nor a list of tensors.
-            ValueError: If the shapes do not match the parameters.
+            ValueError: If the shapes do not match the parameters, ``v`` or the
+                product is not finite, or the model changed (see class doc).
 
         """
         if isinstance(v, list | tuple):
@@ -168,7 +243,14 @@ class CurvatureOperator:
         Returns:
             ``[D, k]`` float64 tensor on the parameters' device.
 
+        Raises:
+            ValueError: If ``V`` or the product is not finite, or the model
+                changed (see the class docstring).
+
         """
+        if not isinstance(V, Tensor) or V.ndim != 2 or V.shape[0] != self.shape[0]:
+            raise ValueError(f"V must be a tensor of shape [{self.shape[0]}, k].")
+        check_finite(V, "v", "Pass a finite vector.")
         result = self._matmat(V, use_cache=True)
         self.num_products += V.shape[1]
         return result
@@ -213,7 +295,7 @@ class CurvatureOperator:
     def clear_cache(self) -> None:
         """Drop the cached graphs (they are rebuilt on the next product)."""
         self._cache = None
-        self._cache_versions = None
+        self._guard.drop_snapshot()
 
     # ---- internals ----------------------------------------------------------
     @staticmethod
@@ -224,25 +306,34 @@ class CurvatureOperator:
         move = lambda t: t.to(self.device) if isinstance(t, Tensor) else t  # noqa: E731
         return move(X), move(y)
 
-    def _batches(self) -> Iterator[tuple[Any, int]]:
-        """Yield ``(state, batch_size)``, from the cache when it is valid."""
-        if self._cache_graph:
-            versions = tuple(p._version for p in self.params)
-            if self._cache is None or versions != self._cache_versions:
-                self._cache = None
-                cache = []
-                for X, y in self._data:
-                    X, y = self._to_device(X, y)
-                    cache.append((self._build(X, y), self._batch_size(X, y)))
-                self._cache = cache
-                self._cache_versions = tuple(p._version for p in self.params)
-            yield from self._cache
-            return
+    def _states(self) -> Iterator[tuple[Any, float]]:
+        """Yield ``(state, weight)`` of every batch that enters the loss."""
         for X, y in self._data:
+            size = self._batch_size(X, y)
+            weight = self._batch_weight(y, size) if size else 0.0
+            if weight == 0.0:  # empty or fully ignored batch: no contribution
+                continue
             X, y = self._to_device(X, y)
-            yield self._build(X, y), self._batch_size(X, y)
+            yield self._build(X, y), weight
+
+    def _batches(self, fresh: bool) -> Iterator[tuple[Any, float]]:
+        """Yield ``(state, weight)``, from the cache while it is ``fresh``."""
+        if not self._cache_graph:
+            yield from self._states()
+            return
+        if self._cache is None or not fresh:
+            self.clear_cache()
+            self._cache = list(self._states())
+            self._guard.take_snapshot()
+        yield from self._cache
 
     def _matmat(self, V: Tensor, use_cache: bool) -> Tensor:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "Curvature products need autograd, which torch.inference_mode() "
+                "disables: compute them outside inference_mode (no_grad is fine)."
+            )
+        fresh = self._guard.check()
         dim, k = self.shape[0], V.shape[1]
         rows = V.T.to(device=self.device, dtype=self.dtype).contiguous()  # [k, D]
         cols = [
@@ -253,21 +344,29 @@ class CurvatureOperator:
         cache_graph = self._cache_graph
         self._cache_graph = cache_graph and use_cache
         try:
-            batches = self._batches()
-            if self._progressbar:
-                from tqdm.auto import tqdm
+            with torch.enable_grad():
+                batches = self._batches(fresh)
+                if self._progressbar:
+                    from tqdm.auto import tqdm
 
-                batches = tqdm(batches, desc=type(self).__name__, leave=False)
-            for state, size in batches:
-                weight = self._batch_weight(size)
-                for j, col in enumerate(cols):
-                    out = self._apply(state, col, retain=self._cache_graph or j < k - 1)
-                    flat = torch.cat([o.reshape(-1) for o in out])
-                    result[:, j].add_(flat, alpha=weight)
+                    batches = tqdm(batches, desc=type(self).__name__, leave=False)
+                for state, weight in batches:
+                    for j, col in enumerate(cols):
+                        retain = self._cache_graph or j < k - 1
+                        out = self._apply(state, col, retain=retain)
+                        flat = torch.cat([o.reshape(-1) for o in out])
+                        result[:, j].add_(flat, alpha=weight)
         finally:
             self._cache_graph = cache_graph
         if self._distributed:
-            _dist.all_reduce_sum(result)
+            _dist.all_reduce_sum(result, self._group, self._timeout)
+        check_finite(
+            result,
+            f"The {type(self).__name__} product",
+            "Parameters, data and v are finite, so the loss or its derivatives "
+            "overflow at these parameters (in float32: try model.double()), or "
+            "the model's forward is not finite on this data.",
+        )
         return result
 
     def _check_deterministic(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -26,33 +28,83 @@ WHICH = ("largest", "smallest", "magnitude")
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    """Return ``value`` if it is an integer of at least ``minimum``.
+    """Return ``value`` as ``int`` if it is an integer of at least ``minimum``.
+
+    Python and numpy integers are accepted; ``bool`` and floats are not.
 
     Raises:
         TypeError: If ``value`` is not an integer.
         ValueError: If ``value`` is smaller than ``minimum``.
 
     """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int, got {type(value).__name__} {value!r}; pass "
+            f"a whole number such as {name}={max(minimum, 1)}."
+        )
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}.")
     return value
 
 
 def check_positive_float(value: object, name: str, allow_zero: bool = False) -> float:
-    """Return ``value`` as float if it is a positive (or zero) real number.
+    """Return ``value`` as float if it is a finite positive (or zero) number.
 
     Raises:
         TypeError: If ``value`` is not a real number.
-        ValueError: If ``value`` is negative (or zero when not allowed).
+        ValueError: If ``value`` is negative, NaN, infinite (or zero when not
+            allowed).
 
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}.")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
-        raise ValueError(f"{name} must be positive, got {value}.")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a float, got {type(value).__name__} {value!r}."
+        )
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a finite {kind} number, got {value}.")
+    return value
+
+
+def check_at_most_dim(value: int, name: str, dim: int, what: str = "D") -> None:
+    """Raise a ``ValueError`` if ``value`` exceeds the operator dimension ``dim``.
+
+    Args:
+        value: The validated argument.
+        name: Its name, as the user passed it.
+        dim: The largest allowed value.
+        what: How ``dim`` is described in the message (default ``'D'``).
+
+    """
+    if value > dim:
+        raise ValueError(
+            f"{name} must be at most {what}={dim} (the operator's dimension), got "
+            f"{value}: a {dim}x{dim} operator has only {dim} eigenpairs and "
+            f"independent directions. Pass {name} <= {dim}."
+        )
+
+
+def check_vector(v0: object, dim: int) -> Tensor:
+    """Return a start vector ``v0`` of shape ``[dim]`` if it is finite and non-zero.
+
+    Raises:
+        ValueError: If ``v0`` is not a ``[dim]`` tensor, not finite or zero.
+
+    """
+    if not isinstance(v0, Tensor) or v0.shape != (dim,):
+        raise ValueError(f"v0 must be a tensor of shape [{dim}].")
+    check_finite(v0, "v0", "Pass a finite start vector.")
+    if not bool(v0.any()):
+        raise ValueError("v0 is zero; pass a non-zero start vector (or v0=None).")
+    return v0
+
+
+def check_finite(tensor: Tensor, what: str, fix: str) -> None:
+    """Raise a ``ValueError`` naming ``what`` and ``fix`` if ``tensor`` has NaN/Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{what} contains NaN or Inf. {fix}")
 
 
 def check_generator(generator: object) -> torch.Generator:
@@ -84,27 +136,46 @@ def check_which(which: object) -> str:
     return str(which)
 
 
-def check_model_state(model: nn.Module) -> None:
+def check_model_state(model: nn.Module, built: bool = False) -> None:
     """Raise if a module of ``model`` makes products random or state-changing.
+
+    Args:
+        model: The model.
+        built: Whether the operator already exists (checked before every
+            product: the model may have been switched to train mode since).
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``.
-        ValueError: If dropout with ``p > 0`` or batch norm is in train mode.
+        ValueError: If dropout with ``p > 0``, ``RReLU`` or batch norm (or
+            instance norm tracking running statistics) is in train mode.
 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    when = (
+        "The model was put in train mode (model.train()) after the operator was "
+        "built; call model.eval() again before computing products."
+        if built
+        else "Call model.eval() before building the operator."
+    )
     for name, module in model.named_modules():
-        if isinstance(module, _DROPOUT) and module.training and module.p > 0:
+        if not module.training:
+            continue
+        if (isinstance(module, _DROPOUT) and module.p > 0) or isinstance(
+            module, nn.RReLU
+        ):
             raise ValueError(
-                f"Module {name!r} is dropout in train mode: products would be "
-                "random. Call model.eval() before building the operator."
+                f"Module {name!r} ({type(module).__name__}) is in train mode: "
+                f"products would be random (dropout in train mode). {when}"
             )
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(module, nn.modules.instancenorm._InstanceNorm)
+            and module.track_running_stats
+        ):
             raise ValueError(
-                f"Module {name!r} is batch norm in train mode: products would "
-                "depend on the batching and update running statistics. Call "
-                "model.eval() before building the operator."
+                f"Module {name!r} ({type(module).__name__}) is batch norm in train "
+                "mode: products would depend on the batching and update running "
+                f"statistics. {when}"
             )
 
 
@@ -157,6 +228,8 @@ def check_reduction(loss_fn: object, reduction: str | None) -> str:
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
     if reduction is None:
         reduction = getattr(loss_fn, "reduction", None)
+    if reduction == "batchmean":  # KLDivLoss: the mean over samples
+        reduction = "mean"
     if reduction not in ("mean", "sum"):
         raise ValueError(
             f"Loss reduction must be 'mean' or 'sum', got {reduction!r}. Use a "

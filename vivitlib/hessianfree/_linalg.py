@@ -9,7 +9,12 @@ import torch
 from torch import Tensor
 
 from vivitlib.hessianfree._base import CurvatureOperator
-from vivitlib.hessianfree._checks import check_square_operator
+from vivitlib.hessianfree._checks import check_finite, check_square_operator
+
+_OP_FIX = (
+    "The algorithms need a finite operator: check the matrix (or, for a "
+    "curvature operator, the parameters and data) for NaN/Inf."
+)
 
 
 class MatMat:
@@ -35,6 +40,7 @@ class MatMat:
         elif isinstance(op, Tensor):
             self.device = op.device
             mat = op.detach().to(torch.float64)
+            check_finite(mat, "The matrix op", _OP_FIX)
             self._fn = lambda V: mat @ V
         elif hasattr(op, "matmat") or isinstance(op, np.ndarray):
             self.device = torch.device("cpu")
@@ -48,9 +54,21 @@ class MatMat:
         return torch.as_tensor(np.asarray(out), dtype=torch.float64).reshape(V.shape)
 
     def __call__(self, V: Tensor) -> Tensor:
-        """Return ``A V`` (float64, on ``self.device``) for ``V`` ``[D, k]``."""
+        """Return ``A V`` (float64, on ``self.device``) for ``V`` ``[D, k]``.
+
+        Raises:
+            ValueError: If the product has the wrong shape or holds NaN/Inf.
+        """
         self.num_products += V.shape[1]
-        return self._fn(V).to(device=self.device, dtype=torch.float64)
+        out = self._fn(V).to(device=self.device, dtype=torch.float64)
+        if out.shape != V.shape:
+            raise ValueError(
+                f"op returned shape {tuple(out.shape)} for an input of shape "
+                f"{tuple(V.shape)}; op @ V must map [D, k] to [D, k]."
+            )
+        if not isinstance(self.op, CurvatureOperator):  # those check themselves
+            check_finite(out, "A product of op", _OP_FIX)
+        return out
 
     def project(self, basis: Tensor | None) -> Callable[[Tensor], Tensor]:
         """Return ``V ↦ P A P V`` with ``P = I - U Uᵀ`` for orthonormal ``U`` [D, r]."""

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from vivitlib.hessianfree._checks import (
+    check_at_most_dim,
     check_generator,
     check_positive_float,
     check_positive_int,
@@ -169,24 +170,43 @@ def spectral_density(
         generator: For probes and deflation; default seeded with 0.
 
     Returns:
-        A :class:`SpectralDensity`.
+        A :class:`SpectralDensity`. For a zero operator all nodes are 0 and
+        the density is a narrow peak at 0 (a relative width of ``1e-12``).
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``num_iters`` (plus ``deflate``) exceeds ``D``, the
+            operator gives NaN/Inf, ``log=True`` on an all-zero spectrum
+            without ``log_eps``, or other arguments are invalid.
     """
     matmat = MatMat(op)
-    check_positive_int(num_probes, "num_probes")
-    check_positive_int(num_iters, "num_iters")
+    num_probes = check_positive_int(num_probes, "num_probes")
+    num_iters = check_positive_int(num_iters, "num_iters")
     dim = matmat.dim
+    check_at_most_dim(num_iters, "num_iters", dim)
     if deflate is None:
         deflate = max(0, min(20, dim - num_iters))
-    check_positive_int(deflate, "deflate", minimum=0)
+    else:
+        deflate = check_positive_int(deflate, "deflate", minimum=0)
+        if deflate >= dim:
+            raise ValueError(
+                f"deflate must be smaller than D={dim} (the operator's dimension), "
+                f"got {deflate}: leave room for the probes."
+            )
+        if num_iters + deflate > dim:
+            raise ValueError(
+                f"num_iters + deflate must be at most D={dim}, got num_iters="
+                f"{num_iters} and deflate={deflate}: the probes run in the "
+                f"{dim - deflate}-dimensional complement of the deflated space. "
+                "Lower num_iters or deflate."
+            )
     if num_points is not None:
-        check_positive_int(num_points, "num_points", minimum=2)
+        num_points = check_positive_int(num_points, "num_points", minimum=2)
     kernel_var = check_positive_float(kernel_var, "kernel_var")
     margin = check_positive_float(margin, "margin", allow_zero=True)
+    if log_eps is not None:
+        log_eps = check_positive_float(log_eps, "log_eps")
     generator = check_generator(generator)
-    if deflate >= dim:
-        raise ValueError(f"deflate must be smaller than D={dim}, got {deflate}.")
-    if num_iters > dim - deflate:
-        raise ValueError(f"num_iters must be at most D - deflate = {dim - deflate}.")
 
     basis, deflated = None, torch.zeros(0, dtype=torch.float64)
     if deflate:
@@ -205,8 +225,15 @@ def spectral_density(
     nodes, weights = torch.cat(nodes), torch.cat(weights)
 
     if log:
-        log_eps = 1e-8 * nodes.abs().max().item() if log_eps is None else log_eps
-        log_eps = check_positive_float(log_eps, "log_eps")
+        if log_eps is None:
+            log_eps = 1e-8 * nodes.abs().max().item()
+        if log_eps == 0:
+            raise ValueError(
+                "log=True: every Ritz value is 0 (the operator vanishes on the "
+                "probed space, e.g. a zero operator), so log|λ| is undefined and "
+                "there is no scale for the default offset. Pass log=False (the "
+                "density is then a peak at 0) or an explicit log_eps > 0."
+            )
         points = torch.log(nodes.abs() + log_eps)
     else:
         log_eps, points = 0.0, nodes

@@ -17,13 +17,35 @@ Example (run on every rank after ``dist.init_process_group("gloo", ...)``)::
 Note that ``DistributedSampler`` pads shards to equal length by repeating
 samples unless the dataset size is divisible by the world size; pass
 ``drop_last=True`` to the sampler or pick a divisible size for exact results.
+
+**When a rank fails.** Every product is a collective: if one rank raises
+(bad input, NaN parameters, out of memory) but its process stays alive, the
+other ranks wait in the all-reduce until the process group's timeout, which
+is 30 minutes by default (``init_process_group(timeout=...)``). Pass
+``timeout=`` (seconds or a ``datetime.timedelta``) to an operator to bound
+that wait: the operator then runs its collectives in its own process group
+created with that timeout (``torch.distributed.new_group(timeout=...)``, on
+every rank, when the operator is built), and a rank whose peers do not join
+within it raises a ``RuntimeError`` naming the timeout instead of hanging::
+
+    H = hf.HessianOperator(model, loss_fn, loader, timeout=60)
+
+The timeout bounds each collective, so pick it above the slowest rank's
+product time (a product over the local shard). gloo honours it directly;
+NCCL needs its asynchronous error handling (on by default in recent torch).
+After such an error the process group is broken: destroy it
+(``torch.distributed.destroy_process_group()``) and restart the job.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from vivitlib.hessianfree._checks import check_positive_float
 
 
 def is_distributed() -> bool:
@@ -56,21 +78,73 @@ def resolve_distributed(distributed: bool | None) -> bool:
     return bool(distributed)
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
+def check_timeout(timeout: object) -> timedelta | None:
+    """Return ``timeout`` (seconds or ``timedelta``) as a ``timedelta``, or ``None``.
+
+    Raises:
+        TypeError: If ``timeout`` is neither a number nor a ``timedelta``.
+        ValueError: If it is not positive and finite.
+
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, timedelta):
+        timeout = timeout.total_seconds()
+    return timedelta(seconds=check_positive_float(timeout, "timeout"))
+
+
+def make_group(timeout: timedelta | None) -> object | None:
+    """Return a process group over all ranks with ``timeout`` (``None``: default group).
+
+    Collective: every rank must call it, in the same order.
+    """
+    if timeout is None:
+        return None
+    return dist.new_group(timeout=timeout)
+
+
+def all_reduce_sum(
+    tensor: Tensor, group: object | None = None, timeout: timedelta | None = None
+) -> Tensor:
     """Sum ``tensor`` over all ranks in place and return it.
 
     Args:
         tensor: Any tensor; summed as is (the operators pass float64).
+        group: Process group (from :func:`make_group`); default the global one.
+        timeout: The group's timeout, only used in the error message.
 
     Returns:
         ``tensor``, now holding the sum over ranks.
 
+    Raises:
+        RuntimeError: If the collective fails or times out, e.g. because
+            another rank raised an error and never joined it.
+
     """
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    try:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    except RuntimeError as err:
+        limit = (
+            f"timeout={timeout.total_seconds():g} s"
+            if timeout is not None
+            else "the process group's timeout"
+        )
+        raise RuntimeError(
+            "Summing a curvature product over the torch.distributed ranks failed or "
+            f"did not complete within {limit}: another rank probably raised an "
+            "error (see its output) or is stuck. Fix that rank's error; pass "
+            "timeout= to the operator to fail sooner. The process group is now "
+            f"unusable: destroy it and restart. ({type(err).__name__}: {err})"
+        ) from err
     return tensor
 
 
-def all_reduce_count(count: int, device: torch.device) -> int:
-    """Return the sum of an integer ``count`` over all ranks."""
-    buf = torch.tensor([count], dtype=torch.int64, device=device)
-    return int(all_reduce_sum(buf).item())
+def all_reduce_counts(
+    counts: list[float],
+    device: torch.device,
+    group: object | None = None,
+    timeout: timedelta | None = None,
+) -> list[float]:
+    """Return the sums over all ranks of ``counts`` (exact in float64 up to 2⁵³)."""
+    buf = torch.tensor(counts, dtype=torch.float64, device=device)
+    return all_reduce_sum(buf, group, timeout).tolist()

@@ -29,9 +29,11 @@ from torch import Tensor
 
 from vivitlib.hessianfree._base import CurvatureOperator
 from vivitlib.hessianfree._checks import (
+    check_at_most_dim,
     check_generator,
     check_positive_float,
     check_positive_int,
+    check_vector,
     check_which,
 )
 from vivitlib.hessianfree._linalg import MatMat, orthogonalize, rademacher
@@ -154,7 +156,9 @@ def topk_eigh(
         :class:`EighResult` with ``k`` eigenpairs, eigenvalues descending.
 
     Raises:
-        ValueError: If ``k`` exceeds ``D`` or other arguments are invalid.
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``k`` exceeds ``D``, ``max_products < k``, the operator
+            gives NaN/Inf, or other arguments are invalid.
     """
     matmat = MatMat(op)
     theta, vecs, res, bounds, conv, restarts = _thick_restart(
@@ -188,16 +192,22 @@ def _thick_restart(
     and number of restarts.
     """
     dim = matmat.dim - (0 if deflation is None else deflation.shape[1])
-    check_positive_int(k, "k")
-    if k > dim:
-        raise ValueError(f"k must be at most D={dim}, got {k}.")
+    k = check_positive_int(k, "k")
+    check_at_most_dim(k, "k", dim)
     which = check_which(which)
     tol = check_positive_float(tol, "tol")
     generator = check_generator(generator)
-    max_products = max(300, 20 * k) if max_products is None else max_products
-    check_positive_int(max_products, "max_products")
-    max_basis = max(2 * k + 10, k + 30) if max_basis is None else max_basis
-    check_positive_int(max_basis, "max_basis", minimum=k + 2)
+    if max_products is None:
+        max_products = max(300, 20 * k)
+    max_products = check_positive_int(max_products, "max_products")
+    if max_products < k:
+        raise ValueError(
+            f"max_products={max_products} is smaller than k={k}: k eigenpairs need "
+            "at least k products. Raise max_products or lower k."
+        )
+    if max_basis is None:
+        max_basis = max(2 * k + 10, k + 30)
+    max_basis = check_positive_int(max_basis, "max_basis", minimum=k + 2)
     max_basis = min(max_basis, dim)
     product = matmat.project(deflation)
     dev = matmat.device
@@ -215,10 +225,8 @@ def _thick_restart(
     if v0 is None:
         Q[:, 0] = fresh(Q[:, :0])
     else:
-        if not isinstance(v0, Tensor) or v0.shape != (matmat.dim,):
-            raise ValueError(f"v0 must be a tensor of shape [{matmat.dim}].")
-        q = orthogonalize(v0.to(Q)[:, None], deflation)[:, 0]
-        Q[:, 0] = q / q.norm()
+        q = orthogonalize(check_vector(v0, matmat.dim).to(Q)[:, None], deflation)
+        Q[:, 0] = q[:, 0] / q.norm()
     n, restarts, scale = 1, 0, 0.0
     while True:
         j = n - 1
@@ -279,15 +287,21 @@ def power_iteration(
         generator: For the Rademacher start vectors; default seeded with 0.
 
     Returns:
-        :class:`EighResult`; ``error_bounds`` are the residual norms.
+        :class:`EighResult`; ``error_bounds`` are the residual norms. Where
+        ``A`` vanishes on the remaining subspace the eigenvalue is 0.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``k`` exceeds ``D`` or the operator gives NaN/Inf.
     """
     matmat = MatMat(op)
-    check_positive_int(k, "k")
-    check_positive_int(max_iters, "max_iters")
+    k = check_positive_int(k, "k")
+    check_at_most_dim(k, "k", matmat.dim)
+    max_iters = check_positive_int(max_iters, "max_iters")
     tol = check_positive_float(tol, "tol")
     generator = check_generator(generator)
     vecs = torch.zeros(matmat.dim, 0, dtype=torch.float64, device=matmat.device)
-    thetas, residuals, all_converged = [], [], True
+    thetas, residuals, all_converged, scale = [], [], True, 0.0
     for _ in range(k):
         v = orthogonalize(rademacher(matmat.dim, 1, generator, matmat.device), vecs)
         v = v / v.norm()
@@ -301,7 +315,12 @@ def power_iteration(
                 break
             prev = theta
             w = orthogonalize(w, vecs)
-            v = w / w.norm()
+            norm = w.norm().item()
+            scale = max(scale, norm, abs(theta))
+            if norm <= 1e-12 * scale:  # A v = 0 in the complement: eigenvalue 0
+                converged = True
+                break
+            v = w / norm
         all_converged &= converged
         thetas.append(theta)
         residuals.append(residual)

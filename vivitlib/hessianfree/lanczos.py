@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vivitlib.hessianfree._checks import check_generator, check_positive_int
+from vivitlib.hessianfree._checks import (
+    check_at_most_dim,
+    check_generator,
+    check_positive_int,
+    check_vector,
+)
 from vivitlib.hessianfree._linalg import MatMat, orthogonalize, rademacher, tridiagonal
 
 
@@ -74,8 +79,9 @@ def lanczos(
         A :class:`LanczosResult`; stops early on breakdown (invariant subspace).
 
     Raises:
-        ValueError: If ``num_iters`` exceeds ``D`` or ``v0`` has a wrong shape
-            or is zero.
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``num_iters`` exceeds ``D``, ``v0`` has a wrong shape,
+            is zero or not finite, or the operator gives NaN/Inf.
     """
     matmat = op if isinstance(op, MatMat) else MatMat(op)
     return _lanczos(matmat, num_iters, reorthogonalize, generator, v0)
@@ -94,14 +100,13 @@ def _lanczos(
     With ``deflation`` (orthonormal ``[D, r]``) it runs in its complement.
     """
     dim = matmat.dim
-    check_positive_int(num_iters, "num_iters")
-    if num_iters > dim:
-        raise ValueError(f"num_iters must be at most D={dim}, got {num_iters}.")
+    num_iters = check_positive_int(num_iters, "num_iters")
+    check_at_most_dim(num_iters, "num_iters", dim)
     product = matmat.project(deflation)
     if v0 is None:
         v0 = rademacher(dim, 1, check_generator(generator), matmat.device)[:, 0]
-    elif not isinstance(v0, Tensor) or v0.shape != (dim,):
-        raise ValueError(f"v0 must be a tensor of shape [{dim}].")
+    else:
+        check_vector(v0, dim)
     q = orthogonalize(
         v0.to(device=matmat.device, dtype=torch.float64)[:, None], deflation
     )[:, 0]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from vivitlib.hessianfree._base import CurvatureOperator
+from vivitlib.hessianfree._loss import check_no_weighting, checked_loss, checked_output
 
 
 def _grad(
@@ -66,7 +67,7 @@ class HessianOperator(CurvatureOperator):
     """
 
     def _build(self, X: Tensor, y: Tensor) -> Any:
-        loss = self._loss_fn(self._model(X), y)
+        loss = checked_loss(self._loss_fn(self._model(X), y))
         grads = _grad(loss, self.params, None, retain=False, create=True)
         pairs = [(g, i) for i, g in enumerate(grads) if g.requires_grad]
         return [g for g, _ in pairs], [i for _, i in pairs]
@@ -96,8 +97,10 @@ class GGNOperator(CurvatureOperator):
     """
 
     def _build(self, X: Tensor, y: Tensor) -> Any:
-        out = self._model(X)
-        loss = self._loss_fn(out, y)
+        out = checked_output(self._model(X), type(self).__name__)
+        loss = checked_loss(self._loss_fn(out, y))
+        if not loss.requires_grad:
+            return out, out, out, [], []
         (grad_out,) = torch.autograd.grad(loss, out, create_graph=True)
         dummy = torch.zeros_like(out, requires_grad=True)
         jac_t = _grad(out, self.params, dummy, retain=True, create=True)
@@ -131,17 +134,22 @@ class EmpiricalFisherOperator(CurvatureOperator):
     alone, so that ``L = c Σ_n ℓ_n``.
     """
 
-    def _batch_weight(self, batch_size: int) -> float:
+    def _batch_weight(self, y: Any, batch_size: int) -> float:
         return 1.0 / self.num_data if self._reduction == "mean" else 1.0
+
+    def _check_batch(self, index: int, X: Any, y: Any) -> int:
+        check_no_weighting(self._loss_fn, y, type(self).__name__)
+        return super()._check_batch(index, X, y)
 
     def _per_sample_losses(self, out: Tensor, y: Tensor) -> Tensor:
         def single(o: Tensor, t: Tensor) -> Tensor:
-            return self._loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+            return checked_loss(self._loss_fn(o.unsqueeze(0), t.unsqueeze(0)))
 
         return torch.func.vmap(single)(out, y)
 
     def _build(self, X: Tensor, y: Tensor) -> Any:
-        losses = self._per_sample_losses(self._model(X), y)
+        out = checked_output(self._model(X), type(self).__name__)
+        losses = self._per_sample_losses(out, y)
         dummy = torch.zeros_like(losses, requires_grad=True)
         grads_t = _grad(losses, self.params, dummy, retain=True, create=True)
         return losses, dummy, grads_t

@@ -23,6 +23,7 @@ from scipy.stats import t as student_t
 from torch import Tensor
 
 from vivitlib.hessianfree._checks import (
+    check_at_most_dim,
     check_generator,
     check_positive_float,
     check_positive_int,
@@ -75,11 +76,12 @@ def hutchinson_trace(
 
     Args:
         op: Square symmetric operator.
-        num_probes: Total product budget ``n`` (at least 3).
+        num_probes: Total product budget ``n``: at least 2 for
+            ``'hutchinson'``, 3 for ``'krylov'``, 4 for ``'hutch++'``.
         method: ``'krylov'`` (default), ``'hutch++'`` or ``'hutchinson'``.
         num_deflation: Products spent on the deflation space: Lanczos steps
             for ``'krylov'`` (default ``n // 3``), sketch size for ``'hutch++'``
-            (default ``n // 3``, using twice that many products).
+            (default ``n // 3``, using twice that many products); at most ``D``.
         confidence: Level of the confidence interval. Default 0.95.
         generator: For all random vectors; default seeded with 0.
 
@@ -87,11 +89,12 @@ def hutchinson_trace(
         A :class:`TraceEstimate`.
 
     Raises:
-        ValueError: For an unknown method or a budget that leaves fewer than
-            two Hutchinson probes.
+        TypeError: If an argument has the wrong type.
+        ValueError: For an unknown method, a budget that leaves fewer than
+            two Hutchinson probes, ``num_deflation > D``, or NaN/Inf products.
     """
     matmat = MatMat(op)
-    check_positive_int(num_probes, "num_probes", minimum=2)
+    num_probes = check_positive_int(num_probes, "num_probes")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     confidence = check_positive_float(confidence, "confidence")
@@ -99,17 +102,29 @@ def hutchinson_trace(
         raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
     generator = check_generator(generator)
     dim, dev = matmat.dim, matmat.device
+    smallest = {"hutchinson": 2, "krylov": 3, "hutch++": 4}[method]
+    if num_probes < smallest:
+        raise ValueError(
+            f"num_probes={num_probes} is too small for method={method!r}, which "
+            f"needs at least {smallest} products (2 Hutchinson probes for the "
+            "confidence interval, after the deflation). Pass num_probes >= "
+            f"{smallest}."
+        )
 
     basis, exact = None, 0.0
     if method != "hutchinson":
-        m = num_probes // 3 if num_deflation is None else num_deflation
-        check_positive_int(m, "num_deflation")
-        cost = m if method == "krylov" else 2 * m
-        if num_probes - cost < 2 or m > dim:
-            raise ValueError(
-                f"num_probes={num_probes} leaves fewer than 2 Hutchinson probes "
-                f"after deflation with {m}; lower num_deflation."
-            )
+        cost_per = 1 if method == "krylov" else 2
+        if num_deflation is None:
+            m = min(max(1, num_probes // 3), dim, (num_probes - 2) // cost_per)
+        else:
+            m = check_positive_int(num_deflation, "num_deflation")
+            check_at_most_dim(m, "num_deflation", dim)
+            if num_probes - cost_per * m < 2:
+                raise ValueError(
+                    f"num_probes={num_probes} leaves fewer than 2 Hutchinson probes "
+                    f"after a deflation with num_deflation={m} ({cost_per * m} "
+                    "products); lower num_deflation or raise num_probes."
+                )
         if method == "krylov":
             run = _lanczos(matmat, m, True, generator, None)
             basis, exact = run.basis, run.alphas.sum().item()
@@ -172,9 +187,8 @@ def sketch(
         A :class:`SketchResult`.
     """
     matmat = MatMat(op)
-    check_positive_int(size, "size")
-    if size > matmat.dim:
-        raise ValueError(f"size must be at most D={matmat.dim}, got {size}.")
+    size = check_positive_int(size, "size")
+    check_at_most_dim(size, "size", matmat.dim)
     S = rademacher(matmat.dim, size, check_generator(generator), matmat.device)
     S = S / size**0.5
     B = (S.T @ matmat(S)).cpu()

@@ -1,0 +1,118 @@
+"""What an operator checks about the model before every product.
+
+Between products a user may switch the model to train mode, freeze a
+parameter, convert the model (``model.double()``, ``model.to(...)``), or
+change parameter values in ways autograd does not see (``p.data.mul_(...)``
+and ``p.data = ...`` bypass the version counter of ``p``). :class:`ModelGuard`
+turns the first three into clear errors and detects the last by comparing
+the parameters and buffers with a snapshot taken when a graph was cached, so
+a cached graph is only reused while it is provably valid. A snapshot costs
+one copy of the parameters and buffers (memory) and one equality pass per
+product (time).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vivitlib.hessianfree._checks import check_model_state
+
+
+def _names(model: nn.Module, params: list[Tensor]) -> list[str]:
+    named = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    return [named.get(id(p), f"params[{i}]") for i, p in enumerate(params)]
+
+
+def _meta(t: Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.device
+
+
+class ModelGuard:
+    """Checks the model and parameters before each product; validates caches.
+
+    Attributes:
+        names: Parameter names as in ``model.named_parameters()``.
+    """
+
+    def __init__(self, model: nn.Module, params: list[Tensor]) -> None:
+        """Record the parameters' shapes, dtypes and devices.
+
+        Args:
+            model: The model.
+            params: The parameters the operator differentiates.
+
+        """
+        self._model = model
+        self._params = params
+        self.names = _names(model, params)
+        self._meta = [_meta(p) for p in params]
+        self._snapshot: list[Tensor] | None = None
+
+    def _watched(self) -> list[Tensor]:
+        return [*self._params, *self._model.buffers()]
+
+    def check(self) -> bool:
+        """Raise if the model or the parameters can no longer give valid products.
+
+        Returns:
+            Whether parameters and buffers still equal the snapshot (a cached
+            graph is valid).
+
+        Raises:
+            ValueError: If dropout/batch norm is in train mode, a parameter was
+                frozen or changed shape, dtype or device since the operator was
+                built, or holds NaN or Inf.
+
+        """
+        check_model_state(self._model, built=True)
+        for name, p, meta in zip(self.names, self._params, self._meta):
+            if not p.requires_grad:
+                raise ValueError(
+                    f"Parameter {name!r} was frozen (requires_grad=False) after the "
+                    "operator was built. Set requires_grad=True again, or build a "
+                    "new operator with params= listing the parameters you want."
+                )
+            if _meta(p) != meta:
+                raise ValueError(
+                    f"Parameter {name!r} changed from (shape, dtype, device) {meta} "
+                    f"to {_meta(p)} since the operator was built (e.g. by "
+                    "model.double() or model.to(...)). Build a new operator."
+                )
+        fresh = self.unchanged()
+        if not fresh:
+            self.check_finite()
+        return fresh
+
+    def check_finite(self) -> None:
+        """Raise a ``ValueError`` naming the parameters that hold NaN or Inf."""
+        bad = [
+            n for n, p in zip(self.names, self._params) if not torch.isfinite(p).all()
+        ]
+        if bad:
+            raise ValueError(
+                f"Parameter(s) {bad} contain NaN or Inf, where the curvature is "
+                "undefined. Restore finite values (e.g. from a checkpoint, or train "
+                "with a smaller learning rate) before computing products."
+            )
+
+    def take_snapshot(self) -> None:
+        """Copy the parameters and buffers a cached graph is built with."""
+        self._snapshot = [t.detach().clone() for t in self._watched()]
+
+    def drop_snapshot(self) -> None:
+        """Forget the snapshot (the cache was cleared)."""
+        self._snapshot = None
+
+    def unchanged(self) -> bool:
+        """Whether parameters and buffers equal the snapshot (``False`` without one)."""
+        if self._snapshot is None:
+            return False
+        current = self._watched()
+        if len(current) != len(self._snapshot):
+            return False
+        with torch.no_grad():
+            return all(
+                _meta(a) == _meta(b) and torch.equal(a, b)
+                for a, b in zip(current, self._snapshot)
+            )

@@ -12,12 +12,15 @@ matrix ``⟨v_cn, v_dm⟩``:
   ``K_nm = a_n a_mᵀ`` ``[T, T]``, then
   ``⟨v_cn, v_dm⟩ = Σ_{t,u,o} s_cnto K_nm,tu s_dmuo`` — costs
   ``N²·T²·I / 2 + N²·T²·C·O / 2 + N²·C²·T·O / 2``, cheap when the layer has
-  few positions compared with its weight size (late convolutions).
+  few positions compared with its weight size (late convolutions). With the
+  output gradients ``Vᵀ g`` adds ``N²·T²·O / 2 + N²·C·T·O`` (no extra kernel).
 
-Both process samples in chunks so that no intermediate exceeds
-:data:`CHUNK_ELEMENTS` entries beyond the outputs, and both use the symmetry
-of the Gram matrix. All outputs are sample-major: ``[N, C, N, C]`` Gram,
-``[N, C, N']`` for ``Vᵀ g``.
+Both run at matrix-multiply speed: operands are laid out once, so the loops
+contain only (batched) GEMMs on views, never permuted copies. Both process
+samples in chunks so that no intermediate exceeds :data:`CHUNK_ELEMENTS`
+entries beyond the outputs, and both use the symmetry of the Gram matrix.
+All outputs are sample-major: ``[N, C, N, C]`` Gram, ``[N, C, N']`` for
+``Vᵀ g``.
 """
 
 from __future__ import annotations
@@ -75,8 +78,24 @@ def grads_dense(delta: Tensor, a: Tensor) -> Tensor:
     return torch.bmm(delta.transpose(1, 2), a).flatten(1)
 
 
+def _sample_rows(s: Tensor) -> Tensor:
+    """``s`` ``[C, N, T, O]`` as contiguous ``[N, C, T·O]`` (one copy)."""
+    C, N, T, O = s.shape  # noqa: E741
+    return s.permute(1, 0, 2, 3).reshape(N, C, T * O)
+
+
 def pairwise_gram(s: Tensor, a: Tensor, delta: Tensor | None = None):
     """Gram matrix (and optionally ``Vᵀ g``) through pairwise input kernels.
+
+    Every step is a plain or batched matrix product on operands laid out once
+    before the loops (no permuted copies inside them). For a chunk of samples
+    ``m``: the kernel rows ``K[(n, t), (m, u)]`` for ``n ≥ m`` (one GEMM);
+    per ``m``, ``P_m = K[:, m] [S_m, Δ_m]`` (``[(n, t), (o, d)]``, one GEMM,
+    ``Δ_m`` the output gradients appended as an extra column) and
+    ``gram[n, :, m, :] = S_n P_m[n]`` (one batched GEMM over ``n``). ``Vᵀ g``
+    comes from the same ``P_m``: its ``Δ`` column gives ``⟨v_cn, g_m⟩`` and
+    ``Δ_n P_m[n]`` gives ``⟨v_dm, g_n⟩``, so the kernel's upper half is never
+    needed.
 
     Args:
         s: Backpropagated factor ``[C, N, T, O]``.
@@ -88,26 +107,31 @@ def pairwise_gram(s: Tensor, a: Tensor, delta: Tensor | None = None):
         ``delta``), sample-major.
     """
     C, N, T, O = s.shape  # noqa: E741
-    s_rows = s.permute(1, 0, 2, 3).reshape(N, C, T * O)
-    s_pos = s.permute(1, 2, 0, 3)  # [N, T, C, O]
+    s_rows = _sample_rows(s)  # [N, C, T·O]
+    cols = s if delta is None else torch.cat([s, delta[None]])
+    C1 = cols.shape[0]
+    s_cols = cols.permute(1, 2, 3, 0).reshape(N, T, O * C1)  # [N, T, O·C1]
+    a_rows = a.reshape(N * T, a.shape[-1])
     gram = s.new_empty(N, C, N, C)
     vtg = None if delta is None else s.new_empty(N, C, N)
-    step = _chunk(N * T * max(C * O, T), N)
+    d_rows = None if delta is None else delta.reshape(N, 1, T * O)
+    step = _chunk(N * T * T, N)
+    rows_step = _chunk(T * O * C1, N)
     for m0 in range(0, N, step):
         m1 = min(N, m0 + step)
-        M, lo = m1 - m0, (0 if delta is not None else m0)
-        kernel = a[lo:].reshape(-1, a.shape[-1]) @ a[m0:m1].reshape(M * T, -1).T
-        # [M, (N - lo)·T, T]: kernel[m, (n, t), u] = <a_nt, a_mu>
-        kernel = kernel.reshape(-1, M, T).transpose(0, 1)
-        if delta is not None:
-            q = torch.bmm(kernel, delta[m0:m1]).reshape(M, N, T * O)
-            vtg[:, :, m0:m1] = torch.bmm(s_rows, q.permute(1, 2, 0))
-        k_low = kernel[:, (m0 - lo) * T :]
-        p = torch.bmm(k_low, s_pos[m0:m1].reshape(M, T, C * O))
-        p = p.reshape(M, N - m0, T, C, O).permute(1, 2, 4, 0, 3)
-        block = torch.bmm(s_rows[m0:], p.reshape(N - m0, T * O, M * C))
-        gram[m0:, :, m0:m1] = block.reshape(N - m0, C, M, C)
-        gram[m0:m1, :, m1:] = gram[m1:, :, m0:m1].permute(2, 3, 0, 1)
+        kernel = a_rows[m0 * T :] @ a_rows[m0 * T : m1 * T].T  # [(n, t), (m, u)]
+        for m in range(m0, m1):
+            k_m = kernel[:, (m - m0) * T : (m - m0 + 1) * T]
+            for n0 in range(m, N, rows_step):
+                n1 = min(N, n0 + rows_step)
+                p = k_m[(n0 - m0) * T : (n1 - m0) * T] @ s_cols[m]
+                p = p.view(n1 - n0, T * O, C1)
+                block = torch.bmm(s_rows[n0:n1], p)  # [n, c, d] (+ [n, c, Δ])
+                gram[n0:n1, :, m] = block[..., :C]
+                if delta is not None:
+                    vtg[n0:n1, :, m] = block[..., C]
+                    vtg[m, :, n0:n1] = torch.bmm(d_rows[n0:n1], p[..., :C])[:, 0].T
+            gram[m, :, m + 1 :] = gram[m + 1 :, :, m].permute(2, 0, 1)
     return gram, vtg
 
 
@@ -125,7 +149,7 @@ def pairwise_times_grads(s: Tensor, a: Tensor, delta: Tensor, a_grad: Tensor):
     """
     C, N, T, O = s.shape  # noqa: E741
     N_g = delta.shape[0]
-    s_rows = s.permute(1, 0, 2, 3).reshape(N, C, T * O)
+    s_rows = _sample_rows(s)
     out = s.new_empty(N, C, N_g)
     step = _chunk(N * T * max(O, T), N_g)
     for m0 in range(0, N_g, step):

@@ -14,14 +14,18 @@ from torch.func import functional_call, hessian, jacrev
 class DenseCurvature:
     """Dense GGN quantities of one batch, with the library's conventions.
 
-    ``G = Jᵀ ∇²_f L J``; per-sample ``G_n = N Jₙᵀ ∇²_{fₙ} L Jₙ`` and
-    ``g_n = N Jₙᵀ ∇_{fₙ} L`` so that their means are ``G`` and ``∇L``.
+    ``G = Jᵀ ∇²_f L J`` and ``∇L`` of the loss as reduced; per-sample
+    ``G_n = Jₙᵀ ∇²_{fₙ} ℓ_n Jₙ`` and ``g_n = Jₙᵀ ∇_{fₙ} ℓ_n`` of the per-sample
+    loss ``ℓ_n`` (the loss with ``reduction='sum'`` on sample n), for the
+    samples the loss counts (rows of ignored samples are dropped).
+    ``batch_scale · mean_n G_n = G`` and ``batch_scale · mean_n g_n = ∇L``.
     """
 
     ggn: Tensor  # [D, D]
-    per_sample_ggn: Tensor  # [N, D, D]
-    per_sample_grads: Tensor  # [N, D]
+    per_sample_ggn: Tensor  # [N_counted, D, D]
+    per_sample_grads: Tensor  # [N_counted, D]
     grad: Tensor  # [D]
+    batch_scale: float = 1.0
 
 
 def plain_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -66,14 +70,33 @@ def dense_curvature(
     out = outputs(theta).detach()
     N = out.shape[0]
     jac = jacrev(outputs)(theta).reshape(N, -1, theta.numel())  # [N, C, D]
-    loss_of_out = lambda o: loss_fn(o, y)  # noqa: E731
-    out_hess = hessian(loss_of_out)(out).reshape(N, -1, N, out[0].numel())
-    out_grad = jacrev(loss_of_out)(out).reshape(N, -1)
+    sum_loss = copy.copy(loss_fn)
+    sum_loss.reduction = "sum"
+    batch_hess = hessian(lambda o: loss_fn(o, y))(out).reshape(N * jac.shape[1], -1)
+    batch_grad = jacrev(lambda o: loss_fn(o, y))(out).reshape(-1)
+    flat_jac = jac.reshape(-1, theta.numel())
+    ggn = flat_jac.T @ batch_hess @ flat_jac
+    grad = flat_jac.T @ batch_grad
+    sample_hess = hessian(lambda o: sum_loss(o, y))(out)
+    sample_hess = sample_hess.reshape(N, -1, N, out[0].numel())
+    sample_grad = jacrev(lambda o: sum_loss(o, y))(out).reshape(N, -1)
+    counted = _counted_samples(loss_fn, y, N)
     per_ggn = torch.stack(
-        [N * jac[n].T @ out_hess[n, :, n, :] @ jac[n] for n in range(N)]
+        [jac[n].T @ sample_hess[n, :, n, :] @ jac[n] for n in counted]
     )
-    per_grad = N * torch.einsum("ncd,nc->nd", jac, out_grad)
-    return DenseCurvature(per_ggn.mean(0), per_ggn, per_grad, per_grad.mean(0))
+    per_grad = torch.einsum("ncd,nc->nd", jac, sample_grad)[counted]
+    # Z = L_sum / L_mean (independent of the library's bookkeeping)
+    total = float(sum_loss(out, y))
+    normaliser = total / float(loss_fn(out, y)) if loss_fn.reduction == "mean" else 1
+    return DenseCurvature(ggn, per_ggn, per_grad, grad, len(counted) / normaliser)
+
+
+def _counted_samples(loss_fn, y: Tensor, N: int) -> list[int]:
+    """Samples with at least one target the loss does not ignore."""
+    ignore = getattr(loss_fn, "ignore_index", None)
+    if ignore is None or y.is_floating_point():
+        return list(range(N))
+    return [n for n in range(N) if bool(y[n].ne(ignore).any())]
 
 
 def eigh_desc(matrix: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,18 +105,18 @@ def eigh_desc(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def per_sample_hessians(model, loss_fn, X: Tensor, y: Tensor) -> Tensor:
-    """Per-sample loss Hessians ``[N, D, D]`` whose mean is the batch loss Hessian."""
+    """Hessians ``[N, D, D]`` of the per-sample losses (``reduction='sum'`` form)."""
     model, loss_fn = plain_copy(model), plain_copy(loss_fn)
     named = dict(model.named_parameters())
     names = list(named)
     sizes = [named[n].numel() for n in names]
     theta = flat_params(list(named.values()))
     N = X.shape[0]
-    scale = N if loss_fn.reduction == "sum" else 1
+    loss_fn.reduction = "sum"
 
     def loss_n(vec, n):
         params = {k: c.reshape(named[k].shape) for k, c in zip(names, vec.split(sizes))}
         out = functional_call(model, params, (X[n : n + 1],))
-        return loss_fn(out, y[n : n + 1]) * scale
+        return loss_fn(out, y[n : n + 1])
 
     return torch.stack([hessian(loss_n)(theta, n) for n in range(N)])

@@ -28,26 +28,89 @@ from vivitlib.extensions.factors import (
 class Scaling:
     """Turns BackPACK's factor and gradients into the library's conventions.
 
-    With ``N`` samples in the batch, ``S`` curvature samples and ``S'`` gradient
-    samples: ``Ṽ = sqrt(N/|S|) V`` (so ``Ṽ Ṽᵀ`` is the GGN of the subset's mean
-    loss, rescaled to the batch's reduction) and ``g_n = N · grad_batch_n`` (so
-    the mean of ``g_n`` over all samples is the gradient of the loss as
-    reduced by the user, for ``'mean'`` and ``'sum'`` alike).
+    The loss is ``L = (1/Z) Σ_n ℓ_n`` (``Z = 1`` for ``'sum'``) over the
+    ``N_counted`` samples it counts (see
+    :class:`~vivitlib.extensions.losses.LossWeighting`). BackPACK's factor
+    ``V`` satisfies ``V Vᵀ = ∇²L`` (GGN) and its per-sample gradients are the
+    rows of ``∇L``, so the per-sample loss's gradient is ``g_n = Z · row_n`` and
+    its GGN ``G_n = Z · V_n V_nᵀ``. With ``S`` counted curvature samples,
+    ``Ṽ = sqrt(N_counted/|S|) V_S`` makes ``Ṽ Ṽᵀ = batch_scale · mean_{n∈S} G_n``,
+    i.e. the batch GGN estimated from the subset (exactly the GGN of the
+    subset's loss for ``'mean'`` without weights).
+
+    Attributes:
+        batch_size: ``N``, samples in the mini-batch.
+        normaliser: ``Z``.
+        num_counted: ``N_counted``.
+        curv_keep: Positions, among the curvature samples, of those the loss
+            counts (``None``: all).
+        grad_keep: Same for the gradient samples.
+        num_curv: ``|S|``, counted curvature samples.
+        num_grad: Counted gradient samples.
     """
 
     batch_size: int
+    normaliser: float
+    num_counted: int
+    curv_keep: list[int] | None
+    grad_keep: list[int] | None
     num_curv: int
     num_grad: int
+
+    @classmethod
+    def from_weighting(
+        cls,
+        weighting,
+        subsampling: list[int] | None,
+        grad_subsampling: list[int] | None,
+    ) -> Scaling:
+        """Scaling of a pass whose loss has ``weighting``.
+
+        Raises:
+            ValueError: If no curvature (or gradient) sample is counted by the
+                loss (e.g. every target equals ``ignore_index``).
+        """
+        counted = weighting.counted.tolist()
+        curv_keep, num_curv = _counted_positions(counted, subsampling, "curvature")
+        grad_keep, num_grad = _counted_positions(counted, grad_subsampling, "gradient")
+        return cls(
+            batch_size=len(counted),
+            normaliser=weighting.normaliser,
+            num_counted=sum(counted),
+            curv_keep=curv_keep,
+            grad_keep=grad_keep,
+            num_curv=num_curv,
+            num_grad=num_grad,
+        )
 
     @property
     def factor(self) -> float:
         """Multiplier of BackPACK's factor ``V``."""
-        return (self.batch_size / self.num_curv) ** 0.5
+        return (self.num_counted / self.num_curv) ** 0.5
 
     @property
     def grads(self) -> float:
-        """Multiplier of BackPACK's per-sample gradients."""
-        return float(self.batch_size)
+        """Multiplier of BackPACK's per-sample gradients (``Z``)."""
+        return float(self.normaliser)
+
+    @property
+    def batch_scale(self) -> float:
+        """``N_counted / Z``: batch quantity = ``batch_scale`` × mean per-sample one."""
+        return self.num_counted / self.normaliser
+
+
+def _counted_positions(
+    counted: list[bool], samples: list[int] | None, what: str
+) -> tuple[list[int] | None, int]:
+    """Positions (within ``samples``) of counted samples, and how many there are."""
+    chosen = range(len(counted)) if samples is None else samples
+    keep = [i for i, n in enumerate(chosen) if counted[n]]
+    if not keep:
+        raise ValueError(
+            f"The loss counts none of the {what} samples (every target is "
+            "ignore_index or has zero weight); choose other samples or targets."
+        )
+    return (None if len(keep) == len(chosen) else keep), len(keep)
 
 
 @dataclass
@@ -84,6 +147,22 @@ class GroupAccumulator:
         return [p for p in self.params if id(p) not in self.visited]
 
 
+def _index(positions: list[int] | None, device: torch.device) -> Tensor | None:
+    return None if positions is None else torch.tensor(positions, device=device)
+
+
+def _gram_of_counted(gram: Tensor, keep: Tensor | None, scale: float) -> Tensor:
+    """``[N, C, N, C]`` accumulator → scaled ``[N'·C, N'·C]`` Gram of kept samples.
+
+    Scales in place: the accumulator is not used afterwards.
+    """
+    if keep is not None:
+        gram = gram.index_select(0, keep).index_select(2, keep)
+    n, c = gram.shape[:2]
+    gram = gram.reshape(n * c, n * c)
+    return gram if scale == 1 else gram.mul_(scale)
+
+
 def _accumulate(total: Tensor | None, part: Tensor) -> Tensor:
     """``total + part`` in float64 (a contiguous copy on first use)."""
     if total is None:
@@ -117,8 +196,10 @@ class GGNBlock:
         self.params = acc.params
         self.num_curv_samples = scaling.num_curv
         self.num_grad_samples = scaling.num_grad
-        n, c = acc.gram.shape[:2]
-        self.gram = acc.gram.reshape(n * c, n * c) * scaling.factor**2
+        self.batch_scale = scaling.batch_scale
+        self._num_factor_samples, self._num_columns = acc.gram.shape[:2]
+        self._curv_keep = _index(scaling.curv_keep, acc.gram.device)
+        self.gram = _gram_of_counted(acc.gram, self._curv_keep, scaling.factor**2)
         self.evals, self.gram_evecs = linalg.gram_eigh(
             self.gram,
             rtol=rtol,
@@ -126,17 +207,21 @@ class GGNBlock:
             factor_dtype=acc.factor_dtype,
             eigenvectors=eigenvectors,
         )
-        self._num_columns = c
         self._factors = acc.factors
         self._factor_scale = scaling.factor
         self._has_grads = has_grads
         if has_grads:
-            self._vt_grads = acc.vt_grads.reshape(n * c, -1) * (
+            vtg = acc.vt_grads
+            if self._curv_keep is not None:
+                vtg = vtg.index_select(0, self._curv_keep)
+            if scaling.grad_keep is not None:
+                vtg = vtg.index_select(2, _index(scaling.grad_keep, vtg.device))
+            self._vt_grads = vtg.reshape(-1, vtg.shape[2]) * (
                 scaling.factor * scaling.grads
             )
             self._grad_mean = [
                 acc.grad_totals[id(p)].reshape(p.shape)
-                * (scaling.grads / scaling.num_grad)
+                * (scaling.num_counted / scaling.num_grad)
                 for p in self.params
             ]
 
@@ -164,7 +249,13 @@ class GGNBlock:
         """``Σ_{n,c} coeffs[(n,c), k] v_nc`` per parameter, ``[k, *shape]``."""
         self._require_factors()
         n = coeffs.shape[0] // self._num_columns
-        cnk = coeffs.reshape(n, self._num_columns, -1).transpose(0, 1)
+        nck = coeffs.reshape(n, self._num_columns, -1)
+        if self._curv_keep is not None:  # columns of uncounted samples get 0
+            full = self._num_factor_samples
+            nck = nck.new_zeros(full, *nck.shape[1:]).index_copy_(
+                0, self._curv_keep, nck
+            )
+        cnk = nck.transpose(0, 1)
         return [
             factor_apply(self._factors[id(p)], cnk).reshape(-1, *p.shape)
             for p in self.params
@@ -185,21 +276,30 @@ class GGNBlock:
                 "'directional_derivatives' to LowRankGGN(compute=...)."
             )
         return linalg.directional_lambdas(
-            self.gram_evecs, self.evals, self.num_curv_samples
+            self.gram_evecs, self.evals, self.num_curv_samples, self.batch_scale
         )
 
     @property
     def gamma_means(self) -> Tensor:
-        """Directional gradients ``γ_k = e_kᵀ g``, ``[K]``.
+        """Mean of ``γ_nk`` over the gradient samples, ``[K]``.
 
-        ``g`` is the mean gradient over the gradient samples.
+        ``batch_scale · gamma_means = e_kᵀ g`` with ``g`` the batch gradient
+        (:attr:`grad`).
         """
         return self.gammas.mean(0)
 
     @property
     def lambda_means(self) -> Tensor:
-        """Mean of ``λ_nk`` over samples, i.e. ``λ_k``; equal to ``evals``, ``[K]``."""
+        """Mean of ``λ_nk`` over the curvature samples, ``[K]``.
+
+        ``batch_scale · lambda_means = evals`` (the batch GGN's eigenvalues).
+        """
         return self.lambdas.mean(0)
+
+    @property
+    def batch_gammas(self) -> Tensor:
+        """``e_kᵀ g`` for the batch gradient ``g`` of the loss as reduced, ``[K]``."""
+        return self.gamma_means * self.batch_scale
 
     @property
     def gamma_snr(self) -> Tensor:
@@ -224,8 +324,11 @@ class GGNBlock:
 
     @property
     def gradient_overlaps(self) -> Tensor:
-        """``γ_k² / ‖g‖²``, the gradient's share along each direction, ``[K]``."""
-        return linalg.gradient_overlaps(self.gamma_means, self.grad_norm_sq)
+        """``(e_kᵀ g)² / ‖g‖²``, the gradient's share along each direction, ``[K]``.
+
+        Zero for a zero gradient.
+        """
+        return linalg.gradient_overlaps(self.batch_gammas, self.grad_norm_sq)
 
     def newton_step(self, damping: float | Tensor) -> list[Tensor]:
         """Damped Newton step ``-Σ_k γ_k / (λ_k + δ_k) e_k``, lifted once.
@@ -239,7 +342,7 @@ class GGNBlock:
         """
         self._require_grads()
         coeffs = linalg.newton_coefficients(
-            self.gram_evecs, self.evals, self.gamma_means, damping
+            self.gram_evecs, self.evals, self.batch_gammas, damping
         )
         step = self._apply(coeffs[:, None] * self._factor_scale)
         return [s[0] for s in step]

@@ -9,6 +9,8 @@ and on any failure restores ``.grad`` and drops partial buffers.
 from __future__ import annotations
 
 import itertools
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -21,12 +23,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from vivitlib import _checks
 from vivitlib.block import Scaling
+from vivitlib.errors import (
+    IncompletePassError,
+    NoPassError,
+    StalePassWarning,
+    UnsupportedError,
+)
 from vivitlib.extensions import (
     FACTOR_FIELD,
     GRADS_FIELD,
     BatchGradsExtension,
     GGNFactorExtension,
 )
+from vivitlib.extensions.losses import LossWeighting, loss_weighting
 from vivitlib.groups import normalize_groups
 
 _REDUCTIONS = ("mean", "sum")
@@ -34,23 +43,60 @@ _INSTANCE_TAGS = itertools.count()
 
 
 class _Pass:
-    """Book-keeping of one backward pass: batch facts, accumulators, grad backup."""
+    """Book-keeping of one backward pass: batch facts, accumulators, grad backup.
 
-    def __init__(self, loss_module: Module, groups: list[dict[str, Any]], accumulators):
+    A pass starts when BackPACK reaches the loss module and its backward ends
+    when autograd runs the callback queued then (:meth:`end_backward`). From
+    that moment on, a further gradient accumulation into a grouped parameter
+    means a later ``backward()`` ran without this collector: the pass is stale.
+    """
+
+    def __init__(
+        self,
+        loss_module: Module,
+        groups: list[dict[str, Any]],
+        accumulators,
+        weighting: LossWeighting,
+    ):
         self.loss_output = loss_module.output
         self.batch_size = loss_module.input0.shape[0]
+        self.weighting = weighting
+        self.params = [p for group in groups for p in group["params"]]
         self.grad_backup = {
             id(p): (p, None if p.grad is None else p.grad.detach().clone())
-            for group in groups
-            for p in group["params"]
+            for p in self.params
         }
         self.accumulators = accumulators
         self.finished = False
+        self.backward_done = False
+        self.stale = False
+        self._handles: list = []
 
     def restore_grads(self) -> None:
         """Put every ``.grad`` back as it was before the pass."""
         for p, grad in self.grad_backup.values():
             p.grad = grad
+
+    def end_backward(self) -> None:
+        """Mark the backward as finished; watch for later accumulations."""
+        self.backward_done = True
+        ref = weakref.ref(self)
+
+        def on_accumulate(_: Tensor) -> None:
+            owner = ref()
+            if owner is not None:
+                owner.stale = True
+                owner.release()
+
+        self._handles = [
+            p.register_post_accumulate_grad_hook(on_accumulate) for p in self.params
+        ]
+
+    def release(self) -> None:
+        """Remove the watch hooks from the parameters."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class BackpackCollector:
@@ -128,17 +174,12 @@ class BackpackCollector:
         value before the pass and partial buffers are dropped.
         """
         try:
+            if not hasattr(module, "output"):
+                raise RuntimeError(_missing_io_message(module))
             if is_loss(module):
                 self._begin_pass(module, g_out)
             else:
                 _check_module(module)
-            if not hasattr(module, "output"):
-                raise RuntimeError(
-                    f"{type(module).__name__} was reached twice in one backward pass "
-                    "(or ran its forward outside the extended model): a module used "
-                    "more than once in the forward pass (shared weights) is not "
-                    "supported by BackPACK. Use a separate module for each use."
-                )
             with _default_dtype_of(module):
                 call(module, g_inp, g_out)
         except Exception as err:
@@ -159,8 +200,13 @@ class BackpackCollector:
     # -- internals ----------------------------------------------------------
 
     def _begin_pass(self, loss_module: Module, g_out: Any) -> None:
-        if self._pass is not None and self._pass.loss_output is loss_module.output:
-            return  # a second extension on the same loss
+        current = self._pass
+        if (
+            current is not None
+            and current.loss_output is loss_module.output
+            and not current.backward_done
+        ):
+            return  # a second extension of this collector on the same loss
         self.reset()
         reduction = getattr(loss_module, "reduction", None)
         if reduction not in _REDUCTIONS:
@@ -168,6 +214,20 @@ class BackpackCollector:
                 f"{type(loss_module).__name__}(reduction={reduction!r}) is not "
                 "supported; use reduction='mean' or 'sum'."
             )
+        batch_size = loss_module.input0.shape[0]
+        if batch_size == 0 or loss_module.input0.numel() == 0:
+            raise ValueError(
+                "The mini-batch is empty (model output of shape "
+                f"{tuple(loss_module.input0.shape)}); pass at least one sample."
+            )
+        for p in (p for group in self.param_groups for p in group["params"]):
+            if not p.requires_grad:
+                raise ValueError(
+                    f"A parameter of shape {tuple(p.shape)} was frozen "
+                    "(requires_grad=False) after this object was built; frozen "
+                    "parameters are skipped only at construction. Build a new "
+                    "one (or unfreeze the parameter)."
+                )
         _checks.check_finite(
             loss_module.input0,
             "The model output",
@@ -183,12 +243,15 @@ class BackpackCollector:
                 "Call backward() on the loss module's output directly (no scaling "
                 "or sums after it)."
             )
-        batch_size = loss_module.input0.shape[0]
         _checks.check_indices_in_range(self.subsampling, batch_size, "subsampling")
         _checks.check_indices_in_range(
             self.grad_subsampling, batch_size, "grad_subsampling"
         )
-        self._pass = _Pass(loss_module, self.param_groups, self._new_accumulators())
+        weighting = loss_weighting(loss_module)
+        self._pass = _Pass(
+            loss_module, self.param_groups, self._new_accumulators(), weighting
+        )
+        _quiet_backward_hook_warning(self._pass)
 
     def _collect(self, param: Tensor) -> None:
         factor = param.__dict__.pop(self._fields[0], None)
@@ -198,11 +261,25 @@ class BackpackCollector:
             return
         if self._needs_grads and grads is None:
             raise RuntimeError("Per-sample gradients are missing for a parameter.")
-        self._pass.accumulators[group].add(param, factor, grads)
+        accumulator = self._pass.accumulators[group]
+        if id(param) in accumulator.visited and not self._sums_shared_params:
+            raise UnsupportedError(
+                f"A parameter of shape {tuple(param.shape)} is used by two modules "
+                "(tied weights). Its GGN factor is the sum of both modules' "
+                "factors, which this object does not form. Untie the weights, or "
+                "leave the shared parameter out of the groups (e.g. freeze it)."
+            )
+        accumulator.add(param, factor, grads)
+
+    #: Whether accumulators add a parameter's contributions from several modules
+    #: correctly (projections are linear in V; Gram matrices are not).
+    _sums_shared_params = False
 
     def _abort(self) -> None:
         if self._pass is not None:
             self._pass.restore_grads()
+            self._pass.release()
+            _release_warning_filter(self._pass)
         _clear_fields(self.param_groups, self._fields)
         self._pass = None
         self._on_reset()
@@ -210,12 +287,21 @@ class BackpackCollector:
     def _finish_pass(self) -> Scaling:
         """Check the pass is complete; return the scaling of its buffers."""
         if self._pass is None:
-            raise RuntimeError(
+            raise NoPassError(
                 f"No curvature has been collected. {_checks._NO_PASS_HINT}"
+            )
+        if self._pass.stale:
+            warnings.warn(
+                "These results describe an earlier curvature pass: a later "
+                "backward() ran without this object's extensions, so .grad no "
+                "longer matches them. Run the forward and backward pass inside "
+                "`with backpack(...)` again for current results.",
+                StalePassWarning,
+                stacklevel=3,
             )
         leftovers = _clear_fields(self.param_groups, self._fields)
         if leftovers:
-            raise RuntimeError(
+            raise IncompletePassError(
                 "Buffers were computed but never collected: pass "
                 "`extension_hook=ggn.hook` to `backpack(...)`."
             )
@@ -223,19 +309,73 @@ class BackpackCollector:
             missing = acc.missing()
             if missing:
                 shapes = [tuple(p.shape) for p in missing]
-                raise RuntimeError(
+                raise IncompletePassError(
                     f"Group {index}: parameters of shapes {shapes} received no GGN "
                     "factor. Extend every module that owns them with "
                     "backpack.extend(model) (or extend(model, use_converter=True) "
                     "for residual nets) and keep them in the forward pass."
                 )
         self._pass.finished = True
-        n = self._pass.batch_size
-        return Scaling(
-            batch_size=n,
-            num_curv=n if self.subsampling is None else len(self.subsampling),
-            num_grad=n if self.grad_subsampling is None else len(self.grad_subsampling),
+        return Scaling.from_weighting(
+            self._pass.weighting, self.subsampling, self.grad_subsampling
         )
+
+    @property
+    def is_stale(self) -> bool:
+        """Whether a ``backward()`` without this object ran after its latest pass."""
+        return self._pass is not None and self._pass.stale
+
+
+_HOOK_WARNING = "Full backward hook is firing when gradients are computed"
+_quiet_passes: set[int] = set()
+
+
+def _quiet_backward_hook_warning(pass_: _Pass) -> None:
+    """Silence torch's 'Full backward hook is firing' warning until the backward ends.
+
+    BackPACK's module hooks make torch warn for the first layer (whose input needs
+    no gradient) in every pass; the message is about our machinery, not the
+    user's code. The filter matches that message only; it is removed when the
+    last pass that needs it ends (a callback at the end of the backward) or is
+    aborted.
+    """
+    if not _quiet_passes:
+        warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
+    _quiet_passes.add(id(pass_))
+
+    def end() -> None:
+        _release_warning_filter(pass_)
+        pass_.end_backward()
+
+    torch.autograd.Variable._execution_engine.queue_callback(end)
+
+
+def _release_warning_filter(pass_: _Pass) -> None:
+    """Drop ``pass_``'s claim on the warning filter; remove it if none is left."""
+    _quiet_passes.discard(id(pass_))
+    if _quiet_passes:
+        return
+    for entry in [f for f in warnings.filters if _is_hook_filter(f)]:
+        warnings.filters.remove(entry)
+    warnings._filters_mutated()  # noqa: SLF001 - keep the warning caches right
+
+
+def _is_hook_filter(entry: tuple) -> bool:
+    message = entry[1]
+    return entry[0] == "ignore" and getattr(message, "pattern", None) == _HOOK_WARNING
+
+
+def _missing_io_message(module: Module) -> str:
+    name = type(module).__name__
+    return (
+        f"{name} holds no stored forward pass. Either it was reached twice in one "
+        "backward pass (a module used more than once in the forward pass, i.e. "
+        "shared weights, is not supported by BackPACK: use a separate module for "
+        "each use), or backward() ran a second time over the same graph: BackPACK "
+        "frees each module's inputs after its backward, so for a second "
+        "backward(retain_graph=True) use `backpack(..., retain_graph=True)`, or "
+        "run a fresh forward pass."
+    )
 
 
 def _check_module(module: Module) -> None:
@@ -317,7 +457,7 @@ def _explain(err: Exception, module: Module) -> Exception:
     text = str(err)
     name = type(module).__name__
     if isinstance(err, NotImplementedError) and "does not have an extension" in text:
-        return NotImplementedError(
+        return UnsupportedError(
             f"{name} is not supported: BackPACK has no square-root GGN rule for it. "
             "Replace the layer by a supported one (Linear, Conv1d/2d/3d, "
             "ConvTranspose, activations, pooling, Flatten, Dropout, eval-mode "

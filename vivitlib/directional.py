@@ -6,14 +6,17 @@ directions, GGN eigenvectors of another batch, ...), one backward pass gives
 .. math::
     γ_{nk} = d_k^⊤ g_n, \qquad λ_{nk} = d_k^⊤ G_n d_k = N ‖V_n^⊤ d_k‖²
 
-with the same scaling conventions as :class:`vivitlib.LowRankGGN` (means over
-samples are ``d_kᵀ g`` and ``d_kᵀ G d_k``). The per-sample Hessian curvatures
+with the same conventions as :class:`vivitlib.LowRankGGN`: ``g_n`` and ``G_n``
+belong to the per-sample loss ``ℓ_n`` whatever the reduction, and
+``batch_scale`` times their means are ``d_kᵀ g`` and ``d_kᵀ G d_k`` of the batch
+loss as reduced. The per-sample Hessian curvatures
 ``d_kᵀ H_n d_k`` are available for small batches by double backward through
 :func:`per_sample_hessian_curvatures`.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -67,6 +70,10 @@ class DirectionalDerivatives(BackpackCollector):
         ValueError: If the directions do not match the parameters.
     """
 
+    # Projections are linear in V: a parameter shared by two modules (tied
+    # weights) gets the sum of both modules' projections, which is exact.
+    _sums_shared_params = True
+
     def __init__(
         self,
         params: Sequence[Tensor],
@@ -102,13 +109,26 @@ class DirectionalDerivatives(BackpackCollector):
         """``λ_nk = d_kᵀ G_n d_k``, ``[N_c, K]`` (float64)."""
         return self._results()[1]
 
-    def _results(self) -> tuple[Tensor, Tensor]:
+    @property
+    def batch_scale(self) -> float:
+        """Batch quantity = ``batch_scale`` × mean of the per-sample ones.
+
+        ``1`` for a ``'mean'`` loss without weights, ``N`` for ``'sum'``; see
+        :attr:`vivitlib.block.GGNBlock.batch_scale`.
+        """
+        return self._results()[2]
+
+    def _results(self) -> tuple[Tensor, Tensor, float]:
         if self._result is None:
             scaling = self._finish_pass()
             acc = self._pass.accumulators[0]
             gammas = acc.grad_proj * scaling.grads
-            lambdas = acc.factor_proj.pow(2).sum(0) * scaling.batch_size
-            self._result = (gammas, lambdas)
+            lambdas = acc.factor_proj.pow(2).sum(0) * scaling.grads
+            if scaling.grad_keep is not None:
+                gammas = gammas[scaling.grad_keep]
+            if scaling.curv_keep is not None:
+                lambdas = lambdas[scaling.curv_keep]
+            self._result = (gammas, lambdas, scaling.batch_scale)
         return self._result
 
     def _on_reset(self) -> None:
@@ -122,7 +142,7 @@ class DirectionalDerivatives(BackpackCollector):
 def _check_directions(
     params: list[Tensor], directions: Sequence[Tensor]
 ) -> dict[int, Tensor]:
-    directions = list(directions)
+    directions = _check_direction_values(params, directions)
     if len(directions) != len(params):
         raise ValueError(
             f"Got {len(directions)} direction tensors for {len(params)} parameters; "
@@ -130,7 +150,10 @@ def _check_directions(
         )
     counts = {d.shape[0] for d in directions}
     if len(counts) != 1:
-        raise ValueError(f"Directions disagree on K: {sorted(counts)}.")
+        raise ValueError(
+            f"The direction tensors disagree on K (their first axis): "
+            f"{sorted(counts)}; each must be [K, *param.shape] with the same K."
+        )
     for p, d in zip(params, directions):
         if tuple(d.shape[1:]) != tuple(p.shape):
             raise ValueError(
@@ -138,6 +161,38 @@ def _check_directions(
                 f"shape {tuple(p.shape)}; expected [K, {', '.join(map(str, p.shape))}]."
             )
     return {id(p): d.detach() for p, d in zip(params, directions)}
+
+
+def _check_direction_values(params: list[Tensor], directions) -> list[Tensor]:
+    """Type, K axis, dtype/device and finiteness of user-given directions."""
+    if isinstance(directions, Tensor):
+        raise TypeError(
+            "directions must be a sequence with one [K, *param.shape] tensor per "
+            "parameter, got a single tensor; wrap it in a list."
+        )
+    directions = list(directions)
+    for p, d in zip(params, directions):
+        if not isinstance(d, Tensor):
+            raise TypeError(f"directions must hold tensors, got {type(d).__name__}.")
+        if d.ndim == p.ndim and tuple(d.shape) == tuple(p.shape):
+            raise ValueError(
+                f"A direction has the parameter's shape {tuple(p.shape)} but no "
+                "leading K axis; pass d.unsqueeze(0) for a single direction."
+            )
+        if not d.is_floating_point():
+            raise TypeError(f"directions must be floating point, got {d.dtype}.")
+        if d.device != p.device:
+            raise ValueError(
+                f"A direction is on {d.device} but its parameter on {p.device}; "
+                "move the directions to the parameters' device."
+            )
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError(
+                "The directions contain NaN or Inf; pass finite directions."
+            )
+    if directions and directions[0].ndim > 0 and directions[0].shape[0] == 0:
+        raise ValueError("directions hold K = 0 directions; pass at least one.")
+    return directions
 
 
 def per_sample_hessian_curvatures(
@@ -150,8 +205,9 @@ def per_sample_hessian_curvatures(
 ) -> Tensor:
     """``d_kᵀ H_n d_k`` per sample by double backward (for small batches).
 
-    Per-sample Hessians follow the library's convention: their mean over the
-    batch is the Hessian of the loss as reduced by ``loss_fn``. Costs ``N·K``
+    Per-sample Hessians follow the library's convention: they belong to the
+    per-sample loss ``ℓ_n`` (``loss_fn`` with ``reduction='sum'`` on sample
+    ``n`` alone), whatever ``loss_fn``'s reduction. Costs ``N·K``
     Hessian-vector products; use for analysis on small ``N``.
 
     Args:
@@ -173,11 +229,12 @@ def per_sample_hessian_curvatures(
     )
     _check_directions(params, directions)
     N = X.shape[0]
-    scale = float(N) if getattr(loss_fn, "reduction", "mean") == "sum" else 1.0
+    per_sample_loss = copy.copy(loss_fn)
+    per_sample_loss.reduction = "sum"
     K = directions[0].shape[0]
     out = torch.empty(N, K, dtype=torch.float64)
     for n in range(N):
-        loss = loss_fn(model(X[n : n + 1]), y[n : n + 1]) * scale
+        loss = per_sample_loss(model(X[n : n + 1]), y[n : n + 1])
         grads = torch.autograd.grad(loss, params, create_graph=True)
         for k in range(K):
             dot = sum((g * d[k]).sum() for g, d in zip(grads, directions))

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from vivitlib.block import GGNBlock, GroupAccumulator
 from vivitlib.collector import BackpackCollector
+from vivitlib.linalg.eigh import check_rtol
 
 #: Everything a pass can deliver; ``compute=`` picks a subset.
 QUANTITIES = ("eigenvalues", "eigenvectors", "directional_derivatives", "newton_step")
@@ -28,11 +29,19 @@ class LowRankGGN(BackpackCollector):
     derivatives and Newton steps. ``.grad`` is filled exactly as by a plain
     backward pass.
 
-    Conventions: per-sample gradients ``g_n`` and per-sample GGNs ``G_n`` are
-    scaled so that their mean over samples is the gradient and GGN of the loss
-    as the user reduced it (``'mean'`` or ``'sum'``). With ``subsampling`` the
-    curvature is ``(N/|S|)·Σ_{n∈S} G_n / N``: for ``'mean'`` exactly the GGN of
-    the subset's mean loss.
+    Conventions: per-sample gradients ``g_n``, GGNs ``G_n`` and with them
+    ``γ_nk = e_kᵀ g_n`` and ``λ_nk = e_kᵀ G_n e_k`` belong to the per-sample loss
+    ``ℓ_n`` — what the loss with ``reduction='sum'`` gives on sample ``n`` alone
+    — whatever the batch reduction. The batch loss is ``L = (1/Z) Σ_n ℓ_n``
+    (``'mean'``; ``Z`` = number of counted elements, or the summed class
+    weights) or ``Σ_n ℓ_n`` (``'sum'``), over the samples the loss counts
+    (targets equal to ``ignore_index`` are left out everywhere). Each block's
+    ``batch_scale`` (``N_counted/Z``; 1 for a plain ``'mean'``, ``N`` for
+    ``'sum'``) turns means of per-sample quantities into batch quantities:
+    ``evals`` are the eigenvalues of the batch GGN, ``grad`` is the batch
+    gradient. With ``subsampling`` the curvature is the batch GGN estimated
+    from the subset, ``batch_scale · (1/|S|) Σ_{n∈S} G_n``: for a plain
+    ``'mean'`` exactly the GGN of the subset's mean loss.
 
     Args:
         params: Parameters (one group), or a list of ``{"params": [...]}`` dicts
@@ -47,8 +56,10 @@ class LowRankGGN(BackpackCollector):
             alone skip per-sample gradients and free every factor at once.
         eigh_dtype: Precision of the Gram eigen-decomposition (default float64;
             float32 is faster for large Gram matrices).
-        rtol: Eigenvalues ``≤ rtol · λ_max`` are dropped as zero; default
-            ``N_c·C·ε`` of the model's dtype (see :func:`vivitlib.linalg.default_rtol`).
+        rtol: Eigenvalues ``≤ rtol · λ_max`` are dropped as zero (a number in
+            ``[0, 1)``). Default ``None``: the round-off cut-off of the
+            precision the computation had (see
+            :func:`vivitlib.linalg.eigenvalue_cutoff`).
 
     Raises:
         TypeError, ValueError: On malformed groups, indices or options.
@@ -71,7 +82,7 @@ class LowRankGGN(BackpackCollector):
                 f"eigh_dtype must be float32 or float64, got {eigh_dtype}."
             )
         self.eigh_dtype = eigh_dtype
-        self.rtol = rtol
+        self.rtol = check_rtol(rtol)
         self._blocks: list[GGNBlock] | None = None
         super().__init__(
             params,

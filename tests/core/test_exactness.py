@@ -1,5 +1,6 @@
 """LowRankGGN against an independent dense float64 reference (torch.func)."""
 
+import pytest
 import torch
 
 import vivitlib
@@ -41,9 +42,17 @@ def test_directional_derivatives(problem):
         block.lambdas, lambdas, atol=1e-9 * block.evals[0], rtol=1e-7
     )
     torch.testing.assert_close(
-        block.gamma_means, E @ dense.grad, atol=1e-9 * scale_g, rtol=1e-7
+        block.gamma_means, gammas.mean(0), atol=1e-9 * scale_g, rtol=1e-7
     )
-    torch.testing.assert_close(block.lambda_means, block.evals, rtol=1e-9, atol=0)
+    # batch quantities: batch_scale times the means of the per-sample ones
+    assert block.batch_scale == pytest.approx(dense.batch_scale, rel=1e-10)
+    scale_b = (E @ dense.grad).abs().max()
+    torch.testing.assert_close(
+        block.batch_gammas, E @ dense.grad, atol=1e-9 * scale_b, rtol=1e-7
+    )
+    torch.testing.assert_close(
+        block.lambda_means * block.batch_scale, block.evals, rtol=1e-9, atol=0
+    )
     # derived statistics
     torch.testing.assert_close(
         block.gamma_snr, gammas.mean(0) ** 2 / gammas.var(0), rtol=1e-6, atol=0

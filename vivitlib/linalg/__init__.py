@@ -10,7 +10,7 @@ from vivitlib.linalg.directional import (
     gradient_overlaps,
     signal_to_noise,
 )
-from vivitlib.linalg.eigh import default_rtol, gram_eigh, lift
+from vivitlib.linalg.eigh import default_rtol, eigenvalue_cutoff, gram_eigh, lift
 from vivitlib.linalg.gram import gram_matrix
 from vivitlib.linalg.newton import newton_coefficients, newton_step
 
@@ -18,6 +18,7 @@ __all__ = [
     "default_rtol",
     "directional_gammas",
     "directional_lambdas",
+    "eigenvalue_cutoff",
     "gradient_overlaps",
     "gram_eigh",
     "gram_matrix",

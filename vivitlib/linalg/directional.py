@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -21,20 +22,24 @@ def directional_gammas(vt_grads: Tensor, gram_evecs: Tensor, evals: Tensor) -> T
     return (vt_grads.to(gram_evecs.dtype).T @ gram_evecs) / evals.sqrt()
 
 
-def directional_lambdas(gram_evecs: Tensor, evals: Tensor, num_samples: int) -> Tensor:
+def directional_lambdas(
+    gram_evecs: Tensor, evals: Tensor, num_samples: int, batch_scale: float = 1.0
+) -> Tensor:
     r"""Per-sample directional curvatures ``λ_nk = e_kᵀ G_n e_k``.
 
-    For ``V = N^{-1/2} [v_11 … v_NC]`` (columns sample-major) and
-    ``G = (1/N) Σ_n G_n``, the Gram matrix gives them for free:
+    For a factor with ``V Vᵀ = G = s · (1/N) Σ_n G_n`` (columns sample-major;
+    ``s`` = ``batch_scale``, 1 when ``G`` is the mean of the ``G_n``), the Gram
+    matrix gives them for free:
 
-    .. math:: λ_{nk} = N λ_k \sum_c [\tilde{e}_k]_{nc}^2
+    .. math:: λ_{nk} = \frac{N}{s} λ_k \sum_c [\tilde{e}_k]_{nc}^2
 
-    so that their mean over ``n`` is ``λ_k``.
+    so that their mean over ``n`` is ``λ_k / s``.
 
     Args:
         gram_evecs: Gram eigenvectors ``[N·C, K]``.
         evals: Nonzero eigenvalues ``[K]``.
         num_samples: ``N``, the number of samples behind the columns.
+        batch_scale: ``s``. Default ``1``.
 
     Returns:
         ``λ_nk``, shape ``[N, K]``.
@@ -43,7 +48,7 @@ def directional_lambdas(gram_evecs: Tensor, evals: Tensor, num_samples: int) -> 
     if M % num_samples != 0:
         raise ValueError(f"Gram size {M} is not a multiple of N={num_samples}.")
     per_sample = gram_evecs.reshape(num_samples, M // num_samples, K).pow(2).sum(1)
-    return num_samples * evals * per_sample
+    return (num_samples / batch_scale) * evals * per_sample
 
 
 def signal_to_noise(samples: Tensor) -> Tensor:
@@ -72,6 +77,7 @@ def gradient_overlaps(gamma_means: Tensor, grad_norm_sq: Tensor | float) -> Tens
         grad_norm_sq: ``‖g‖²``.
 
     Returns:
-        Overlaps, shape ``[K]``.
+        Overlaps, shape ``[K]``; zeros for a zero gradient.
     """
-    return gamma_means.pow(2) / grad_norm_sq
+    overlaps = gamma_means.pow(2) / grad_norm_sq
+    return overlaps if float(grad_norm_sq) > 0 else torch.zeros_like(overlaps)

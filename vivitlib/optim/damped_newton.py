@@ -11,7 +11,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ from backpack import backpack
 from torch import Tensor
 
 from vivitlib.ggn import LowRankGGN
+from vivitlib.optim._stepping import SafeguardedStepping, load_pending, loss_value
 from vivitlib.optim.damping import BootstrapDamping, ConstantDamping
+from vivitlib.optim.safeguards import StepControl, StepPlan
 
 _COMPUTE = ("eigenvalues", "directional_derivatives", "newton_step")
 _HINT = (
@@ -40,7 +42,12 @@ class DampingRecord:
         evals: Curvatures ``λ_k`` along the directions, ``[K]``.
         gamma_means: Directional gradients ``γ_k``, ``[K]``.
         dampings: Dampings ``δ_k`` (``inf``: no step), ``[K]``.
-        applied: Whether the group's parameters were updated.
+        applied: Whether the group's parameters were updated (``False`` also
+            when the step was undone because it increased the batch loss).
+        scale: Factor ``t = lr · α`` on the damped Newton step (``α < 1``: the
+            trust region shortened it); ``NaN`` without a step.
+        predicted: The quadratic model's predicted loss change; ``NaN`` without
+            a step.
     """
 
     step: int
@@ -49,6 +56,8 @@ class DampingRecord:
     gamma_means: Tensor
     dampings: Tensor
     applied: bool
+    scale: float = math.nan
+    predicted: float = math.nan
 
 
 def _as_strategy(damping: Any) -> Callable[[Tensor, Tensor], Tensor]:
@@ -64,8 +73,9 @@ def _as_strategy(damping: Any) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
-    """Validate ``lr`` and ``weight_decay`` of a parameter group."""
-    for name, positive in (("lr", True), ("weight_decay", False)):
+    """Validate ``lr``, ``weight_decay`` and ``complement_lr`` of a group."""
+    checks = (("lr", True), ("weight_decay", False), ("complement_lr", False))
+    for name, positive in checks:
         if name not in group:
             continue
         value = group[name]
@@ -76,40 +86,70 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
             raise ValueError(f"{name} must be finite and {bound}, got {value}.")
 
 
-class DampedNewton(torch.optim.Optimizer):
+class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
     r"""Damped Newton steps in the GGN's nontrivial eigenspace, per parameter group.
 
     For each parameter group (one block of a block-diagonal GGN) a step is
 
     .. math::
         θ \leftarrow (1 - \mathrm{lr} \cdot \mathrm{wd})\, θ
-            - \mathrm{lr} \sum_{k=1}^{K} \frac{γ_k}{λ_k + δ_k} e_k ,
+            - t \sum_{k=1}^{K} \frac{γ_k}{\max(λ_k + δ_k, μ λ_1)} e_k
+            - η\, (g - \textstyle\sum_k γ_k e_k),
 
-    with ``(λ_k, e_k)`` the ``K`` nontrivial GGN eigenpairs of the group,
-    ``γ_k = e_kᵀ g`` the directional gradient, and dampings ``δ_k`` from the group's
-    strategy, called as ``damping(gammas, lambdas)`` with the per-sample
-    directional derivatives ``gammas [N_g, K]`` and ``lambdas [N_c, K]``;
-    ``δ_k = inf`` leaves direction ``k`` alone. Flat directions (``λ = 0``) are not
-    updated. The coefficients are assembled in Gram space and lifted once per
-    group (:meth:`vivitlib.GGNBlock.newton_step`). Weight decay is decoupled
-    (applied to the parameters, not to the quadratic model).
+    with ``(λ_k, e_k)`` the ``K`` nontrivial GGN eigenpairs of the group (``λ_1``
+    the largest), ``γ_k = e_kᵀ g`` the directional gradient and ``g`` the batch
+    gradient. The per-direction dampings ``δ_k`` come from the group's strategy,
+    called as ``damping(gammas, lambdas)`` with the per-sample directional
+    derivatives ``gammas [N_g, K]`` and ``lambdas [N_c, K]`` scaled to the batch
+    loss (``block.batch_scale`` times those of the per-sample loss, so their means
+    are the batch's ``γ_k`` and ``λ_k`` for ``'mean'`` and ``'sum'`` alike);
+    ``δ_k = inf`` leaves direction ``k`` alone.
+
+    **Safeguards** (:class:`~vivitlib.optim.safeguards.StepControl`, on by
+    default): the denominators are clamped to ``μ λ_1`` from below (damping is
+    added only along directions flatter than that), with ``μ >= damping_floor``;
+    ``μ`` adapts Levenberg–Marquardt style to the ratio ``ρ`` of the actual to
+    the quadratic model's predicted loss change, and
+    ``t = lr · α`` with ``α <= 1`` keeps the step inside a trust region whose
+    radius adapts to ``ρ`` as well.
+
+    * With a closure, ``step(closure)`` evaluates the loss at the new point on the
+      same batch (a second, plain call of the closure; ``.grad`` is restored
+      afterwards), adapts ``μ`` and the radius at once and, with
+      ``reject_steps=True``, undoes a step that increased the batch loss.
+    * Without a closure the ratio is formed one step late: the next step's
+      gradient ``g'`` gives the loss change along the last step ``s`` by the
+      secant rule ``½ (g + g')ᵀ s`` (exact for a quadratic; on a new batch it
+      carries that batch's noise), and no step is undone. The secant rule is
+      blind where the gradient vanishes at the new point (a step into
+      saturation looks like a perfect fit): pass a closure where that matters.
+
+    ``η = complement_lr`` (default ``0``) adds a gradient step in the flat
+    complement of the eigenspace, which the Newton step never moves in.
 
     Usage (the backward pass must run inside ``backpack``, with model and loss
     extended by ``backpack.extend``)::
 
-        opt = DampedNewton(model.parameters(), damping=BootstrapDamping())
-        opt.zero_grad()
-        with backpack(*opt.extensions, extension_hook=opt.hook):
-            loss_fn(model(X), y).backward()
-        opt.step()
+        opt = DampedNewton(model.parameters())
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(X), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
 
     A step changes nothing (and warns) for a group without a direction of positive
     curvature, where the strategy rejects every direction (``δ_k = inf``, e.g.
-    when the batch carries no signal) or where the step is not finite.
+    when the batch carries no signal), where the loss or the gradient is not
+    finite, or where the step is not finite.
 
     Args:
         params: Parameters or parameter groups (dicts with ``"params"`` and
-            optionally ``"lr"``, ``"damping"``, ``"weight_decay"``).
+            optionally ``"lr"``, ``"damping"``, ``"weight_decay"``,
+            ``"complement_lr"``). Parameters with ``requires_grad=False`` are
+            skipped.
         damping: Damping strategy or a number (turned into
             :class:`~vivitlib.optim.ConstantDamping`). Default: a new
             :class:`~vivitlib.optim.BootstrapDamping`.
@@ -123,6 +163,18 @@ class DampedNewton(torch.optim.Optimizer):
         weight_decay: Decoupled weight decay ``wd >= 0``. Default: ``0.0``.
         track_dampings: Keep a :class:`DampingRecord` per group and step in
             :attr:`damping_history`. Default: ``False``.
+        safeguards: Apply the damping floor, the adaptive global damping and the
+            trust region. ``False`` gives the plain damped Newton step
+            ``θ ← θ - lr Σ_k γ_k / (λ_k + δ_k) e_k``. Default: ``True``.
+        adaptive_damping: Adapt ``μ`` and the radius from ``ρ``. Default: ``True``.
+        initial_damping: Initial ``μ`` (relative to ``λ_1``). Default: ``1e-3``.
+        damping_floor: Smallest ``μ`` (relative to ``λ_1``). Default: ``1e-4``.
+        trust_radius: First radius in units of ``‖P g‖ / λ_1``; ``None`` disables
+            the trust region. Default: ``10.0``.
+        reject_steps: With a closure, undo steps that increase the batch loss.
+            Default: ``True``.
+        complement_lr: ``η >= 0``, gradient step in the flat complement.
+            Default: ``0.0``.
 
     Raises:
         TypeError: If ``damping`` is neither callable nor a number, or a
@@ -142,22 +194,53 @@ class DampedNewton(torch.optim.Optimizer):
         grad_subsampling: Sequence[int] | Tensor | None = None,
         weight_decay: float = 0.0,
         track_dampings: bool = False,
+        safeguards: bool = True,
+        adaptive_damping: bool = True,
+        initial_damping: float = 1e-3,
+        damping_floor: float = 1e-4,
+        trust_radius: float | None = 10.0,
+        reject_steps: bool = True,
+        complement_lr: float = 0.0,
     ) -> None:
         damping = BootstrapDamping() if damping is None else damping
         defaults = {"lr": lr, "damping": _as_strategy(damping)}
         defaults["weight_decay"] = weight_decay
+        defaults["complement_lr"] = complement_lr
         _check_hyperparameters(defaults)
+        for name, flag in (
+            ("safeguards", safeguards),
+            ("reject_steps", reject_steps),
+            ("track_dampings", track_dampings),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag)}.")
+        self._control_options = {
+            "adaptive": adaptive_damping,
+            "initial_damping": initial_damping,
+            "floor": damping_floor,
+            "radius": trust_radius,
+        }
+        StepControl(**self._control_options)  # validate before anything is built
+        self.safeguards, self.reject_steps = safeguards, reject_steps
         self._ggn_options = {
             "mc_samples": mc_samples,
             "subsampling": subsampling,
             "grad_subsampling": grad_subsampling,
             "compute": _COMPUTE,
         }
+        self._controls: list[StepControl] = []
         super().__init__(params, defaults)
-        self.track_dampings = bool(track_dampings)
+        self.track_dampings = track_dampings
         self.damping_history: list[DampingRecord] = []
+        self.num_rejected = 0
         self._num_steps = 0
+        self._pending: dict[str, float] | None = None
         self._ggn = self._build_ggn()
+
+    def _new_control(self) -> StepControl:
+        if self.safeguards:
+            return StepControl(**self._control_options)
+        return StepControl(adaptive=False, initial_damping=0.0, floor=0.0, radius=None)
 
     def _build_ggn(self) -> LowRankGGN:
         groups = [{"params": group["params"]} for group in self.param_groups]
@@ -168,7 +251,10 @@ class DampedNewton(torch.optim.Optimizer):
 
         Args:
             param_group: Dict with ``"params"`` and optional per-group ``"lr"``,
-                ``"damping"`` and ``"weight_decay"``.
+                ``"damping"``, ``"weight_decay"`` and ``"complement_lr"``.
+
+        Raises:
+            TypeError, ValueError: On a malformed group; the optimiser is unchanged.
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group)}.")
@@ -176,9 +262,16 @@ class DampedNewton(torch.optim.Optimizer):
         if "damping" in param_group:
             param_group["damping"] = _as_strategy(param_group["damping"])
         _check_hyperparameters(param_group)
+        num_groups = len(self.param_groups)
         super().add_param_group(param_group)
         if hasattr(self, "_ggn"):
-            self._ggn = self._build_ggn()
+            try:
+                self._ggn = self._build_ggn()
+            except Exception:
+                del self.param_groups[num_groups:]
+                raise
+        self._controls.append(self._new_control())
+        self._pending = None
 
     @property
     def ggn(self) -> LowRankGGN:
@@ -195,6 +288,11 @@ class DampedNewton(torch.optim.Optimizer):
         """Extension hook for ``backpack(..., extension_hook=opt.hook)``."""
         return self._ggn.hook
 
+    @property
+    def controls(self) -> list[StepControl]:
+        """The safeguards' state per parameter group (``μ``, radius)."""
+        return self._controls
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Apply one damped Newton step to every parameter group.
@@ -202,11 +300,13 @@ class DampedNewton(torch.optim.Optimizer):
         Args:
             closure: Optional; called inside ``backpack(*self.extensions,
                 extension_hook=self.hook)`` with gradients enabled, it must compute
-                the loss and call ``backward()`` on it. Default: ``None`` (use the
-                backward pass that ran before this call).
+                the loss and call ``backward()`` on it. It is called a second time
+                (plain backward) at the new parameters to measure the actual loss
+                change. Default: ``None`` (use the backward pass that ran before
+                this call; adapt the safeguards one step late).
 
         Returns:
-            The closure's loss, or ``None``.
+            The closure's loss at the parameters before the step, or ``None``.
 
         Raises:
             RuntimeError: If no curvature from a backward pass inside
@@ -216,11 +316,15 @@ class DampedNewton(torch.optim.Optimizer):
         """
         loss = None
         if closure is not None:
-            with (
-                torch.enable_grad(),
-                backpack(*self.extensions, extension_hook=self.hook),
-            ):
-                loss = closure()
+            try:
+                with (
+                    torch.enable_grad(),
+                    backpack(*self.extensions, extension_hook=self.hook),
+                ):
+                    loss = closure()
+            except BaseException:
+                self._ggn.reset()
+                raise
         try:
             blocks = self._ggn.blocks
         except RuntimeError as err:
@@ -230,56 +334,105 @@ class DampedNewton(torch.optim.Optimizer):
                     + _HINT
                 ) from err
             raise
+        saved_controls = [c.state_dict() for c in self._controls]
+        num_records = len(self.damping_history)
         try:
-            updates = []
-            for index, (group, block) in enumerate(zip(self.param_groups, blocks)):
-                updates.append(self._group_update(index, group, block))
+            if loss is not None and not _finite_loss(loss):
+                self._warn(None, f"the loss is not finite ({loss_value(loss)})")
+                return loss
+            bad = [i for i, b in enumerate(blocks) if not _finite(b.grad)]
+            if bad:
+                self._warn(bad[0], "the gradient is not finite")
+                return loss
+            self._adapt_late(
+                [(p, p.grad) for b in blocks for p in b.params if p.grad is not None]
+            )
+            plans = [
+                self._group_update(index, group, block, control)
+                for index, (group, block, control) in enumerate(
+                    zip(self.param_groups, blocks, self._controls)
+                )
+            ]
+        except BaseException:
+            for control, saved in zip(self._controls, saved_controls):
+                control.load_state_dict(saved)
+            del self.damping_history[num_records:]
+            raise
         finally:
             self._ggn.reset()
-        for group, update in zip(self.param_groups, updates):
-            for param in group["params"]:
+        moves, group_plans = [], []
+        for group, block, plan in zip(self.param_groups, blocks, plans):
+            for param in block.params:
                 self.state[param]["step"] = self.state[param].get("step", 0) + 1
-            if update is None:
-                continue
-            decay = 1.0 - group["lr"] * group["weight_decay"]
-            for param, delta in zip(group["params"], update):
-                if decay != 1.0:
-                    param.mul_(decay)
-                param.add_(delta.to(param.dtype), alpha=group["lr"])
+            group_plans.append(None if plan is None else plan[1])
+            if plan is not None:
+                decay = 1.0 - group["lr"] * group["weight_decay"]
+                moves += [(p, u, decay) for p, u in zip(block.params, plan[0])]
+        params = [p for group in self.param_groups for p in group["params"]]
+        if not self._commit(moves, group_plans, closure, loss, params):
+            history = self.damping_history
+            for i in range(num_records, len(history)):
+                history[i] = replace(history[i], applied=False)
         self._num_steps += 1
         return loss
 
     def _group_update(
-        self, index: int, group: dict[str, Any], block: Any
-    ) -> list[Tensor] | None:
-        """Compute a group's (undamped-by-lr) step, or ``None`` for no change."""
+        self, index: int, group: dict[str, Any], block: Any, control: StepControl
+    ) -> tuple[list[Tensor], StepPlan] | None:
+        """Compute a group's step (lr and safeguards included), or ``None``."""
+        plan, update = None, None
         if block.num_directions == 0:
             self._warn(index, "the GGN has no direction with positive curvature")
-            dampings, update = block.evals.new_zeros(0), None
+            dampings = block.evals.new_zeros(0)
         else:
+            scale = getattr(block, "batch_scale", 1.0)
+            gammas, lambdas = block.gammas * scale, block.lambdas * scale
             strategy = group["damping"]
-            dampings = strategy(block.gammas, block.lambdas)
+            dampings = strategy(gammas, lambdas)
             dampings = self._check_dampings(dampings, block.num_directions, strategy)
-            update = None
             if not bool(torch.isfinite(dampings).any()):
                 self._warn(index, "the damping strategy rejected every direction")
             else:
-                update = block.newton_step(dampings)
+                plan = control.plan(gammas.mean(0), block.evals, dampings, group["lr"])
+                dampings = plan.dampings
+                update = [u * plan.scale for u in block.newton_step(plan.dampings)]
+                if group["complement_lr"] > 0:
+                    update, plan = self._add_complement(block, update, plan, group)
                 if not all(bool(torch.isfinite(u).all()) for u in update):
                     self._warn(index, "the step is not finite")
-                    update = None
-        applied = update is not None
+                    update, plan = None, None
         if self.track_dampings:
-            record = DampingRecord(
-                step=self._num_steps,
-                group=index,
-                evals=block.evals.detach().cpu().clone(),
-                gamma_means=block.gamma_means.detach().cpu().clone(),
-                dampings=dampings.detach().cpu().clone(),
-                applied=applied,
+            self.damping_history.append(
+                DampingRecord(
+                    step=self._num_steps,
+                    group=index,
+                    evals=block.evals.detach().cpu().clone(),
+                    gamma_means=block.gamma_means.detach().cpu().clone(),
+                    dampings=dampings.detach().cpu().clone(),
+                    applied=update is not None,
+                    scale=math.nan if plan is None else plan.scale,
+                    predicted=math.nan if plan is None else plan.predicted,
+                )
             )
-            self.damping_history.append(record)
-        return update
+        return None if update is None else (update, plan)
+
+    @staticmethod
+    def _add_complement(block, update, plan, group):
+        """Add ``-η (g - P g)``, the gradient step in the flat complement."""
+        lam_max = block.evals.max()
+        # newton_step with δ_k = λ_1 - λ_k is -Σ_k γ_k / λ_1 e_k = -P g / λ_1
+        projected = block.newton_step(lam_max - block.evals)
+        rate = group["complement_lr"]
+        out, linear = [], 0.0
+        for u, g, p in zip(update, block.grad, projected):
+            perp = g + float(lam_max) * p
+            linear -= rate * float(perp.double().pow(2).sum())
+            out.append(u - rate * perp)
+        plan = StepPlan(
+            plan.dampings, plan.coefficients, plan.scale, plan.predicted + linear,
+            plan.step_norm, plan.clipped,
+        )  # fmt: skip
+        return out, plan
 
     @staticmethod
     def _check_dampings(dampings: Any, num_directions: int, strategy: Any) -> Tensor:
@@ -301,16 +454,18 @@ class DampedNewton(torch.optim.Optimizer):
             )
         return dampings
 
-    def _warn(self, index: int, reason: str) -> None:
+    def _warn(self, index: int | None, reason: str) -> None:
+        where = "" if index is None else f" in parameter group {index}"
+        which = "every group's" if index is None else "its"
         warnings.warn(
-            f"DampedNewton: {reason} in parameter group {index}; its parameters "
-            "are left unchanged in this step.",
+            f"DampedNewton: {reason}{where}; {which} parameters are left unchanged "
+            "in this step.",
             UserWarning,
             stacklevel=_caller_stacklevel(),
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer state, with each group's damping strategy state.
+        """Optimizer state, with each group's damping strategy and safeguard state.
 
         The strategy objects themselves are not stored (they may hold
         un-picklable generators); ``"damping_states"`` holds their
@@ -334,27 +489,110 @@ class DampedNewton(torch.optim.Optimizer):
             }
             for group in self.param_groups
         ]
+        state["control_states"] = [c.state_dict() for c in self._controls]
+        state["pending"] = self._pending_state()
         state["num_steps"] = self._num_steps
+        state["num_rejected"] = self.num_rejected
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict`, keeping this optimizer's strategies.
 
+        Everything is validated before anything changes: a failing load leaves
+        the optimizer as it was.
+
         Args:
             state_dict: Dictionary returned by :meth:`state_dict`.
 
         Raises:
-            ValueError: If the number of groups or the strategy types differ.
+            TypeError, ValueError: If the number of groups or parameters, a
+                tensor's shape, a strategy type or a stored setting does not fit.
         """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict)}.")
         state_dict = dict(state_dict)
         damping_states = state_dict.pop("damping_states", None)
+        control_states = state_dict.pop("control_states", None)
+        pending = state_dict.pop("pending", None)
         num_steps = state_dict.pop("num_steps", self._num_steps)
+        num_rejected = state_dict.pop("num_rejected", self.num_rejected)
         strategies = [group["damping"] for group in self.param_groups]
-        if damping_states is not None and len(damping_states) != len(strategies):
+        self._check_state(state_dict, damping_states, control_states, strategies)
+        pending = load_pending(pending, len(self.param_groups))
+        for name, value in (("num_steps", num_steps), ("num_rejected", num_rejected)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"state_dict {name!r} must be an int >= 0, got {value!r}."
+                )
+        saved_strategies = [_strategy_state(s) for s in strategies]
+        for strategy, saved in zip(strategies, damping_states or []):
+            if hasattr(strategy, "check_state"):
+                strategy.check_state(saved["state"])
+        super().load_state_dict(state_dict)
+        for group, strategy in zip(self.param_groups, strategies):
+            group["damping"] = strategy
+        try:
+            for strategy, saved in zip(strategies, damping_states or []):
+                if hasattr(strategy, "load_state_dict"):
+                    strategy.load_state_dict(saved["state"])
+        except Exception:
+            for strategy, saved in zip(strategies, saved_strategies):
+                if hasattr(strategy, "load_state_dict"):
+                    strategy.load_state_dict(saved)
+            raise
+        for control, saved in zip(self._controls, control_states or []):
+            control.load_state_dict(saved)
+        self._pending = pending
+        self._num_steps = int(num_steps)
+        self.num_rejected = int(num_rejected)
+
+    def _check_state(self, state_dict, damping_states, control_states, strategies):
+        """Raise before anything changes if ``state_dict`` does not fit."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not isinstance(
+            state_dict.get("state"), dict
+        ):
             raise ValueError(
-                f"state_dict has {len(damping_states)} damping states for "
-                f"{len(strategies)} parameter groups."
+                "state_dict needs 'state' and 'param_groups' entries; pass the dict "
+                "returned by DampedNewton.state_dict()."
             )
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(groups)} parameter groups, this optimizer "
+                f"{len(self.param_groups)}; create it with the same groups."
+            )
+        index_to_param = {}
+        for number, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved.get("params", [])) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {number} has {len(group['params'])} "
+                    f"parameters, the state_dict's {len(saved.get('params', []))}."
+                )
+            index_to_param.update(zip(saved["params"], group["params"]))
+            _check_hyperparameters(
+                {k: v for k, v in saved.items() if k in ("lr", "weight_decay",
+                                                         "complement_lr")}
+            )  # fmt: skip
+        for key, entry in state_dict["state"].items():
+            param = index_to_param.get(key)
+            if param is None or not isinstance(entry, dict):
+                raise ValueError(
+                    f"state_dict holds state for unknown parameter {key!r}."
+                )
+            step = entry.get("last_step")
+            if step is not None and (
+                not isinstance(step, Tensor) or step.shape != param.shape
+            ):
+                raise ValueError(
+                    f"state_dict's 'last_step' of parameter {key} has shape "
+                    f"{getattr(step, 'shape', None)}, expected {tuple(param.shape)}."
+                )
+        for name, entries in (("damping", damping_states), ("control", control_states)):
+            if entries is not None and len(entries) != len(strategies):
+                raise ValueError(
+                    f"state_dict has {len(entries)} {name} states for "
+                    f"{len(strategies)} parameter groups."
+                )
         for strategy, saved in zip(strategies, damping_states or []):
             if saved["type"] != type(strategy).__name__:
                 raise ValueError(
@@ -362,13 +600,16 @@ class DampedNewton(torch.optim.Optimizer):
                     f"optimizer uses {type(strategy).__name__}; create the optimizer "
                     "with the same damping strategy type."
                 )
-        super().load_state_dict(state_dict)
-        for group, strategy in zip(self.param_groups, strategies):
-            group["damping"] = strategy
-        for strategy, saved in zip(strategies, damping_states or []):
-            if hasattr(strategy, "load_state_dict"):
-                strategy.load_state_dict(saved["state"])
-        self._num_steps = int(num_steps)
+        for saved in control_states or []:
+            StepControl.check_state(saved)
+
+
+def _finite(tensors: list[Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _finite_loss(loss: Any) -> bool:
+    return math.isfinite(loss_value(loss))
 
 
 def _caller_stacklevel() -> int:

@@ -63,6 +63,18 @@ def _check_derivatives(gammas: Tensor, lambdas: Tensor) -> None:
         )
 
 
+def _check_keys(state_dict: Any, keys: set[str], name: str) -> None:
+    """Raise unless ``state_dict`` is a dict holding ``keys``."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{name} state must be a dict, got {type(state_dict)}.")
+    missing = keys - set(state_dict)
+    if missing:
+        raise ValueError(
+            f"{name} state lacks {sorted(missing)}; pass the dict returned by "
+            "state_dict()."
+        )
+
+
 class DampingStrategy:
     """Base class of damping strategies (optional, see the module docstring).
 
@@ -119,11 +131,18 @@ class ConstantDamping(DampingStrategy):
     """
 
     def __init__(self, delta: float) -> None:
+        self.delta = self._check_delta(delta)
+
+    @staticmethod
+    def _check_delta(delta: Any) -> float:
+        """Return ``delta`` as a float, or raise if it is not a valid damping."""
+        if isinstance(delta, Tensor) and delta.numel() == 1:
+            delta = delta.item()
         if isinstance(delta, bool) or not isinstance(delta, int | float):
             raise TypeError(f"delta must be a float, got {type(delta)}.")
         if not math.isfinite(delta) or delta < 0:
             raise ValueError(f"delta must be finite and >= 0, got {delta}.")
-        self.delta = float(delta)
+        return float(delta)
 
     def __call__(self, gammas: Tensor, lambdas: Tensor) -> Tensor:
         """Return ``δ`` for each of the ``K`` directions.
@@ -144,8 +163,23 @@ class ConstantDamping(DampingStrategy):
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {"delta": self.delta}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
-        self.delta = float(state_dict["delta"])
+    @classmethod
+    def check_state(cls, state_dict: Any) -> None:
+        """Raise ``TypeError``/``ValueError`` unless ``state_dict`` is loadable."""
+        _check_keys(state_dict, {"delta"}, cls.__name__)
+        cls._check_delta(state_dict["delta"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``delta`` (validated like the constructor's argument).
+
+        Args:
+            state_dict: Dictionary returned by :meth:`state_dict`.
+
+        Raises:
+            TypeError, ValueError: On a malformed or invalid state; nothing changes.
+        """
+        self.check_state(state_dict)
+        self.delta = self._check_delta(state_dict["delta"])
 
     def __repr__(self) -> str:  # noqa: D105
         return f"ConstantDamping(delta={self.delta})"
@@ -219,6 +253,12 @@ class BootstrapDamping(DampingStrategy):
             ``torch.manual_seed`` makes runs reproducible. Default: ``None``.
         paired: Resample gammas and lambdas with shared indices. ``None`` pairs them
             exactly when they have the same number of samples. Default: ``None``.
+        independent: Take the steps ``s_k(δ)`` from one random half of the
+            samples and bootstrap their reduction on the other half, so that
+            ``δ`` is judged on samples the step did not see (the ViViT paper
+            notes that the derivatives should ideally come from other samples
+            than the step's). The chosen ``δ`` is then used with the full-batch
+            step. Needs ``>= 2`` samples. Default: ``False``.
 
     Raises:
         TypeError: If ``generator`` has the wrong type.
@@ -242,25 +282,52 @@ class BootstrapDamping(DampingStrategy):
         num_resamples: int = 100,
         generator: torch.Generator | int | None = None,
         paired: bool | None = None,
+        independent: bool = False,
     ) -> None:
         if candidates is None:
             candidates = 10.0 ** torch.linspace(-4, 2, 61, dtype=torch.float64)
-        grid = torch.as_tensor(candidates, dtype=torch.float64).flatten()
+        self.candidates, self.percentile, self.num_resamples = self._check_settings(
+            candidates, percentile, num_resamples
+        )
+        if paired is not None and not isinstance(paired, bool):
+            raise TypeError(f"paired must be a bool or None, got {type(paired)}.")
+        if not isinstance(independent, bool):
+            raise TypeError(f"independent must be a bool, got {type(independent)}.")
+        self.paired = paired
+        self.independent = independent
+        self.generator = self._make_generator(generator)
+
+    @staticmethod
+    def _check_settings(
+        candidates: Any, percentile: Any, num_resamples: Any
+    ) -> tuple[Tensor, float, int]:
+        """Validate the settings (constructor and :meth:`load_state_dict`).
+
+        Returns:
+            Sorted float64 candidates, the percentile and the number of resamples.
+
+        Raises:
+            TypeError, ValueError: Naming the bad setting.
+        """
+        try:
+            grid = torch.as_tensor(candidates, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"candidates must be a sequence of floats, got {candidates!r}."
+            ) from err
         if grid.numel() == 0:
             raise ValueError("candidates must contain at least one damping.")
         if not torch.isfinite(grid).all() or (grid < 0).any():
             raise ValueError(f"candidates must be finite and >= 0, got {grid}.")
+        if isinstance(percentile, bool) or not isinstance(percentile, int | float):
+            raise TypeError(f"percentile must be a float, got {type(percentile)}.")
         if not 0.0 < float(percentile) < 100.0:
             raise ValueError(f"percentile must lie in (0, 100), got {percentile}.")
         if isinstance(num_resamples, bool) or not isinstance(num_resamples, int):
             raise TypeError(f"num_resamples must be an int, got {type(num_resamples)}.")
         if num_resamples < 1:
             raise ValueError(f"num_resamples must be >= 1, got {num_resamples}.")
-        self.candidates = grid.sort().values
-        self.percentile = float(percentile)
-        self.num_resamples = num_resamples
-        self.paired = paired
-        self.generator = self._make_generator(generator)
+        return grid.sort().values, float(percentile), num_resamples
 
     @staticmethod
     def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
@@ -300,6 +367,31 @@ class BootstrapDamping(DampingStrategy):
         counts = torch.zeros(num_resamples, n, dtype=values.dtype)
         counts.scatter_add_(1, indices, torch.ones_like(counts))
         return counts.to(values.device) @ values / n
+
+    def _halves(
+        self, gammas: Tensor, lambdas: Tensor
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Split the samples at random into (step, evaluation) halves."""
+        if min(gammas.shape[0], lambdas.shape[0]) < 2:
+            raise ValueError(
+                "independent=True splits the samples in two and needs at least 2 "
+                f"gamma and 2 lambda samples, got {gammas.shape[0]} and "
+                f"{lambdas.shape[0]}; use independent=False."
+            )
+        paired = self.paired if self.paired is not None else (
+            gammas.shape[0] == lambdas.shape[0]
+        )  # fmt: skip
+        perm_g = torch.randperm(gammas.shape[0], generator=self.generator)
+        perm_c = perm_g if paired else torch.randperm(
+            lambdas.shape[0], generator=self.generator
+        )  # fmt: skip
+
+        def split(values: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+            half = values.shape[0] // 2
+            perm = perm.to(values.device)
+            return values[perm[:half]], values[perm[half:]]
+
+        return split(gammas, perm_g), split(lambdas, perm_c)
 
     def draw_indices(self, num_gammas: int, num_lambdas: int) -> tuple[Tensor, Tensor]:
         """Draw the bootstrap indices for one call (advances the generator).
@@ -343,14 +435,17 @@ class BootstrapDamping(DampingStrategy):
 
         """
         _check_derivatives(gammas, lambdas)
+        step_g, step_c = gammas, lambdas
+        if self.independent:
+            (step_g, gammas), (step_c, lambdas) = self._halves(gammas, lambdas)
         idx_g, idx_c = self.draw_indices(gammas.shape[0], lambdas.shape[0])
         gamma_boot = self._resample_means(gammas, idx_g)  # [R, K]
         lambda_boot = self._resample_means(lambdas, idx_c)  # [R, K]
 
         deltas = self.candidates.to(dtype=gammas.dtype, device=gammas.device)
-        denominator = lambdas.mean(0) + deltas[:, None]  # [C, K]
+        denominator = step_c.mean(0) + deltas[:, None]  # [C, K]
         valid = denominator > 0
-        steps = -gammas.mean(0) / torch.where(valid, denominator, 1.0)  # [C, K]
+        steps = -step_g.mean(0) / torch.where(valid, denominator, 1.0)  # [C, K]
 
         reductions = (
             -steps * gamma_boot[:, None, :] - 0.5 * steps**2 * (lambda_boot[:, None, :])
@@ -392,7 +487,33 @@ class BootstrapDamping(DampingStrategy):
             "candidates": self.candidates.clone(),
             "percentile": self.percentile,
             "num_resamples": self.num_resamples,
+            "independent": self.independent,
         }
+
+    @classmethod
+    def check_state(cls, state_dict: Any) -> None:
+        """Raise ``TypeError``/``ValueError`` unless ``state_dict`` is loadable.
+
+        The settings are checked as by the constructor, the generator state must
+        be a ``uint8`` tensor a CPU generator accepts.
+        """
+        keys = {"generator_state", "candidates", "percentile", "num_resamples"}
+        _check_keys(state_dict, keys, cls.__name__)
+        cls._check_settings(
+            state_dict["candidates"],
+            state_dict["percentile"],
+            state_dict["num_resamples"],
+        )
+        state = state_dict["generator_state"]
+        if not isinstance(state, Tensor) or state.dtype != torch.uint8:
+            raise TypeError(
+                "generator_state must be the uint8 tensor of "
+                f"torch.Generator.get_state(), got {type(state)}."
+            )
+        try:
+            torch.Generator().set_state(state.clone())
+        except RuntimeError as err:
+            raise ValueError(f"generator_state is not a valid state: {err}") from err
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the state returned by :meth:`state_dict`.
@@ -400,11 +521,20 @@ class BootstrapDamping(DampingStrategy):
         Args:
             state_dict: Dictionary returned by :meth:`state_dict`.
 
+        Raises:
+            TypeError, ValueError: On a malformed state or invalid settings (e.g.
+                ``percentile=250``, a NaN or negative candidate); nothing changes.
         """
+        self.check_state(state_dict)
+        grid, percentile, num_resamples = self._check_settings(
+            state_dict["candidates"],
+            state_dict["percentile"],
+            state_dict["num_resamples"],
+        )
         self.generator.set_state(state_dict["generator_state"].clone())
-        self.candidates = torch.as_tensor(state_dict["candidates"]).clone()
-        self.percentile = float(state_dict["percentile"])
-        self.num_resamples = int(state_dict["num_resamples"])
+        self.candidates, self.percentile = grid, percentile
+        self.num_resamples = num_resamples
+        self.independent = bool(state_dict.get("independent", self.independent))
 
     def __repr__(self) -> str:  # noqa: D105
         return (

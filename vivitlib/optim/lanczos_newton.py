@@ -24,6 +24,8 @@ Reference:
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +36,15 @@ from torch import Tensor, nn
 
 from vivitlib import hessianfree
 from vivitlib.directional import DirectionalDerivatives
-from vivitlib.optim.damped_newton import DampedNewton, _as_strategy, _strategy_state
+from vivitlib.optim._stepping import SafeguardedStepping, load_pending, loss_value
+from vivitlib.optim.damped_newton import (
+    DampedNewton,
+    _as_strategy,
+    _check_hyperparameters,
+    _strategy_state,
+)
 from vivitlib.optim.damping import BootstrapDamping
+from vivitlib.optim.safeguards import StepControl
 
 _OPERATORS = {"ggn": hessianfree.GGNOperator, "hessian": hessianfree.HessianOperator}
 _WHICH = {"ggn": "largest", "hessian": "magnitude"}
@@ -58,7 +67,7 @@ class RefreshRecord:
     converged: bool
 
 
-class LanczosDampedNewton(torch.optim.Optimizer):
+class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
     """Damped Newton steps along top-``k`` Lanczos directions of a curvature batch.
 
     Usage::
@@ -70,11 +79,18 @@ class LanczosDampedNewton(torch.optim.Optimizer):
                 loss_fn(model(X), y).backward()
             opt.step()
 
+    The safeguards of :class:`~vivitlib.optim.DampedNewton` (damping floor,
+    Levenberg–Marquardt damping, trust region; with a closure also the undo of a
+    step that increased the batch loss) apply in the same way, with ``λ_1`` the
+    largest curvature along the directions on the current batch.
+
     Args:
         model: The extended network (``backpack.extend``).
         loss_fn: The extended loss (``'mean'`` or ``'sum'``).
         curvature_data: Data for the refreshes: one ``(X, y)`` batch, a list of
-            batches or a non-shuffling ``DataLoader``.
+            batches or a non-shuffling ``DataLoader``; or a callable returning
+            such data, called at every refresh (a fresh curvature batch per
+            refresh).
         k: Number of directions. Default 10.
         refresh_every: Steps between refreshes (``T``). Default 10.
         curvature: ``"ggn"`` (top-``k`` GGN eigenpairs) or ``"hessian"`` (top-``k``
@@ -90,6 +106,8 @@ class LanczosDampedNewton(torch.optim.Optimizer):
         max_products: Product budget per refresh (``topk_eigh``'s default if None).
         generator: Start vectors of the Lanczos runs (reproducible refreshes).
         params: Parameters to optimise (default all trainable ones of ``model``).
+        safeguards, adaptive_damping, initial_damping, damping_floor,
+            trust_radius, reject_steps: As for :class:`~vivitlib.optim.DampedNewton`.
 
     Raises:
         ValueError: On invalid options.
@@ -114,6 +132,12 @@ class LanczosDampedNewton(torch.optim.Optimizer):
         max_products: int | None = None,
         generator: torch.Generator | None = None,
         params: Sequence[Tensor] | None = None,
+        safeguards: bool = True,
+        adaptive_damping: bool = True,
+        initial_damping: float = 1e-3,
+        damping_floor: float = 1e-4,
+        trust_radius: float | None = 10.0,
+        reject_steps: bool = True,
     ) -> None:
         if curvature not in _OPERATORS:
             raise ValueError(
@@ -129,6 +153,19 @@ class LanczosDampedNewton(torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         damping = BootstrapDamping() if damping is None else damping
+        _check_hyperparameters({"lr": lr})
+        for name, flag in (("safeguards", safeguards), ("reject_steps", reject_steps)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag)}.")
+        self.safeguards, self.reject_steps = safeguards, reject_steps
+        options = {"adaptive": adaptive_damping, "initial_damping": initial_damping,
+                   "floor": damping_floor, "radius": trust_radius}  # fmt: skip
+        control = StepControl(**options) if safeguards else StepControl(
+            adaptive=False, initial_damping=0.0, floor=0.0, radius=None
+        )  # fmt: skip
+        self._controls = [control]
+        self._pending = None
+        self.num_rejected = 0
         super().__init__(list(params), {"lr": lr, "damping": _as_strategy(damping)})
         if len(self.param_groups) != 1:
             raise ValueError("LanczosDampedNewton optimises one parameter group.")
@@ -167,8 +204,9 @@ class LanczosDampedNewton(torch.optim.Optimizer):
         was_training = self._model.training
         self._model.eval()
         try:
+            data = self._data() if callable(self._data) else self._data
             op = _OPERATORS[self.curvature](
-                self._model, self._loss_fn, self._data, params=self.params
+                self._model, self._loss_fn, data, params=self.params
             )
             k = min(self.k, op.shape[0])
             result = hessianfree.topk_eigh(
@@ -215,13 +253,18 @@ class LanczosDampedNewton(torch.optim.Optimizer):
         """
         loss = None
         if closure is not None:
-            with (
-                torch.enable_grad(),
-                backpack(*self.extensions, extension_hook=self.hook),
-            ):
-                loss = closure()
+            try:
+                with (
+                    torch.enable_grad(),
+                    backpack(*self.extensions, extension_hook=self.hook),
+                ):
+                    loss = closure()
+            except BaseException:
+                self._collector.reset()
+                raise
         try:
             gammas, lambdas = self._collector.gammas, self._collector.lambdas
+            scale = getattr(self._collector, "batch_scale", 1.0)
         except RuntimeError as err:
             raise RuntimeError(
                 "LanczosDampedNewton.step() found no directional derivatives; run "
@@ -230,21 +273,55 @@ class LanczosDampedNewton(torch.optim.Optimizer):
             ) from err
         finally:
             self._collector.reset()
+        gammas, lambdas = gammas * scale, lambdas * scale
+        if loss is not None and not math.isfinite(loss_value(loss)):
+            self._warn(f"the loss is not finite ({loss_value(loss)})")
+            return loss
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not all(bool(torch.isfinite(t).all()) for t in [gammas, lambdas, *grads]):
+            self._warn("the gradient is not finite")
+            return loss
         if self.step_curvature == "refresh":
-            lambdas = lambdas - lambdas.mean(0) + self.eigenvalues
+            lambdas = lambdas - lambdas.mean(0) + self.eigenvalues.to(lambdas)
         group = self.param_groups[0]
         strategy = group["damping"]
-        dampings = DampedNewton._check_dampings(
-            strategy(gammas, lambdas), gammas.shape[1], strategy
-        )
-        coefficients = self.step_coefficients(gammas, lambdas, dampings)
-        for param, direction in zip(self.params, self.directions):
-            update = torch.tensordot(coefficients.to(param.dtype), direction, dims=1)
-            param.add_(update, alpha=group["lr"])
+        saved = self._controls[0].state_dict()
+        try:
+            self._adapt_late([(p, p.grad) for p in self.params if p.grad is not None])
+            dampings = DampedNewton._check_dampings(
+                strategy(gammas, lambdas), gammas.shape[1], strategy
+            )
+            curv = lambdas.mean(0)
+            # directions without positive curvature on this batch take no step
+            dampings = torch.where(curv > 0, dampings.to(curv), torch.inf)
+            plan = None
+            if bool(torch.isfinite(dampings).any()):
+                plan = self._controls[0].plan(
+                    gammas.mean(0), curv.clamp(min=0), dampings, group["lr"]
+                )
+        except BaseException:
+            self._controls[0].load_state_dict(saved)
+            raise
+        moves = []
+        if plan is not None:
+            for param, direction in zip(self.params, self.directions):
+                update = torch.tensordot(
+                    plan.coefficients.to(param.dtype), direction, dims=1
+                )
+                moves.append((param, update, 1.0))
+        self._commit(moves, [plan], closure, loss, self.params)
         self._num_steps += 1
         if self._num_steps % self.refresh_every == 0:
             self.refresh()
         return loss
+
+    def _warn(self, reason: str) -> None:
+        warnings.warn(
+            f"LanczosDampedNewton: {reason}; the parameters are left unchanged in "
+            "this step.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     @staticmethod
     def step_coefficients(gammas: Tensor, lambdas: Tensor, dampings: Tensor) -> Tensor:
@@ -268,18 +345,87 @@ class LanczosDampedNewton(torch.optim.Optimizer):
         state["eigenvalues"] = self.eigenvalues.clone()
         state["num_steps"] = self._num_steps
         state["damping_state"] = _strategy_state(self.param_groups[0]["damping"])
+        state["control_state"] = self._controls[0].state_dict()
+        state["pending"] = self._pending_state()
+        state["num_rejected"] = self.num_rejected
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`, including the directions (no refresh)."""
+        """Restore :meth:`state_dict`, including the directions (no refresh).
+
+        Everything is validated first: a failing load changes nothing.
+
+        Raises:
+            TypeError, ValueError: If directions or eigenvalues do not fit the
+                parameters, or a stored setting is invalid.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict)}.")
         state_dict = dict(state_dict)
-        directions = state_dict.pop("directions")
-        eigenvalues = state_dict.pop("eigenvalues")
-        self._num_steps = int(state_dict.pop("num_steps"))
+        try:
+            directions = state_dict.pop("directions")
+            eigenvalues = state_dict.pop("eigenvalues")
+            num_steps = state_dict.pop("num_steps")
+        except KeyError as err:
+            raise ValueError(
+                f"state_dict lacks {err}; pass the dict returned by "
+                "LanczosDampedNewton.state_dict()."
+            ) from err
         damping_state = state_dict.pop("damping_state", {})
+        control_state = state_dict.pop("control_state", None)
+        pending = load_pending(state_dict.pop("pending", None), 1)
+        num_rejected = state_dict.pop("num_rejected", self.num_rejected)
+        self._check_loaded(directions, eigenvalues, num_steps, num_rejected)
+        if control_state is not None:
+            StepControl.check_state(control_state)
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != 1:
+            raise ValueError("state_dict must hold exactly one parameter group.")
+        if len(groups[0].get("params", [])) != len(self.params):
+            raise ValueError(
+                f"state_dict's group has {len(groups[0].get('params', []))} "
+                f"parameters, this optimizer {len(self.params)}."
+            )
+        _check_hyperparameters({"lr": groups[0].get("lr")})
         strategy = self.param_groups[0]["damping"]
+        if hasattr(strategy, "check_state"):
+            strategy.check_state(damping_state)
         super().load_state_dict(state_dict)
         self.param_groups[0]["damping"] = strategy
         if hasattr(strategy, "load_state_dict"):
             strategy.load_state_dict(damping_state)
+        if control_state is not None:
+            self._controls[0].load_state_dict(control_state)
+        self._pending = pending
+        self._num_steps = int(num_steps)
+        self.num_rejected = int(num_rejected)
         self._set_directions([d.clone() for d in directions], eigenvalues.clone())
+
+    def _check_loaded(self, directions, eigenvalues, num_steps, num_rejected) -> None:
+        """Raise unless the saved directions and counters fit this optimizer."""
+        for name, value in (("num_steps", num_steps), ("num_rejected", num_rejected)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"state_dict {name!r} must be an int >= 0, got {value!r}."
+                )
+        if not isinstance(directions, list | tuple) or len(directions) != len(
+            self.params
+        ):
+            raise ValueError(
+                f"state_dict holds {len(directions)} direction tensors for "
+                f"{len(self.params)} parameters."
+            )
+        if not isinstance(eigenvalues, Tensor) or eigenvalues.ndim != 1:
+            raise ValueError("state_dict 'eigenvalues' must be a 1-d tensor.")
+        k = eigenvalues.numel()
+        for number, (d, p) in enumerate(zip(directions, self.params)):
+            if not isinstance(d, Tensor) or tuple(d.shape) != (k, *p.shape):
+                raise ValueError(
+                    f"state_dict direction {number} has shape "
+                    f"{tuple(getattr(d, 'shape', ()))}, expected {(k, *p.shape)} "
+                    f"({k} directions of parameter shape {tuple(p.shape)})."
+                )
+            if not bool(torch.isfinite(d).all()):
+                raise ValueError(f"state_dict direction {number} is not finite.")
+        if not bool(torch.isfinite(eigenvalues).all()):
+            raise ValueError("state_dict 'eigenvalues' are not finite.")

@@ -1,0 +1,162 @@
+"""Apply a planned step, measure the actual loss change, adapt or undo (shared)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vivitlib.optim.safeguards import StepControl, StepPlan, agreement
+
+#: One parameter's move: ``(param, delta, decay)``; ``θ ← decay · θ + delta``.
+Move = tuple[Tensor, Tensor, float]
+
+
+def loss_value(loss: Any) -> float:
+    """The loss as a Python float (sum for a non-scalar tensor)."""
+    if isinstance(loss, Tensor):
+        return float(loss.detach().sum())
+    return float(loss)
+
+
+def restore(params: Sequence[Tensor], values: Sequence[Tensor], grads) -> None:
+    """Put back parameter values and ``.grad`` saved before a step."""
+    for param, value, grad in zip(params, values, grads):
+        param.copy_(value)
+        param.grad = grad
+
+
+class SafeguardedStepping:
+    """Mixin of the Newton optimisers: apply moves, judge them with ``ρ``.
+
+    The host defines ``state``, ``safeguards``, ``reject_steps``, ``num_rejected``,
+    ``_controls`` (one :class:`StepControl` per group) and ``_pending``.
+    """
+
+    state: Any
+    safeguards: bool
+    reject_steps: bool
+    num_rejected: int
+    _controls: list[StepControl]
+    _pending: dict[str, Any] | None
+
+    def _adapt_late(self, grads: Sequence[tuple[Tensor, Tensor]]) -> None:
+        """Adapt the controls to the previous step by the secant rule (no closure).
+
+        Args:
+            grads: ``(param, gradient at the new point)`` pairs.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None or not self.safeguards:
+            return
+        new_slope = 0.0
+        for param, grad in grads:
+            step = self.state[param].get("last_step")
+            if step is None or step.shape != param.shape:
+                return
+            new_slope += float((grad.double() * step.double()).sum())
+        actual = 0.5 * (pending["slope"] + new_slope)
+        rho = agreement(actual, pending["predicted"])
+        for control, plan in zip(self._controls, pending["plans"]):
+            if plan is not None:
+                control.update(rho, plan)
+
+    def _commit(
+        self,
+        moves: Sequence[Move],
+        plans: Sequence[StepPlan | None],
+        closure: Callable[[], Tensor] | None,
+        loss: Any,
+        all_params: Sequence[Tensor],
+    ) -> bool:
+        """Apply ``moves``; with a closure measure ``ρ``, adapt, maybe undo.
+
+        Args:
+            moves: The parameter moves.
+            plans: Each group's plan (``None``: no step in that group).
+            closure: The step's closure or ``None``.
+            loss: The loss before the step (closure only).
+            all_params: Every parameter of the optimiser (saved for an undo).
+
+        Returns:
+            Whether the step was kept.
+        """
+        measure = closure is not None and self.safeguards
+        if measure:
+            before = [p.detach().clone() for p in all_params]
+            grads = [None if p.grad is None else p.grad.clone() for p in all_params]
+        predicted = sum(p.predicted for p in plans if p is not None)
+        slope = 0.0
+        for param, delta, decay in moves:
+            grad = param.grad
+            if decay != 1.0:
+                param.mul_(decay)
+            delta = delta.to(param.dtype)
+            param.add_(delta)
+            if grad is not None:
+                slope += float((grad.double() * delta.double()).sum())
+            if self.safeguards and not measure:
+                self.state[param]["last_step"] = delta.detach().clone()
+        if not measure:
+            if self.safeguards:
+                self._pending = {
+                    "predicted": predicted, "slope": slope, "plans": list(plans)
+                }  # fmt: skip
+            return True
+        try:
+            with torch.enable_grad():
+                new_loss = closure()
+        except BaseException:
+            restore(all_params, before, grads)
+            raise
+        actual = loss_value(new_loss) - loss_value(loss)
+        rho = agreement(actual, predicted)
+        for control, plan in zip(self._controls, plans):
+            if plan is not None:
+                control.update(rho, plan)
+        if self.reject_steps and not actual <= 0:
+            restore(all_params, before, grads)
+            self.num_rejected += 1
+            return False
+        for param, grad in zip(all_params, grads):
+            param.grad = grad
+        return True
+
+    def _pending_state(self) -> dict[str, Any] | None:
+        if self._pending is None:
+            return None
+        return {
+            "predicted": self._pending["predicted"],
+            "slope": self._pending["slope"],
+            "plans": [None if p is None else plan_state(p) for p in
+                      self._pending["plans"]],
+        }  # fmt: skip
+
+
+def plan_state(plan: StepPlan) -> dict[str, Any]:
+    """A :class:`StepPlan` as a ``weights_only``-loadable dict."""
+    return {
+        "dampings": plan.dampings.clone(), "coefficients": plan.coefficients.clone(),
+        "scale": plan.scale, "predicted": plan.predicted,
+        "step_norm": plan.step_norm, "clipped": plan.clipped,
+    }  # fmt: skip
+
+
+def load_pending(pending: Any, num_groups: int) -> dict[str, Any] | None:
+    """Validate and rebuild a saved pending secant record."""
+    if pending is None:
+        return None
+    plans = pending.get("plans") if isinstance(pending, dict) else None
+    if not isinstance(plans, list) or len(plans) != num_groups:
+        raise ValueError("state_dict 'pending' does not match the parameter groups.")
+    try:
+        rebuilt = [None if p is None else StepPlan(**p) for p in plans]
+        predicted, slope = float(pending["predicted"]), float(pending["slope"])
+    except (TypeError, KeyError, ValueError) as err:
+        raise ValueError(f"state_dict 'pending' is malformed: {err}") from err
+    if not (math.isfinite(predicted) and math.isfinite(slope)):
+        raise ValueError("state_dict 'pending' holds non-finite values.")
+    return {"predicted": predicted, "slope": slope, "plans": rebuilt}

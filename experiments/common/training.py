@@ -12,6 +12,7 @@ the checkpoint before it.
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -147,8 +148,17 @@ def read_checkpoint(path: Path) -> dict:
         raise FileNotFoundError(f"Checkpoint {path} does not exist; re-run to train.")
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        reason = (
+            "it holds objects other than tensors, numbers and containers, refused by "
+            "torch.load(weights_only=True): loading it fully could run code"
+        )
+        raise CorruptFileError(_damaged(path, reason)) from err
     except Exception as err:  # torch raises many types for damaged files
-        raise CorruptFileError(_damaged(path, f"{type(err).__name__}: {err}")) from err
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CorruptFileError(
+            _damaged(path, f"{type(err).__name__}: {first}")
+        ) from err
     problem = _structure_problem(state, path)
     if problem:
         raise CorruptFileError(_damaged(path, problem))

@@ -22,7 +22,8 @@ def _outer(C=3, N=5, T=4, O=3, I=6, seed=0):  # noqa: E741
     s = torch.randn(C, N, T, O, generator=gen, dtype=torch.float64)
     a = torch.randn(N, T, I, generator=gen, dtype=torch.float64)
     delta = torch.randn(N, T, O, generator=gen, dtype=torch.float64)
-    return OuterFactor(s, a), OuterGrads(delta, a.clone())
+    source = ("input", N, seed)
+    return OuterFactor(s, a, source), OuterGrads(delta, a.clone(), source)
 
 
 def _materialised(factor, grads):

@@ -45,11 +45,15 @@ class DenseFactor:
 class OuterFactor:
     """``V`` of one weight as outer products.
 
-    ``s``: ``[C, N, T, O]`` backpropagated factor; ``a``: ``[N, T, I]`` input.
+    ``s``: ``[C, N, T, O]`` backpropagated factor; ``a``: ``[N, T, I]`` input;
+    ``source``: identifies ``a`` (layer and samples): a factor and gradients with
+    equal, non-``None`` sources share their input (no tensor comparison, which
+    would synchronise with an accelerator).
     """
 
     s: Tensor
     a: Tensor
+    source: object = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -80,11 +84,13 @@ class DenseGrads:
 class OuterGrads:
     """Per-sample weight gradients ``Σ_t δ_nt a_ntᵀ``.
 
-    ``delta``: ``[N', T, O]`` output gradients; ``a``: ``[N', T, I]`` input.
+    ``delta``: ``[N', T, O]`` output gradients; ``a``: ``[N', T, I]`` input;
+    ``source`` as for :class:`OuterFactor`.
     """
 
     delta: Tensor
     a: Tensor
+    source: object = None
 
     def total(self) -> Tensor:
         """Sum over samples, ``[O·I]``."""
@@ -184,8 +190,8 @@ def contract(
     if isinstance(factor, OuterFactor) and _plan(factor) == "pairwise":
         shared = (
             isinstance(grads, OuterGrads)
-            and grads.a.shape == factor.a.shape
-            and torch.equal(grads.a, factor.a)
+            and factor.source is not None
+            and grads.source == factor.source
         )
         gram, vtg = kernels.pairwise_gram(
             factor.s, factor.a, grads.delta if shared else None

@@ -64,14 +64,19 @@ def conv_inputs(module: _ConvNd, subsampling: list[int] | None) -> Tensor:
     return unfold_input(module, x).transpose(1, 2)
 
 
+def input_source(module: Module, subsampling: list[int] | None) -> tuple:
+    """Identifies a layer's (sub-sampled) input within one pass, see ``OuterFactor``."""
+    return id(module), None if subsampling is None else tuple(subsampling)
+
+
 def linear_weight_factor(
     module: Linear, backproped: Tensor, subsampling: list[int] | None
 ) -> OuterFactor:
     """Outer-product factor of a linear weight from ``[C, N, ..., O]``."""
     C, N, O = backproped.shape[0], backproped.shape[1], backproped.shape[-1]  # noqa: E741
-    return OuterFactor(
-        backproped.reshape(C, N, -1, O), linear_inputs(module, subsampling)
-    )
+    s = backproped.reshape(C, N, -1, O)
+    a = linear_inputs(module, subsampling)
+    return OuterFactor(s, a, input_source(module, subsampling))
 
 
 def conv_weight_factor(
@@ -86,7 +91,8 @@ def conv_weight_factor(
     if not prefer_factored(C, N, T, O, I):
         return None
     s = backproped.reshape(C, N, O, T).transpose(2, 3)
-    return OuterFactor(s, conv_inputs(module, subsampling))
+    a = conv_inputs(module, subsampling)
+    return OuterFactor(s, a, input_source(module, subsampling))
 
 
 def linear_weight_grads(
@@ -95,7 +101,8 @@ def linear_weight_grads(
     """Outer-product per-sample gradients of a linear weight."""
     delta = subsample(grad_output, subsampling=subsampling)
     delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-    return OuterGrads(delta, linear_inputs(module, subsampling))
+    a = linear_inputs(module, subsampling)
+    return OuterGrads(delta, a, input_source(module, subsampling))
 
 
 def conv_weight_grads(
@@ -107,9 +114,5 @@ def conv_weight_grads(
     delta = subsample(grad_output, subsampling=subsampling)
     N, O = delta.shape[:2]  # noqa: E741
     delta = delta.reshape(N, O, -1).transpose(1, 2)
-    return OuterGrads(delta, conv_inputs(module, subsampling))
-
-
-def is_conv(module: Module) -> bool:
-    """Whether ``module`` is a (non-transposed) convolution."""
-    return isinstance(module, (Conv1d, Conv2d, Conv3d))
+    a = conv_inputs(module, subsampling)
+    return OuterGrads(delta, a, input_source(module, subsampling))

@@ -36,7 +36,7 @@ def make_inputs(N: int, seed: int = 0) -> tuple[OuterFactor, OuterGrads]:
     s = torch.randn(C, N, O, T, generator=gen).transpose(2, 3)
     a = torch.randn(N, I, T, generator=gen).transpose(1, 2)
     delta = torch.randn(N, O, T, generator=gen).transpose(1, 2)
-    return OuterFactor(s, a), OuterGrads(delta, a)
+    return OuterFactor(s, a, "a"), OuterGrads(delta, a, "a")
 
 
 def _load(path: str):

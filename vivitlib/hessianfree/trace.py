@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from scipy.stats import t as student_t
 from torch import Tensor
 
 from vivitlib.hessianfree._checks import (
@@ -137,6 +136,8 @@ def hutchinson_trace(
     samples = (Z * matmat(Z)).sum(0).cpu()
     mean = samples.mean().item()
     se = (samples.std() / remaining**0.5).item()
+    from scipy.stats import t as student_t  # slow import: only when needed
+
     quantile = float(student_t.ppf(0.5 + 0.5 * confidence, remaining - 1))
     estimate = exact + mean
     return TraceEstimate(

@@ -57,6 +57,7 @@ def claim_folder(folder: Path) -> bool:
     folder = Path(folder).resolve()
     if _held_above(folder) is not None:
         return True
+    _refuse_if_held_above(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -107,6 +108,22 @@ def _held_above(folder: Path) -> Path | None:
         if candidate in _HELD:
             return candidate
     return None
+
+
+def _refuse_if_held_above(folder: Path) -> None:
+    """Refuse a folder inside one that another process is writing."""
+    for parent in folder.parents:
+        try:
+            descriptor = os.open(parent / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _try_flock(descriptor):
+                raise FolderLockedError(
+                    _locked_message(parent, _read_holder(descriptor))
+                )
+        finally:
+            os.close(descriptor)
 
 
 def _try_flock(descriptor: int) -> bool:

@@ -232,9 +232,10 @@ def write_environment(out_dir: Path, extra: Mapping[str, object] | None = None) 
         return path
     try:
         atomic_write_bytes(path, json.dumps(record, indent=2).encode())
-    except ResultsNotWritableError as err:
+    except ResultsNotWritableError:
         warnings.warn(
-            f"{path} describes an earlier run and was not updated: {err}",
+            f"{path} was not updated because the folder is read-only: it describes "
+            "the run that wrote this folder, not this one's arguments.",
             UserWarning,
             stacklevel=2,
         )

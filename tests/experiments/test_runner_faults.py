@@ -78,6 +78,7 @@ def _plant(path, marker, kind):
         path.write_bytes(pickle.dumps(_Planted(marker)))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("kind", ["torch.save", "pickle"])
 def test_crafted_checkpoint_is_not_executed(digits, reference, tmp_path, kind):
     marker = tmp_path / "code-ran"
@@ -99,6 +100,7 @@ def test_crafted_checkpoint_is_not_executed(digits, reference, tmp_path, kind):
     assert read_checkpoint(crafted)["step"] == 8
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("kind", ["torch.save", "pickle"])
 def test_crafted_checkpoint_in_new_folder_is_overwritten(
     digits, reference, tmp_path, kind
@@ -265,7 +267,17 @@ def fork_server():
 
     yield request
     server.stdin.close()
+    server.kill()
     server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(fork_server, tmp_path_factory):
+    """Outputs and duration of one uninterrupted run of the tiny study."""
+    out = tmp_path_factory.mktemp("tiny") / "reference"
+    (done,) = fork_server(out)
+    assert done["exit"] == 0, done["error"]
+    return _outputs(out), done["seconds"]
 
 
 def _outputs(out):
@@ -273,30 +285,28 @@ def _outputs(out):
     return (out / "tiny.csv").read_bytes(), log
 
 
-def test_sigkill_at_random_moments_then_resume(fork_server, tmp_path):
-    (done,) = fork_server(tmp_path / "reference")
-    assert done["exit"] == 0, done["error"]
+def test_sigkill_at_random_moments_then_resume(fork_server, tiny_reference, tmp_path):
+    reference, seconds = tiny_reference
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     kills = []
     for _ in range(3):
-        (outcome,) = fork_server(tmp_path / "killed", rng.uniform(0, done["seconds"]))
+        (outcome,) = fork_server(tmp_path / "killed", rng.uniform(0, seconds))
         assert outcome["error"] is None, outcome["error"]
         kills.append(outcome["killed"])
     (resumed,) = fork_server(tmp_path / "killed")
     assert resumed["exit"] == 0, f"seed {seed}: {resumed['error']}"
     assert any(kills), f"seed {seed}: no run was killed"
-    assert _outputs(tmp_path / "killed") == _outputs(tmp_path / "reference"), seed
+    assert _outputs(tmp_path / "killed") == reference, seed
     assert not list((tmp_path / "killed").rglob(".*.tmp"))
 
 
-def test_two_concurrent_runs_on_one_folder(fork_server, tmp_path):
-    (done,) = fork_server(tmp_path / "reference")
+def test_two_concurrent_runs_on_one_folder(fork_server, tiny_reference, tmp_path):
     outcomes = fork_server(tmp_path / "shared", count=2)
     assert any(outcome["exit"] == 0 for outcome in outcomes)
     for outcome in outcomes:
         if outcome["exit"] != 0:
             assert "FolderLockedError" in outcome["error"]
             assert f"{tmp_path / 'shared' / '.lock'}" in outcome["error"]
-    assert _outputs(tmp_path / "shared") == _outputs(tmp_path / "reference")
+    assert _outputs(tmp_path / "shared") == tiny_reference[0]
     assert not list((tmp_path / "shared").rglob("*.tmp"))

@@ -5,19 +5,27 @@ Problem. ``L(θ) = θᵀ G θ`` with ``G = diag(1², 2², …, D²)`` (``D = 20`
 along them the true derivatives are ``γ_k(θ) = ∂L/∂θ_k = 2 k² θ_k`` and
 ``λ_k = e_kᵀ ∇²L e_k = 2 k²``.
 
-Noise model. Each step draws ``N`` (default 128) per-sample observations, independent
-across samples, directions and steps:
+Noise models. Each step draws ``N`` (default 128) per-sample observations, independent
+across samples, directions and steps (``noise=``):
 
-* ``γ_nk = γ_k(θ) + σ_γ ξ_nk`` with ``ξ_nk ~ N(0, 1)`` — unbiased, variance ``σ_γ²``
-  (default ``5000``);
-* ``λ_nk ~ Gamma(shape = λ_k² / σ_λ², scale = σ_λ² / λ_k)`` — positive, unbiased
+* ``"gaussian"`` (default, the ViViT study): ``γ_nk = γ_k(θ) + σ_γ ξ_nk`` with
+  ``ξ_nk ~ N(0, 1)`` — unbiased, variance ``σ_γ²`` (default ``2·10⁴``, the original
+  study's level after the curvature doubling ``λ_k = 2k²``); and
+  ``λ_nk ~ Gamma(shape = λ_k² / σ_λ², scale = σ_λ² / λ_k)`` — positive, unbiased
   (mean ``λ_k``), variance ``σ_λ²`` (default ``200``). Along the flattest direction
   (``λ_1 = 2``) single curvatures are then heavily skewed and the batch mean ``λ̄_1``
   now and then falls close to zero: weakly damped steps blow up there.
+* ``"heavy_tailed"``: gradients as above; curvatures ``λ_nk = λ_k W_nk`` with a
+  Pareto factor ``W`` of tail index ``tail_index`` (default ``2.5``: finite mean 1,
+  infinite variance beyond the second moment's edge), so a few samples carry most
+  of the curvature and most batches underestimate it.
+* ``"growing"``: as ``"gaussian"``, but the gradient noise grows near the minimum,
+  ``σ_γ,k² = σ_γ² (1 + growth / (1 + θ_k²))`` (default ``growth = 9``: ten times
+  the variance at ``θ_k = 0``).
 
-Both variances are constant in ``θ`` and ``k``, so the signal-to-noise ratio is lowest
-along flat directions and near the minimum. Gradient and curvature samples of a step
-form one batch (``N_g = N_c = N``), so the bootstrap resamples them jointly.
+The signal-to-noise ratio is lowest along flat directions and near the minimum.
+Gradient and curvature samples of a step form one batch (``N_g = N_c = N``), so
+the bootstrap resamples them jointly.
 
 Optimizers (all update along the unit directions):
 
@@ -36,6 +44,10 @@ import pandas as pd
 import torch
 
 from vivitlib.optim import BootstrapDamping, ConstantDamping
+from vivitlib.optim.safeguards import StepControl
+
+#: Noise models of :class:`NoisyQuadratic`.
+NOISE_MODELS = ("gaussian", "heavy_tailed", "growing")
 
 
 @dataclass(frozen=True)
@@ -45,17 +57,23 @@ class NoisyQuadratic:
     Attributes:
         dim: Number of parameters ``D``. Default: ``20``.
         batch_size: Number ``N`` of noisy observations per step. Default: ``128``.
-        gamma_var: Variance ``σ_γ²`` of a per-sample gradient. Default: ``5000``.
+        gamma_var: Variance ``σ_γ²`` of a per-sample gradient. Default: ``2e4``.
         lambda_var: Variance ``σ_λ²`` of a per-sample curvature. Default: ``200``.
         init: Initial value of every coordinate. Default: ``100``.
+        noise: ``"gaussian"``, ``"heavy_tailed"`` or ``"growing"`` (module doc).
+        tail_index: Pareto index of ``"heavy_tailed"`` curvatures. Default ``2.5``.
+        growth: Noise growth of ``"growing"`` at the minimum. Default ``9``.
 
     """
 
     dim: int = 20
     batch_size: int = 128
-    gamma_var: float = 5000.0
+    gamma_var: float = 2e4
     lambda_var: float = 200.0
     init: float = 100.0
+    noise: str = "gaussian"
+    tail_index: float = 2.5
+    growth: float = 9.0
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -67,6 +85,12 @@ class NoisyQuadratic:
             raise ValueError(
                 f"variances must be >= 0, got {self.gamma_var}, {self.lambda_var}."
             )
+        if self.noise not in NOISE_MODELS:
+            raise ValueError(
+                f"noise must be one of {NOISE_MODELS}, got {self.noise!r}."
+            )
+        if not self.tail_index > 1 or not self.growth >= 0:
+            raise ValueError("tail_index must be > 1 and growth >= 0.")
 
     @property
     def curvatures(self) -> np.ndarray:
@@ -92,8 +116,15 @@ class NoisyQuadratic:
         """
         shape = (self.batch_size, self.dim)
         lam = self.curvatures
-        gammas = lam * theta + np.sqrt(self.gamma_var) * rng.standard_normal(shape)
-        if self.lambda_var == 0:
+        variance = np.full(self.dim, self.gamma_var)
+        if self.noise == "growing":
+            variance = variance * (1.0 + self.growth / (1.0 + theta**2))
+        gammas = lam * theta + np.sqrt(variance) * rng.standard_normal(shape)
+        if self.noise == "heavy_tailed":
+            alpha = self.tail_index
+            pareto = rng.uniform(size=shape) ** (-1.0 / alpha)  # Pareto(α), x >= 1
+            lambdas = lam * pareto * (alpha - 1.0) / alpha  # mean λ_k
+        elif self.lambda_var == 0:
             lambdas = np.broadcast_to(lam, shape).copy()
         else:
             lambdas = rng.gamma(lam**2 / self.lambda_var, self.lambda_var / lam, shape)
@@ -111,17 +142,22 @@ def optimizer_names(constant_dampings: list[float]) -> list[str]:
         constant_dampings: Dampings of the constant-damping runs.
 
     Returns:
-        ``["SGD", "constant_1e-04", …, "bootstrap"]``.
+        ``["SGD", "constant_1e-02", …, "bootstrap", "bootstrap_safeguarded"]``;
+        ``bootstrap_safeguarded`` adds :class:`DampedNewton`'s default safeguards
+        (:class:`~vivitlib.optim.safeguards.StepControl`; the batch loss is the
+        batch's quadratic, so the model always fits: ``ρ = 1``).
 
     """
-    return ["SGD"] + [f"constant_{d:.0e}" for d in constant_dampings] + ["bootstrap"]
+    constants = [f"constant_{d:.3g}" for d in constant_dampings]
+    return ["SGD", *constants, "bootstrap", "bootstrap_safeguarded"]
 
 
 def make_damping(name: str, seed: int, num_candidates: int):
     """Damping strategy for an optimizer name (``None`` for SGD).
 
     Args:
-        name: ``"SGD"``, ``"constant_<δ>"`` or ``"bootstrap"``.
+        name: ``"SGD"``, ``"constant_<δ>"``, ``"bootstrap"`` or
+            ``"bootstrap_safeguarded"``.
         seed: Seed of the bootstrap generator.
         num_candidates: Size of the bootstrap grid ``10**linspace(-4, 2, ·)``.
 
@@ -136,7 +172,7 @@ def make_damping(name: str, seed: int, num_candidates: int):
         return None
     if name.startswith("constant_"):
         return ConstantDamping(float(name.removeprefix("constant_")))
-    if name == "bootstrap":
+    if name.startswith("bootstrap"):
         grid = 10.0 ** torch.linspace(-4, 2, num_candidates, dtype=torch.float64)
         return BootstrapDamping(candidates=grid, generator=seed)
     raise ValueError(f"unknown optimizer {name!r}.")
@@ -173,6 +209,7 @@ def run(
     """
     rng = np.random.default_rng(seed)
     damping = make_damping(name, seed, num_candidates)
+    control = StepControl() if name == "bootstrap_safeguarded" else None
     theta = np.full(problem.dim, problem.init, dtype=np.float64)
     rows = []
     for step in range(steps + 1):
@@ -185,12 +222,22 @@ def run(
             if damping is None:
                 theta = theta - sgd_lr * g_mean
             else:
-                dampings = damping(
-                    torch.from_numpy(gammas), torch.from_numpy(lambdas)
-                ).numpy()
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    coeff = np.where(np.isinf(dampings), 0.0, 1.0 / (l_mean + dampings))
-                theta = theta - newton_lr * coeff * g_mean
+                dampings = damping(torch.from_numpy(gammas), torch.from_numpy(lambdas))
+                if control is not None:
+                    plan = control.plan(
+                        torch.from_numpy(g_mean), torch.from_numpy(l_mean), dampings,
+                        newton_lr,
+                    )  # fmt: skip
+                    theta = theta + plan.coefficients.numpy()
+                    control.update(1.0, plan)
+                    dampings = plan.dampings.numpy()
+                else:
+                    dampings = dampings.numpy()
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        coeff = np.where(
+                            np.isinf(dampings), 0.0, 1.0 / (l_mean + dampings)
+                        )
+                    theta = theta - newton_lr * coeff * g_mean
         row.update({f"damping_{k + 1}": d for k, d in enumerate(dampings)})
         rows.append(row)
     frame = pd.DataFrame(rows)

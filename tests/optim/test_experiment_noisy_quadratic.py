@@ -20,6 +20,21 @@ def test_noise_model_is_unbiased():
     assert (lambdas > 0).all()
 
 
+@pytest.mark.parametrize("noise", ["heavy_tailed", "growing"])
+def test_other_noise_models_are_unbiased(noise):
+    problem = NoisyQuadratic(dim=3, batch_size=50_000, noise=noise)
+    theta = np.array([1.0, 0.0, 0.5])
+    gammas, lambdas = problem.observe(theta, np.random.default_rng(0))
+    lam = np.array([2.0, 8.0, 18.0])
+    assert np.allclose(gammas.mean(0), lam * theta, atol=3.0)
+    assert np.allclose(lambdas.mean(0), lam, rtol=0.1)
+    assert (lambdas > 0).all()
+    if noise == "growing":  # ten times the variance where θ_k = 0
+        assert gammas.var(0)[1] == pytest.approx(10 * problem.gamma_var, rel=0.05)
+    else:  # a few samples carry much of the curvature
+        assert np.median(lambdas[:, 0]) < 0.9 * lam[0]
+
+
 def test_noise_free_newton_solves_in_one_step():
     problem = NoisyQuadratic(dim=4, batch_size=2, gamma_var=0.0, lambda_var=0.0)
     frame = run(problem, "constant_0e+00", seed=0, steps=1)
@@ -32,7 +47,8 @@ def test_tiny_study_end_to_end(tmp_path):
     nq_run.main(argv)
     summary = pd.read_csv(tmp_path / "summary.csv")
     final = pd.read_csv(tmp_path / "final.csv")
-    names = ["SGD", "constant_1e-04", "constant_1e+00", "bootstrap"]
+    names = ["SGD", "constant_0.0001", "constant_1", "bootstrap"]
+    names.append("bootstrap_safeguarded")
     assert list(dict.fromkeys(summary["optimizer"])) == names
     assert {"loss_median", "loss_q25", "loss_q75", "loss_mean"} <= set(summary)
     assert len(summary) == len(names) * 4

@@ -95,6 +95,16 @@ def _class_targets(n, c):
     return torch.randint(0, c, (n,))
 
 
+def _with_ignored(targets, positions, ignore=-100):
+    targets = targets.clone()
+    targets.view(-1)[positions] = ignore
+    return targets
+
+
+def _class_weights():
+    return torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
+
+
 CASES: list[dict[str, Any]] = [
     dict(id="mlp-ce-mean", model=lambda: _mlp(5, 4, 3), loss=nn.CrossEntropyLoss,
          x=(6, 5), y=lambda n: _class_targets(n, 3)),
@@ -128,6 +138,29 @@ CASES: list[dict[str, Any]] = [
          y=lambda n: _class_targets(n, 3)),
     dict(id="bce-logits", model=lambda: _mlp(4, 3, 1), loss=nn.BCEWithLogitsLoss,
          x=(5, 4), y=lambda n: torch.randint(0, 2, (n, 1)).double()),
+    # loss options: the curvature must follow exactly what the loss computes
+    dict(id="ce-ignore-index-mean", model=lambda: _mlp(5, 4, 3), loss=nn.CrossEntropyLoss,
+         x=(6, 5), y=lambda n: _with_ignored(_class_targets(n, 3), [1, 4])),
+    dict(id="ce-ignore-index-sum", model=lambda: _mlp(5, 4, 3),
+         loss=lambda: nn.CrossEntropyLoss(reduction="sum", ignore_index=2),
+         x=(6, 5), y=lambda n: torch.tensor([0, 2, 1, 2, 0, 1])),
+    dict(id="ce-class-weights", model=lambda: _mlp(5, 4, 3),
+         loss=lambda: nn.CrossEntropyLoss(weight=_class_weights()),
+         x=(6, 5), y=lambda n: torch.tensor([0, 1, 2, 1, 1, 0])),
+    dict(id="ce-label-smoothing", model=lambda: _mlp(5, 4, 3),
+         loss=lambda: nn.CrossEntropyLoss(label_smoothing=0.2), x=(6, 5),
+         y=lambda n: _class_targets(n, 3)),
+    dict(id="ce-weights-smoothing-ignore", model=lambda: _mlp(5, 4, 3),
+         loss=lambda: nn.CrossEntropyLoss(weight=_class_weights(), label_smoothing=0.1),
+         x=(6, 5), y=lambda n: _with_ignored(torch.tensor([0, 1, 2, 1, 1, 0]), [3])),
+    dict(id="ce-probability-targets", model=lambda: _mlp(5, 4, 3),
+         loss=nn.CrossEntropyLoss, x=(6, 5),
+         y=lambda n: torch.softmax(torch.randn(n, 3), 1)),
+    dict(id="ce-sequence-ignored-positions",
+         model=lambda: nn.Sequential(nn.Conv1d(3, 4, 3, padding=1)),
+         loss=lambda: nn.CrossEntropyLoss(weight=torch.tensor(
+             [1.0, 0.5, 2.0, 1.5], dtype=torch.float64)), x=(3, 3, 5),
+         y=lambda n: _with_ignored(torch.randint(0, 4, (n, 5)), [0, 1, 2, 3, 4, 7])),
 ]  # fmt: skip
 
 

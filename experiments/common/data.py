@@ -11,6 +11,10 @@ and a fixed input normalisation, both documented below.
   torchvision's official train (60k / 50k) and test (10k) splits, read from
   ``--data-dir`` with ``download=False``. Pixels are scaled to [0, 1] and standardised
   with the usual per-channel constants listed in :data:`NORMALISATION`.
+
+Security: torchvision reads the CIFAR-10 files (``cifar-10-batches-py``) with
+:mod:`pickle`, which executes code from a crafted file; use copies obtained from the
+official source. The MNIST files are raw IDX arrays.
 """
 
 from __future__ import annotations

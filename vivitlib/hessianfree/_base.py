@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from vivitlib.hessianfree import distributed as _dist
 from vivitlib.hessianfree._checks import (
+    check_batch,
     check_data,
     check_finite,
     check_model_state,
@@ -164,37 +165,8 @@ class CurvatureOperator:
         return mean_denominator(self._loss_fn, y, batch_size) / self._denominator
 
     def _check_batch(self, index: int, X: Any, y: Any) -> int:
-        """Validate batch ``index`` when the operator is built; return its size.
-
-        Raises:
-            TypeError: If floating inputs have another dtype than the parameters.
-            ValueError: If ``X`` and ``y`` disagree on the number of samples or
-                hold NaN or Inf.
-
-        """
-        size = self._batch_size(X, y)
-        if isinstance(X, Tensor) and isinstance(y, Tensor) and y.ndim:
-            if y.shape[0] != size:
-                raise ValueError(
-                    f"Batch {index}: X holds {size} samples but y holds "
-                    f"{y.shape[0]}; pass matching (X, y) pairs."
-                )
-        dtypes = {p.dtype for p in self.params}
-        if isinstance(X, Tensor) and X.is_floating_point() and {X.dtype} != dtypes:
-            raise TypeError(
-                f"Batch {index}: X has dtype {X.dtype} but the parameters are "
-                f"{self.dtype}. Convert the data (X.to({self.dtype})) or the model "
-                f"(model.to({X.dtype})) so that they agree."
-            )
-        for name, t in (("inputs X", X), ("targets y", y)):
-            if isinstance(t, Tensor):
-                check_finite(
-                    t,
-                    f"Batch {index}'s {name}",
-                    "Remove or impute the non-finite samples before building "
-                    "the operator.",
-                )
-        return size
+        """Validate batch ``index`` when the operator is built; return its size."""
+        return check_batch(index, X, y, self.params)
 
     # ---- public -------------------------------------------------------------
     def __matmul__(self, v: Tensor | list[Tensor]) -> Tensor | list[Tensor]:

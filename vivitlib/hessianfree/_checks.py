@@ -102,8 +102,16 @@ def check_vector(v0: object, dim: int) -> Tensor:
 
 
 def check_finite(tensor: Tensor, what: str, fix: str) -> None:
-    """Raise a ``ValueError`` naming ``what`` and ``fix`` if ``tensor`` has NaN/Inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Raise a ``ValueError`` naming ``what`` and ``fix`` if ``tensor`` has NaN/Inf.
+
+    Fast path: a float64 sum is finite only if every entry is, so the exact
+    (allocating) test runs only when the sum is not finite.
+    """
+    if not tensor.is_floating_point():
+        return
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+        return
+    if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{what} contains NaN or Inf. {fix}")
 
 
@@ -298,3 +306,45 @@ def check_square_operator(op: object) -> int:
     if shape[0] != shape[1]:
         raise ValueError(f"op must be square, got shape {tuple(shape)}.")
     return int(shape[0])
+
+
+def check_batch(index: int, X: object, y: object, params: list[Tensor]) -> int:
+    """Validate batch ``index`` of the data; return its number of samples.
+
+    Args:
+        index: Position of the batch (for the message).
+        X: Inputs (a tensor, or anything the model takes with ``len(y)``
+            samples).
+        y: Targets.
+        params: The operator's parameters (their dtype is compared with a
+            floating ``X``).
+
+    Raises:
+        TypeError: If a floating ``X`` has another dtype than the parameters.
+        ValueError: If ``X`` and ``y`` disagree on the number of samples or
+            hold NaN or Inf.
+
+    """
+    size = X.shape[0] if isinstance(X, Tensor) else len(y)
+    if isinstance(X, Tensor) and isinstance(y, Tensor) and y.ndim:
+        if y.shape[0] != size:
+            raise ValueError(
+                f"Batch {index}: X holds {size} samples but y holds "
+                f"{y.shape[0]}; pass matching (X, y) pairs."
+            )
+    dtypes = {p.dtype for p in params}
+    if isinstance(X, Tensor) and X.is_floating_point() and {X.dtype} != dtypes:
+        dtype = params[0].dtype
+        raise TypeError(
+            f"Batch {index}: X has dtype {X.dtype} but the parameters are {dtype}. "
+            f"Convert the data (X.to({dtype})) or the model (model.to({X.dtype})) "
+            "so that they agree."
+        )
+    for name, t in (("inputs X", X), ("targets y", y)):
+        if isinstance(t, Tensor):
+            check_finite(
+                t,
+                f"Batch {index}'s {name}",
+                "Remove or impute the non-finite samples before building the operator.",
+            )
+    return size

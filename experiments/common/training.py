@@ -28,6 +28,9 @@ from experiments.common.files import CorruptFileError, atomic_write
 
 OPTIMIZERS = ("sgd", "adam")
 
+#: torch's warning about the full backward hooks ``backpack.extend`` registers.
+HOOK_WARNING = "Full backward hook is firing"
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -235,6 +238,12 @@ def _structure_problem(state: object, path: Path) -> str | None:
     missing = {"model", "optimizer", "rng", "step", "log"} - set(state)
     if missing:
         return f"keys {sorted(missing)} are missing"
+    types = {"model": dict, "optimizer": dict, "rng": Tensor, "step": int}
+    for key, kind in types.items():
+        if not isinstance(state[key], kind):
+            return f"its {key!r} is a {type(state[key]).__name__}"
+    if state["rng"].dtype != torch.uint8:
+        return "its RNG state is not a byte tensor"
     digits = Path(path).stem[len("step") :]
     if digits.isdigit() and state["step"] != int(digits):
         return f"it holds step {state['step']}, its name says {int(digits)}"
@@ -313,9 +322,7 @@ def train(
     start, state = resume_point(checkpoint_dir, stops, config)
     log = []
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        _restore(state, model, optimizer, checkpoint_path(checkpoint_dir, start))
         log = list(state["log"])
         stops = [s for s in stops if s > start]
     bar = tqdm(
@@ -334,13 +341,30 @@ def train(
     return pd.DataFrame(log, columns=["step", "loss", "accuracy"])
 
 
+def _restore(state: dict, model: nn.Module, optimizer, path: Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"Checkpoint {path} does not fit this model or optimizer ({first}); it "
+            f"was written for another version of the problem. Delete {path.parent} "
+            "or pass another --out to train again."
+        ) from err
+    torch.set_rng_state(state["rng"])
+
+
 def _train_step(model, loss_fn, data, config, optimizer, step) -> dict:
     idx = batch_indices(len(data.train_y), config.batch_size, step, config.seed)
     inputs, labels = data.train_x[idx], data.train_y[idx]
     optimizer.zero_grad()
     output = model(inputs)
     loss = loss_fn(output, labels)
-    loss.backward()
+    with warnings.catch_warnings():
+        # BackPACK's hooks on the extended model, not the user's concern
+        warnings.filterwarnings("ignore", HOOK_WARNING, UserWarning)
+        loss.backward()
     optimizer.step()
     accuracy = (output.argmax(1) == labels).float().mean().item()
     return {"step": step, "loss": loss.item(), "accuracy": accuracy}

@@ -165,6 +165,16 @@ def test_checkpoint_of_other_hyperparameters_is_refused(digits, tmp_path):
         _table(other)
 
 
+def test_checkpoint_of_other_model_is_refused(digits, tmp_path):
+    run = _run(digits, tmp_path)
+    mlp = Run(get_problem("digits_mlp"), digits, run.train_config, tmp_path)
+    other, _ = mlp.fresh_model()
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    save_checkpoint(checkpoint_path(run.checkpoint_dir, 0), other, optimizer, 0, [])
+    with pytest.raises(ValueError, match="step0000000.pt does not fit this model"):
+        _table(run)
+
+
 def test_more_steps_continue_and_fewer_steps_train_nothing(
     digits, tmp_path, monkeypatch
 ):

@@ -32,8 +32,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vivitlib.linalg import default_rtol
-
 PARTS = ("A1", "A2", "B1", "B2")
 
 
@@ -96,31 +94,63 @@ def part_coefficients(probs: Tensor, labels: Tensor) -> dict[str, Tensor]:
 
 
 def part_spectra(
-    gram: Tensor, probs: Tensor, labels: Tensor, rtol: float | None = None
+    gram: Tensor, probs: Tensor, labels: Tensor, rtol: float = 1e-10
 ) -> dict[str, Tensor]:
-    """Compute the nonzero eigenvalues of ``G`` and of each part, descending.
+    """Compute the nonzero eigenvalues of ``G``, of each part and of ``G`` minus it.
+
+    Since the parts' coefficient matrices satisfy ``Σ B Bᵀ = I``, ``G − part`` is the
+    sum of the other three parts, ``V L Lᵀ Vᵀ`` with ``L`` their coefficient
+    matrices side by side; its nonzero spectrum is that of ``Lᵀ (VᵀV) L``.
 
     Args:
-        gram: Gram matrix ``VᵀV`` ``[NC, NC]`` of the exact factor (index ``n·C + c``).
+        gram: Gram matrix ``VᵀV`` ``[NC, NC]`` of the exact factor (index ``n·C + c``),
+            preferably from a float64 pass.
         probs: Softmax probabilities ``[N, C]``.
         labels: Labels ``[N]``.
         rtol: Eigenvalues below ``rtol`` times the largest eigenvalue of ``G`` are
-            dropped as round-off. Default: vivitlib's numerical-rank rule for a
-            float32 factor, ``NC · ε(float32)``.
+            dropped as round-off. Default: ``1e-10`` (a float64 Gram matrix).
 
     Returns:
-        ``{"G": ..., "A1": ..., "A2": ..., "B1": ..., "B2": ...}``, float64.
+        ``{"G": ..., "A1": ..., "A2": ..., "B1": ..., "B2": ..., "G-A1": ...,
+        "G-A2": ..., "G-B1": ..., "G-B2": ...}``, float64, descending.
 
     """
     gram = gram.to(torch.float64)
-    spectra = {"G": torch.linalg.eigvalsh(gram).flip(0)}
-    for name, coeffs in part_coefficients(probs, labels).items():
-        small = coeffs.T @ gram @ coeffs
-        spectra[name] = torch.linalg.eigvalsh((small + small.T) / 2).flip(0)
-    if rtol is None:
-        rtol = default_rtol(len(gram), torch.float32)
+    spectra = {"G": _descending(gram)}
+    coefficients = part_coefficients(probs, labels)
+    for name, coeffs in coefficients.items():
+        spectra[name] = _descending(coeffs.T @ gram @ coeffs)
+    for name in PARTS:
+        rest = torch.cat([b for other, b in coefficients.items() if other != name], 1)
+        spectra[f"G-{name}"] = _descending(rest.T @ gram @ rest)
     cutoff = rtol * spectra["G"][0]
     return {name: evals[evals > cutoff] for name, evals in spectra.items()}
+
+
+def class_mean_gram(gram: Tensor, probs: Tensor, labels: Tensor) -> Tensor:
+    """Gram matrix ``⟨g_c, g_c'⟩`` of Papyan's class means ``g_c`` (A1's vectors).
+
+    Args:
+        gram: Gram matrix ``VᵀV`` ``[NC, NC]`` of the exact factor.
+        probs: Softmax probabilities ``[N, C]``.
+        labels: Labels ``[N]``.
+
+    Returns:
+        ``[C', C']`` for the ``C'`` classes present in the batch (ascending class
+        index), float64.
+
+    """
+    coeffs = part_coefficients(probs, labels)["A1"]  # √(P_c/N) a_c, present classes
+    probs = probs.detach().to(torch.float64)
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).to(torch.float64)
+    mass = onehot.T @ probs
+    p_class = (mass.sum(1) - mass.diagonal())[onehot.sum(0) > 0]
+    unscaled = coeffs / (p_class / len(labels)).sqrt()
+    return unscaled.T @ gram.to(torch.float64) @ unscaled
+
+
+def _descending(matrix: Tensor) -> Tensor:
+    return torch.linalg.eigvalsh((matrix + matrix.T) / 2).flip(0)
 
 
 def part_gram_sum(probs: Tensor, labels: Tensor) -> Tensor:

@@ -7,7 +7,11 @@ from torch.func import functional_call, jacrev
 
 from experiments.common.curvature import low_rank_ggn
 from experiments.common.data import load_digits
-from experiments.papyan_hierarchy.decomposition import part_gram_sum, part_spectra
+from experiments.papyan_hierarchy.decomposition import (
+    class_mean_gram,
+    part_gram_sum,
+    part_spectra,
+)
 from experiments.problems import make_extended, mlp
 
 
@@ -59,7 +63,19 @@ def dense_parts(model, inputs, labels):
             centred = g[members, k] - means[k]
             weights = probs[members, k]
             parts["B2"] = parts["B2"] + (weights[:, None] * centred).T @ centred / num
-    return ggn, parts, probs
+    return ggn, parts, probs, g
+
+
+def _class_means(g, probs, labels):
+    """Papyan's global class means g_c, built literally, for the present classes."""
+    means = []
+    for c in labels.unique().tolist():
+        members = labels == c
+        mass = probs[members].sum(0)
+        pair = torch.einsum("nk,nkd->kd", probs[members], g[members]) / mass[:, None]
+        others = [k for k in range(probs.shape[1]) if k != c]
+        means.append((mass[others, None] * pair[others]).sum(0) / mass[others].sum())
+    return torch.stack(means)
 
 
 def _assert_same_spectrum(dense, contracted, scale):
@@ -81,7 +97,7 @@ def test_parts_match_dense_decomposition(num_samples, class_subset):
     model, loss_fn = make_extended(_Tiny, (1, 8, 8), 10, seed=1)
     ggn = low_rank_ggn(model, loss_fn, inputs, labels, compute=("eigenvalues",))
     gram = ggn.blocks[0].gram
-    ggn_dense, parts_dense, probs = dense_parts(model, inputs, labels)
+    ggn_dense, parts_dense, probs, g = dense_parts(model, inputs, labels)
 
     total = sum(parts_dense.values())
     torch.testing.assert_close(total, ggn_dense, atol=1e-10, rtol=1e-8)
@@ -95,6 +111,26 @@ def test_parts_match_dense_decomposition(num_samples, class_subset):
     _assert_same_spectrum(ggn_dense, spectra["G"], scale)
     for name, dense in parts_dense.items():
         _assert_same_spectrum(dense, spectra[name], scale)
+    for name, dense in parts_dense.items():
+        # G minus each part, against the dense difference
+        _assert_same_spectrum(ggn_dense - dense, spectra[f"G-{name}"], scale)
     present = len(labels.unique())
     assert len(spectra["A1"]) <= present and len(spectra["A2"]) <= present
     assert len(spectra["B1"]) <= present * 9
+    # removing a PSD part of rank r lowers the rank by at most r, never raises it
+    # (ranks counted above the float32 Gram matrix's round-off)
+    ranks = {name: int((v > 1e-6 * scale).sum()) for name, v in spectra.items()}
+    for name in ("A1", "A2", "B1", "B2"):
+        assert ranks["G"] - ranks[name] <= ranks[f"G-{name}"] <= ranks["G"]
+    # Weyl: λ_k(G - X) <= λ_k(G)
+    for name in ("A1", "A2", "B1", "B2"):
+        minus = spectra[f"G-{name}"]
+        assert (minus <= spectra["G"][: len(minus)] * (1 + 1e-8)).all()
+
+    means = _class_means(g, probs, labels)
+    torch.testing.assert_close(
+        class_mean_gram(gram, probs, labels),
+        means @ means.T,
+        atol=1e-5 * means.square().sum(1).max().item(),
+        rtol=1e-4,
+    )

@@ -32,19 +32,39 @@ ARGV = [
 ]
 
 
-def test_papyan_study_tables_and_resume(monkeypatch, tmp_path):
+def test_papyan_study_tables_and_resume(monkeypatch, tmp_path, capsys):
     table = assert_resumes(
         monkeypatch, study.main, ARGV, tmp_path, study, "full_data_table", call=2
     )
     assert_finite(table, ["eigenvalue", "step", "k"])
-    assert set(table["matrix"]) == {"G", "A1", "A2", "B1", "B2"}
+    parts = {"A1", "A2", "B1", "B2"}
+    assert set(table["matrix"]) == {"G", *parts, *(f"G-{p}" for p in parts)}
+    assert set(table["split"]) == {"train", "test"}
     summary = pd.read_csv(tmp_path / "ref" / "papyan_hierarchy_summary.csv")
-    for _, rows in summary.groupby("step"):
-        shares = rows.set_index("matrix")["trace_share"]
+    assert_finite(summary, ["top", "lambda_last_outlier", "lambda_after", "rank"])
+    for _, rows in summary.groupby(["split", "step"]):
+        stats = rows.set_index("matrix")
+        shares = stats["trace_share"]
         # the parts sum to the GGN: their traces add up to its trace
-        assert abs(shares.drop("G").sum() - 1) < 1e-4
-        ranks = rows.set_index("matrix")["rank"]
+        assert abs(shares[sorted(parts)].sum() - 1) < 1e-8
+        for part in parts:  # G - X has the trace of G minus that of X
+            assert abs(shares[f"G-{part}"] + shares[part] - 1) < 1e-8
+            assert stats.loc[f"G-{part}", "top"] <= stats.loc["G", "top"] * (1 + 1e-9)
+        ranks = stats["rank"]
         assert ranks["A1"] <= C and ranks["A2"] <= C and ranks["G"] <= N * (C - 1)
+        assert ranks["G-A1"] >= ranks["G"] - ranks["A1"]
+        assert ranks["G-B2"] <= ranks["A1"] + ranks["A2"] + ranks["B1"]
+    verdicts = pd.read_csv(tmp_path / "ref" / "papyan_hierarchy_attribution.csv")
+    assert len(verdicts) == 4  # (train, test) x 2 steps
+    assert_finite(verdicts, [f"removed_share_{p}" for p in sorted(parts)])
+    out = capsys.readouterr().out
+    assert "Papyan's claim" in out and ("HOLD" in out or "PARTLY" in out)
+    means = pd.read_csv(tmp_path / "ref" / "papyan_hierarchy_class_means.csv")
+    assert_finite(means, ["value", "cosine"])
+    diagonal = means[means["row"] == means["col"]]
+    assert (
+        np.allclose(diagonal["cosine"], 1) and (means["cosine"].abs() <= 1 + 1e-9).all()
+    )
     if not FULL:
         return
     full = pd.read_csv(tmp_path / "ref" / "papyan_hierarchy_full_data.csv")
@@ -58,3 +78,4 @@ def test_papyan_study_tables_and_resume(monkeypatch, tmp_path):
     res = top.loc[top["operator"] == "residual", "x"].abs().max()
     assert res < 1e-6 * top["x"].abs().max()
     assert list((tmp_path / "ref").glob("hierarchy_*.png"))
+    assert list((tmp_path / "ref").glob("class_means_*.png"))

@@ -1,6 +1,6 @@
 """vivitlib: exact, fast access to GGN curvature and its mini-batch noise."""
 
-from vivitlib import hessianfree, linalg, optim
+from vivitlib import errors, hessianfree, linalg, optim
 from vivitlib.block import GGNBlock
 from vivitlib.collector import combine
 from vivitlib.directional import DirectionalDerivatives, per_sample_hessian_curvatures
@@ -15,6 +15,7 @@ __all__ = [
     "LowRankGGN",
     "QUANTITIES",
     "combine",
+    "errors",
     "layerwise_groups",
     "hessianfree",
     "linalg",

@@ -7,6 +7,7 @@ the exact factor, MC sample for ``mc_samples > 0``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -22,6 +23,7 @@ from vivitlib.extensions.factors import (
     contract,
     factor_apply,
 )
+from vivitlib.extensions.projections import project_factor
 
 
 @dataclass
@@ -145,6 +147,35 @@ class GroupAccumulator:
     def missing(self) -> list[Tensor]:
         """Parameters of the group that received no factor in this pass."""
         return [p for p in self.params if id(p) not in self.visited]
+
+
+def _check_vectors(
+    params: list[Tensor], vectors: Sequence[Tensor]
+) -> tuple[list[Tensor], bool]:
+    """``vectors`` as ``[k, *shape]`` per parameter, and whether ``k`` was absent."""
+    if isinstance(vectors, Tensor):
+        raise TypeError(
+            "vectors must be a sequence with one tensor per parameter, got a "
+            "single tensor; wrap it in a list."
+        )
+    vectors = list(vectors)
+    if len(vectors) != len(params):
+        raise ValueError(
+            f"Got {len(vectors)} tensors for {len(params)} parameters; pass one "
+            "per parameter of the group."
+        )
+    single = all(tuple(v.shape) == tuple(p.shape) for p, v in zip(params, vectors))
+    stacked = [v.unsqueeze(0) if single else v for v in vectors]
+    for p, v in zip(params, stacked):
+        if tuple(v.shape[1:]) != tuple(p.shape) or v.shape[0] != stacked[0].shape[0]:
+            raise ValueError(
+                f"A vector of shape {tuple(v.shape)} does not fit a parameter of "
+                f"shape {tuple(p.shape)}; pass tensors shaped like the parameters "
+                "(or [k, *param.shape] with the same k for all)."
+            )
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("The vectors contain NaN or Inf; pass finite vectors.")
+    return [v.detach() for v in stacked], single
 
 
 def _index(positions: list[int] | None, device: torch.device) -> Tensor | None:
@@ -346,6 +377,49 @@ class GGNBlock:
         )
         step = self._apply(coeffs[:, None] * self._factor_scale)
         return [s[0] for s in step]
+
+    def inverse_ggn_product(
+        self, vectors: Sequence[Tensor], damping: float
+    ) -> list[Tensor]:
+        r"""``(G + δI)⁻¹ v`` for any ``v``, exact, from the Gram matrix.
+
+        .. math::
+            (G + δI)^{-1} v = \frac{v}{δ}
+                + \sum_k \Bigl(\frac{1}{λ_k + δ} - \frac{1}{δ}\Bigr) e_k e_k^⊤ v
+
+        ``G`` is the group's (batch) GGN. ``δ = 0`` gives the pseudo-inverse
+        ``G⁺ v`` (the part of ``v`` in the flat space is dropped). Costs one
+        application of ``Vᵀ`` and one of ``V``.
+
+        Args:
+            vectors: One tensor per parameter, shaped like it, or
+                ``[k, *param.shape]`` for ``k`` vectors at once.
+            damping: ``δ >= 0``, finite.
+
+        Returns:
+            One tensor per parameter, shaped like ``vectors``.
+
+        Raises:
+            ValueError: On vectors that do not fit the parameters or are not
+                finite, or a bad damping.
+        """
+        self._require_factors()
+        stacked, single = _check_vectors(self.params, vectors)
+        weights = linalg.inverse_weights(self.evals, damping)
+        proj = sum(
+            project_factor(self._factors[id(p)], v).to(torch.float64)
+            for p, v in zip(self.params, stacked)
+        )  # [C, N, k]
+        proj = proj.transpose(0, 1)
+        if self._curv_keep is not None:
+            proj = proj.index_select(0, self._curv_keep)
+        vt_v = proj.reshape(-1, proj.shape[-1]) * self._factor_scale  # Ṽᵀ v
+        coords = self.gram_evecs.T @ vt_v.to(self.gram_evecs.dtype)
+        coeffs = self.gram_evecs @ (coords * (weights / self.evals)[:, None])
+        out = self._apply(coeffs * self._factor_scale)
+        if damping != 0:
+            out = [o + v.to(o.dtype) / damping for o, v in zip(out, stacked)]
+        return [o[0] for o in out] if single else out
 
     def _require_factors(self):
         if not self._factors:

@@ -37,7 +37,11 @@ def test_per_sample_quantities_independent_of_reduction(loss_cls):
     torch.manual_seed(0)
     model = extend(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double())
     X = torch.randn(7, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (7,)) if loss_cls is nn.CrossEntropyLoss else torch.randn(7, 3)
+    y = (
+        torch.randint(0, 3, (7,))
+        if loss_cls is nn.CrossEntropyLoss
+        else torch.randn(7, 3)
+    )
     blocks = {}
     for reduction in ("mean", "sum"):
         ggn = vivitlib.LowRankGGN(model.parameters())
@@ -302,3 +306,77 @@ def test_no_backward_hook_warning_and_filter_is_removed():
             "Full backward hook is firing when gradients are computed (x)", stacklevel=1
         )
     assert [w for w in caught if "backward hook" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "case_id", ["ce-weights-smoothing-ignore", "ce-ignore-index-sum"]
+)
+def test_monte_carlo_factor_follows_the_loss_weights(case_id):
+    """MC curvatures along fixed directions average to the exact weighted ones."""
+    problem = make_problem(_BY_ID[case_id])
+    torch.manual_seed(1)
+    directions = [torch.randn(3, *p.shape, dtype=torch.float64) for p in problem.params]
+    exact = vivitlib.DirectionalDerivatives(problem.params, directions)
+    problem.run(exact)
+    lambdas, batch_scale = exact.lambdas, exact.batch_scale
+    mc = vivitlib.DirectionalDerivatives(problem.params, directions, mc_samples=4000)
+    problem.run(mc)
+    assert mc.lambdas.shape == lambdas.shape
+    torch.testing.assert_close(mc.lambdas, lambdas, rtol=0.1, atol=1e-3)
+    assert mc.batch_scale == batch_scale
+
+
+@pytest.mark.parametrize("case_id", ["mlp-ce-mean", "cnn-ce", "mlp-mse-sum",
+                                     "ce-ignore-index-mean"])  # fmt: skip
+@pytest.mark.parametrize("damping", [0.0, 0.3])
+def test_inverse_ggn_product_equals_dense_solve(case_id, damping):
+    problem = make_problem(_BY_ID[case_id])
+    ggn = vivitlib.LowRankGGN(problem.params)
+    problem.run(ggn)
+    block = ggn.blocks[0]
+    dense = problem.dense().ggn
+    torch.manual_seed(0)
+    vectors = [torch.randn(2, *p.shape, dtype=torch.float64) for p in problem.params]
+    V = torch.cat([v.flatten(1) for v in vectors], 1).T  # [D, 2]
+    if damping == 0:
+        expected = torch.linalg.pinv(dense, hermitian=True, rtol=1e-9) @ V
+    else:
+        expected = torch.linalg.solve(dense + damping * torch.eye(len(dense)), V)
+    out = block.inverse_ggn_product(vectors, damping)
+    got = torch.cat([o.flatten(1) for o in out], 1).T
+    torch.testing.assert_close(
+        got, expected, rtol=1e-6, atol=1e-8 * expected.abs().max()
+    )
+    single = block.inverse_ggn_product([v[0] for v in vectors], damping)
+    for a, b in zip(single, out):
+        torch.testing.assert_close(a, b[0])
+    # the plain-tensor version on a user-held V
+    flat_V = torch.cat([f.flatten(1) for f in _dense_factor(block)], 1).T
+    plain = vivitlib.linalg.inverse_ggn_product(
+        flat_V, block.gram_evecs, block.evals, V, damping
+    )
+    torch.testing.assert_close(
+        plain, expected, rtol=1e-6, atol=1e-8 * expected.abs().max()
+    )
+
+
+def _dense_factor(block):
+    """``Ṽ`` columns as parameter-shaped tensors (lift unit Gram coordinates)."""
+    eye = torch.eye(block.gram.shape[0], dtype=torch.float64)
+    return block._apply(eye * block._factor_scale)
+
+
+@pytest.mark.parametrize(
+    "vectors, damping, exc, match",
+    [(lambda ps: [torch.ones(3)], 1.0, ValueError, "parameters"),
+     (lambda ps: [torch.full_like(p, float("nan")) for p in ps], 1.0, ValueError, "NaN"),
+     (lambda ps: [torch.ones_like(p) for p in ps], -1.0, ValueError, "damping"),
+     (lambda ps: [torch.ones_like(p) for p in ps], float("inf"), ValueError, "damping"),
+     (lambda ps: torch.ones(3), 1.0, TypeError, "single tensor")],
+)  # fmt: skip
+def test_inverse_ggn_product_bad_input(vectors, damping, exc, match):
+    problem = make_problem(_BY_ID["mlp-ce-mean"])
+    ggn = vivitlib.LowRankGGN(problem.params)
+    problem.run(ggn)
+    with pytest.raises(exc, match=match):
+        ggn.blocks[0].inverse_ggn_product(vectors(problem.params), damping)

@@ -1,7 +1,8 @@
 """Plain-tensor maths on the GGN factor and its Gram matrix (no BackPACK import).
 
-Users who hold their own factor ``V`` (shape ``[M, D]`` with ``G = Vᵀ V``... see
-each function) and per-sample gradients can call these directly.
+Users who hold their own factor ``V`` (shape ``[D, M]``, ``G = V Vᵀ``, Gram
+matrix ``Vᵀ V`` of shape ``[M, M]``) and per-sample gradients can call these
+directly.
 """
 
 from vivitlib.linalg.directional import (
@@ -13,6 +14,7 @@ from vivitlib.linalg.directional import (
 from vivitlib.linalg.eigh import default_rtol, eigenvalue_cutoff, gram_eigh, lift
 from vivitlib.linalg.gram import gram_matrix
 from vivitlib.linalg.newton import newton_coefficients, newton_step
+from vivitlib.linalg.solve import inverse_ggn_product, inverse_weights
 
 __all__ = [
     "default_rtol",
@@ -22,6 +24,8 @@ __all__ = [
     "gradient_overlaps",
     "gram_eigh",
     "gram_matrix",
+    "inverse_ggn_product",
+    "inverse_weights",
     "lift",
     "newton_coefficients",
     "newton_step",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from tests.hessianfree.cases import CASES, DENSE, Problem, make_problem
 from tests.hessianfree.test_guards import _state, _with_grads, assert_untouched
@@ -65,6 +65,19 @@ def _tuple_output(p):
     return Pair(p.model), lambda out, y: p.loss_fn(out[0], y), (p.X, p.y)
 
 
+def _triples(p):
+    return p.model, p.loss_fn, [(p.X, p.y, torch.arange(13))]
+
+
+def _random_batch_sampler(p):
+    sampler = BatchSampler(RandomSampler(range(13)), batch_size=4, drop_last=False)
+    return (
+        p.model,
+        p.loss_fn,
+        DataLoader(TensorDataset(p.X, p.y), batch_sampler=sampler),
+    )
+
+
 def _frozen_params(p):
     for q in p.model.parameters():
         q.requires_grad_(False)
@@ -82,6 +95,15 @@ BUILD_ERRORS = [
     ("vector-loss", _vector_loss, {"reduction": "sum"}, ValueError, "not a scalar"),
     ("tuple-output", _tuple_output, {"reduction": "mean"}, TypeError, "one floating"),
     ("frozen", _frozen_params, {}, ValueError, "No parameters.*frozen"),
+    ("triples", _triples, {}, TypeError, "Batch 0 is a tuple of 3 items, not an"),
+    ("batch-sampler", _random_batch_sampler, {}, ValueError, "shuffle=False"),
+    (
+        "reduction-conflict",
+        lambda p: (p.model, p.loss_fn, p.batches),
+        {"reduction": "sum"},
+        ValueError,
+        "reduction='sum' contradicts loss_fn.reduction='mean'",
+    ),
     (
         "timeout<0",
         lambda p: (p.model, p.loss_fn, p.batches),
@@ -294,3 +316,18 @@ def test_batches_on_another_device_are_moved():
     torch.testing.assert_close(
         op @ v, DENSE["hessian"](problem) @ v, rtol=1e-10, atol=1e-12
     )
+
+
+def test_tied_weights_match_dense():
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight  # one Parameter used by two layers
+    model = nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(3, 2)).double()
+    X, y = torch.randn(9, 3, dtype=torch.float64), torch.randint(0, 2, (9,))
+    problem = Problem("tied", model, nn.CrossEntropyLoss(), X, y, 4)
+    for kind, cls in [("hessian", hf.HessianOperator), ("ggn", hf.GGNOperator)]:
+        op = cls(model, problem.loss_fn, problem.batches)
+        v = torch.linspace(-1, 1, op.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(
+            op @ v, DENSE[kind](problem) @ v, rtol=1e-10, atol=1e-12
+        )

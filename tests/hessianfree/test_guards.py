@@ -143,6 +143,26 @@ def test_model_changes_after_build_raise(change, match):
         _check(op, problem, "hessian", v)
 
 
+class _FunctionalDropout(nn.Module):
+    """Dropout through nn.functional: invisible to a scan for nn.Dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        return self.lin(nn.functional.dropout(x, 0.5, training=self.training))
+
+
+def test_functional_dropout_switched_to_train_mode_raises():
+    model = _FunctionalDropout().eval()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    op = hf.HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+    model.train()
+    with pytest.raises(ValueError, match="'' .*now in train mode.*model.eval"):
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+
+
 def test_batchnorm_switched_to_train_mode_raises():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     model = model.double().eval()

@@ -121,8 +121,9 @@ class CurvatureOperator:
         self.dtype = self.params[0].dtype
 
         local_batches, num_data, denominator = 0, 0, 0.0
-        for index, (X, y) in enumerate(self._data):
-            size = self._check_batch(index, X, y)
+        for index, batch in enumerate(self._data):
+            size = self._check_batch(index, batch)
+            X, y = batch
             local_batches += 1
             num_data += size
             denominator += mean_denominator(loss_fn, y, size) if size else 0.0
@@ -164,9 +165,9 @@ class CurvatureOperator:
             return 1.0
         return mean_denominator(self._loss_fn, y, batch_size) / self._denominator
 
-    def _check_batch(self, index: int, X: Any, y: Any) -> int:
+    def _check_batch(self, index: int, batch: Any) -> int:
         """Validate batch ``index`` when the operator is built; return its size."""
-        return check_batch(index, X, y, self.params)
+        return check_batch(index, batch, self.params)
 
     # ---- public -------------------------------------------------------------
     def __matmul__(self, v: Tensor | list[Tensor]) -> Tensor | list[Tensor]:

@@ -234,10 +234,17 @@ def check_reduction(loss_fn: object, reduction: str | None) -> str:
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+    own = getattr(loss_fn, "reduction", None)
+    own = "mean" if own == "batchmean" else own  # KLDivLoss: mean over samples
     if reduction is None:
-        reduction = getattr(loss_fn, "reduction", None)
-    if reduction == "batchmean":  # KLDivLoss: the mean over samples
-        reduction = "mean"
+        reduction = own
+    elif isinstance(own, str) and own != reduction:
+        raise ValueError(
+            f"reduction={reduction!r} contradicts loss_fn.reduction={own!r}: the "
+            "batches would be weighted for another loss than the one computed. "
+            "Drop the reduction argument, or build the loss with "
+            f"reduction={reduction!r}."
+        )
     if reduction not in ("mean", "sum"):
         raise ValueError(
             f"Loss reduction must be 'mean' or 'sum', got {reduction!r}. Use a "
@@ -268,9 +275,9 @@ def check_data(data: object) -> Iterable:
     ):
         return [tuple(data)]
     if isinstance(data, DataLoader):
-        if isinstance(data.sampler, _RANDOM_SAMPLERS) or isinstance(
-            getattr(data, "batch_sampler", None), _RANDOM_SAMPLERS
-        ):
+        batches = getattr(data, "batch_sampler", None)
+        samplers = (data.sampler, batches, getattr(batches, "sampler", None))
+        if any(isinstance(s, _RANDOM_SAMPLERS) for s in samplers):
             raise ValueError(
                 "The data loader shuffles (random sampler): products must see the "
                 "same batches every pass. Build it with shuffle=False."
@@ -308,23 +315,31 @@ def check_square_operator(op: object) -> int:
     return int(shape[0])
 
 
-def check_batch(index: int, X: object, y: object, params: list[Tensor]) -> int:
+def check_batch(index: int, batch: object, params: list[Tensor]) -> int:
     """Validate batch ``index`` of the data; return its number of samples.
 
     Args:
         index: Position of the batch (for the message).
-        X: Inputs (a tensor, or anything the model takes with ``len(y)``
-            samples).
-        y: Targets.
+        batch: An ``(X, y)`` pair: inputs (a tensor, or anything the model
+            takes with ``len(y)`` samples) and targets.
         params: The operator's parameters (their dtype is compared with a
             floating ``X``).
 
     Raises:
-        TypeError: If a floating ``X`` has another dtype than the parameters.
+        TypeError: If the batch is not an ``(X, y)`` pair, or a floating ``X``
+            has another dtype than the parameters.
         ValueError: If ``X`` and ``y`` disagree on the number of samples or
             hold NaN or Inf.
 
     """
+    if not isinstance(batch, tuple | list) or len(batch) != 2:
+        raise TypeError(
+            f"Batch {index} is a {type(batch).__name__}"
+            + (f" of {len(batch)} items" if isinstance(batch, tuple | list) else "")
+            + ", not an (X, y) pair. Yield (inputs, targets) from the data (e.g. "
+            "a collate_fn or a dataset returning two items)."
+        )
+    X, y = batch
     size = X.shape[0] if isinstance(X, Tensor) else len(y)
     if isinstance(X, Tensor) and isinstance(y, Tensor) and y.ndim:
         if y.shape[0] != size:

@@ -48,6 +48,7 @@ class ModelGuard:
         self.names = _names(model, params)
         self._meta = [_meta(p) for p in params]
         self._snapshot: list[Tensor] | None = None
+        self._in_eval = [(n, m) for n, m in model.named_modules() if not m.training]
 
     def _watched(self) -> list[Tensor]:
         return [*self._params, *self._model.buffers()]
@@ -66,6 +67,14 @@ class ModelGuard:
 
         """
         check_model_state(self._model, built=True)
+        for name, module in self._in_eval:
+            if module.training:
+                raise ValueError(
+                    f"Module {name!r} ({type(module).__name__}) was in eval mode "
+                    "when the operator was built and is now in train mode "
+                    "(model.train()): its forward may be random (e.g. functional "
+                    "dropout). Call model.eval() again before computing products."
+                )
         for name, p, meta in zip(self.names, self._params, self._meta):
             if not p.requires_grad:
                 raise ValueError(

@@ -137,9 +137,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
     def _batch_weight(self, y: Any, batch_size: int) -> float:
         return 1.0 / self.num_data if self._reduction == "mean" else 1.0
 
-    def _check_batch(self, index: int, X: Any, y: Any) -> int:
-        check_no_weighting(self._loss_fn, y, type(self).__name__)
-        return super()._check_batch(index, X, y)
+    def _check_batch(self, index: int, batch: Any) -> int:
+        size = super()._check_batch(index, batch)
+        check_no_weighting(self._loss_fn, batch[1], type(self).__name__)
+        return size
 
     def _per_sample_losses(self, out: Tensor, y: Tensor) -> Tensor:
         def single(o: Tensor, t: Tensor) -> Tensor:

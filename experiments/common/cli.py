@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -70,12 +71,25 @@ def setup(args: argparse.Namespace) -> None:
     """Apply the shared options (threads, warning filters) before a study starts."""
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
 
 
 def parse_steps(text: str) -> list[int]:
-    """Parse a comma-separated list of steps like ``'0,50,400'``."""
-    return sorted({int(part) for part in text.split(",") if part.strip()})
+    """Parse a comma-separated list of steps like ``'0,50,400'``.
+
+    Raises:
+        ValueError: If an entry is not a non-negative integer or none is given.
+
+    """
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise ValueError(
+            f"--steps must be comma-separated non-negative integers like '0,20,400', "
+            f"got {text!r}."
+        )
+    return sorted({int(part) for part in parts})
 
 
 def eval_steps(
@@ -127,8 +141,19 @@ def train_and_tabulate(
 
 
 def held_out_batch(args: argparse.Namespace, data: ImageData):
-    """Return the fixed held-out batch: the first ``--eval-batch-size`` test samples."""
-    return data.test_x[: args.eval_batch_size], data.test_y[: args.eval_batch_size]
+    """Return the fixed held-out batch: the first ``--eval-batch-size`` test samples.
+
+    Raises:
+        ValueError: If ``--eval-batch-size`` is not between 1 and the test set size.
+
+    """
+    size, available = args.eval_batch_size, len(data.test_y)
+    if not 1 <= size <= available:
+        raise ValueError(
+            f"--eval-batch-size must be between 1 and the {available} test samples "
+            f"of {data.name!r}, got {size}."
+        )
+    return data.test_x[:size], data.test_y[:size]
 
 
 def make_runs(args: argparse.Namespace, problem: Problem, data: ImageData) -> list[Run]:
@@ -142,20 +167,41 @@ def make_runs(args: argparse.Namespace, problem: Problem, data: ImageData) -> li
     Returns:
         The runs, in the order of ``--optimizers``.
 
+    Raises:
+        ValueError: If an option is out of range or names an unknown optimizer.
+
     """
     defaults = training_defaults(problem.name)
-    batch_size = args.batch_size or defaults.batch_size
-    epochs = args.epochs if args.epochs is not None else defaults.epochs
+    batch_size = _given(args.batch_size, defaults.batch_size)
+    epochs = _given(args.epochs, defaults.epochs)
+    if not 1 <= batch_size <= len(data.train_y):
+        raise ValueError(
+            f"--batch-size must be between 1 and the {len(data.train_y)} training "
+            f"samples, got {batch_size}."
+        )
+    if not math.isfinite(epochs) or epochs < 0:
+        raise ValueError(f"--epochs must be a finite number >= 0, got {epochs}.")
     num_steps = int(epochs * (len(data.train_y) // batch_size))
     lrs = {
-        "sgd": args.lr_sgd or defaults.sgd_lr,
-        "adam": args.lr_adam or defaults.adam_lr,
+        "sgd": _given(args.lr_sgd, defaults.sgd_lr),
+        "adam": _given(args.lr_adam, defaults.adam_lr),
     }
+    names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    if not names or set(names) - set(lrs):
+        raise ValueError(
+            f"--optimizers must be comma-separated names from {OPTIMIZERS}, got "
+            f"{args.optimizers!r}."
+        )
     runs = []
-    for name in args.optimizers.split(","):
+    for name in names:
         config = TrainConfig(name, lrs[name], batch_size, num_steps, seed=args.seed)
         runs.append(Run(problem, data, config, args.out))
     return runs
+
+
+def _given(value, default):
+    """``value`` unless the option was not given (``None``; ``0`` is a value)."""
+    return default if value is None else value
 
 
 def report(study: str, table: Path, figures: list[Path]) -> None:

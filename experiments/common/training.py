@@ -11,6 +11,7 @@ the checkpoint before it.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import warnings
@@ -60,6 +61,12 @@ class TrainConfig:
             )
         if self.batch_size < 1 or self.num_steps < 0:
             raise ValueError("batch_size must be >= 1 and num_steps >= 0.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}.")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}.")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}.")
 
 
 def make_optimizer(

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import experiments.common.training as training
+from experiments.common import cli
 from experiments.common.data import load_digits
 from experiments.common.results import cached_table, config_key, write_environment
 from experiments.common.study import Run, train_and_evaluate
@@ -91,3 +92,52 @@ def test_interrupted_training_resumes_to_same_table(
     assert resumed["loss"].iloc[-1] < resumed["loss"].iloc[0]
     logs = list((tmp_path / "resumed" / "logs").glob("*.csv"))
     assert len(pd.read_csv(logs[0])) == 60
+
+
+def _parse(*argv):
+    parser = cli.base_parser("x", "test")
+    cli.add_training_args(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be between 1 and the 1437"),
+        (["--batch-size", "5000"], "--batch-size must be between"),
+        (["--epochs", "nan"], "--epochs must be a finite number"),
+        (["--epochs", "-1"], "--epochs must be a finite number"),
+        (["--optimizers", "sgd,lbfgs"], "--optimizers must be .*'sgd,lbfgs'"),
+        (["--optimizers", ","], "--optimizers must be"),
+        (["--lr-sgd", "0"], "lr must be a finite number > 0, got 0.0"),
+        (["--lr-sgd", "nan"], "lr must be a finite number > 0"),
+        (["--lr-adam", "-1", "--optimizers", "adam"], "lr must be a finite number"),
+        (["--seed", "-3"], "seed must be >= 0"),
+    ],
+)
+def test_training_options_are_validated(digits, argv, message):
+    with pytest.raises(ValueError, match=message):
+        cli.make_runs(_parse(*argv), get_problem("digits_mlp"), digits)
+
+
+def test_zero_is_an_option_value_not_the_default(digits):
+    (run,) = cli.make_runs(
+        _parse("--epochs", "0", "--optimizers", "sgd"),
+        get_problem("digits_mlp"),
+        digits,
+    )
+    assert run.train_config.num_steps == 0
+
+
+def test_held_out_batch_and_steps_are_validated(digits):
+    with pytest.raises(ValueError, match="between 1 and the 360 test samples"):
+        cli.held_out_batch(_parse("--eval-batch-size", "1000"), digits)
+    with pytest.raises(ValueError, match="between 1 and"):
+        cli.held_out_batch(_parse("--eval-batch-size", "0"), digits)
+    assert len(cli.held_out_batch(_parse("--eval-batch-size", "360"), digits)[1]) == 360
+    assert cli.parse_steps("40, 0,20,20") == [0, 20, 40]
+    for text in ("a,b", "-5,3", ""):
+        with pytest.raises(ValueError, match="--steps must be comma-separated"):
+            cli.parse_steps(text)
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        cli.setup(_parse("--threads", "0"))

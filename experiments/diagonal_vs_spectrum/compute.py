@@ -8,6 +8,19 @@ and the stochastic-Lanczos-quadrature density of the same GGN from
 :mod:`vivitlib.hessianfree` (Granziol et al., *Deep Curvature Suite*). Both have the
 same trace, but by Schur-Horn the diagonal is majorised by the eigenvalues: its
 largest entry underestimates the top eigenvalue and it hides the flat directions.
+The MC diagonal is random: it is drawn ``num_draws`` times (seeds ``seed + draw``)
+and summarised by its median and spread. Passes run in float64.
+
+Columns of the table (``diagonal_vs_spectrum.csv``): ``kind`` (``diag_mc``,
+``diag_exact``, ``spectrum_exact``, ``lanczos_density``), ``draw`` (MC draw; 0
+otherwise), ``value`` (entry, eigenvalue or grid point), ``weight`` (1 per entry,
+the density for ``lanczos_density``), ``dim`` (``D``).
+
+Columns of :func:`summarize` (``diagonal_vs_spectrum_summary.csv``, one row per
+checkpoint and kind): for ``Q`` in ``trace``, ``largest``, ``num_above_1e-3_max``
+(entries above ``1e-3 ×`` the largest exact eigenvalue: a stated threshold):
+``Q_median``, ``Q_q10``, ``Q_q90``, ``Q_min``, ``Q_max`` over the draws (one draw
+for the exact kinds), plus ``count`` (entries per draw) and ``num_draws``.
 """
 
 from __future__ import annotations
@@ -18,26 +31,35 @@ import torch
 from torch import Tensor, nn
 
 from experiments.common.curvature import eigenvalues, low_rank_ggn
+from experiments.noise_during_training.compute import in_precision
 
 
 def diagonals(
-    model: nn.Module, loss_fn: nn.Module, inputs: Tensor, labels: Tensor
-) -> dict[str, np.ndarray]:
-    """Return the GGN diagonal ``[D]`` from ``DiagGGNMC`` and ``DiagGGNExact``."""
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    num_draws: int = 10,
+    seed: int = 0,
+) -> list[tuple[str, int, np.ndarray]]:
+    """Return ``(kind, draw, diagonal [D])``: ``DiagGGNExact`` and MC draws."""
     from backpack import backpack
     from backpack.extensions import DiagGGNExact, DiagGGNMC
 
-    model.zero_grad()
-    with backpack(DiagGGNMC(mc_samples=1), DiagGGNExact()):
-        loss_fn(model(inputs), labels).backward()
     params = list(model.parameters())
-    return {
-        name: torch.cat([getattr(p, field).flatten() for p in params]).double().numpy()
-        for name, field in (
-            ("diag_mc", "diag_ggn_mc"),
-            ("diag_exact", "diag_ggn_exact"),
-        )
-    }
+
+    def diagonal(extension, field: str) -> np.ndarray:
+        model.zero_grad()
+        with backpack(extension):
+            loss_fn(model(inputs), labels).backward()
+        flat = torch.cat([getattr(p, field).flatten() for p in params])
+        return flat.detach().to(torch.float64).cpu().numpy()
+
+    result = [("diag_exact", 0, diagonal(DiagGGNExact(), "diag_ggn_exact"))]
+    for draw in range(num_draws):
+        torch.manual_seed(seed + draw)
+        result.append(("diag_mc", draw, diagonal(DiagGGNMC(1), "diag_ggn_mc")))
+    return result
 
 
 def lanczos_density(
@@ -79,6 +101,7 @@ def diagonal_table(
     num_iters: int = 40,
     num_probes: int = 5,
     seed: int = 0,
+    num_draws: int = 10,
 ) -> pd.DataFrame:
     """Collect diagonal entries, exact eigenvalues and the Lanczos density.
 
@@ -91,17 +114,19 @@ def diagonal_table(
         labels: Batch labels ``[N]``.
         num_iters: Lanczos steps per probe. Default: ``40``.
         num_probes: SLQ probes. Default: ``5``.
-        seed: Seed of the probes. Default: ``0``.
+        seed: Seed of the probes and the MC draws. Default: ``0``.
+        num_draws: MC diagonal draws. Default: ``10``.
 
     Returns:
-        Rows with ``kind`` (``diag_mc``, ``diag_exact``, ``spectrum_exact``,
-        ``lanczos_density``), ``value`` and ``weight`` (1 per entry, the density
-        for ``lanczos_density``), plus ``dim`` (``D``).
+        The table whose columns the module docstring lists.
 
     """
+    model, inputs = in_precision(model, inputs, "float64")
     frames = [
-        pd.DataFrame({"kind": kind, "value": values, "weight": 1.0})
-        for kind, values in diagonals(model, loss_fn, inputs, labels).items()
+        pd.DataFrame({"kind": kind, "draw": draw, "value": values, "weight": 1.0})
+        for kind, draw, values in diagonals(
+            model, loss_fn, inputs, labels, num_draws, seed
+        )
     ]
     ggn = low_rank_ggn(model, loss_fn, inputs, labels, compute=("eigenvalues",))
     frames.append(
@@ -114,23 +139,46 @@ def diagonal_table(
         )
     )
     if plain is not None:
+        plain = plain.to(torch.float64)
         frames.append(
             lanczos_density(plain, loss_fn, inputs, labels, num_iters, num_probes, seed)
         )
     table = pd.concat(frames, ignore_index=True)
+    table["draw"] = table["draw"].fillna(0).astype(int)
     table["dim"] = sum(p.numel() for p in model.parameters())
     return table
 
 
 def summarize(table: pd.DataFrame, group: list[str]) -> pd.DataFrame:
-    """Per batch and kind: trace, largest value, and entries above 1e-3·max."""
+    """Per batch and kind: trace, largest value, entries above 1e-3·λ_max (spread).
+
+    Args:
+        table: Concatenated :func:`diagonal_table` outputs.
+        group: Columns identifying one batch (e.g. problem, step).
+
+    Returns:
+        One row per (batch, kind); columns in the module docstring.
+
+    """
     exact = table[table["kind"] != "lanczos_density"]
-    stats = (
-        exact.groupby([*group, "kind"])["value"]
-        .agg(trace="sum", largest="max", count="count")
-        .reset_index()
-    )
-    cut = exact.groupby(group)["value"].transform("max") * 1e-3
-    above = exact.assign(big=exact["value"] > cut).groupby([*group, "kind"])["big"]
-    stats["num_above_1e-3_max"] = above.sum().to_numpy()
-    return stats
+    rows = []
+    for key, frame in exact.groupby(group):
+        labels = dict(
+            zip(group, key if isinstance(key, tuple) else (key,), strict=True)
+        )
+        top = frame.loc[frame["kind"] == "spectrum_exact", "value"].max()
+        for kind, part in frame.groupby("kind"):
+            grouped = part.assign(big=part["value"] > 1e-3 * top).groupby("draw")
+            per_draw = grouped["value"].agg(trace="sum", largest="max", count="count")
+            per_draw["num_above_1e-3_max"] = grouped["big"].sum()
+            row = {**labels, "kind": kind, "count": int(per_draw["count"].iloc[0])}
+            for column in ("trace", "largest", "num_above_1e-3_max"):
+                values = per_draw[column].to_numpy(dtype=np.float64)
+                row[f"{column}_median"] = float(np.median(values))
+                row[f"{column}_q10"] = float(np.quantile(values, 0.1))
+                row[f"{column}_q90"] = float(np.quantile(values, 0.9))
+                row[f"{column}_min"] = float(values.min())
+                row[f"{column}_max"] = float(values.max())
+            row["num_draws"] = len(per_draw)
+            rows.append(row)
+    return pd.DataFrame(rows)

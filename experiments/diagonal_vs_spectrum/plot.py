@@ -38,15 +38,20 @@ def _log_histograms(ax, rows: pd.DataFrame) -> None:
     exact = rows[rows["kind"] != "lanczos_density"]
     bins = plotting.log_bins(exact["value"].to_numpy(), num=50, floor=1e-14)
     for kind, color in COLORS.items():
-        values = exact.loc[exact["kind"] == kind, "value"].to_numpy()
-        ax.hist(
-            values[values > 0],
-            bins=bins,
-            histtype="step",
-            color=color,
-            lw=1.4,
-            label=f"{kind} ({(values > 0).sum()} > 0)",
+        rows_kind = exact[exact["kind"] == kind]
+        counts = np.stack(
+            [
+                np.histogram(draw["value"], bins=bins)[0]
+                for _, draw in rows_kind.groupby("draw")
+            ]
         )
+        low, mid, high = np.quantile(counts, [0.1, 0.5, 0.9], axis=0)
+        draws = len(counts)
+        label = f"{kind} ({int((rows_kind['value'] > 0).sum() / draws)} > 0)"
+        if draws > 1:
+            ax.stairs(high, bins, baseline=low, fill=True, color=color, alpha=0.3)
+            label += f", median and 10-90 % of {draws} draws"
+        ax.stairs(mid, bins, color=color, lw=1.4, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("value")

@@ -3,7 +3,9 @@
 At checkpoints of an SGD run, on a held-out batch: the histogram of BackPACK's MC
 (and exact) GGN diagonal against the exact GGN spectrum (Gram matrix) and the
 Lanczos spectral density, and a summary of where the diagonal misleads (largest
-value, number of large entries) although its trace is exact.
+value, number of large entries) although its trace is exact; the MC diagonal over
+``--draws`` draws (median and spread). Tables and columns:
+:mod:`experiments.diagonal_vs_spectrum.compute`.
 Run with ``python -m experiments.diagonal_vs_spectrum.run``.
 """
 
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     add = parser.add_argument
     add("--lanczos-iters", type=int, default=60, help="0 skips the Lanczos density")
     add("--lanczos-probes", type=int, default=10, help="SLQ probes")
+    add("--draws", type=int, default=10, help="MC diagonal draws")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs = 10 if args.epochs is None else args.epochs
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = combine(
         [summarize(table, ["problem", "step"])], args.out / f"{STUDY}_summary.csv"
     )
-    print(summary.to_string(index=False))
+    shown = [f"{q}_{s}" for q in ("trace", "largest") for s in ("median", "min", "max")]
+    print(summary[["problem", "step", "kind", *shown]].to_string(index=False))
     figures = plot_diagonal(table, args.out)
     cli.report(STUDY, args.out / f"{STUDY}_summary.csv", figures)
     return {"table": args.out / f"{STUDY}.csv", "figures": figures}
@@ -61,6 +65,7 @@ def _evaluate(model, loss_fn, step, *, inputs, labels, run, args):
         num_iters=args.lanczos_iters,
         num_probes=args.lanczos_probes,
         seed=args.seed + step,
+        num_draws=args.draws,
     )
 
 

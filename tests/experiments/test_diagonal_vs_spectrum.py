@@ -5,6 +5,7 @@ import pandas as pd
 import experiments.diagonal_vs_spectrum.run as study
 from tests.experiments.utils import assert_finite, assert_resumes
 
+DRAWS = 3
 ARGV = [
     "--problem",
     "digits_logreg",
@@ -20,6 +21,8 @@ ARGV = [
     "10",
     "--lanczos-probes",
     "2",
+    "--draws",
+    str(DRAWS),
     "--no-progress",
 ]
 
@@ -28,21 +31,31 @@ def test_diagonal_study_table_and_resume(monkeypatch, tmp_path):
     table = assert_resumes(
         monkeypatch, study.main, ARGV, tmp_path, study, "diagonal_table", call=2
     )
-    assert_finite(table, ["value", "weight", "dim"])
+    assert_finite(table, ["value", "weight", "dim", "draw"])
+    mc = table[table["kind"] == "diag_mc"]
+    assert (mc.groupby("step")["draw"].nunique() == DRAWS).all()
     summary = pd.read_csv(tmp_path / "ref" / "diagonal_vs_spectrum_summary.csv")
+    spread = [
+        f"{q}_{s}"
+        for q in ("trace", "largest", "num_above_1e-3_max")
+        for s in ("median", "q10", "q90", "min", "max")
+    ]
+    assert_finite(summary, spread)
     for _, rows in summary.groupby("step"):
         stats = rows.set_index("kind")
         assert stats.loc["diag_exact", "count"] == 650  # D of logistic regression
+        assert stats.loc["diag_mc", "num_draws"] == DRAWS
+        assert stats.loc["diag_exact", "num_draws"] == 1
         assert stats.loc["spectrum_exact", "count"] <= 16 * 9
-        # same trace; Schur-Horn: the largest diagonal entry is at most λ_max
+        # the MC draws differ, the exact kinds have no spread
+        assert stats.loc["diag_mc", "trace_min"] < stats.loc["diag_mc", "trace_max"]
         assert (
-            abs(
-                stats.loc["diag_exact", "trace"] / stats.loc["spectrum_exact", "trace"]
-                - 1
-            )
-            < 1e-3
+            stats.loc["diag_exact", "trace_min"] == stats.loc["diag_exact", "trace_max"]
         )
-        assert stats.loc["diag_exact", "largest"] <= stats.loc[
-            "spectrum_exact", "largest"
-        ] * (1 + 1e-5)
+        # same trace; Schur-Horn: the largest diagonal entry is at most λ_max
+        exact_trace = stats.loc["spectrum_exact", "trace_median"]
+        assert abs(stats.loc["diag_exact", "trace_median"] / exact_trace - 1) < 1e-9
+        assert stats.loc["diag_exact", "largest_median"] <= stats.loc[
+            "spectrum_exact", "largest_median"
+        ] * (1 + 1e-9)
     assert (tmp_path / "ref" / "diagonal_digits_logreg.png").exists()

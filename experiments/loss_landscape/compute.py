@@ -6,6 +6,12 @@ orthonormalised Gaussian directions. The loss ``L(θ + α d_1 + β d_2)`` is eva
 on a grid for the training subset and the test set; the ``β = 0`` row is the 1-D
 slice. Along ``e_k`` the batch's quadratic model predicts
 ``L(θ) + γ_k α + ½ λ_k α²``.
+
+Columns of the table (``loss_landscape.csv``): ``plane`` (``top`` or ``random``),
+``alpha`` and ``beta`` (coordinates along ``d_1`` and ``d_2``, parameter-space
+units), ``split`` (``train`` subset or ``test``), ``loss``; for the top plane also
+``lambda_1``, ``lambda_2`` (the two leading GGN eigenvalues on the batch) and
+``gamma_1``, ``gamma_2`` (the batch gradient along them).
 """
 
 from __future__ import annotations

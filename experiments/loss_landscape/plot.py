@@ -11,7 +11,10 @@ from experiments.common import plotting
 
 
 def plot_landscape(table: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """One figure per problem: per checkpoint a 1-D slice and two 2-D contour plots."""
+    """One figure per problem: per checkpoint a 1-D slice and two 2-D contour plots.
+
+    The two 2-D panels of a checkpoint share their contour levels and colour bar.
+    """
     paths = []
     for problem, frame in table.groupby("problem"):
         steps = sorted(frame["step"].unique())
@@ -19,14 +22,16 @@ def plot_landscape(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         for row, step in enumerate(steps):
             rows = frame[frame["step"] == step]
             _slice(axes[row, 0], rows)
+            train = rows[rows["split"] == "train"]
+            levels = shared_levels(train["loss"].to_numpy())
             for col, plane in ((1, "top"), (2, "random")):
-                _contour(
-                    axes[row, col],
-                    rows[(rows["plane"] == plane) & (rows["split"] == "train")],
+                contour = _contour(
+                    axes[row, col], train[train["plane"] == plane], levels
                 )
                 axes[row, col].set_title(
                     f"step {step}: {plane} plane (train)", fontsize=9
                 )
+            fig.colorbar(contour, ax=axes[row, 2], label="train loss (both planes)")
             axes[row, 0].set_title(f"step {step}: 1-D slices", fontsize=9)
         paths.append(plotting.save(fig, Path(out_dir) / f"landscape_{problem}.png"))
     return paths
@@ -54,16 +59,21 @@ def _slice(ax, rows: pd.DataFrame) -> None:
     ax.legend(fontsize=6)
 
 
-def _contour(ax, rows: pd.DataFrame) -> None:
+def shared_levels(losses: np.ndarray, count: int = 15) -> np.ndarray:
+    """Contour levels shared by the planes of one checkpoint.
+
+    Quantiles of the losses of both planes together, so that a colour means the
+    same loss in the top and the random panel.
+    """
+    return np.unique(np.quantile(losses, np.linspace(0, 1, count)))
+
+
+def _contour(ax, rows: pd.DataFrame, levels: np.ndarray):
     grid = rows.pivot_table(index="beta", columns="alpha", values="loss")
-    levels = np.quantile(grid.to_numpy(), np.linspace(0, 1, 15))
     contour = ax.contourf(
-        grid.columns,
-        grid.index,
-        grid.to_numpy(),
-        levels=np.unique(levels),
-        cmap="viridis",
-    )
-    ax.figure.colorbar(contour, ax=ax)
+        grid.columns, grid.index, grid.to_numpy(), levels=levels, cmap="viridis",
+        extend="both",
+    )  # fmt: skip
     ax.set_xlabel("α (d1)")
     ax.set_ylabel("β (d2)")
+    return contour

@@ -1,5 +1,7 @@
 """Study 6 end to end in a tiny configuration, and its resume."""
 
+import numpy as np
+
 import experiments.loss_landscape.run as study
 from tests.experiments.utils import assert_finite, assert_resumes
 
@@ -47,3 +49,14 @@ def test_landscape_table_and_resume(monkeypatch, tmp_path):
             rows[rows["plane"] == "random"]
         )
     assert (tmp_path / "ref" / "landscape_digits_logreg.png").exists()
+
+
+def test_contour_levels_are_shared_by_both_planes():
+    from experiments.loss_landscape.plot import shared_levels
+
+    top, random = np.linspace(1.0, 9.0, 25), np.linspace(2.0, 2.5, 25)
+    levels = shared_levels(np.concatenate([top, random]))
+    assert levels[0] == 1.0 and levels[-1] == 9.0
+    assert (np.diff(levels) > 0).all()
+    # the flat random plane still gets distinct colours: quantile levels
+    assert ((levels >= 2.0) & (levels <= 2.5)).sum() >= 3

@@ -1,0 +1,1 @@
+"""Damped Newton against tuned first- and second-order peers (issue 12)."""

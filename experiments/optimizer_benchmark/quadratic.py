@@ -1,0 +1,60 @@
+"""The noisy-quadratic part of the benchmark: every noise model, many seeds.
+
+Uses :mod:`experiments.noisy_quadratic.problem` (SGD, constant damping on a fine
+grid, untuned bootstrap with and without the optimiser's safeguards). The score
+is the median final distance to the minimum over seeds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from experiments.noisy_quadratic.problem import (
+    NOISE_MODELS,
+    NoisyQuadratic,
+    optimizer_names,
+    run,
+)
+
+#: Constant dampings: 4 per decade from 1e-2 to 1e2.
+DAMPINGS = [float(f"{v:.3g}") for v in np.logspace(-2, 2, 17)]
+
+
+def run_noise_model(noise: str, seed: int, steps: int) -> pd.DataFrame:
+    """Final distance and loss of every optimizer on one noise model and seed."""
+    problem = NoisyQuadratic(noise=noise)
+    rows = []
+    for name in optimizer_names(DAMPINGS):
+        frame = run(problem, name, seed, steps)
+        last = frame.iloc[-1]
+        rows.append({"method": name, "distance": last["distance"],
+                     "loss": last["loss"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per noise model: best constant, bootstrap variants, their ratios.
+
+    Args:
+        runs: Columns ``noise, seed, method, distance``.
+
+    Returns:
+        One row per noise model and compared optimizer with the median final
+        distance and its ratio to the best constant damping of the grid.
+    """
+    rows = []
+    for noise in [n for n in NOISE_MODELS if n in set(runs["noise"])]:
+        part = runs[runs["noise"] == noise]
+        medians = part.groupby("method", sort=False)["distance"].median()
+        constants = medians[[n for n in medians.index if n.startswith("constant_")]]
+        best = constants.idxmin()
+        for name in ("SGD", best, "bootstrap", "bootstrap_safeguarded"):
+            rows.append({
+                "noise": noise, "method": name,
+                "median_distance": medians[name],
+                "max_distance": part.loc[part["method"] == name, "distance"].max(),
+                "ratio_to_best_constant": medians[name] / constants[best],
+                "seeds": int(part["seed"].nunique()),
+            })  # fmt: skip
+    return pd.DataFrame(rows)

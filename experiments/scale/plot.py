@@ -22,13 +22,28 @@ def plot_critical(table: pd.DataFrame, out_dir: Path) -> Path:
     for i, method in enumerate(methods):
         rows = table[table["method"] == method].set_index("problem")
         values = [rows["n_crit"].get(p, np.nan) for p in problems]
+        capped = [bool(rows["capped"].get(p, False)) for p in problems]
         positions = np.arange(len(problems)) + i * width
-        bars = ax.bar(positions, values, width, label=method)
-        ax.bar_label(bars, fontsize=7)
+        bars = ax.bar(positions, values, width, label=method,
+                      hatch=["//" if c else "" for c in capped])  # fmt: skip
+        ax.bar_label(bars, labels=_labels(values, capped), fontsize=7)
     ax.set_xticks(np.arange(len(problems)) + 0.4 - width / 2, problems)
     ax.set_ylabel("critical batch size N_crit")
+    ax.set_yscale("log")
     budget = table["budget_gb"].iloc[0]
     device = table["device"].iloc[0]
-    ax.set_title(f"largest batch within {budget:g} GB ({device})")
+    ax.set_title(
+        f"largest batch within {budget:g} GB ({device}); ≥ / hatched: fits at the "
+        "search cap",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     return plotting.save(fig, Path(out_dir) / "critical_batch_size.png")
+
+
+def _labels(values: list, capped: list[bool]) -> list[str]:
+    """Bar labels: the value, with "≥" where the search stopped at its cap."""
+    return [
+        "failed" if pd.isna(v) else f"{'≥' if c else ''}{int(v)}"
+        for v, c in zip(values, capped, strict=True)
+    ]

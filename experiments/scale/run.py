@@ -3,7 +3,15 @@
 For each problem and method (plain gradient; GGN eigenvalues exact, sub-sampled,
 MC; layer-wise Newton steps; ``vivit-for-pytorch`` where installed), the largest
 batch size whose peak memory stays within ``--memory-budget-gb``, measured in a
-fresh subprocess per point (CUDA allocator peak on GPU, peak RSS on CPU).
+fresh subprocess per point (CUDA allocator peak on GPU, peak RSS on CPU). The
+search doubles the batch up to ``--max-batch``; a method that still fits there is
+marked ``capped`` (``N_crit ≥ max-batch``, "≥" on the bar), not given a limit.
+
+Columns of ``scale.csv``: ``problem``, ``method``, ``device``, ``budget_gb``,
+``n_crit`` (largest batch size that fits; empty if the computation failed for
+another reason), ``capped`` (true: ``n_crit`` is a lower bound), ``max_batch``.
+``scale_measurements.csv``: one row per measured batch size with ``peak_bytes``,
+``seconds`` and ``error`` (empty, ``out of memory: ...``, ``failed: ...``).
 """
 
 from __future__ import annotations
@@ -29,12 +37,17 @@ def parse_args(argv: list[str] | None = None):
     add("--memory-budget-gb", type=float, default=2.0, help="memory budget")
     add("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
     add("--start", type=int, default=8, help="first batch size")
-    add("--max-batch", type=int, default=2048, help="largest batch size tried")
+    add(
+        "--max-batch",
+        type=int,
+        default=2**17,
+        help="largest batch size tried; a method that fits it is reported as ≥",
+    )
     add("--timeout", type=float, default=600, help="seconds per measurement")
     args = parser.parse_args(argv)
     if args.quick:
         args.problem, args.memory_budget_gb = "digits_2c2d", 0.25
-        args.max_batch = min(args.max_batch, 512)
+        args.max_batch = min(args.max_batch, 2**16)
     return args
 
 
@@ -54,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
             measure = MEASURE(
                 name, method, args.device, args.threads or 1, args.timeout
             )
-            n_crit, points = critical_batch_size(
+            n_crit, points, capped = critical_batch_size(
                 measure,
                 args.out,
                 config,
@@ -63,10 +76,17 @@ def main(argv: list[str] | None = None) -> dict:
                 args.max_batch,
             )
             rows.append(
-                {**config, "budget_gb": args.memory_budget_gb, "n_crit": n_crit}
+                {
+                    **config,
+                    "budget_gb": args.memory_budget_gb,
+                    "n_crit": n_crit,
+                    "capped": capped,
+                    "max_batch": args.max_batch,
+                }
             )
             measurements.append(points)
-            print(f"[{STUDY}] {name:>20} {method:>18}: N_crit = {n_crit}")
+            bound = "≥ " if capped else ""
+            print(f"[{STUDY}] {name:>20} {method:>18}: N_crit {bound}= {n_crit}")
     table = combine([pd.DataFrame(rows)], args.out / f"{STUDY}.csv")
     combine(measurements, args.out / f"{STUDY}_measurements.csv")
     figure = plot_critical(table, args.out)

@@ -75,7 +75,7 @@ def critical_batch_size(
     start: int = 8,
     max_batch: int = 4096,
     resolution: float = 0.125,
-) -> tuple[int, pd.DataFrame]:
+) -> tuple[int | None, pd.DataFrame, bool]:
     """Find the largest batch size whose peak memory fits ``budget_bytes``.
 
     Doubles ``N`` from ``start`` until a pass does not fit (or ``max_batch`` is
@@ -92,8 +92,10 @@ def critical_batch_size(
         resolution: Relative width at which bisection stops. Default: ``0.125``.
 
     Returns:
-        ``(N_crit, measurements)``; ``N_crit = 0`` if even ``start`` does not fit,
-        ``None`` if the computation failed for another reason than memory.
+        ``(N_crit, measurements, capped)``; ``N_crit = 0`` if even ``start`` does
+        not fit, ``None`` if the computation failed for another reason than memory;
+        ``capped`` is true when every size up to ``max_batch`` fitted, so that
+        ``N_crit`` is only a lower bound (``N_crit ≥ ...``).
 
     """
     rows = []
@@ -110,17 +112,17 @@ def critical_batch_size(
         return not error and float(row["peak_bytes"].iloc[0]) <= budget_bytes
 
     try:
-        n_crit = _search(fits, start, max_batch, resolution)
+        n_crit, capped = _search(fits, start, max_batch, resolution)
     except _Failed:
-        n_crit = None
-    return n_crit, pd.concat(rows, ignore_index=True)
+        n_crit, capped = None, False
+    return n_crit, pd.concat(rows, ignore_index=True), capped
 
 
 class _Failed(Exception):
     """A measurement failed for another reason than memory."""
 
 
-def _search(fits, start: int, max_batch: int, resolution: float) -> int:
+def _search(fits, start: int, max_batch: int, resolution: float) -> tuple[int, bool]:
     low, high, size = 0, None, start
     while size <= max_batch:
         if not fits(size):
@@ -128,11 +130,11 @@ def _search(fits, start: int, max_batch: int, resolution: float) -> int:
             break
         low, size = size, size * 2
     if high is None:
-        return low
+        return low, True
     while high - low > max(1, resolution * low):
         middle = (low + high) // 2
         if fits(middle):
             low = middle
         else:
             high = middle
-    return low
+    return low, False

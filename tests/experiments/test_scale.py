@@ -24,7 +24,7 @@ def fake_measure(problem, method, device, threads, timeout):
 
 def test_search_finds_largest_fitting_batch(tmp_path):
     measure = fake_measure("p", "ggn_exact", "cpu", 1, 1)
-    n_crit, points = critical_batch_size(
+    n_crit, points, capped = critical_batch_size(
         measure,
         tmp_path,
         {"m": 1},
@@ -33,8 +33,16 @@ def test_search_finds_largest_fitting_batch(tmp_path):
         max_batch=4096,
         resolution=0.0,
     )
-    assert n_crit == 100
+    assert n_crit == 100 and not capped
     assert len(points) == len(set(points["batch_size"]))
+
+
+def test_search_marks_a_result_at_the_cap(tmp_path):
+    measure = fake_measure("p", "gradient", "cpu", 1, 1)
+    n_crit, _, capped = critical_batch_size(
+        measure, tmp_path, {"m": 2}, 1e3 * 10_000**2, start=8, max_batch=512
+    )
+    assert n_crit == 512 and capped
 
 
 def test_scale_table_and_resume(monkeypatch, tmp_path):
@@ -54,7 +62,8 @@ def test_scale_table_and_resume(monkeypatch, tmp_path):
     table = assert_resumes(
         monkeypatch, study.main, argv, tmp_path, study, "critical_batch_size", call=2
     )
-    assert_finite(table, ["n_crit", "budget_gb"])
+    assert_finite(table, ["n_crit", "budget_gb", "max_batch"])
+    assert not table["capped"].any()
     n_crit = table.set_index("method")["n_crit"]
     assert 56 <= n_crit["ggn_exact"] <= 64
     assert 560 <= n_crit["gradient"] <= 640

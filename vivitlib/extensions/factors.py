@@ -105,22 +105,34 @@ Factor = DenseFactor | OuterFactor
 Grads = DenseGrads | OuterGrads
 
 
-def outer_plan(C: int, N: int, T: int, O: int, I: int) -> str:  # noqa: E741
-    """Contraction plan of an outer-product factor: 'outer', 'pairwise' or 'dense'.
+def outer_costs(C: int, N: int, T: int, O: int, I: int) -> dict[str, int]:  # noqa: E741
+    """Multiply-adds of each Gram plan of an outer-product factor (the cost model).
 
-    ``T = 1`` (plain linear layers): ``⟨v_cn, v_dm⟩ = ⟨s_cn, s_dm⟩ ⟨a_n, a_m⟩``.
-    Otherwise the cheaper, in multiply-adds, of (see :mod:`.kernels`)
+    ``T = 1`` (plain linear layers): ``⟨v_cn, v_dm⟩ = ⟨s_cn, s_dm⟩ ⟨a_n, a_m⟩``,
+    ``'outer'``: ``(C·N)²·O / 2 + N²·I / 2``. Otherwise (see :mod:`.kernels`)
 
-    * dense: ``C·N·T·O·I + (C·N)²·O·I / 2``;
-    * pairwise: ``N²·T²·I / 2 + N²·T²·C·O / 2 + N²·C²·T·O / 2``.
+    * ``'dense'``: ``C·N·T·O·I + (C·N)²·O·I / 2``;
+    * ``'pairwise'``: ``N²·T²·I / 2 + N²·T²·C·O / 2 + N²·C²·T·O / 2``.
 
     Both keep intermediates chunked, so memory does not enter the choice.
     """
     if T == 1:
-        return "outer"
-    dense = C * N * T * O * I + (C * N) ** 2 * O * I // 2
-    pairwise = (N * T) ** 2 * (I + C * O) // 2 + (N * C) ** 2 * T * O // 2
-    return "pairwise" if pairwise < dense else "dense"
+        return {"outer": (C * N) ** 2 * O // 2 + N**2 * I // 2}
+    return {
+        "dense": C * N * T * O * I + (C * N) ** 2 * O * I // 2,
+        "pairwise": (N * T) ** 2 * (I + C * O) // 2 + (N * C) ** 2 * T * O // 2,
+    }
+
+
+def dense_cost(C: int, N: int, D: int) -> int:
+    """Multiply-adds of the Gram block of a dense ``[C, N, D]`` factor."""
+    return (C * N) ** 2 * D // 2
+
+
+def outer_plan(C: int, N: int, T: int, O: int, I: int) -> str:  # noqa: E741
+    """Cheapest plan of :func:`outer_costs`: 'outer', 'dense' or 'pairwise'."""
+    costs = outer_costs(C, N, T, O, I)
+    return min(costs, key=costs.get)
 
 
 def _plan(factor: OuterFactor) -> str:

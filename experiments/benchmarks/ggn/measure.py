@@ -41,29 +41,90 @@ def _setup(job: dict[str, Any]):
     from experiments.benchmarks.ggn.problems import make_problem
     from experiments.benchmarks.ggn.runners import make_runner
 
-    problem = make_problem(job["problem"], job["batch_size"], job.get("seed", 0))
+    problem = make_problem(
+        job["problem"], job["batch_size"], job.get("seed", 0), _device(job)
+    )
     return {lib: make_runner(lib, job["config"], problem) for lib in job["libraries"]}
 
 
+def _device(job: dict[str, Any]) -> str:
+    return job.get("device", "cpu")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
 def time_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Warm up every library once, then time ``repeats`` interleaved rounds."""
+    """Warm up every library once, then time ``repeats`` interleaved rounds.
+
+    A library that fails (e.g. out of memory) is reported as ``{"error": ...}``
+    and left out of the remaining rounds. On CUDA the device is synchronised
+    around every run, and each library's peak allocated memory of one more pass
+    (above what was allocated before it) is added as ``peak_mib``. Runners with
+    a ``components`` attribute (the floor) get per-component medians.
+    """
+    device = _device(job)
     runners = _setup(job)
-    for run in runners.values():
-        run()
-    times: dict[str, list[float]] = {lib: [] for lib in runners}
+    failed: dict[str, str] = {}
+    for lib, run in runners.items():
+        try:
+            run()
+        except Exception as err:  # noqa: BLE001 - reported, not hidden
+            failed[lib] = _error(err)
+    live = {lib: run for lib, run in runners.items() if lib not in failed}
+    times: dict[str, list[float]] = {lib: [] for lib in live}
+    parts: dict[str, dict[str, list[float]]] = {lib: {} for lib in live}
     for _ in range(job["repeats"]):
-        for lib, run in runners.items():
+        for lib, run in live.items():
+            _sync(device)
             start = time.perf_counter()
             run()
+            _sync(device)
             times[lib].append(time.perf_counter() - start)
-    return {
-        lib: {"median_s": statistics.median(t), "runs_s": t} for lib, t in times.items()
-    }
+            for name, value in getattr(run, "components", {}).items():
+                parts[lib].setdefault(name, []).append(value)
+    result: dict[str, Any] = {lib: {"error": msg} for lib, msg in failed.items()}
+    for lib, t in times.items():
+        result[lib] = {"median_s": statistics.median(t), "runs_s": t}
+        for name, values in parts[lib].items():
+            result[lib][f"{name}_s"] = statistics.median(values)
+        if device.startswith("cuda"):
+            result[lib]["peak_mib"] = _cuda_peak_mib(live[lib])
+    return result
+
+
+def _cuda_peak_mib(run) -> float:
+    """Peak allocated CUDA memory of one pass above the allocation before it."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def memory_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Peak resident memory of one pass above the post-set-up mark (MiB)."""
+    """Peak resident memory of one pass above the post-set-up mark (MiB).
+
+    On CUDA: peak allocated device memory of a pass after one warm-up pass.
+    """
     (run,) = _setup(job).values()
+    if _device(job).startswith("cuda"):
+        try:
+            run()
+            return {"ok": True, "peak_mib": _cuda_peak_mib(run)}
+        except Exception as err:  # noqa: BLE001 - reported, not hidden
+            return {"ok": False, "error": _error(err)}
     baseline = _maxrss_mib()
     limit = job.get("limit_mib")
     if limit is not None:

@@ -1,4 +1,4 @@
-"""Benchmark problems: digits MLP, DeepOBS 3C3D on CIFAR-shaped input, a small ResNet.
+"""Benchmark problems: digits MLP, a wide MLP, DeepOBS 3C3D and ResNets on CIFAR shapes.
 
 Every problem is rebuilt from a seed, so vivitlib and vivit see the same model,
 data and targets.
@@ -12,9 +12,9 @@ import torch
 from backpack import extend
 from torch import Tensor, nn
 
-from experiments.problems import cnn_3c3d
+from experiments.problems import cnn_3c3d, resnet18
 
-PROBLEMS = ("digits_mlp", "3c3d", "resnet")
+PROBLEMS = ("digits_mlp", "wide_mlp", "3c3d", "resnet", "resnet18")
 
 
 @dataclass
@@ -88,32 +88,51 @@ def _digits(batch_size: int) -> tuple[Tensor, Tensor]:
     return X, y
 
 
-def make_problem(name: str, batch_size: int, seed: int = 0) -> Problem:
+def wide_mlp() -> nn.Module:
+    """784-1024-1024-10 ReLU MLP (MNIST-shaped input), 1.86 M parameters."""
+    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024),
+                         nn.ReLU(), nn.Linear(1024, 10))  # fmt: skip
+
+
+def make_problem(
+    name: str, batch_size: int, seed: int = 0, device: str = "cpu"
+) -> Problem:
     """Build problem ``name`` with ``batch_size`` samples, deterministically.
 
     Args:
-        name: One of :data:`PROBLEMS`.
+        name: One of :data:`PROBLEMS`. ``resnet18`` is torchvision's ResNet-18
+            (10 classes, eval mode, final pooling as ``AvgPool2d`` so that
+            vivit's stock BackPACK runs it too).
         batch_size: ``N``.
-        seed: Seed for weights and random data.
+        seed: Seed for weights and random data (drawn on the CPU).
+        device: Where model and data live.
 
     Returns:
-        The extended problem (float32, CPU).
+        The extended problem (float32).
 
     Raises:
         ValueError: For an unknown name.
     """
     torch.manual_seed(seed)
     converter = False
+    cifar = (batch_size, 3, 32, 32)
     if name == "digits_mlp":
         model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
         X, y = _digits(batch_size)
+    elif name == "wide_mlp":
+        model = wide_mlp()
+        X, y = torch.randn(batch_size, 784), torch.randint(0, 10, (batch_size,))
     elif name == "3c3d":
         model = cnn_3c3d((3, 32, 32), 10)
-        X, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+        X, y = torch.randn(*cifar), torch.randint(0, 10, (batch_size,))
     elif name == "resnet":
         model, converter = small_resnet(), True
-        X, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+        X, y = torch.randn(*cifar), torch.randint(0, 10, (batch_size,))
+    elif name == "resnet18":
+        model, converter = resnet18((3, 32, 32), 10).eval(), True
+        X, y = torch.randn(*cifar), torch.randint(0, 10, (batch_size,))
     else:
         raise ValueError(f"Unknown problem {name!r}; choose one of {PROBLEMS}.")
-    model = extend(model, use_converter=converter)
-    return Problem(name, model, extend(nn.CrossEntropyLoss()), X, y)
+    model = extend(model, use_converter=converter).to(device)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    return Problem(name, model, loss_fn, X.to(device), y.to(device))

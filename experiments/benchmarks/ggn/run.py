@@ -1,6 +1,7 @@
 """Side-by-side benchmark of vivitlib and vivit-for-pytorch (issue 7).
 
-``python -m experiments.benchmarks.ggn.run [--quick] [--out results/benchmarks/ggn]``
+``python -m experiments.benchmarks.ggn.run [--quick] [--out results/benchmarks/ggn]
+[--device cuda] [--sizes 3c3d=64,256 resnet18=8,32] [--problems ...] [--configs ...]``
 
 For each problem, batch size and configuration (:data:`runners.CONFIGS`) it
 measures, each in a fresh subprocess: wall time (median of ``--repeats`` runs
@@ -9,6 +10,13 @@ resident memory above the post-set-up mark (one process per library). Then the
 largest 3C3D batch whose exact spectrum fits ``--limit-mib`` of address space.
 Raw results are cached per measurement under ``OUT/raw`` (``--force`` redoes
 them); ``OUT/results.csv`` and ``OUT/results.md`` hold the table.
+
+The ``eigvals`` rows also time the **floor** (:mod:`.floor`: plain gradient +
+C autograd VJPs + the Gram's minimum multiply-adds at big-GEMM speed +
+eigvalsh) interleaved with the libraries; every row of the same problem and
+``N`` reports ``x_floor`` = time / floor. With ``--device cuda`` runs are
+synchronised and memory is the peak allocated device memory of a pass
+(``torch.cuda.max_memory_allocated``) in the timing process.
 """
 
 from __future__ import annotations
@@ -24,8 +32,17 @@ import pandas as pd
 from experiments.benchmarks.ggn.measure import in_subprocess, largest_batch
 from experiments.benchmarks.ggn.runners import CONFIGS, vivit_available
 
-FULL_SIZES = {"digits_mlp": (64,), "3c3d": (32, 64, 128), "resnet": (64,)}
-QUICK_SIZES = {"digits_mlp": (64,), "3c3d": (64,), "resnet": (32,)}
+FULL_SIZES = {
+    "digits_mlp": (64,),
+    "wide_mlp": (64, 128, 256),
+    "3c3d": (32, 64, 128, 256),
+    "resnet": (64,),
+    "resnet18": (8, 16, 32, 64),
+}
+QUICK_SIZES = {"digits_mlp": (64,), "wide_mlp": (64,), "3c3d": (64,),
+               "resnet": (32,), "resnet18": (8,)}  # fmt: skip
+#: Largest N at which vivit (dense V: C·N·D floats) is run, per problem and device.
+VIVIT_MAX_N = {"cpu": {"resnet18": 8}, "cuda": {"resnet18": 32}}
 
 
 def _cached(path: Path, job: dict[str, Any], force: bool) -> dict[str, Any]:
@@ -36,27 +53,52 @@ def _cached(path: Path, job: dict[str, Any], force: bool) -> dict[str, Any]:
     return result
 
 
+def _row_libraries(args, problem: str, n: int, config: str) -> list[str]:
+    """Libraries timed in one row: the floor joins the eigenvalue rows."""
+    if config == "gradient":
+        return ["torch"]
+    limit = VIVIT_MAX_N.get(args.device, {}).get(problem)
+    libs = [lib for lib in args.libraries if lib != "vivit" or limit is None
+            or n <= limit]  # fmt: skip
+    return libs + (["floor"] if config == "eigvals" and not args.no_floor else [])
+
+
 def measure_row(args, raw: Path, problem: str, n: int, config: str) -> dict[str, Any]:
     """Time and memory of one configuration for every library."""
-    libs = ["torch"] if config == "gradient" else list(args.libraries)
-    base = dict(problem=problem, batch_size=n, config=config, threads=args.threads)
-    tag = f"{problem}_N{n}_{config}"
+    libs = _row_libraries(args, problem, n, config)
+    base = dict(problem=problem, batch_size=n, config=config, threads=args.threads,
+                device=args.device)  # fmt: skip
+    tag = f"{args.device}_{problem}_N{n}_{config}"
     timing = _cached(raw / f"{tag}_time.json",
                      dict(base, kind="time", libraries=libs, repeats=args.repeats),
                      args.force)  # fmt: skip
     row: dict[str, Any] = dict(problem=problem, N=n, config=config)
     for lib in libs:
+        key = "grad" if lib == "torch" else lib
+        result = timing.get(lib, {})
+        row[f"{key}_s"] = result.get("median_s", float("nan"))
+        if "error" in result:
+            row[f"{key}_error"] = result["error"]
+        if lib == "floor":
+            for part in ("grad", "vjp", "gram", "eigvalsh"):
+                row[f"floor_{part}_s"] = result.get(f"{part}_s", float("nan"))
+            continue
+        if args.device != "cpu":
+            row[f"{key}_MiB"] = result.get("peak_mib", float("nan"))
+            continue
         job = dict(base, kind="memory", libraries=[lib])
         mem = _cached(raw / f"{tag}_{lib}_mem.json", job, args.force)
-        key = "grad" if lib == "torch" else lib
-        row[f"{key}_s"] = timing.get(lib, {}).get("median_s", float("nan"))
         row[f"{key}_MiB"] = mem.get("peak_mib", float("nan"))
     return row
 
 
 def summarise(rows: list[dict[str, Any]], libraries: list[str]) -> pd.DataFrame:
-    """Add ratios to vivit and multiples of the plain gradient backward."""
+    """Add ratios to vivit, multiples of the plain gradient and of the floor."""
     df = pd.DataFrame(rows)
+    for lib in libraries:
+        for unit in ("s", "MiB"):
+            if f"{lib}_{unit}" not in df:
+                df[f"{lib}_{unit}"] = float("nan")
     grads = df[df.config == "gradient"].set_index(["problem", "N"])
     df = df[df.config != "gradient"].copy()
     idx = list(zip(df.problem, df.N))
@@ -67,6 +109,11 @@ def summarise(rows: list[dict[str, Any]], libraries: list[str]) -> pd.DataFrame:
             df[f"{lib}_x_grad_{unit}"] = df[f"{lib}_{unit}"] / base
         if {"vivitlib", "vivit"} <= set(libraries):
             df[f"ratio_{unit}"] = df[f"vivitlib_{unit}"] / df[f"vivit_{unit}"]
+    if "floor_s" in df:
+        floors = df[df.floor_s.notna()].set_index(["problem", "N"]).floor_s
+        df["floor_s"] = floors.reindex(idx).to_numpy()
+        for lib in libraries:
+            df[f"{lib}_x_floor"] = df[f"{lib}_s"] / df["floor_s"]
     return df
 
 
@@ -84,21 +131,41 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 def _markdown(df: pd.DataFrame, critical: dict[str, int], args) -> str:
     cols = ["problem", "N", "config", "grad_s", "grad_MiB"]
+    cols += [c for c in ("floor_s",) if c in df]
     for lib in args.libraries:
         cols += [f"{lib}_s", f"{lib}_MiB"]
     cols += [c for c in ("ratio_s", "ratio_MiB") if c in df]
+    cols += [f"{lib}_x_floor" for lib in args.libraries if f"{lib}_x_floor" in df]
     cols += [f"{lib}_x_grad_{u}" for lib in args.libraries for u in ("s", "MiB")]
+    memory = (
+        "MiB = peak RSS above the post-set-up mark, one fresh process per measurement"
+        if args.device == "cpu"
+        else "MiB = peak allocated device memory of one pass above the allocation "
+        "before it (torch.cuda.max_memory_allocated), after the timed runs"
+    )
     lines = [
         "# vivitlib vs vivit-for-pytorch",
         "",
         f"Command: `python -m experiments.benchmarks.ggn.run {' '.join(args.argv)}`",
-        f"Threads: {args.threads}; time = median of {args.repeats} runs after one "
-        "warm-up (libraries interleaved in one process); MiB = peak RSS above the "
-        "post-set-up mark, one fresh process per measurement. ratio = vivitlib/vivit; "
-        "x_grad = multiple of the plain gradient backward.",
+        f"Device: {args.device}; threads: {args.threads}; time = median of "
+        f"{args.repeats} runs after one warm-up (libraries interleaved in one "
+        f"process); {memory}. ratio = vivitlib/vivit; x_grad = multiple of the plain "
+        "gradient backward; floor = plain gradient + C autograd VJPs + the Gram's "
+        "minimum multiply-adds at big-GEMM speed + eigvalsh (timed in the eigvals "
+        "rows); x_floor = time / floor.",
         "",
         to_markdown(df[cols]),
     ]
+    parts = [c for c in df if c.startswith("floor_") and c != "floor_s"]
+    if parts:
+        floor_rows = df[df.config == "eigvals"]
+        lines += ["", "Floor components (s):", "",
+                  to_markdown(floor_rows[["problem", "N", *parts]])]  # fmt: skip
+    errors = [c for c in df if c.endswith("_error")]
+    for col in errors:
+        for _, row in df[df[col].notna()].iterrows():
+            lines.append(f"- {row.problem} N={row.N} {row.config}: "
+                         f"{col[:-6]} failed: {row[col]}")  # fmt: skip
     if critical:
         lines += ["", f"Largest 3C3D batch for the exact spectrum under "
                   f"{args.limit_mib:g} MiB address space above set-up: "
@@ -119,7 +186,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-critical", action="store_true")
     parser.add_argument("--no-vivit", action="store_true")
     parser.add_argument("--force", action="store_true", help="ignore cached results")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor")
+    parser.add_argument(
+        "--sizes", nargs="+", default=[], metavar="PROBLEM=N,N",
+        help="batch sizes per problem, overriding the (quick) defaults",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    args.sizes = _parse_sizes(args.sizes)
     args.argv = [] if argv is None else list(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
@@ -127,6 +201,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.no_vivit and vivit_available():
         args.libraries.append("vivit")
     return args
+
+
+def _parse_sizes(items: list[str]) -> dict[str, tuple[int, ...]]:
+    sizes = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        if not values:
+            raise SystemExit(f"--sizes expects PROBLEM=N,N,..., got {item!r}.")
+        sizes[name] = tuple(int(v) for v in values.split(","))
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -139,7 +223,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     out = Path(args.out)
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    sizes = {**(QUICK_SIZES if args.quick else FULL_SIZES), **args.sizes}
     configs = ["gradient"] + [c for c in args.configs if c != "gradient"]
     rows = [
         measure_row(args, raw, problem, n, config)
@@ -148,7 +232,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for config in configs
     ]
     critical: dict[str, int] = {}
-    if not args.no_critical and "3c3d" in args.problems:
+    if not args.no_critical and "3c3d" in args.problems and args.device == "cpu":
         base = dict(problem="3c3d", config="eigvals", threads=args.threads)
         for lib in args.libraries:
             path = raw / f"critical_{lib}_{args.limit_mib:g}.json"
@@ -162,10 +246,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     (out / "results.md").write_text(_markdown(df, critical, args))
     env = dict(python=platform.python_version(), machine=platform.machine(),
                threads=args.threads, libraries=args.libraries, critical=critical,
-               limit_mib=args.limit_mib)  # fmt: skip
+               limit_mib=args.limit_mib, device=_device_name(args.device))  # fmt: skip
     (out / "environment.json").write_text(json.dumps(_versions(env), indent=1))
     print((out / "results.md").read_text())
     return df
+
+
+def _device_name(device: str) -> str:
+    if device == "cpu":
+        return platform.processor() or platform.machine()
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
 
 
 def _versions(env: dict[str, Any]) -> dict[str, Any]:

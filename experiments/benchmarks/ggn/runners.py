@@ -29,7 +29,7 @@ CONFIGS = (
     "dirderiv_top10",
     "newton",
 )
-LIBRARIES = ("vivitlib", "vivit")
+LIBRARIES = ("vivitlib", "vivit", "floor")
 TOP_K = 10
 DAMPING = 1e-3
 #: Directions with ``λ ≤ RTOL · λ_max`` are left out (vivit's criterion).
@@ -170,7 +170,9 @@ def make_runner(library: str, config: str, problem: Problem) -> Callable[[], Any
     """A callable doing one complete pass of ``config`` with ``library``.
 
     Args:
-        library: ``'vivitlib'``, ``'vivit'`` or ``'torch'`` (plain gradient only).
+        library: ``'vivitlib'``, ``'vivit'``, ``'floor'`` (the eigenvalue pass's
+            floor, :mod:`.floor`, whatever ``config``) or ``'torch'`` (plain
+            gradient only).
         config: One of :data:`CONFIGS`.
         problem: The problem to run on.
 
@@ -184,6 +186,10 @@ def make_runner(library: str, config: str, problem: Problem) -> Callable[[], Any
         raise ValueError(f"Unknown config {config!r}; choose one of {CONFIGS}.")
     if config == "gradient":
         return _gradient_runner(problem)
+    if library == "floor":
+        from experiments.benchmarks.ggn.floor import floor_runner
+
+        return floor_runner(problem)
     if library == "vivitlib":
         return _vivitlib_runner(problem, config)
     if library == "vivit":

@@ -189,8 +189,20 @@ def train_and_evaluate(
     progress: bool = True,
     options: Mapping[str, object] | None = None,
 ) -> pd.DataFrame:
-    """:func:`train_run` followed by :func:`evaluate_checkpoints` on ``steps``."""
+    """:func:`train_run` followed by :func:`evaluate_checkpoints` on ``steps``.
+
+    Raises:
+        ValueError: If a step lies outside ``[0, num_steps]`` of the run.
+
+    """
     steps = sorted(set(steps))
+    num_steps = run.train_config.num_steps
+    outside = [step for step in steps if not 0 <= step <= num_steps]
+    if outside:
+        raise ValueError(
+            f"Evaluation steps {outside} lie outside the run's 0..{num_steps} steps; "
+            "pass --steps within that range or train longer (--epochs)."
+        )
     train_run(run, steps, progress=progress)
     return evaluate_checkpoints(run, steps, evaluate, name, options)
 

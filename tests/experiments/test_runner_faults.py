@@ -114,7 +114,7 @@ def test_crafted_checkpoint_in_new_folder_is_overwritten(
 
 
 def test_checkpoints_round_trip_with_weights_only(digits, tmp_path):
-    model, _ = _run(digits, tmp_path).fresh_model()
+    model = get_problem("digits_logreg").make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     model(digits.train_x[:8]).sum().backward()
     optimizer.step()
@@ -173,6 +173,12 @@ def test_checkpoint_of_other_model_is_refused(digits, tmp_path):
     save_checkpoint(checkpoint_path(run.checkpoint_dir, 0), other, optimizer, 0, [])
     with pytest.raises(ValueError, match="step0000000.pt does not fit this model"):
         _table(run)
+
+
+def test_steps_outside_the_run_are_refused(digits, tmp_path):
+    with pytest.raises(ValueError, match=r"steps \[9\] lie outside the run's 0..8"):
+        _table(_run(digits, tmp_path), [0, 9])
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_more_steps_continue_and_fewer_steps_train_nothing(

@@ -27,7 +27,7 @@ at equal steps and at equal time (the loss each reaches within the median time
 noise models, :mod:`experiments.optimizer_benchmark.quadratic`) runs alongside.
 
 Full mode (default options; on 16 cores ``--workers 15`` takes about ten minutes):
-3 digits problems, 5 seeds, 200 steps, fine grids, 100 noisy-quadratic seeds.
+3 digits problems, 5 seeds, 100 steps, fine grids, 100 noisy-quadratic seeds.
 Quick mode: logistic regression and MLP, 1 seed, 40 steps, coarse grids, 20
 noisy-quadratic seeds.
 
@@ -89,10 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--problems", nargs="+", default=None, help="problem names")
     add("--optimizers", nargs="+", default=None, help="optimizer names (default all)")
     add("--seeds", type=int, default=5, help="seeds of the tuned runs")
-    add("--steps", type=int, default=200, help="Newton steps (equal-steps budget)")
-    add("--eval-every", type=int, default=20)
+    add("--steps", type=int, default=100, help="Newton steps (equal-steps budget)")
+    add("--eval-every", type=int, default=10)
     add("--batch-size", type=int, default=128)
-    add("--first-order-factor", type=int, default=5,
+    add("--first-order-factor", type=int, default=3,
         help="steps of the other optimisers = factor x --steps")  # fmt: skip
     add("--workers", type=int, default=1, help="parallel processes (1 thread each)")
     add("--quadratic-seeds", type=int, default=100)

@@ -467,7 +467,11 @@ def _explain(err: Exception, module: Module) -> Exception:
     if isinstance(err, AssertionError) and "backpropagation quantity" in text:
         return RuntimeError(
             f"BackPACK reached {name} without a curvature signal from the loss: "
-            "extend the loss function too (loss_fn = backpack.extend(loss_fn)), and "
-            "make the loss module the last operation of the forward pass."
+            "extend the loss function too (loss_fn = backpack.extend(loss_fn)), "
+            "apply it directly to the model's output, and keep every operation "
+            "between modules a module: a functional operation (scaling, "
+            "log_softmax, slicing, ...) between two modules or between the model "
+            "and the loss cuts BackPACK's chain. Make it a module, or use "
+            "extend(model, use_converter=True)."
         )
     return err

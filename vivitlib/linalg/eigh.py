@@ -142,13 +142,13 @@ def gram_eigh(
     )
     rtol = check_rtol(rtol)
     factor_dtype = gram.dtype if factor_dtype is None else factor_dtype
+    # eigh reads one triangle only: no symmetrised copy of the M × M matrix
     sym = gram.to(dtype)
-    sym = 0.5 * (sym + sym.T)
     if eigenvectors:
-        evals, evecs = torch.linalg.eigh(sym)
+        evals, evecs = torch.linalg.eigh(sym, UPLO="L")
         evals, evecs = evals.flip(0), evecs.flip(1)
     else:
-        evals, evecs = torch.linalg.eigvalsh(sym).flip(0), None
+        evals, evecs = torch.linalg.eigvalsh(sym, UPLO="L").flip(0), None
     if evals.numel() == 0:
         return evals, evecs
     if rtol is None:

@@ -17,6 +17,7 @@ import atexit
 import json
 import os
 import socket
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -141,6 +142,7 @@ def _write_holder(descriptor: int) -> None:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv)[:300],
     }
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, json.dumps(record).encode(), 0)
@@ -155,17 +157,39 @@ def _read_holder(descriptor: int) -> dict:
 
 def _locked_message(folder: Path, holder: dict) -> str:
     lock = folder / LOCK_NAME
+    pid = holder.get("pid")
     who = (
-        f"process {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
-        f"since {holder.get('since', '?')}"
+        f"process {pid if pid is not None else '?'} on host "
+        f"{holder.get('host', '?')}, since {holder.get('since', '?')}, running "
+        f"{holder.get('command', '?')!r}"
     )
-    return (
+    message = (
         f"Results folder {folder} is being written by another run ({who}; lock file "
         f"{lock}). Two runs writing one folder would mix their results: wait for that "
-        "run to finish, or pass another --out. The lock is released automatically when "
-        "that process ends (even if it is killed); if no such process runs any more "
-        f"(e.g. on a network file system), delete {lock}."
+        "run to finish, or pass another --out. The lock is released automatically "
+        "when that process ends (even if it is killed)"
     )
+    if holder.get("host") == socket.gethostname() and not _alive(pid):
+        return (
+            f"{message}. Process {pid} has ended, but a process it started (e.g. a "
+            "data-loader worker) still holds the lock: end that process."
+        )
+    return (
+        f"{message}; if no such process runs any more (e.g. on a network file "
+        f"system), delete {lock}."
+    )
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: assume it runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @atexit.register

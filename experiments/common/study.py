@@ -88,7 +88,8 @@ class Run:
     def load(self, step: int) -> tuple[nn.Module, nn.Module]:
         """Load the model at ``step`` (from its checkpoint) and the loss."""
         model, loss_fn = self.fresh_model()
-        load_checkpoint(checkpoint_path(self.checkpoint_dir, step), model)
+        path = checkpoint_path(self.checkpoint_dir, step)
+        load_checkpoint(path, model, config=self.train_config)
         return model, loss_fn
 
     def plain_model(self, trained: nn.Module) -> nn.Module:

@@ -175,19 +175,29 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer=None) -> dict:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer=None, config: TrainConfig | None = None
+) -> dict:
     """Restore model (and optimizer, RNG) from ``path``; return the stored state.
+
+    Args:
+        path: The checkpoint.
+        model: Receives the stored weights.
+        optimizer: Receives the stored optimizer state, if given.
+        config: If given, the checkpoint must have been written for it (all
+            hyper-parameters but ``num_steps``).
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
         CorruptFileError: If it is damaged (see :func:`read_checkpoint`).
+        ValueError: If it was written for another configuration, model or optimizer.
 
     """
+    path = Path(path)
     state = read_checkpoint(path)
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
+    if config is not None:
+        _check_config(state, path, config)
+    _restore(state, model, optimizer, path)
     return state
 
 
@@ -351,7 +361,8 @@ def train(
 def _restore(state: dict, model: nn.Module, optimizer, path: Path) -> None:
     try:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise ValueError(

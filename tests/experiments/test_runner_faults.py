@@ -163,6 +163,8 @@ def test_checkpoint_of_other_hyperparameters_is_refused(digits, tmp_path):
     other = _run(digits, tmp_path, momentum=0.5)
     with pytest.raises(ValueError, match="was written for .*momentum.*another --out"):
         _table(other)
+    with pytest.raises(ValueError, match="step0000004.pt was written for"):
+        other.load(4)
 
 
 def test_checkpoint_of_other_model_is_refused(digits, tmp_path):

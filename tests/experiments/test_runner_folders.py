@@ -4,8 +4,10 @@ number, longer runs continuing shorter ones, and complete read-only folders."""
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -82,6 +84,44 @@ def test_second_writer_is_refused_until_the_holder_dies(tmp_path):
         holder.wait()
     assert claim_folder(tmp_path)  # the dead holder's lock is taken over
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    release_folder(tmp_path)
+
+
+_FORKING_HOLDER = """
+import os, sys
+from experiments.common.locking import claim_folder
+claim_folder(sys.argv[1])
+if os.fork() == 0:
+    print(os.getpid(), flush=True)
+    sys.stdin.read()
+    os._exit(0)
+os._exit(0)
+"""
+
+
+def test_lock_kept_by_a_child_of_a_dead_holder_is_explained(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(holder.stdout.readline())
+    holder.wait()
+    try:
+        expected = f"Process {holder.pid} has ended, but a process it started"
+        with pytest.raises(FolderLockedError, match=expected):
+            claim_folder(tmp_path)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        holder.stdin.close()
+    for _ in range(200):  # the child is not ours to reap; wait for its lock to go
+        try:
+            claim_folder(tmp_path)
+            break
+        except FolderLockedError:
+            time.sleep(0.01)
+    assert locking.holds_lock(tmp_path)
     release_folder(tmp_path)
 
 

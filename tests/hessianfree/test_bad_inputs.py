@@ -220,6 +220,30 @@ ARGUMENT_ERRORS = [
         ValueError,
         "which must be one of",
     ),
+    (
+        "asymmetric",
+        lambda A: hf.topk_eigh(A + torch.triu(torch.ones_like(A), 1), 1),
+        ValueError,
+        "not symmetric.*A.T",
+    ),
+    (
+        "asym-numpy",
+        lambda A: hf.lanczos(np.triu(np.ones((8, 8))), 2),
+        ValueError,
+        "not symmetric",
+    ),
+    (
+        "sigma=0",
+        lambda A: hf.smooth(torch.zeros(2), torch.ones(2), torch.zeros(3), 0.0),
+        ValueError,
+        "sigma must be a finite positive",
+    ),
+    (
+        "resmooth",
+        lambda A: hf.spectral_density(A, 3, 2, deflate=0).smooth(kernel_var=-1.0),
+        ValueError,
+        "kernel_var must be",
+    ),
 ]
 
 

@@ -265,6 +265,21 @@ def test_power_iteration_all_eigenpairs_are_distinct():
     )
 
 
+def test_power_iteration_has_no_absolute_tolerance_floor():
+    tiny = 1e-9 * _DIAG  # a well-trained net's curvature can be this small
+    res = hf.power_iteration(tiny, 1, tol=1e-8, max_iters=5000)
+    assert res.eigenvalues[0].item() == pytest.approx(5e-9, rel=1e-4)
+
+
+def test_power_iteration_fills_the_whole_null_space():
+    zero = torch.zeros(5, 5, dtype=torch.float64)  # Rademacher draws repeat in 5-d
+    res = hf.power_iteration(zero, 5)
+    assert torch.equal(res.eigenvalues, torch.zeros(5, dtype=torch.float64))
+    Q = res.flat_eigenvectors
+    eye = torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(Q.T @ Q, eye, atol=1e-12, rtol=0)
+
+
 def _zero_hessian_operator():
     """Linear model + L1 loss: the Hessian is exactly zero (D = 8)."""
     torch.manual_seed(0)

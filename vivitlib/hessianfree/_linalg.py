@@ -17,6 +17,19 @@ _OP_FIX = (
 )
 
 
+def _check_dense(mat: Tensor) -> None:
+    """Raise a ``ValueError`` if a dense matrix is not finite or not symmetric."""
+    check_finite(mat, "The matrix op", _OP_FIX)
+    scale = mat.abs().max().item() if mat.numel() else 0.0
+    asym = (mat - mat.T).abs().max().item() if mat.numel() else 0.0
+    if asym > 1e-8 * scale:
+        raise ValueError(
+            f"The matrix op is not symmetric: max |A - Aᵀ| = {asym:.2e} with max "
+            f"|A| = {scale:.2e}. The algorithms assume a symmetric operator; pass "
+            "(A + A.T) / 2 if that is what you mean."
+        )
+
+
 class MatMat:
     """Float64 ``[D, k] -> [D, k]`` products with any square operator, counted.
 
@@ -40,10 +53,12 @@ class MatMat:
         elif isinstance(op, Tensor):
             self.device = op.device
             mat = op.detach().to(torch.float64)
-            check_finite(mat, "The matrix op", _OP_FIX)
+            _check_dense(mat)
             self._fn = lambda V: mat @ V
         elif hasattr(op, "matmat") or isinstance(op, np.ndarray):
             self.device = torch.device("cpu")
+            if isinstance(op, np.ndarray):
+                _check_dense(torch.as_tensor(op, dtype=torch.float64))
             self._fn = self._numpy_product
         else:
             self.device = getattr(op, "device", torch.device("cpu"))
@@ -86,6 +101,31 @@ def rademacher(dim: int, num: int, generator: torch.Generator, device) -> Tensor
     gen_device = generator.device
     signs = torch.randint(0, 2, (dim, num), generator=generator, device=gen_device)
     return (2.0 * signs.to(torch.float64) - 1.0).to(device)
+
+
+def random_unit(
+    dim: int, generator: torch.Generator, device, *bases: Tensor | None
+) -> Tensor:
+    """Return a random unit vector ``[dim, 1]`` orthogonal to orthonormal ``bases``.
+
+    Rademacher draws can repeat (or lie in the span of) earlier vectors in small
+    dimensions; such draws are redrawn, the last tries from a Gaussian.
+
+    Raises:
+        RuntimeError: If the bases already span the whole space.
+    """
+    for attempt in range(8):
+        if attempt < 5:
+            q = rademacher(dim, 1, generator, device)
+        else:
+            q = torch.randn(dim, 1, generator=generator, device=generator.device)
+            q = q.to(device=device, dtype=torch.float64)
+        for basis in bases:
+            q = orthogonalize(q, basis)
+        norm = q.norm()
+        if norm > 1e-8 * dim**0.5:
+            return q / norm
+    raise RuntimeError("Could not draw a start vector outside the basis.")
 
 
 def orthogonalize(V: Tensor, basis: Tensor | None, twice: bool = True) -> Tensor:

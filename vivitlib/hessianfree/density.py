@@ -31,11 +31,12 @@ from torch import Tensor
 
 from vivitlib.hessianfree._checks import (
     check_at_most_dim,
+    check_finite,
     check_generator,
     check_positive_float,
     check_positive_int,
 )
-from vivitlib.hessianfree._linalg import MatMat, orthogonalize, rademacher
+from vivitlib.hessianfree._linalg import MatMat, random_unit
 from vivitlib.hessianfree.eigh import _thick_restart
 from vivitlib.hessianfree.lanczos import _lanczos
 
@@ -53,7 +54,13 @@ def smooth(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tensor
 
     Returns:
         Density ``[P]`` (float64).
+
+    Raises:
+        ValueError: If ``sigma`` is not positive and finite or ``grid`` is not
+            finite.
     """
+    sigma = check_positive_float(sigma, "sigma")
+    check_finite(grid, "grid", "Pass finite evaluation points.")
     out = torch.zeros(grid.shape[0], dtype=torch.float64)
     norm = 1.0 / (sigma * math.sqrt(2 * math.pi))
     for start in range(0, grid.shape[0], 4096):  # bound the [P, M] temporary
@@ -117,6 +124,7 @@ class SpectralDensity:
         """
         grid = self.grid if grid is None else grid.to(torch.float64)
         var = self.kernel_var if kernel_var is None else kernel_var
+        var = check_positive_float(var, "kernel_var")
         half = 0.5 * (self.range[1] - self.range[0])
         return smooth(
             self.transformed_nodes(), self.weights, grid, math.sqrt(var) * half
@@ -217,7 +225,7 @@ def spectral_density(
     nodes, weights = [deflated.cpu()], [torch.full((deflate,), 1.0 / dim)]
     bulk = (dim - deflate) / dim / num_probes
     for _ in range(num_probes):
-        z = orthogonalize(rademacher(dim, 1, generator, matmat.device), basis)[:, 0]
+        z = random_unit(dim, generator, matmat.device, basis)[:, 0]  # redraws 0
         run = _lanczos(matmat, num_iters, reorthogonalize, None, z, basis)
         theta, S = run.ritz()
         nodes.append(theta)

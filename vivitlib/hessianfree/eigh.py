@@ -36,7 +36,7 @@ from vivitlib.hessianfree._checks import (
     check_vector,
     check_which,
 )
-from vivitlib.hessianfree._linalg import MatMat, orthogonalize, rademacher
+from vivitlib.hessianfree._linalg import MatMat, orthogonalize, random_unit
 
 
 @dataclass(frozen=True)
@@ -213,12 +213,7 @@ def _thick_restart(
     dev = matmat.device
 
     def fresh(basis: Tensor) -> Tensor:
-        for _ in range(5):
-            q = rademacher(matmat.dim, 1, generator, dev)
-            q = orthogonalize(orthogonalize(q, deflation), basis)[:, 0]
-            if q.norm() > 1e-8 * matmat.dim**0.5:
-                return q / q.norm()
-        raise RuntimeError("Could not draw a start vector outside the basis.")
+        return random_unit(matmat.dim, generator, dev, deflation, basis)[:, 0]
 
     Q = torch.zeros(matmat.dim, max_basis, dtype=torch.float64, device=dev)
     T = torch.zeros(max_basis, max_basis, dtype=torch.float64)
@@ -303,20 +298,20 @@ def power_iteration(
     vecs = torch.zeros(matmat.dim, 0, dtype=torch.float64, device=matmat.device)
     thetas, residuals, all_converged, scale = [], [], True, 0.0
     for _ in range(k):
-        v = orthogonalize(rademacher(matmat.dim, 1, generator, matmat.device), vecs)
-        v = v / v.norm()
+        v = random_unit(matmat.dim, generator, matmat.device, vecs)
         prev, converged = None, False
         for _ in range(max_iters):
             w = matmat(v)
             theta = (v * w).sum().item()
             residual = (w - theta * v).norm().item()
-            if prev is not None and abs(theta - prev) < tol * (abs(prev) + 1e-6):
+            scale = max(scale, w.norm().item())  # ‖A‖ estimate: no absolute floor
+            floor = max(abs(theta if prev is None else prev), 1e-12 * scale)
+            if prev is not None and abs(theta - prev) < tol * floor:
                 converged = True
                 break
             prev = theta
             w = orthogonalize(w, vecs)
             norm = w.norm().item()
-            scale = max(scale, norm, abs(theta))
             if norm <= 1e-12 * scale:  # A v = 0 in the complement: eigenvalue 0
                 converged = True
                 break

@@ -65,6 +65,9 @@ def _error(err: BaseException) -> str:
 def time_job(job: dict[str, Any]) -> dict[str, Any]:
     """Warm up every library once, then time ``repeats`` interleaved rounds.
 
+    The warm-up outputs of vivitlib and vivit (same seed, model and data) are
+    compared (:mod:`.crosscheck`) and reported as ``agreement``: ``{"rel_diff": x}``.
+
     A library that fails (e.g. out of memory) is reported as ``{"error": ...}``
     and left out of the remaining rounds. On CUDA the device is synchronised
     around every run, and each library's peak allocated memory of one more pass
@@ -74,11 +77,14 @@ def time_job(job: dict[str, Any]) -> dict[str, Any]:
     device = _device(job)
     runners = _setup(job)
     failed: dict[str, str] = {}
+    outputs: dict[str, Any] = {}
     for lib, run in runners.items():
         try:
-            run()
+            _seed(job)  # same MC samples for every library
+            outputs[lib] = run()
         except Exception as err:  # noqa: BLE001 - reported, not hidden
             failed[lib] = _error(err)
+    agreement = _agreement(job["config"], outputs)
     live = {lib: run for lib, run in runners.items() if lib not in failed}
     times: dict[str, list[float]] = {lib: [] for lib in live}
     parts: dict[str, dict[str, list[float]]] = {lib: {} for lib in live}
@@ -91,7 +97,10 @@ def time_job(job: dict[str, Any]) -> dict[str, Any]:
             times[lib].append(time.perf_counter() - start)
             for name, value in getattr(run, "components", {}).items():
                 parts[lib].setdefault(name, []).append(value)
+    del outputs
     result: dict[str, Any] = {lib: {"error": msg} for lib, msg in failed.items()}
+    if agreement is not None:
+        result["agreement"] = agreement
     for lib, t in times.items():
         result[lib] = {"median_s": statistics.median(t), "runs_s": t}
         for name, values in parts[lib].items():
@@ -99,6 +108,24 @@ def time_job(job: dict[str, Any]) -> dict[str, Any]:
         if device.startswith("cuda"):
             result[lib]["peak_mib"] = _cuda_peak_mib(live[lib])
     return result
+
+
+def _seed(job: dict[str, Any]) -> None:
+    import torch
+
+    torch.manual_seed(job.get("seed", 0))
+
+
+def _agreement(config: str, outputs: dict[str, Any]) -> dict[str, Any] | None:
+    """Relative difference of vivitlib's and vivit's warm-up outputs, or ``None``."""
+    if not {"vivitlib", "vivit"} <= set(outputs):
+        return None
+    from experiments.benchmarks.ggn.crosscheck import compare
+
+    try:
+        return {"rel_diff": compare(config, outputs["vivitlib"], outputs["vivit"])}
+    except Exception as err:  # noqa: BLE001 - reported, not hidden
+        return {"error": _error(err)}
 
 
 def _cuda_peak_mib(run) -> float:

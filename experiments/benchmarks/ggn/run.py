@@ -11,6 +11,9 @@ largest 3C3D batch whose exact spectrum fits ``--limit-mib`` of address space.
 Raw results are cached per measurement under ``OUT/raw`` (``--force`` redoes
 them); ``OUT/results.csv`` and ``OUT/results.md`` hold the table.
 
+Every row with both libraries also cross-checks their outputs from the same
+process (:mod:`.crosscheck`): ``vivit_rel_diff`` is their relative difference.
+
 The ``eigvals`` rows also time the **floor** (:mod:`.floor`: plain gradient +
 C autograd VJPs + the Gram's minimum multiply-adds at big-GEMM speed +
 eigvalsh) interleaved with the libraries; every row of the same problem and
@@ -73,6 +76,11 @@ def measure_row(args, raw: Path, problem: str, n: int, config: str) -> dict[str,
                      dict(base, kind="time", libraries=libs, repeats=args.repeats),
                      args.force)  # fmt: skip
     row: dict[str, Any] = dict(problem=problem, N=n, config=config)
+    agreement = timing.get("agreement", {})
+    if "vivit" in libs and config != "gradient":
+        row["vivit_rel_diff"] = agreement.get("rel_diff", float("nan"))
+        if "error" in agreement:
+            row["vivit_rel_diff_error"] = agreement["error"]
     for lib in libs:
         key = "grad" if lib == "torch" else lib
         result = timing.get(lib, {})
@@ -134,7 +142,7 @@ def _markdown(df: pd.DataFrame, critical: dict[str, int], args) -> str:
     cols += [c for c in ("floor_s",) if c in df]
     for lib in args.libraries:
         cols += [f"{lib}_s", f"{lib}_MiB"]
-    cols += [c for c in ("ratio_s", "ratio_MiB") if c in df]
+    cols += [c for c in ("ratio_s", "ratio_MiB", "vivit_rel_diff") if c in df]
     cols += [f"{lib}_x_floor" for lib in args.libraries if f"{lib}_x_floor" in df]
     cols += [f"{lib}_x_grad_{u}" for lib in args.libraries for u in ("s", "MiB")]
     memory = (
@@ -150,7 +158,9 @@ def _markdown(df: pd.DataFrame, critical: dict[str, int], args) -> str:
         f"Device: {args.device}; threads: {args.threads}; time = median of "
         f"{args.repeats} runs after one warm-up (libraries interleaved in one "
         f"process); {memory}. ratio = vivitlib/vivit; x_grad = multiple of the plain "
-        "gradient backward; floor = plain gradient + C autograd VJPs + the Gram's "
+        "gradient backward; vivit_rel_diff = relative difference between "
+        "vivitlib's and vivit's outputs in the same process (crosscheck.py); "
+        "floor = plain gradient + C autograd VJPs + the Gram's "
         "minimum multiply-adds at big-GEMM speed + eigvalsh (timed in the eigvals "
         "rows); x_floor = time / floor.",
         "",

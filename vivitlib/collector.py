@@ -251,7 +251,7 @@ class BackpackCollector:
         self._pass = _Pass(
             loss_module, self.param_groups, self._new_accumulators(), weighting
         )
-        _quiet_backward_hook_warning(self._pass)
+        _quiet_backward_hook_warning(self._pass, self._end_of_backward)
 
     def _collect(self, param: Tensor) -> None:
         factor = param.__dict__.pop(self._fields[0], None)
@@ -270,6 +270,19 @@ class BackpackCollector:
                 "leave the shared parameter out of the groups (e.g. freeze it)."
             )
         accumulator.add(param, factor, grads)
+
+    def _end_of_backward(self, pass_: _Pass) -> None:
+        """Called when the backward that ran ``pass_`` ends; checks, rolls back."""
+        if self._pass is not pass_:
+            return
+        try:
+            self._check_backward(pass_)
+        except Exception:
+            self._abort()
+            raise
+
+    def _check_backward(self, pass_: _Pass) -> None:
+        """Checks that need the finished backward (subclass hook)."""
 
     #: Whether accumulators add a parameter's contributions from several modules
     #: correctly (projections are linear in V; Gram matrices are not).
@@ -330,7 +343,7 @@ _HOOK_WARNING = "Full backward hook is firing when gradients are computed"
 _quiet_passes: set[int] = set()
 
 
-def _quiet_backward_hook_warning(pass_: _Pass) -> None:
+def _quiet_backward_hook_warning(pass_: _Pass, on_end: Callable[[_Pass], None]) -> None:
     """Silence torch's 'Full backward hook is firing' warning until the backward ends.
 
     BackPACK's module hooks make torch warn for the first layer (whose input needs
@@ -346,6 +359,7 @@ def _quiet_backward_hook_warning(pass_: _Pass) -> None:
     def end() -> None:
         _release_warning_filter(pass_)
         pass_.end_backward()
+        on_end(pass_)
 
     torch.autograd.Variable._execution_engine.queue_callback(end)
 

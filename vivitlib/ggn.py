@@ -12,6 +12,41 @@ from vivitlib.block import GGNBlock, GroupAccumulator
 from vivitlib.collector import BackpackCollector
 from vivitlib.linalg.eigh import check_rtol
 
+
+def check_gradient_matches(
+    param: Tensor, before: Tensor | None, grad_totals: dict[int, Tensor]
+) -> None:
+    """Raise if ``backward()`` put more into ``.grad`` than the loss module's term.
+
+    Args:
+        param: A grouped parameter after the backward pass.
+        before: Its ``.grad`` before the pass (``None`` if there was none).
+        grad_totals: Summed per-sample gradients by ``id`` of the parameter.
+
+    Raises:
+        ValueError: If the difference exceeds round-off.
+    """
+    total = grad_totals.get(id(param))
+    if total is None or param.grad is None:
+        return
+    added = param.grad.detach() if before is None else param.grad.detach() - before
+    expected = total.reshape(param.shape).to(added.dtype)
+    scale = float(expected.norm()) + float(added.norm())
+    # ∛ε: 5e-3 in float32, 6e-6 in float64 -- far above the round-off of
+    # summing per-sample gradients in another order, even where they cancel
+    tol = torch.finfo(added.dtype).eps ** (1 / 3) * max(scale, 1e-30)
+    if float((added - expected).norm()) > tol:
+        raise ValueError(
+            f"backward() added to the .grad of a parameter of shape "
+            f"{tuple(param.shape)} more than the loss module's gradient: another "
+            "term contributed (a regulariser added to the loss, or the parameter "
+            "used outside the extended modules). The curvature would describe "
+            "the loss module's term only. Call backward() on the loss module's "
+            "output alone and add regularisers in the optimiser (e.g. "
+            "weight_decay=)."
+        )
+
+
 #: Everything a pass can deliver; ``compute=`` picks a subset.
 QUANTITIES = ("eigenvalues", "eigenvectors", "directional_derivatives", "newton_step")
 _NEEDS_GRADS = {"directional_derivatives", "newton_step"}
@@ -116,6 +151,14 @@ class LowRankGGN(BackpackCollector):
 
     def _on_reset(self) -> None:
         self._blocks = None
+
+    def _check_backward(self, pass_) -> None:
+        """``.grad`` must be what the loss module's per-sample gradients sum to."""
+        if not self._needs_grads or self.grad_subsampling is not None:
+            return
+        for acc in pass_.accumulators:
+            for p in acc.params:
+                check_gradient_matches(p, pass_.grad_backup[id(p)][1], acc.grad_totals)
 
     def _new_accumulators(self) -> list[GroupAccumulator]:
         keep = bool(_NEEDS_FACTORS & set(self.compute))

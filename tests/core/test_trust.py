@@ -380,3 +380,19 @@ def test_inverse_ggn_product_bad_input(vectors, damping, exc, match):
     problem.run(ggn)
     with pytest.raises(exc, match=match):
         ggn.blocks[0].inverse_ggn_product(vectors(problem.params), damping)
+
+
+def test_regulariser_added_to_the_loss_is_refused():
+    problem = make_problem(_BY_ID["mlp-ce-mean"])
+    ggn = vivitlib.LowRankGGN(problem.params)
+    grads = [torch.full_like(p, 0.25) for p in problem.params]
+    for p, g in zip(problem.params, grads):
+        p.grad = g.clone()
+    with pytest.raises(ValueError, match="regulariser added to the loss"):
+        with backpack(*ggn.extensions, extension_hook=ggn.hook):
+            loss = problem.loss_fn(problem.model(problem.X), problem.y)
+            (loss + 0.1 * problem.params[0].pow(2).sum()).backward()
+    for p, g in zip(problem.params, grads):
+        assert torch.equal(p.grad, g)
+    with pytest.raises(RuntimeError, match="No curvature"):
+        ggn.blocks  # noqa: B018

@@ -59,6 +59,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
     path = Path(path)
     ensure_writer(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"Cannot write {path}: a folder of that name is in the way; delete it."
+        )
     tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def claim_folder(folder: Path) -> bool:
     if _held_above(folder) is not None:
         return True
     _refuse_if_held_above(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"Results folder {folder} is a file, not a folder; pass another --out."
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -128,12 +133,20 @@ def _refuse_if_held_above(folder: Path) -> None:
 
 
 def _try_flock(descriptor: int) -> bool:
+    """Try to lock; ``True`` also where the file system has no locks (warned)."""
     import fcntl
 
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as err:  # e.g. ENOLCK on a network file system without locks
+        warnings.warn(
+            f"Results folders cannot be locked on this file system ({err}); make "
+            "sure only one run writes into a folder at a time.",
+            UserWarning,
+            stacklevel=3,
+        )
     return True
 
 

@@ -154,6 +154,8 @@ def read_checkpoint(path: Path) -> dict:
 
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CorruptFileError(_damaged(path, "it is not a file"))
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist; re-run to train.")
     try:
@@ -232,7 +234,12 @@ def resume_point(
 
     """
     stops = set(stops)
-    found = {s: p for s, p in checkpoint_steps(folder).items() if s <= config.num_steps}
+    found = {}
+    for step, path in checkpoint_steps(folder).items():
+        if not path.is_file():  # would block the checkpoint written there later
+            _set_aside(path, CorruptFileError(_damaged(path, "it is not a file")))
+        elif step <= config.num_steps:
+            found[step] = path
     limit = min((s for s in stops if s not in found), default=config.num_steps + 1)
     best: tuple[int, dict | None] = (0, None)
     for step, path in found.items():

@@ -146,6 +146,14 @@ def test_truncated_checkpoints_fall_back(digits, reference, tmp_path, cut):
         )
 
 
+def test_checkpoint_that_is_a_folder_is_set_aside(digits, reference, tmp_path):
+    run = _run(digits, tmp_path)
+    checkpoint_path(run.checkpoint_dir, 4).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step0000008.pt").mkdir()  # outside: ignored
+    with pytest.warns(UserWarning, match="step0000004.pt is damaged.*not a file"):
+        pd.testing.assert_frame_equal(_table(run), reference)
+
+
 def test_damaged_checkpoint_at_evaluation_names_file_and_fix(digits, tmp_path):
     run = _run(digits, tmp_path)
     _table(run)

@@ -233,3 +233,15 @@ def test_complete_read_only_folder_is_read(tmp_path, monkeypatch, request):
 
     monkeypatch.undo()
     assert _snapshot(out) == before
+
+
+def test_results_folder_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder.*--out"):
+        write_environment(tmp_path / "out", {"a": 1})
+
+
+def test_folder_in_the_way_of_a_result_is_named(tmp_path):
+    (tmp_path / "table.csv").mkdir()
+    with pytest.raises(IsADirectoryError, match="table.csv: a folder of that name"):
+        atomic_write_bytes(tmp_path / "table.csv", b"a\n1\n")

@@ -60,6 +60,9 @@ NON_NUMERIC_OPTIONS = frozenset(
     {"out", "data_dir", "threads", "no_progress", "no_plot", "progress"}
 )
 
+#: Longest readable part of a table's file name; longer keys end in a digest.
+MAX_NAME = 180
+
 #: Arguments given to :func:`write_environment`, by resolved results folder.
 _ARGUMENTS: dict[Path, dict[str, object]] = {}
 
@@ -105,10 +108,17 @@ def table_path(
 ) -> Path:
     """Where :func:`cached_table` stores the table of ``config`` and ``options``."""
     name = config_key(config)
+    if len(name) > MAX_NAME:  # file systems allow 255 bytes per name
+        digest = _digest({k: _jsonable(v) for k, v in config.items()})
+        name = f"{name[: MAX_NAME - 17]}_key-{digest}"
     if options:
-        text = json.dumps(_jsonable(dict(options)), sort_keys=True)
-        name += "_opt-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+        name += "_opt-" + _digest(_jsonable(dict(options)))
     return Path(out_dir) / "tables" / f"{name}.csv"
+
+
+def _digest(value: object) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def cached_table(

@@ -21,7 +21,12 @@ from experiments.common.files import (
     temporary_name,
 )
 from experiments.common.locking import FolderLockedError, claim_folder, release_folder
-from experiments.common.results import number_options, write_environment
+from experiments.common.results import (
+    cached_table,
+    number_options,
+    table_path,
+    write_environment,
+)
 from tests.experiments import tiny_study
 
 OPTIONS = {
@@ -245,3 +250,17 @@ def test_folder_in_the_way_of_a_result_is_named(tmp_path):
     (tmp_path / "table.csv").mkdir()
     with pytest.raises(IsADirectoryError, match="table.csv: a folder of that name"):
         atomic_write_bytes(tmp_path / "table.csv", b"a\n1\n")
+
+
+def test_long_and_colliding_keys_stay_apart(tmp_path):
+    long = {f"option_{i}": "x" * 20 for i in range(20)}
+    path = table_path(tmp_path, long, {"b": 1})
+    assert len(path.name) < 255 and "_key-" in path.name
+    assert table_path(tmp_path, {**long, "option_19": "y"}, {"b": 1}) != path
+    first = cached_table(tmp_path, long, lambda: pd.DataFrame({"v": [1.0]}))
+    assert first["v"].tolist() == [1.0]
+    # 'x/y' and 'x-y' share a file name; the record tells them apart
+    cached_table(tmp_path, {"a": "x/y"}, lambda: pd.DataFrame({"v": [1.0]}))
+    with pytest.warns(UserWarning, match="was computed for"):
+        other = cached_table(tmp_path, {"a": "x-y"}, lambda: pd.DataFrame({"v": [2.0]}))
+    assert other["v"].tolist() == [2.0]

@@ -6,7 +6,9 @@ computed once (torch.func, ~15 min on 2 CPU cores) and cached in ``--out``.
 
 Sections: top-k eigenvalues (products / time to 1e-3 relative error), spectral
 density (L1 to the exact smoothed density, kernel variance 1e-5 on the
-spectrum normalized to [-1, 1] with the exact range plus a 5 % margin), trace
+spectrum normalized to [-1, 1] with the exact range plus a 5 % margin; SLQ
+against the kernel polynomial method's Chebyshev density, :mod:`.kpm`, at the
+same number of products), trace
 (relative error at 100 products) and product speed. Peers are optional.
 
 Usage::
@@ -32,6 +34,7 @@ import torch
 from scipy.sparse.linalg import eigsh
 
 from experiments.benchmarks.hessianfree import peers
+from experiments.benchmarks.hessianfree.kpm import kpm_density
 from experiments.benchmarks.hessianfree.problem import (
     HIDDEN,
     NUM_DATA,
@@ -208,6 +211,7 @@ def bench_density(ctx, seeds):
                     l1_own_range=l1_own(dref, sd),
                 )
             )
+        rows += bench_kpm(H, dref, seed)
         if ctx.get("pyh"):
             obj, counter = ctx["pyh"]
             counter.n = 0
@@ -238,6 +242,35 @@ def bench_density(ctx, seeds):
                 )
             )
     return pd.DataFrame(rows)
+
+
+#: KPM (Chebyshev) settings ``(moments, probes)`` at about the SLQ default budget.
+KPM_CONFIGS = ((88, 20), (176, 10), (440, 4))
+
+
+def l1_kpm(dref, kpm) -> float:
+    """L1 of a KPM density to the exact smoothed density, on the reference grid."""
+    lam = (dref["c"] + dref["h"] * dref["grid"]).numpy()
+    est = torch.from_numpy(kpm.density(lam) * dref["h"])
+    return torch.trapezoid((est - dref["ref"]).abs(), dref["grid"]).item()
+
+
+def bench_kpm(H, dref, seed) -> list[dict]:
+    """Chebyshev/KPM densities (:mod:`.kpm`) at the SLQ budget, one row each."""
+    rows = []
+    for moments, probes in KPM_CONFIGS:
+        t = time.perf_counter()
+        kpm = kpm_density(H, moments, probes, generator=gen(seed))
+        rows.append(
+            dict(
+                method=f"KPM Chebyshev {moments} moments x {probes} probes",
+                seed=seed,
+                products=kpm.num_products,
+                seconds=time.perf_counter() - t,
+                l1=l1_kpm(dref, kpm),
+            )
+        )
+    return rows
 
 
 # ---- trace ------------------------------------------------------------------

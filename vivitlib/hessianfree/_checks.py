@@ -347,8 +347,13 @@ def check_batch(index: int, batch: object, params: list[Tensor]) -> int:
                 f"Batch {index}: X holds {size} samples but y holds "
                 f"{y.shape[0]}; pass matching (X, y) pairs."
             )
-    dtypes = {p.dtype for p in params}
-    if isinstance(X, Tensor) and X.is_floating_point() and {X.dtype} != dtypes:
+    dtypes = {p.dtype for p in params}  # mixed-precision models: not checked
+    if (
+        isinstance(X, Tensor)
+        and X.is_floating_point()
+        and len(dtypes) == 1
+        and (X.dtype not in dtypes)
+    ):
         dtype = params[0].dtype
         raise TypeError(
             f"Batch {index}: X has dtype {X.dtype} but the parameters are {dtype}. "

@@ -15,7 +15,7 @@ def plot_critical(table: pd.DataFrame, out_dir: Path) -> Path:
     problems = list(dict.fromkeys(table["problem"]))
     methods = list(dict.fromkeys(table["method"]))
     fig, axes = plotting.subplots(
-        1, 1, width=1.2 + 1.3 * len(problems) * len(methods) / 3
+        1, 1, width=max(5.0, 1.2 + 1.3 * len(problems) * len(methods) / 3)
     )
     ax = axes[0, 0]
     width = 0.8 / len(methods)
@@ -33,8 +33,8 @@ def plot_critical(table: pd.DataFrame, out_dir: Path) -> Path:
     budget = table["budget_gb"].iloc[0]
     device = table["device"].iloc[0]
     ax.set_title(
-        f"largest batch within {budget:g} GB ({device}); ≥ / hatched: fits at the "
-        "search cap",
+        f"largest batch within {budget:g} GB ({device})\n"
+        "≥ / hatched: still fits at the search cap",
         fontsize=9,
     )
     ax.legend(fontsize=7)

@@ -23,6 +23,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from vivitlib import _checks
 from vivitlib.block import Scaling
+from vivitlib.distributed import (
+    FactorExchange,
+    as_pieces,
+    resolve_group,
+    select_samples,
+)
 from vivitlib.errors import (
     IncompletePassError,
     NoPassError,
@@ -57,8 +63,10 @@ class _Pass:
         groups: list[dict[str, Any]],
         accumulators,
         weighting: LossWeighting,
+        exchange: FactorExchange | None = None,
     ):
         self.loss_output = loss_module.output
+        self.exchange = exchange
         self.batch_size = loss_module.input0.shape[0]
         self.weighting = weighting
         self.params = [p for group in groups for p in group["params"]]
@@ -122,8 +130,10 @@ class BackpackCollector:
         subsampling: Sequence[int] | Tensor | None = None,
         grad_subsampling: Sequence[int] | Tensor | None = None,
         needs_grads: bool = True,
+        process_group: Any = None,
     ):
         self.param_groups = normalize_groups(params)
+        self.process_group = resolve_group(process_group)
         self.mc_samples = _checks.check_positive_int(
             mc_samples, "mc_samples", allow_zero=True
         )
@@ -137,9 +147,18 @@ class BackpackCollector:
         }
         tag = next(_INSTANCE_TAGS)
         self._fields = (f"{FACTOR_FIELD}_{tag}", f"{GRADS_FIELD}_{tag}")
-        exts: list = [GGNFactorExtension(self, self.mc_samples, self.subsampling)]
+        # across processes, indices are global: every rank computes all of its
+        # columns and the chosen ones are selected after the exchange
+        local = self.process_group is None
+        exts: list = [
+            GGNFactorExtension(
+                self, self.mc_samples, self.subsampling if local else None
+            )
+        ]
         if needs_grads:
-            exts.append(BatchGradsExtension(self, self.grad_subsampling))
+            exts.append(
+                BatchGradsExtension(self, self.grad_subsampling if local else None)
+            )
         for ext, field in zip(exts, self._fields):
             ext.savefield = field  # private per collector: several can share a pass
         self._extensions = tuple(exts)
@@ -243,13 +262,21 @@ class BackpackCollector:
                 "Call backward() on the loss module's output directly (no scaling "
                 "or sums after it)."
             )
+        weighting = loss_weighting(loss_module)
+        exchange = None
+        if self.process_group is not None:
+            exchange = FactorExchange.start(self.process_group, weighting, reduction)
+            weighting, batch_size = exchange.weighting, exchange.batch_size
         _checks.check_indices_in_range(self.subsampling, batch_size, "subsampling")
         _checks.check_indices_in_range(
             self.grad_subsampling, batch_size, "grad_subsampling"
         )
-        weighting = loss_weighting(loss_module)
         self._pass = _Pass(
-            loss_module, self.param_groups, self._new_accumulators(), weighting
+            loss_module,
+            self.param_groups,
+            self._new_accumulators(),
+            weighting,
+            exchange,
         )
         _quiet_backward_hook_warning(self._pass, self._end_of_backward)
 
@@ -261,6 +288,12 @@ class BackpackCollector:
             return
         if self._needs_grads and grads is None:
             raise RuntimeError("Per-sample gradients are missing for a parameter.")
+        exchange = self._pass.exchange
+        if exchange is not None:
+            factor, grads = exchange.exchange(param, *as_pieces(factor, grads))
+            factor, grads = select_samples(
+                factor, grads, self.subsampling, self.grad_subsampling
+            )
         accumulator = self._pass.accumulators[group]
         if id(param) in accumulator.visited and not self._sums_shared_params:
             raise UnsupportedError(
@@ -270,6 +303,16 @@ class BackpackCollector:
                 "leave the shared parameter out of the groups (e.g. freeze it)."
             )
         accumulator.add(param, factor, grads)
+
+    @property
+    def communication(self) -> list:
+        """Per-parameter bytes this rank sent in the latest pass (across processes).
+
+        A list of :class:`vivitlib.distributed.LayerTraffic`; empty for a single
+        process.
+        """
+        exchange = None if self._pass is None else self._pass.exchange
+        return [] if exchange is None else list(exchange.traffic)
 
     def _end_of_backward(self, pass_: _Pass) -> None:
         """Called when the backward that ran ``pass_`` ends; checks, rolls back."""

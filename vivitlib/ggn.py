@@ -91,6 +91,13 @@ class LowRankGGN(BackpackCollector):
             alone skip per-sample gradients and free every factor at once.
         eigh_dtype: Precision of the Gram eigen-decomposition (default float64;
             float32 is faster for large Gram matrices).
+        process_group: ``None`` (default) for one process; ``True`` (the default
+            group) or a ``torch.distributed`` process group to describe the
+            GGN of the concatenated global batch (rank order) on every rank:
+            each rank exchanges its layers' factors (never the dense ``V``),
+            indices in ``subsampling``/``grad_subsampling`` are global, and
+            ``gammas``/``lambdas`` hold every global sample. ``.grad`` stays
+            local (averaging it is DDP's job). See :mod:`vivitlib.distributed`.
         rtol: Eigenvalues ``≤ rtol · λ_max`` are dropped as zero (a number in
             ``[0, 1)``). Default ``None``: the round-off cut-off of the
             precision the computation had (see
@@ -110,6 +117,7 @@ class LowRankGGN(BackpackCollector):
         compute: Sequence[str] = QUANTITIES,
         eigh_dtype: torch.dtype = torch.float64,
         rtol: float | None = None,
+        process_group: Any = None,
     ):
         self.compute = _check_compute(compute)
         if eigh_dtype not in (torch.float32, torch.float64):
@@ -125,6 +133,7 @@ class LowRankGGN(BackpackCollector):
             subsampling=subsampling,
             grad_subsampling=grad_subsampling,
             needs_grads=bool(_NEEDS_GRADS & set(self.compute)),
+            process_group=process_group,
         )
 
     @property
@@ -156,6 +165,8 @@ class LowRankGGN(BackpackCollector):
         """``.grad`` must be what the loss module's per-sample gradients sum to."""
         if not self._needs_grads or self.grad_subsampling is not None:
             return
+        if self.process_group is not None:
+            return  # the gathered gradients are the global batch's, .grad is local
         for acc in pass_.accumulators:
             for p in acc.params:
                 check_gradient_matches(p, pass_.grad_backup[id(p)][1], acc.grad_totals)

@@ -1,0 +1,180 @@
+"""LowRankGGN across gloo ranks equals one process on the concatenated batch."""
+
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from backpack import backpack
+
+import vivitlib
+from tests.core.cases import CASES, make_problem
+from vivitlib.distributed import new_group_with_timeout
+
+_BY_ID = {c["id"]: c for c in CASES}
+# (case, options); each runs on every world size
+SETTINGS = [
+    ("mlp-ce-mean", {}),
+    ("mlp-mse-sum", {}),
+    ("cnn-ce", {}),
+    ("resnet-converter-ce", {}),
+    ("ce-ignore-index-mean", {}),
+    ("mlp-ce-mean", {"layerwise": True}),
+    ("cnn-ce", {"subsampling": [5, 0, 2], "grad_subsampling": [1, 6]}),
+]
+BATCH = 7  # split unevenly over the ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shards(world: int) -> list[range]:
+    bounds = np.linspace(0, BATCH, world + 1).round().astype(int)
+    bounds[1] = max(bounds[1] - 1, 1)  # uneven on purpose
+    return [range(bounds[r], bounds[r + 1]) for r in range(world)]
+
+
+def _batch(case_id):
+    case = dict(_BY_ID[case_id])
+    case["x"] = (BATCH, *case["x"][1:])
+    problem = make_problem(case)
+    if case_id == "ce-ignore-index-mean":
+        problem.y[4], problem.y[3] = 0, -100  # no shard entirely ignored (NaN loss)
+    return problem
+
+
+def _results(case_id, options, process_group=None, rows=None):
+    problem = _batch(case_id)
+    X, y = problem.X, problem.y
+    if rows is not None:
+        X, y = X[rows], y[rows]
+    groups = (
+        vivitlib.layerwise_groups(problem.model)
+        if options.get("layerwise")
+        else problem.params
+    )
+    ggn = vivitlib.LowRankGGN(
+        groups,
+        subsampling=options.get("subsampling"),
+        grad_subsampling=options.get("grad_subsampling"),
+        process_group=process_group,
+    )
+    with backpack(*ggn.extensions, extension_hook=ggn.hook):
+        problem.loss_fn(problem.model(X), y).backward()
+    out = {}
+    for i, block in enumerate(ggn.blocks):
+        step = torch.cat([s.flatten() for s in block.newton_step(0.1)])
+        out[f"{i}/evals"] = block.evals
+        out[f"{i}/lambdas"] = block.lambdas
+        out[f"{i}/abs_gammas"] = block.gammas.abs()
+        out[f"{i}/step"] = step
+        out[f"{i}/grad"] = torch.cat([g.flatten() for g in block.grad])
+        evecs = torch.cat([e.flatten(1) for e in block.evecs(2)], 1)
+        out[f"{i}/evecs"] = evecs
+    sent = sum(t.bytes_sent for t in ggn.communication)
+    dense = sum(t.dense_bytes for t in ggn.communication)
+    return {k: v.detach().numpy() for k, v in out.items()}, sent, dense
+
+
+def _worker(rank, world, port, queue):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        torch.set_num_threads(1)
+        shard = list(_shards(world)[rank])
+        for index, (case_id, options) in enumerate(SETTINGS):
+            out, sent, dense = _results(case_id, options, True, shard)
+            queue.put((rank, index, out, sent, dense))
+        _failing_rank(rank, queue)
+    except Exception as err:  # report instead of hanging the parent
+        queue.put((rank, -1, repr(err), 0, 0))
+    finally:
+        dist.destroy_process_group()
+
+
+def _failing_rank(rank, queue):
+    """Rank 1 raises before its pass; rank 0 must raise within the timeout."""
+    group = new_group_with_timeout(2.0)
+    problem = _batch("mlp-ce-mean")
+    ggn = vivitlib.LowRankGGN(problem.params, process_group=group)
+    if rank == 1:
+        queue.put((rank, "failure", "rank 1 raised", 0, 0))
+        time.sleep(6)  # alive, but never joins the exchange
+        return
+    start = time.monotonic()
+    try:
+        with backpack(*ggn.extensions, extension_hook=ggn.hook):
+            problem.loss_fn(problem.model(problem.X), problem.y).backward()
+        message = "no error"
+    except Exception as err:  # noqa: BLE001 - the type depends on the backend
+        message = type(err).__name__
+    queue.put((rank, "failure", message, time.monotonic() - start, 0))
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def world_results(request):
+    world = request.param
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results = {}
+    expected = world * (len(SETTINGS) + 1)
+    deadline = time.monotonic() + 240
+    while len(results) < expected and time.monotonic() < deadline:
+        try:
+            rank, index, out, sent, dense = queue.get(timeout=5)
+        except Exception:  # noqa: BLE001 - queue.Empty
+            if not any(p.is_alive() for p in procs):
+                break
+            continue
+        if index == -1:
+            pytest.fail(f"rank {rank} raised {out}")
+        results[(rank, index)] = (out, sent, dense)
+    for p in procs:
+        p.join(30)
+    return world, results
+
+
+@pytest.mark.parametrize("index", range(len(SETTINGS)))
+def test_global_batch_equals_single_process(world_results, index):
+    world, results = world_results
+    case_id, options = SETTINGS[index]
+    single, _, _ = _results(case_id, options)
+    for rank in range(world):
+        out, sent, dense = results[(rank, index)]
+        assert sent > 0 and dense > 0
+        for key, value in single.items():
+            if key.endswith("evecs"):  # up to sign
+                signs = np.sign((out[key] * value).sum(1, keepdims=True))
+                np.testing.assert_allclose(out[key] * signs, value, atol=1e-8)
+            else:
+                np.testing.assert_allclose(out[key], value, rtol=1e-7, atol=1e-10)
+        # identical on every rank
+        first, _, _ = results[(0, index)]
+        for key in out:
+            np.testing.assert_array_equal(out[key], first[key])
+
+
+def test_linear_layers_send_less_than_dense_factor(world_results):
+    _, results = world_results
+    _, sent, dense = results[(0, 0)]  # the MLP: outer pieces per weight
+    assert sent < dense
+
+
+def test_a_failing_rank_makes_the_others_raise_within_the_timeout(world_results):
+    world, results = world_results
+    message, elapsed, _ = results[(0, "failure")]
+    assert message != "no error"
+    assert elapsed < 30

@@ -1,7 +1,8 @@
 """BackPACK extensions that collect factored ``V`` and per-sample gradients.
 
 Both subclass BackPACK's own (``SqrtGGN`` and ``BatchGrad``), swap in factored
-handlers for linear and convolution weights, save under private attribute
+handlers for linear and convolution weights (and, for the factor, the faster
+backpropagation rules of :mod:`.fast_backprop`), save under private attribute
 names, and report every module they reach to their owner so it can validate
 the pass and roll back on failure.
 """
@@ -29,6 +30,7 @@ from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from vivitlib.extensions import layers
 from vivitlib.extensions.extra_layers import EXTRA_SQRT
+from vivitlib.extensions.fast_backprop import FAST_SQRT, QuantityLedger
 
 FACTOR_FIELD = "_vivitlib_ggn_factor"
 GRADS_FIELD = "_vivitlib_batch_grads"
@@ -121,15 +123,23 @@ class GGNFactorExtension(SqrtGGN):
         super().__init__(strategy, FACTOR_FIELD, subsampling)
         self._mc_samples = mc_samples
         self._owner = owner
-        for module_cls, handler in {**EXTRA_SQRT, **FACTORED_SQRT}.items():
+        rules = {**EXTRA_SQRT, **FAST_SQRT, **FACTORED_SQRT}
+        for module_cls, handler in rules.items():
             self.set_module_extension(module_cls, handler(), overwrite=True)
+        self.saved_quantities = QuantityLedger()
 
     def get_num_mc_samples(self) -> int:
         """Number of Monte-Carlo samples of the loss Hessian factor."""
         return self._mc_samples
 
     def __call__(self, module: Module, g_inp, g_out) -> None:  # noqa: D102
-        self._owner.run_extension(super().__call__, module, g_inp, g_out)
+        self._owner.run_extension(self._call, module, g_inp, g_out)
+
+    def _call(self, module: Module, g_inp, g_out) -> None:
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            # its factors may keep the quantity: never overwrite it in place
+            self.saved_quantities.pin(module.output.data_ptr())
+        super().__call__(module, g_inp, g_out)
 
 
 class BatchGradsExtension(BatchGrad):

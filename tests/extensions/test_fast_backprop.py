@@ -1,0 +1,145 @@
+"""Fast square-root-GGN backpropagation rules against stock BackPACK's."""
+
+import pytest
+import torch
+from backpack import backpack, extend
+from backpack.extensions import SqrtGGNExact
+from torch import nn
+
+import vivitlib
+from vivitlib.extensions import fast_backprop
+from vivitlib.extensions.backpack_ext import GGNFactorExtension
+
+#: (module factory, input shape without batch); pools cover strides, paddings,
+#: dilations, ceil_mode and non-overlapping windows.
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+LAYERS = {
+    "relu": (nn.ReLU, (3, 5, 4)),
+    "sigmoid": (nn.Sigmoid, (7,)),
+    "tanh": (nn.Tanh, (2, 6)),
+    "leaky-relu": (lambda: nn.LeakyReLU(0.1), (3, 4, 4)),
+    "elu": (nn.ELU, (5,)),
+    "selu": (nn.SELU, (2, 3, 3)),
+    "log-sigmoid": (nn.LogSigmoid, (6,)),
+    "dropout-eval": (lambda: nn.Dropout(0.4).eval(), (3, 4)),
+    "dropout-train": (lambda: nn.Dropout(0.4), (3, 4)),
+    "maxpool1d": (lambda: nn.MaxPool1d(3, 2, padding=1), (2, 9)),
+    "maxpool2d-disjoint": (lambda: nn.MaxPool2d(2), (3, 6, 4)),
+    "maxpool2d-overlap-ceil": (lambda: nn.MaxPool2d(3, 2, padding=1, ceil_mode=True),
+                               (2, 8, 7)),
+    "maxpool2d-dilated": (lambda: nn.MaxPool2d((3, 2), stride=(1, 2), padding=1,
+                                               dilation=(2, 1)), (2, 7, 6)),
+    "maxpool3d": (lambda: nn.MaxPool3d(2, stride=1, dilation=2, ceil_mode=True),
+                  (1, 5, 5, 4)),
+}  # fmt: skip
+
+
+def _forward(name: str, N: int = 4):
+    factory, shape = LAYERS[name]
+    torch.manual_seed(0)
+    module = extend(factory())
+    x = torch.randn(N, *shape, dtype=torch.float64, requires_grad=True)
+    with backpack():
+        module(x)
+    return module
+
+
+def _stock(fast: type) -> type:
+    """BackPACK's class the fast rule derives from."""
+    return next(c for c in fast.__mro__ if c.__module__.startswith("backpack."))
+
+
+@pytest.mark.parametrize("subsampling", [None, [3, 1]], ids=["all", "subsampled"])
+@pytest.mark.parametrize("name", LAYERS)
+def test_rule_equals_backpack(name, subsampling):
+    module = _forward(name)
+    stock = _stock(fast_backprop.FAST_DERIVATIVES[type(module)])
+    n = module.output.shape[0] if subsampling is None else len(subsampling)
+    mat = torch.randn(5, n, *module.output.shape[1:], dtype=torch.float64)
+    with torch.no_grad():
+        expected = stock().jac_t_mat_prod(
+            module, None, None, mat, subsampling=subsampling
+        )
+    result = fast_backprop.jac_t_mat_prod(module, mat, subsampling)
+    assert result.shape == expected.shape
+    torch.testing.assert_close(result, expected, rtol=1e-15, atol=0)
+
+
+def test_dropout_eval_is_a_view_of_the_factor():
+    module = _forward("dropout-eval")
+    mat = torch.randn(2, *module.output.shape, dtype=torch.float64)
+    assert fast_backprop.jac_t_mat_prod(module, mat) is mat
+
+
+def test_registered_on_the_factor_extension():
+    ext = GGNFactorExtension(owner=None, mc_samples=0, subsampling=None)
+    for cls, rule in fast_backprop.FAST_SQRT.items():
+        handler = ext._BackpropExtension__module_extensions[cls]
+        assert isinstance(handler, rule), cls
+
+
+class _Residual(nn.Module):
+    """Sums whose branches share one backpropagated tensor (BackPACK's SumModule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.a = nn.Linear(4, 5), nn.Linear(5, 5)
+        self.b, self.out = nn.Linear(5, 5), nn.Linear(5, 3)
+        self.relu1, self.relu2, self.tanh = nn.ReLU(), nn.ReLU(), nn.Tanh()
+
+    def forward(self, x):
+        h = self.inp(x)
+        z = self.relu1(self.a(h)) + self.tanh(h)  # two parameter-free branches
+        z = self.relu2(z) + self.b(z)  # an activation beside a parameter's output
+        return self.out(z)
+
+
+def _chain():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+        nn.Tanh(), nn.Dropout(0.5).eval(), nn.Flatten(), nn.Linear(27, 6),
+        nn.Sigmoid(), nn.Linear(6, 4), nn.LeakyReLU(0.2), nn.Linear(4, 3),
+    )  # fmt: skip
+
+
+NETWORKS = {
+    "chain": (_chain, (5, 2, 6, 6), False),
+    "residual": (_Residual, (6, 4), True),
+}
+
+
+@pytest.mark.parametrize("compute", [("eigenvalues",), ("eigenvectors",)])
+@pytest.mark.parametrize("net", NETWORKS)
+def test_network_factor_equals_stock_backpack(net, compute, monkeypatch):
+    """A whole pass through the fast rules (some in place) gives BackPACK's V."""
+    in_place = []
+    original = fast_backprop.FastReLUDerivatives.jac_t_mat_prod_
+
+    def counting(self, module, mat, subsampling=None):
+        in_place.append(module)
+        return original(self, module, mat, subsampling)
+
+    monkeypatch.setattr(fast_backprop.FastReLUDerivatives, "jac_t_mat_prod_", counting)
+    factory, shape, converter = NETWORKS[net]
+    torch.manual_seed(0)
+    model = extend(factory().double(), use_converter=converter)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    X, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    params = list(model.parameters())
+    ggn = vivitlib.LowRankGGN(params, compute=compute)
+    with backpack(*ggn.extensions, extension_hook=ggn.hook):
+        loss_fn(model(X), y).backward()
+    block = ggn.blocks[0]
+    gram = block.gram
+    E = torch.cat([e.flatten(1) for e in block.evecs()], 1) if block._factors else None
+    with backpack(SqrtGGNExact()):
+        loss_fn(model(X), y).backward()
+    V = torch.cat([p.sqrt_ggn_exact.flatten(2) for p in params], dim=2)  # [C, N, D]
+    V = V.transpose(0, 1).flatten(end_dim=1)  # sample-major columns
+    torch.testing.assert_close(gram, V @ V.T, rtol=1e-10, atol=1e-13)
+    if E is not None:  # kept factors were not overwritten later in the pass
+        G = V.T @ V
+        tol = 1e-9 * block.evals[0]
+        torch.testing.assert_close(E @ G, block.evals[:, None] * E, atol=tol, rtol=0)
+    assert in_place, "no activation was backpropagated in place"

@@ -1,0 +1,227 @@
+"""Faster square-root-GGN backpropagation through common layers, same numbers.
+
+BackPACK backpropagates the GGN factor ``[C, N, *output]`` through an
+element-wise activation with ``einsum("...,v...->v...", f'(x), mat)`` and
+through max pooling by scattering into a zero buffer after ``einops``
+rearrangements of the factor and the indices. The rules here do the same
+arithmetic with plain broadcasting:
+
+* activations (ReLU, Sigmoid, Tanh, LeakyReLU, ELU, SELU, LogSigmoid):
+  ``mat * f'(x)``; ReLU multiplies by the mask ``x > 0`` directly;
+* Dropout: the factor itself in eval mode (the identity), ``mat * mask`` in
+  train mode;
+* max pooling: one ``scatter_add_`` into ``[C, N·channels, input pixels]``
+  with the pooling indices expanded (not copied) over the ``C`` columns.
+
+(``Flatten`` needs nothing: BackPACK's rule already returns a view.) The
+per-sample-gradient extension backpropagates nothing through these layers.
+
+On the CPU most of the time of a large backpropagated factor goes into
+touching freshly allocated memory, so the activation rules multiply **in
+place** when nothing else can see the factor: the extension's
+:class:`QuantityLedger` (BackPACK's store of backpropagated quantities, plus a
+record of the quantities a parameter's factor may keep) confirms that no other
+stored or kept tensor shares its memory (e.g. a residual sum hands one tensor
+to both branches), and the tensor is contiguous and outside autograd.
+Otherwise they compute out of place. Either way the numbers are BackPACK's.
+
+:data:`FAST_SQRT` maps module classes to rules registered on the factor
+extension through BackPACK's ``set_module_extension``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from math import prod
+from typing import Any
+
+import torch
+from backpack.core.derivatives.dropout import DropoutDerivatives
+from backpack.core.derivatives.elu import ELUDerivatives
+from backpack.core.derivatives.leakyrelu import LeakyReLUDerivatives
+from backpack.core.derivatives.logsigmoid import LogSigmoidDerivatives
+from backpack.core.derivatives.maxpool1d import MaxPool1DDerivatives
+from backpack.core.derivatives.maxpool2d import MaxPool2DDerivatives
+from backpack.core.derivatives.maxpool3d import MaxPool3DDerivatives
+from backpack.core.derivatives.relu import ReLUDerivatives
+from backpack.core.derivatives.selu import SELUDerivatives
+from backpack.core.derivatives.sigmoid import SigmoidDerivatives
+from backpack.core.derivatives.tanh import TanhDerivatives
+from backpack.extensions.saved_quantities import SavedQuantities
+from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
+from backpack.utils.subsampling import subsample
+from torch import Tensor, nn
+
+
+class QuantityLedger(SavedQuantities):
+    """BackPACK's store of backpropagated quantities, aware of who else holds them.
+
+    Besides the stored quantities it keeps weak references to *pinned* tensors:
+    quantities a parameter's factor may keep (a view or the tensor itself).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._quantities: dict[int, Any] = {}
+        self._pins: dict[int, weakref.ref] = {}
+
+    def save_quantity(self, key: int, quantity, accumulation_function) -> None:
+        """Store ``quantity`` under ``key``, accumulating onto an existing one."""
+        if key in self._quantities:
+            quantity = accumulation_function(self._quantities.pop(key), quantity)
+        self._quantities[key] = quantity
+
+    def retrieve_quantity(self, key: int, delete_old: bool):
+        """The quantity stored under ``key`` (removed if ``delete_old``), or None."""
+        if delete_old:
+            return self._quantities.pop(key, None)
+        return self._quantities.get(key, None)
+
+    def pin(self, key: int) -> None:
+        """Record that the quantity stored under ``key`` may be kept elsewhere."""
+        for tensor in _tensors(self._quantities.get(key)):
+            self._pins[id(tensor)] = weakref.ref(tensor)
+
+    def is_exclusive(self, tensor: Tensor) -> bool:
+        """Whether no stored or pinned tensor shares ``tensor``'s memory."""
+        ptr = tensor.untyped_storage().data_ptr()
+        self._pins = {k: r for k, r in self._pins.items() if r() is not None}
+        held = [r() for r in self._pins.values()]
+        for quantity in self._quantities.values():
+            held.extend(_tensors(quantity))
+        return all(t.untyped_storage().data_ptr() != ptr for t in held)
+
+
+def _tensors(quantity) -> list[Tensor]:
+    if isinstance(quantity, Tensor):
+        return [quantity]
+    if isinstance(quantity, (list, tuple)):
+        return [t for t in quantity if isinstance(t, Tensor)]
+    return []
+
+
+def may_overwrite(ext: Any, mat: Any) -> bool:
+    """Whether ``ext``'s backpropagated ``mat`` may be modified in place."""
+    ledger = getattr(ext, "saved_quantities", None)
+    return (
+        isinstance(ledger, QuantityLedger)
+        and isinstance(mat, Tensor)
+        and not mat.requires_grad
+        and mat.is_contiguous()
+        and ledger.is_exclusive(mat)
+    )
+
+
+def _elementwise(base: type) -> type:
+    """``base`` with ``Jᵀ mat = mat * f'(x)`` instead of an einsum."""
+
+    class _Fast(base):
+        def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
+            return mat * self.df(module, g_inp, g_out, subsampling=subsampling)
+
+        def jac_t_mat_prod_(self, module, mat: Tensor, subsampling=None) -> Tensor:
+            """The same product written into ``mat``."""
+            return mat.mul_(self.df(module, None, None, subsampling=subsampling))
+
+    _Fast.__name__ = f"Fast{base.__name__}"
+    return _Fast
+
+
+class FastReLUDerivatives(ReLUDerivatives):
+    """ReLU: multiply by the mask ``x > 0`` (no float derivative tensor)."""
+
+    def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
+        return mat * (subsample(module.input0, subsampling=subsampling) > 0)
+
+    def jac_t_mat_prod_(self, module, mat: Tensor, subsampling=None) -> Tensor:
+        """The same product written into ``mat``."""
+        return mat.mul_(subsample(module.input0, subsampling=subsampling) > 0)
+
+
+class FastDropoutDerivatives(_elementwise(DropoutDerivatives)):
+    """Dropout: the identity in eval mode, ``mat * mask / (1 - p)`` in train mode."""
+
+    def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
+        if not module.training or module.p == 0:
+            return mat
+        return super()._jac_t_mat_prod(
+            module, g_inp, g_out, mat, subsampling=subsampling
+        )
+
+    def jac_t_mat_prod_(self, module, mat: Tensor, subsampling=None) -> Tensor:
+        """The same product written into ``mat``."""
+        if not module.training or module.p == 0:
+            return mat
+        return super().jac_t_mat_prod_(module, mat, subsampling=subsampling)
+
+
+def _max_pool(base: type) -> type:
+    """``base`` with one scatter over flattened pixels, indices expanded not copied."""
+
+    class _Fast(base):
+        def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
+            index = self.get_pooling_idx(module, subsampling=subsampling)
+            V, N, channels = mat.shape[:3]
+            in_shape = module.input0.shape[2:]
+            out = mat.new_zeros(V, N * channels, prod(in_shape))
+            index = index.reshape(1, N * channels, -1).expand(V, -1, -1)
+            out.scatter_add_(2, index, mat.reshape(V, N * channels, -1))
+            return out.view(V, N, channels, *in_shape)
+
+    _Fast.__name__ = f"Fast{base.__name__}"
+    return _Fast
+
+
+#: Module class -> fast derivatives (same arithmetic as BackPACK's).
+FAST_DERIVATIVES: dict[type[nn.Module], type] = {
+    nn.ReLU: FastReLUDerivatives,
+    nn.Sigmoid: _elementwise(SigmoidDerivatives),
+    nn.Tanh: _elementwise(TanhDerivatives),
+    nn.LeakyReLU: _elementwise(LeakyReLUDerivatives),
+    nn.ELU: _elementwise(ELUDerivatives),
+    nn.SELU: _elementwise(SELUDerivatives),
+    nn.LogSigmoid: _elementwise(LogSigmoidDerivatives),
+    nn.Dropout: FastDropoutDerivatives,
+    nn.MaxPool1d: _max_pool(MaxPool1DDerivatives),
+    nn.MaxPool2d: _max_pool(MaxPool2DDerivatives),
+    nn.MaxPool3d: _max_pool(MaxPool3DDerivatives),
+}
+
+
+def _sqrt_rule(derivatives_cls: type) -> type:
+    class _Rule(SqrtGGNBaseModule):
+        def __init__(self):
+            super().__init__(derivatives_cls())
+
+        def backpropagate(self, ext, module, g_inp, g_out, backproped):
+            in_place = getattr(self.derivatives, "jac_t_mat_prod_", None)
+            if in_place is not None and may_overwrite(ext, backproped):
+                return in_place(module, backproped, subsampling=ext.get_subsampling())
+            return super().backpropagate(ext, module, g_inp, g_out, backproped)
+
+    _Rule.__name__ = f"SqrtGGN{derivatives_cls.__name__}"
+    return _Rule
+
+
+#: Module class -> square-root-GGN rule replacing BackPACK's.
+FAST_SQRT = {cls: _sqrt_rule(d) for cls, d in FAST_DERIVATIVES.items()}
+
+
+def jac_t_mat_prod(
+    module: nn.Module, mat: Tensor, subsampling: list[int] | None = None
+) -> Tensor:
+    """Apply the fast rule of ``module`` (after a BackPACK-extended forward).
+
+    Args:
+        module: One of the classes in :data:`FAST_DERIVATIVES`.
+        mat: ``[V, N, *module.output.shape[1:]]``.
+        subsampling: Sample indices ``mat`` belongs to (``None``: all).
+
+    Returns:
+        ``[V, N, *module.input0.shape[1:]]``.
+    """
+    derivatives = FAST_DERIVATIVES[type(module)]()
+    with torch.no_grad():
+        return derivatives.jac_t_mat_prod(
+            module, None, None, mat, subsampling=subsampling
+        )

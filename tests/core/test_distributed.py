@@ -178,3 +178,20 @@ def test_a_failing_rank_makes_the_others_raise_within_the_timeout(world_results)
     message, elapsed, _ = results[(0, "failure")]
     assert message != "no error"
     assert elapsed < 30
+
+
+def test_torchrun_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "docs" / "examples" / "ddp_curvature.py"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), str(script)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("rank")]
+    assert len(lines) == 2
+    assert lines[0].split(":", 1)[1] == lines[1].split(":", 1)[1]  # same on both

@@ -20,9 +20,10 @@ def test_eigenpairs(problem):
 
 def test_gram_is_sample_major(problem):
     block = _collect(problem).blocks[0]
-    n = problem.X.shape[0]
-    assert block.gram.shape[0] % n == 0
     dense = problem.dense()
+    n = len(dense.per_sample_grads)  # samples the loss counts
+    assert block.num_curv_samples == n
+    assert block.gram.shape[0] % n == 0
     # trace of the Gram equals trace of G
     torch.testing.assert_close(
         block.gram.trace(), dense.ggn.trace(), rtol=1e-10, atol=0

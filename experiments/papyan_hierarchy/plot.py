@@ -140,7 +140,7 @@ def plot_full_data(table: pd.DataFrame, out_dir: Path) -> list[Path]:
             ax.set_title(f"{problem}, step {step}: full data", fontsize=9)
             ax.set_xlabel("eigenvalue (| = top-C)")
             ax.legend(fontsize=6)
-        axes[0, 0].set_ylabel("density (kernel width = Ritz-node spacing)")
+        axes[0, 0].set_ylabel("density (kernel: Ritz spacing)")
         paths.append(
             plotting.save(fig, Path(out_dir) / f"hierarchy_full_{problem}.png")
         )

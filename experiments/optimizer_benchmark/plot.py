@@ -14,6 +14,9 @@ from matplotlib.figure import Figure  # noqa: E402
 def figure(curves: pd.DataFrame) -> Figure:
     """Median training loss of each tuned optimiser per problem, by step and time.
 
+    The per-second panels start at the first evaluation after step 0; losses
+    above ten times the initial one (divergence) are cut off.
+
     Args:
         curves: Evaluation rows of the final runs (``problem, optimizer, seed,
             step, time_s, train_loss``).
@@ -39,11 +42,13 @@ def figure(curves: pd.DataFrame) -> Figure:
             if name.startswith("newton_default"):
                 style.update(lw=2.4)
             axes[0, col].plot(median.index, median["train_loss"], **style)
-            axes[1, col].plot(median["time_s"], median["train_loss"], **style)
+            timed = median[median["time_s"] > 0]  # log axis: no step-0 point
+            axes[1, col].plot(timed["time_s"], timed["train_loss"], **style)
+        top = 10 * part.loc[part["step"] == 0, "train_loss"].median()  # clip blow-ups
         axes[0, col].set(title=problem, xlabel="step", ylabel="train loss",
-                         yscale="log")  # fmt: skip
+                         yscale="log", ylim=(None, top))  # fmt: skip
         axes[1, col].set(xlabel="seconds (timed steps)", ylabel="train loss",
-                         yscale="log", xscale="log")  # fmt: skip
+                         yscale="log", xscale="log", ylim=(None, top))  # fmt: skip
     axes[0, 0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig

@@ -195,3 +195,14 @@ def test_torchrun_example_runs(tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith("rank")]
     assert len(lines) == 2
     assert lines[0].split(":", 1)[1] == lines[1].split(":", 1)[1]  # same on both
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_smoke(tmp_path):
+    from experiments.benchmarks.distributed import run
+
+    rows = run.main(["--ranks", "1", "2", "--batch-size", "4", "--repeats", "1",
+                     "--out", str(tmp_path)])  # fmt: skip
+    assert [r["ranks"] for r in rows] == [1, 2]
+    assert rows[1]["bytes_sent_per_rank"] < rows[0]["bytes_sent_per_rank"]
+    assert (tmp_path / "results.md").exists()

@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of data-parallel curvature (issue 14)."""

@@ -19,6 +19,8 @@ from vivitlib.hessianfree._checks import (
     check_model_state,
     check_params,
     check_reduction,
+    nonfinite_flag,
+    resolve_flags,
 )
 from vivitlib.hessianfree._loss import mean_denominator
 from vivitlib.hessianfree._state import ModelGuard
@@ -223,7 +225,6 @@ class CurvatureOperator:
         """
         if not isinstance(V, Tensor) or V.ndim != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"V must be a tensor of shape [{self.shape[0]}, k].")
-        check_finite(V, "v", "Pass a finite vector.")
         result = self._matmat(V, use_cache=True)
         self.num_products += V.shape[1]
         return result
@@ -289,24 +290,16 @@ class CurvatureOperator:
             X, y = self._to_device(X, y)
             yield self._build(X, y), weight
 
-    def _batches(self, fresh: bool) -> Iterator[tuple[Any, float]]:
-        """Yield ``(state, weight)``, from the cache while it is ``fresh``."""
-        if not self._cache_graph:
-            yield from self._states()
-            return
-        if self._cache is None or not fresh:
-            self.clear_cache()
+    def _rebuild_cache(self) -> None:
+        """Build every batch's graph anew and snapshot the parameters."""
+        self.clear_cache()
+        self._guard.check_finite()
+        with torch.enable_grad():
             self._cache = list(self._states())
-            self._guard.take_snapshot()
-        yield from self._cache
+        self._guard.take_snapshot()
 
-    def _matmat(self, V: Tensor, use_cache: bool) -> Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "Curvature products need autograd, which torch.inference_mode() "
-                "disables: compute them outside inference_mode (no_grad is fine)."
-            )
-        fresh = self._guard.check()
+    def _product(self, V: Tensor, cached: bool) -> Tensor:
+        """Sum the weighted batch products with ``V`` [D, k] (and over ranks)."""
         dim, k = self.shape[0], V.shape[1]
         rows = V.T.to(device=self.device, dtype=self.dtype).contiguous()  # [k, D]
         cols = [
@@ -314,32 +307,65 @@ class CurvatureOperator:
             for row in rows
         ]
         result = torch.zeros(dim, k, dtype=torch.float64, device=self.device)
-        cache_graph = self._cache_graph
-        self._cache_graph = cache_graph and use_cache
-        try:
-            with torch.enable_grad():
-                batches = self._batches(fresh)
-                if self._progressbar:
-                    from tqdm.auto import tqdm
+        with torch.enable_grad():
+            batches = self._cache if cached else self._states()
+            if self._progressbar:
+                from tqdm.auto import tqdm
 
-                    batches = tqdm(batches, desc=type(self).__name__, leave=False)
-                for state, weight in batches:
-                    for j, col in enumerate(cols):
-                        retain = self._cache_graph or j < k - 1
-                        out = self._apply(state, col, retain=retain)
-                        flat = torch.cat([o.reshape(-1) for o in out])
-                        result[:, j].add_(flat, alpha=weight)
-        finally:
-            self._cache_graph = cache_graph
+                batches = tqdm(batches, desc=type(self).__name__, leave=False)
+            for state, weight in batches:
+                for j, col in enumerate(cols):
+                    out = self._apply(state, col, retain=cached or j < k - 1)
+                    flat = torch.cat([o.reshape(-1) for o in out])
+                    result[:, j].add_(flat, alpha=weight)
         if self._distributed:
             _dist.all_reduce_sum(result, self._group, self._timeout)
-        check_finite(
-            result,
-            f"The {type(self).__name__} product",
-            "Parameters, data and v are finite, so the loss or its derivatives "
-            "overflow at these parameters (in float32: try model.double()), or "
-            "the model's forward is not finite on this data.",
-        )
+        return result
+
+    def _matmat(self, V: Tensor, use_cache: bool) -> Tensor:
+        """Checked product; one device synchronisation for all value checks.
+
+        A cached graph is used speculatively while the snapshot comparison is
+        pending, and the product is recomputed if it turns out stale (except
+        with several ranks, where all must agree before the collective).
+        """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "Curvature products need autograd, which torch.inference_mode() "
+                "disables: compute them outside inference_mode (no_grad is fine)."
+            )
+        self._guard.check()
+        cached = self._cache_graph and use_cache
+        stale: bool | Tensor = cached and (self._cache is None or self._guard.stale())
+        if cached and self._distributed and not isinstance(stale, bool):
+            stale = resolve_flags([stale])[0]
+        if stale is True:
+            self._rebuild_cache()
+            stale = False
+        result = self._product(V, cached)
+        flags = [stale, nonfinite_flag(V), nonfinite_flag(result)]
+        if not cached:  # values not covered by a snapshot
+            flags.append(self._guard.nonfinite())
+        stale, bad_v, bad_result, *bad_params = resolve_flags(flags)
+        if stale:
+            self._rebuild_cache()
+            result = self._product(V, cached)
+            bad_result = resolve_flags([nonfinite_flag(result)])[0]
+        if bad_v:
+            check_finite(V, "v", "Pass a finite vector.")
+        if any(bad_params) or bad_result:
+            self._guard.check_finite()
+        if bad_result:
+            ranks = (
+                " (on this rank; check the other ranks')" if self._distributed else ""
+            )
+            check_finite(
+                result,
+                f"The {type(self).__name__} product",
+                f"Parameters, data and v are finite{ranks}, so the loss or its "
+                "derivatives overflow at these parameters (in float32: try "
+                "model.double()), or the model's forward is not finite on this data.",
+            )
         return result
 
     def _check_deterministic(self) -> None:

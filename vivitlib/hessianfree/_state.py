@@ -16,7 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vivitlib.hessianfree._checks import check_model_state
+from vivitlib.hessianfree._checks import (
+    check_model_state,
+    nonfinite_flag,
+    resolve_flags,
+)
 
 
 def _names(model: nn.Module, params: list[Tensor]) -> list[str]:
@@ -53,17 +57,17 @@ class ModelGuard:
     def _watched(self) -> list[Tensor]:
         return [*self._params, *self._model.buffers()]
 
-    def check(self) -> bool:
+    def check(self) -> None:
         """Raise if the model or the parameters can no longer give valid products.
 
-        Returns:
-            Whether parameters and buffers still equal the snapshot (a cached
-            graph is valid).
+        Checks modes, ``requires_grad``, shapes, dtypes and devices (no device
+        synchronisation); values are checked by :meth:`stale`,
+        :meth:`nonfinite` and :meth:`check_finite`.
 
         Raises:
-            ValueError: If dropout/batch norm is in train mode, a parameter was
-                frozen or changed shape, dtype or device since the operator was
-                built, or holds NaN or Inf.
+            ValueError: If dropout/batch norm (or any module that was in eval
+                mode at the build) is in train mode, or a parameter was frozen
+                or changed shape, dtype or device since the operator was built.
 
         """
         check_model_state(self._model, built=True)
@@ -88,26 +92,25 @@ class ModelGuard:
                     f"to {_meta(p)} since the operator was built (e.g. by "
                     "model.double() or model.to(...)). Build a new operator."
                 )
-        fresh = self.unchanged()
-        if not fresh:
-            self.check_finite()
-        return fresh
+
+    def nonfinite(self) -> Tensor:
+        """A 0-d bool tensor, ``True`` if a parameter holds NaN or Inf (no sync)."""
+        with torch.no_grad():
+            sums = [nonfinite_flag(p).to(self._params[0].device) for p in self._params]
+            return torch.stack(sums).any()
 
     def check_finite(self) -> None:
         """Raise a ``ValueError`` naming the parameters that hold NaN or Inf."""
-        with torch.no_grad():  # a finite sum has only finite terms
-            sums = [p.sum(dtype=torch.float64) for p in self._params]
-            if all(bool(torch.isfinite(total)) for total in sums):
-                return
+        if not resolve_flags([self.nonfinite()])[0]:
+            return
         bad = [
             n for n, p in zip(self.names, self._params) if not torch.isfinite(p).all()
         ]
-        if bad:
-            raise ValueError(
-                f"Parameter(s) {bad} contain NaN or Inf, where the curvature is "
-                "undefined. Restore finite values (e.g. from a checkpoint, or train "
-                "with a smaller learning rate) before computing products."
-            )
+        raise ValueError(
+            f"Parameter(s) {bad} contain NaN or Inf, where the curvature is "
+            "undefined. Restore finite values (e.g. from a checkpoint, or train "
+            "with a smaller learning rate) before computing products."
+        )
 
     def take_snapshot(self) -> None:
         """Copy the parameters and buffers a cached graph is built with."""
@@ -117,15 +120,26 @@ class ModelGuard:
         """Forget the snapshot (the cache was cleared)."""
         self._snapshot = None
 
-    def unchanged(self) -> bool:
-        """Whether parameters and buffers equal the snapshot (``False`` without one)."""
+    def stale(self) -> bool | Tensor:
+        """Whether parameters or buffers differ from the snapshot.
+
+        Returns:
+            ``True`` without a snapshot or when a shape, dtype or device
+            changed; else a Python bool (CPU) or a 0-d bool tensor (other
+            devices, so that the caller synchronises once for all checks).
+        """
         if self._snapshot is None:
-            return False
+            return True
         current = self._watched()
-        if len(current) != len(self._snapshot):
-            return False
+        if len(current) != len(self._snapshot) or any(
+            _meta(a) != _meta(b) for a, b in zip(current, self._snapshot)
+        ):
+            return True
         with torch.no_grad():
-            return all(
-                _meta(a) == _meta(b) and torch.equal(a, b)
-                for a, b in zip(current, self._snapshot)
-            )
+            if all(t.device.type == "cpu" for t in current):
+                return not all(
+                    torch.equal(a, b) for a, b in zip(current, self._snapshot)
+                )
+            device = current[0].device
+            flags = [(a != b).any().to(device) for a, b in zip(current, self._snapshot)]
+            return torch.stack(flags).any()

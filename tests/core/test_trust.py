@@ -396,3 +396,11 @@ def test_regulariser_added_to_the_loss_is_refused():
         assert torch.equal(p.grad, g)
     with pytest.raises(RuntimeError, match="No curvature"):
         ggn.blocks  # noqa: B018
+
+
+def test_signal_to_noise_edge_cases():
+    samples = torch.tensor([[1.0, 0.0, 2.0], [1.0, 0.0, 4.0]], dtype=torch.float64)
+    snr = vivitlib.linalg.signal_to_noise(samples)
+    assert snr[0] == float("inf") and snr[1] == 0 and snr[2] == pytest.approx(4.5)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        vivitlib.linalg.signal_to_noise(samples[:1])

@@ -55,15 +55,27 @@ def signal_to_noise(samples: Tensor) -> Tensor:
     """Signal-to-noise ratio ``mean² / variance`` over the first axis.
 
     The variance uses Bessel's correction (``N - 1``). A direction with zero
-    variance gets ``inf`` (or ``nan`` if its mean is zero too).
+    variance gets ``inf``, or ``0`` if its mean is zero too (no signal).
 
     Args:
-        samples: Per-sample values, shape ``[N, K]``.
+        samples: Per-sample values, shape ``[N, K]`` with ``N >= 2``.
 
     Returns:
         SNR per direction, shape ``[K]``.
+
+    Raises:
+        ValueError: With fewer than two samples (the variance is undefined).
     """
-    return samples.mean(0).pow(2) / samples.var(0)
+    if samples.shape[0] < 2:
+        raise ValueError(
+            f"The signal-to-noise ratio needs at least 2 samples, got "
+            f"{samples.shape[0]}: use a larger batch (or more indices in "
+            "subsampling / grad_subsampling)."
+        )
+    mean_sq = samples.mean(0).pow(2)
+    var = samples.var(0)
+    snr = mean_sq / var
+    return torch.where((var == 0) & (mean_sq == 0), torch.zeros_like(snr), snr)
 
 
 def gradient_overlaps(gamma_means: Tensor, grad_norm_sq: Tensor | float) -> Tensor:

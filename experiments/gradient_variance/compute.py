@@ -12,7 +12,9 @@ For each batch of ``N`` training samples (pass in float64):
   ``hessian_lambda_max`` (Lanczos), ``hessian_trace`` and ``hessian_frobenius``
   (Hutchinson, ``E[vᵀHv]`` and ``E‖Hv‖²`` over Rademacher ``v``, ``--probes``
   probes) — the Deep Curvature suite's norms along training; their spread over the
-  batches is the batch-to-batch variance of the Hessian;
+  batches is the batch-to-batch variance of the Hessian (for the trace and the
+  Frobenius norm it includes the Hutchinson estimate's own noise, relative standard
+  deviation about ``√(2/probes) · ‖H‖_F / |tr H|`` for the trace);
 * along the GGN's top directions (one row each, ``k < top_k``): the columns of
   :func:`experiments.common.curvature.direction_table` (``eigenvalue`` λ_k,
   ``lambda_var`` the variance of the per-sample curvatures λ_nk, ...);

@@ -8,7 +8,8 @@ turns the first three into clear errors and detects the last by comparing
 the parameters and buffers with a snapshot taken when a graph was cached, so
 a cached graph is only reused while it is provably valid. A snapshot costs
 one copy of the parameters and buffers (memory) and one equality pass per
-product (time).
+product (time; on GPUs without a synchronisation of its own, see
+:meth:`ModelGuard.stale`).
 """
 
 from __future__ import annotations

@@ -276,6 +276,9 @@ def test_second_closure_call_that_raises_restores_parameters():
     with pytest.raises(RuntimeError, match="second call"):
         opt.step(closure)
     assert torch.equal(flat(model.parameters()), params)
+    state = opt.state_dict()
+    assert state["num_steps"] == 0 and state["state"] == {}
+    assert state["control_states"] == [{"mu": 1e-3, "radius": None}]
 
 
 def test_bad_strategy_leaves_safeguard_state_untouched():
@@ -357,3 +360,27 @@ def test_lanczos_failed_load_leaves_state_unchanged():
             opt.load_state_dict({**state, **bad})
         assert opt.state_dict()["num_steps"] == 1
         assert all(torch.equal(a, b) for a, b in zip(opt.directions, directions))
+
+
+@pytest.mark.parametrize("second_call_only", [False, True])
+def test_closure_without_return_value_raises_clearly(second_call_only):
+    model, loss_fn, X, y = mlp()
+    opt = DampedNewton(model.parameters(), mc_samples=0)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        if second_call_only and len(calls) == 1:
+            return loss
+        return None  # forgot to return the loss
+
+    params = flat(model.parameters())
+    with pytest.raises(TypeError, match="return the scalar loss"):
+        opt.step(closure)
+    assert torch.equal(flat(model.parameters()), params)
+    state = opt.state_dict()
+    assert state["num_steps"] == 0 and state["state"] == {}
+    assert state["control_states"] == [{"mu": 1e-3, "radius": None}]

@@ -22,6 +22,19 @@ def loss_value(loss: Any) -> float:
     return float(loss)
 
 
+def check_loss(loss: Any) -> None:
+    """Raise ``TypeError`` unless a closure returned a scalar loss."""
+    scalar = isinstance(loss, Tensor) and loss.numel() == 1
+    if not (scalar or isinstance(loss, int | float)) or isinstance(loss, bool):
+        what = type(loss).__name__
+        if isinstance(loss, Tensor):
+            what += f" of shape {tuple(loss.shape)}"
+        raise TypeError(
+            f"The closure returned {what}; it must compute the loss, call "
+            "loss.backward() and return the scalar loss."
+        )
+
+
 def restore(params: Sequence[Tensor], values: Sequence[Tensor], grads) -> None:
     """Put back parameter values and ``.grad`` saved before a step."""
     for param, value, grad in zip(params, values, grads):
@@ -109,6 +122,7 @@ class SafeguardedStepping:
         try:
             with torch.enable_grad():
                 new_loss = closure()
+            check_loss(new_loss)
         except BaseException:
             restore(all_params, before, grads)
             raise

@@ -20,7 +20,12 @@ from backpack import backpack
 from torch import Tensor
 
 from vivitlib.ggn import LowRankGGN
-from vivitlib.optim._stepping import SafeguardedStepping, load_pending, loss_value
+from vivitlib.optim._stepping import (
+    SafeguardedStepping,
+    check_loss,
+    load_pending,
+    loss_value,
+)
 from vivitlib.optim.damping import BootstrapDamping, ConstantDamping
 from vivitlib.optim.safeguards import StepControl, StepPlan
 
@@ -322,6 +327,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                     backpack(*self.extensions, extension_hook=self.hook),
                 ):
                     loss = closure()
+                check_loss(loss)
             except BaseException:
                 self._ggn.reset()
                 raise
@@ -335,7 +341,15 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 ) from err
             raise
         saved_controls = [c.state_dict() for c in self._controls]
+        saved_pending = self._pending
         num_records = len(self.damping_history)
+
+        def undo() -> None:
+            for control, saved in zip(self._controls, saved_controls):
+                control.load_state_dict(saved)
+            self._pending = saved_pending
+            del self.damping_history[num_records:]
+
         try:
             if loss is not None and not _finite_loss(loss):
                 self._warn(None, f"the loss is not finite ({loss_value(loss)})")
@@ -354,22 +368,26 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 )
             ]
         except BaseException:
-            for control, saved in zip(self._controls, saved_controls):
-                control.load_state_dict(saved)
-            del self.damping_history[num_records:]
+            undo()
             raise
         finally:
             self._ggn.reset()
         moves, group_plans = [], []
         for group, block, plan in zip(self.param_groups, blocks, plans):
-            for param in block.params:
-                self.state[param]["step"] = self.state[param].get("step", 0) + 1
             group_plans.append(None if plan is None else plan[1])
             if plan is not None:
                 decay = 1.0 - group["lr"] * group["weight_decay"]
                 moves += [(p, u, decay) for p, u in zip(block.params, plan[0])]
         params = [p for group in self.param_groups for p in group["params"]]
-        if not self._commit(moves, group_plans, closure, loss, params):
+        try:
+            kept = self._commit(moves, group_plans, closure, loss, params)
+        except BaseException:
+            undo()
+            raise
+        for block in blocks:
+            for param in block.params:
+                self.state[param]["step"] = self.state[param].get("step", 0) + 1
+        if not kept:
             history = self.damping_history
             for i in range(num_records, len(history)):
                 history[i] = replace(history[i], applied=False)

@@ -36,7 +36,12 @@ from torch import Tensor, nn
 
 from vivitlib import hessianfree
 from vivitlib.directional import DirectionalDerivatives
-from vivitlib.optim._stepping import SafeguardedStepping, load_pending, loss_value
+from vivitlib.optim._stepping import (
+    SafeguardedStepping,
+    check_loss,
+    load_pending,
+    loss_value,
+)
 from vivitlib.optim.damped_newton import (
     DampedNewton,
     _as_strategy,
@@ -259,6 +264,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                     backpack(*self.extensions, extension_hook=self.hook),
                 ):
                     loss = closure()
+                check_loss(loss)
             except BaseException:
                 self._collector.reset()
                 raise
@@ -285,7 +291,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             lambdas = lambdas - lambdas.mean(0) + self.eigenvalues.to(lambdas)
         group = self.param_groups[0]
         strategy = group["damping"]
-        saved = self._controls[0].state_dict()
+        saved, saved_pending = self._controls[0].state_dict(), self._pending
         try:
             self._adapt_late([(p, p.grad) for p in self.params if p.grad is not None])
             dampings = DampedNewton._check_dampings(
@@ -301,6 +307,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 )
         except BaseException:
             self._controls[0].load_state_dict(saved)
+            self._pending = saved_pending
             raise
         moves = []
         if plan is not None:
@@ -309,7 +316,12 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                     plan.coefficients.to(param.dtype), direction, dims=1
                 )
                 moves.append((param, update, 1.0))
-        self._commit(moves, [plan], closure, loss, self.params)
+        try:
+            self._commit(moves, [plan], closure, loss, self.params)
+        except BaseException:
+            self._controls[0].load_state_dict(saved)
+            self._pending = saved_pending
+            raise
         self._num_steps += 1
         if self._num_steps % self.refresh_every == 0:
             self.refresh()

@@ -11,8 +11,7 @@ from __future__ import annotations
 import itertools
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -199,8 +198,7 @@ class BackpackCollector:
                 self._begin_pass(module, g_out)
             else:
                 _check_module(module)
-            with _default_dtype_of(module):
-                call(module, g_inp, g_out)
+            call(module, g_inp, g_out)
         except Exception as err:
             self._abort()
             raise _explain(err, module) from err
@@ -442,25 +440,6 @@ def _check_module(module: Module) -> None:
             "per-sample curvature is undefined. Call model.eval() before the "
             "curvature pass."
         )
-
-
-@contextmanager
-def _default_dtype_of(module: Module) -> Iterator[None]:
-    """Run BackPACK with the default dtype set to the module input's dtype.
-
-    Some BackPACK derivatives (average pooling) build helper kernels in the
-    default dtype, which breaks float64 models; this makes them follow the data.
-    """
-    dtype = getattr(getattr(module, "input0", None), "dtype", None)
-    previous = torch.get_default_dtype()
-    if dtype not in (torch.float32, torch.float64) or dtype == previous:
-        yield
-        return
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 class JointPass(NamedTuple):

@@ -80,6 +80,28 @@ def _conv1d_seq():
                          nn.Linear(12, 2))  # fmt: skip
 
 
+def _avgpool_options():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.Sigmoid(),
+        nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        nn.Flatten(), nn.Linear(27, 3),
+    )  # fmt: skip
+
+
+def _avgpool1d_ceil():
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 2), nn.Tanh(), nn.AvgPool1d(3, stride=2, ceil_mode=True),
+        nn.Flatten(), nn.Linear(12, 2),
+    )  # fmt: skip
+
+
+def _avgpool_divisor():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 2), nn.ReLU(), nn.AvgPool2d(2, divisor_override=3),
+        nn.Flatten(), nn.Linear(27, 3),
+    )  # fmt: skip
+
+
 def _sequence_linear():
     return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
 
@@ -138,6 +160,13 @@ CASES: list[dict[str, Any]] = [
          y=lambda n: _class_targets(n, 3)),
     dict(id="bce-logits", model=lambda: _mlp(4, 3, 1), loss=nn.BCEWithLogitsLoss,
          x=(5, 4), y=lambda n: torch.randint(0, 2, (n, 1)).double()),
+    dict(id="avgpool-ceil-no-pad-count", model=_avgpool_options,
+         loss=nn.CrossEntropyLoss, x=(3, 2, 7, 7), y=lambda n: _class_targets(n, 3)),
+    dict(id="avgpool1d-ceil", model=_avgpool1d_ceil, loss=nn.MSELoss, x=(3, 2, 9),
+         y=lambda n: torch.randn(n, 2)),
+    dict(id="avgpool-divisor-override", model=_avgpool_divisor,
+         loss=lambda: nn.CrossEntropyLoss(reduction="sum"), x=(3, 2, 7, 7),
+         y=lambda n: _class_targets(n, 3)),
     # loss options: the curvature must follow exactly what the loss computes
     dict(id="ce-ignore-index-mean", model=lambda: _mlp(5, 4, 3), loss=nn.CrossEntropyLoss,
          x=(6, 5), y=lambda n: _with_ignored(_class_targets(n, 3), [1, 4])),

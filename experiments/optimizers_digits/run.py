@@ -21,7 +21,10 @@ library's default grid ``1e-4..1e2``; ``newton_bootstrap_floor`` only candidates
 ``≥ --damping``. The bootstrap guards against noise in the quadratic model, not
 against the model's failure far from the current parameters: with small candidates
 it takes near-undamped steps along flat, low-noise directions, which overshoot on a
-network (the default-grid run diverges in its first steps).
+network (the default-grid run diverges in its first steps). These three run with
+``safeguards=False`` (the plain method, as tuned above); ``newton_default`` is the
+untuned ``DampedNewton(params)`` with its safeguards (no closure: adapted one step
+late). The tuned comparison with peers is :mod:`experiments.optimizer_benchmark`.
 """
 
 from __future__ import annotations

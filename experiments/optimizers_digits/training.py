@@ -29,6 +29,7 @@ OPTIMIZERS = (
     "newton_constant",
     "newton_bootstrap",
     "newton_bootstrap_floor",
+    "newton_default",
 )
 
 
@@ -98,6 +99,10 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
         )
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr)
+    if config.optimizer == "newton_default":  # untuned, safeguards on
+        return DampedNewton(
+            model.parameters(), mc_samples=config.mc_samples, track_dampings=True
+        )
     if config.optimizer == "newton_constant":
         damping = ConstantDamping(config.damping)
     else:
@@ -108,7 +113,7 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
         damping = BootstrapDamping(candidates=grid, generator=config.seed)
     return DampedNewton(
         model.parameters(), damping, lr=config.lr, mc_samples=config.mc_samples,
-        track_dampings=True,
+        track_dampings=True, safeguards=False,
     )  # fmt: skip
 
 

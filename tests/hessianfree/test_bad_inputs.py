@@ -355,3 +355,18 @@ def test_tied_weights_match_dense():
         torch.testing.assert_close(
             op @ v, DENSE[kind](problem) @ v, rtol=1e-10, atol=1e-12
         )
+
+
+def test_integer_and_non_tensor_vectors_are_refused():
+    problem = _problem()
+    op = hf.HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    D = op.shape[0]
+    with pytest.raises(TypeError, match="floating-point.*int64.*v.double"):
+        op @ torch.ones(D, dtype=torch.long)
+    ints = [torch.ones_like(p, dtype=torch.int32) for p in problem.params()]
+    with pytest.raises(TypeError, match="floating-point.*int32"):
+        op @ ints
+    with pytest.raises(TypeError, match="V must be a tensor"):
+        op.matmat(np.ones((D, 1)))
+    with pytest.raises(ValueError, match="no effect with method='hutchinson'"):
+        hf.hutchinson_trace(op, 10, method="hutchinson", num_deflation=3)

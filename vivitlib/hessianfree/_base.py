@@ -15,10 +15,13 @@ from vivitlib.hessianfree import distributed as _dist
 from vivitlib.hessianfree._checks import (
     check_batch,
     check_data,
-    check_finite,
     check_model_state,
     check_params,
     check_reduction,
+)
+from vivitlib.hessianfree._finite import (
+    check_finite,
+    check_floating,
     nonfinite_flag,
     resolve_flags,
 )
@@ -184,7 +187,8 @@ class CurvatureOperator:
             the parameters' dtype per batch and summed in float64.
 
         Raises:
-            TypeError: If ``v`` is neither a tensor nor a list of tensors.
+            TypeError: If ``v`` is neither a tensor nor a list of tensors, or
+                not floating-point (an integer result would be truncated).
             ValueError: If the shapes do not match the parameters, ``v`` or the
                 product is not finite, or the model changed (see class doc).
 
@@ -195,6 +199,8 @@ class CurvatureOperator:
                 for t, p in zip(v, self.params)
             ):
                 raise ValueError("v must hold one tensor shaped like each parameter.")
+            for t in v:
+                check_floating(t)
             flat = torch.cat([t.reshape(-1) for t in v]).unsqueeze(1)
             out = self.matmat(flat)[:, 0]
             return [o.view_as(t).to(t) for o, t in zip(out.split(self._sizes), v)]
@@ -219,12 +225,16 @@ class CurvatureOperator:
             ``[D, k]`` float64 tensor on the parameters' device.
 
         Raises:
+            TypeError: If ``V`` is not a floating-point tensor.
             ValueError: If ``V`` or the product is not finite, or the model
                 changed (see the class docstring).
 
         """
-        if not isinstance(V, Tensor) or V.ndim != 2 or V.shape[0] != self.shape[0]:
+        if not isinstance(V, Tensor):
+            raise TypeError(f"V must be a tensor, got {type(V).__name__}.")
+        if V.ndim != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"V must be a tensor of shape [{self.shape[0]}, k].")
+        check_floating(V)
         result = self._matmat(V, use_cache=True)
         self.num_products += V.shape[1]
         return result

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from vivitlib.hessianfree._base import CurvatureOperator
-from vivitlib.hessianfree._checks import check_finite, check_square_operator
+from vivitlib.hessianfree._checks import check_square_operator
+from vivitlib.hessianfree._finite import check_finite
 
 _OP_FIX = (
     "The algorithms need a finite operator: check the matrix (or, for a "

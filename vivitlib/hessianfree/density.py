@@ -31,11 +31,11 @@ from torch import Tensor
 
 from vivitlib.hessianfree._checks import (
     check_at_most_dim,
-    check_finite,
     check_generator,
     check_positive_float,
     check_positive_int,
 )
+from vivitlib.hessianfree._finite import check_finite
 from vivitlib.hessianfree._linalg import MatMat, random_unit
 from vivitlib.hessianfree.eigh import _thick_restart
 from vivitlib.hessianfree.lanczos import _lanczos

@@ -110,6 +110,11 @@ def hutchinson_trace(
             f"{smallest}."
         )
 
+    if method == "hutchinson" and num_deflation is not None:
+        raise ValueError(
+            "num_deflation has no effect with method='hutchinson' (no deflation); "
+            "drop it or use method='krylov' or 'hutch++'."
+        )
     basis, exact = None, 0.0
     if method != "hutchinson":
         cost_per = 1 if method == "krylov" else 2

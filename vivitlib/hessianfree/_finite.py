@@ -1,0 +1,46 @@
+"""Finite and floating-point checks, with one device synchronisation per call."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def nonfinite_flag(tensor: Tensor) -> Tensor:
+    """Return a 0-d bool tensor, ``True`` if ``tensor`` holds NaN or Inf (no sync).
+
+    A float64 sum is finite only if every entry is (finite float32/float64
+    entries cannot overflow it in practice), so one reduction suffices.
+    """
+    if not tensor.is_floating_point():
+        return torch.zeros((), dtype=torch.bool, device=tensor.device)
+    return ~torch.isfinite(tensor.sum(dtype=torch.float64))
+
+
+def resolve_flags(flags: list[bool | Tensor]) -> list[bool]:
+    """Return ``flags`` as Python bools, synchronising once per device."""
+    out: list[bool | None] = [f if isinstance(f, bool) else None for f in flags]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        if not isinstance(f, bool):
+            by_device.setdefault(f.device, []).append(i)
+    for idx in by_device.values():
+        values = torch.stack([flags[i].reshape(()) for i in idx]).tolist()
+        for i, value in zip(idx, values):
+            out[i] = bool(value)
+    return out
+
+
+def check_finite(tensor: Tensor, what: str, fix: str) -> None:
+    """Raise a ``ValueError`` naming ``what`` and ``fix`` if ``tensor`` has NaN/Inf."""
+    if bool(nonfinite_flag(tensor)) and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{what} contains NaN or Inf. {fix}")
+
+
+def check_floating(v: Tensor) -> None:
+    """Raise a ``TypeError`` unless ``v`` is a real floating-point tensor."""
+    if not v.is_floating_point():
+        raise TypeError(
+            f"v must be a floating-point tensor, got dtype {v.dtype}: the product "
+            "would be truncated to it. Convert v first, e.g. v.double()."
+        )

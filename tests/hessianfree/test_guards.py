@@ -11,6 +11,7 @@ from torch import nn
 
 from tests.hessianfree.cases import CASES, DENSE, Problem, make_problem
 from vivitlib import hessianfree as hf
+from vivitlib.hessianfree._finite import check_finite
 
 OPERATORS = {
     "hessian": hf.HessianOperator,
@@ -202,6 +203,18 @@ def test_non_finite_parameter_at_build_raises():
     problem.model[0].bias.data[1] = float("nan")
     with pytest.raises(ValueError, match=r"\['0.bias'\] contain NaN"):
         hf.GGNOperator(problem.model, problem.loss_fn, problem.batches)
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    huge = torch.tensor([1e308, 1e308], dtype=torch.float64)  # the sum overflows
+    check_finite(huge, "huge", "")  # no error: the element-wise test decides
+    model = nn.Linear(2, 1).double()
+    model.weight.data.fill_(1e308)  # GGN of a linear model: independent of it
+    X, y = torch.ones(3, 2, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64)
+    op = hf.GGNOperator(model, nn.MSELoss(), (X, y), check_deterministic=False)
+    G = torch.full((3, 3), 2.0, dtype=torch.float64)  # 2/N Σ [x, 1][x, 1]ᵀ
+    v = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(op @ v, G @ v, rtol=1e-12, atol=0)
 
 
 def test_overflowing_product_raises():

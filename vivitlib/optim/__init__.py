@@ -3,6 +3,7 @@
 from vivitlib.optim.damped_newton import DampedNewton, DampingRecord
 from vivitlib.optim.damping import BootstrapDamping, ConstantDamping, DampingStrategy
 from vivitlib.optim.lanczos_newton import LanczosDampedNewton, RefreshRecord
+from vivitlib.optim.safeguards import StepControl, StepPlan
 
 __all__ = [
     "BootstrapDamping",
@@ -12,4 +13,6 @@ __all__ = [
     "DampingStrategy",
     "LanczosDampedNewton",
     "RefreshRecord",
+    "StepControl",
+    "StepPlan",
 ]

@@ -196,14 +196,21 @@ def _linear_percentile(values: Tensor, percentile: float) -> Tensor:
         Tensor of shape ``values.shape[1:]``.
 
     """
-    ordered = values.sort(dim=0).values
-    position = percentile / 100.0 * (values.shape[0] - 1)
+    num = values.shape[0]
+    position = percentile / 100.0 * (num - 1)
     low = math.floor(position)
-    high = min(low + 1, values.shape[0] - 1)
+    high = min(low + 1, num - 1)
+    # only the two order statistics are needed: a partial sort from the near end
+    if high < num // 2:
+        smallest = values.topk(high + 1, dim=0, largest=False, sorted=True).values
+        lower, upper = smallest[low], smallest[high]
+    else:
+        largest = values.topk(num - low, dim=0, largest=True, sorted=True).values
+        lower, upper = largest[num - 1 - low], largest[num - 1 - high]
     frac = position - low
     if frac == 0.0:
-        return ordered[low]
-    return ordered[low] + frac * (ordered[high] - ordered[low])
+        return lower
+    return lower + frac * (upper - lower)
 
 
 class BootstrapDamping(DampingStrategy):

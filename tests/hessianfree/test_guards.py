@@ -75,6 +75,20 @@ def test_cached_graph_follows_parameter_changes(kind, change):
     _check(op, problem, kind, v)  # and the rebuilt cache is reused correctly
 
 
+def test_cached_graph_follows_changes_of_parameters_outside_params():
+    problem = make_problem(CASES[0])
+    chosen = problem.params()[2:]  # the last layer only
+    op = hf.HessianOperator(
+        problem.model, problem.loss_fn, (problem.X, problem.y), params=chosen
+    )
+    v = torch.linspace(-1, 1, op.shape[0], dtype=torch.float64)
+    op @ v
+    problem.model[0].weight.data.mul_(2.0)  # not differentiated, but in the graph
+    start = sum(p.numel() for p in problem.params()[:2])
+    block = DENSE["hessian"](problem)[start:, start:]
+    torch.testing.assert_close(op @ v, block @ v, rtol=1e-10, atol=1e-12)
+
+
 def test_cached_graph_follows_buffer_changes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))

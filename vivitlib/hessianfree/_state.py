@@ -53,7 +53,8 @@ class ModelGuard:
         self._in_eval = [(n, m) for n, m in model.named_modules() if not m.training]
 
     def _watched(self) -> list[Tensor]:
-        return [*self._params, *self._model.buffers()]
+        """Everything a cached graph depends on: all parameters and buffers."""
+        return [*self._model.parameters(), *self._model.buffers()]
 
     def check(self) -> None:
         """Raise if the model or the parameters can no longer give valid products.
@@ -114,7 +115,7 @@ class ModelGuard:
 
     def take_snapshot(self) -> None:
         """Copy the parameters and buffers a cached graph is built with."""
-        self._snapshot = [t.detach().clone() for t in self._watched()]
+        self._snapshot = [t.detach().clone() for t in self._watched()]  # memory
 
     def drop_snapshot(self) -> None:
         """Forget the snapshot (the cache was cleared)."""

@@ -87,3 +87,11 @@ def test_gram_kernel_timer_runs(capsys):
     medians = gram_kernel.main(["--batch-sizes", "2", "--repeats", "1"])
     assert set(medians) == {(2, "gram", "current"), (2, "gram+vtg", "current")}
     assert "N=2 gram" in capsys.readouterr().out
+
+
+def test_backprop_rules_timer_runs(capsys):
+    from experiments.benchmarks.ggn import backprop_rules
+
+    rows = backprop_rules.main(["--batch-size", "2", "--repeats", "1", "--whole-pass"])
+    assert [r[0].split()[1] for r in rows][:2] == ["ReLU", "MaxPool2d"]
+    assert "eigenvalue pass" in capsys.readouterr().out

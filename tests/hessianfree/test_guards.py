@@ -89,6 +89,28 @@ def test_cached_graph_follows_changes_of_parameters_outside_params():
     torch.testing.assert_close(op @ v, block @ v, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("cache_graph", [None, True, False])
+@pytest.mark.parametrize("num_batches", [1, 2])
+def test_products_follow_replaced_or_edited_list_data(cache_graph, num_batches):
+    problem = make_problem(CASES[0])
+    data = [
+        (X.clone(), y.clone())
+        for X, y in zip(problem.X.chunk(num_batches), problem.y.chunk(num_batches))
+    ]
+    op = hf.GGNOperator(problem.model, problem.loss_fn, data, cache_graph=cache_graph)
+    v = torch.linspace(-1, 1, op.shape[0], dtype=torch.float64)
+    _check(op, problem, "ggn", v)
+    with torch.no_grad():
+        data[0][0].mul_(0.5)  # in place: a new version
+    problem.X = torch.cat([X for X, _ in data])
+    _check(op, problem, "ggn", v)
+    data[0] = (data[0][0][:4], data[0][1][:4])  # replaced by a smaller batch
+    problem.X = torch.cat([X for X, _ in data])
+    problem.y = torch.cat([y for _, y in data])
+    _check(op, problem, "ggn", v)
+    assert op.num_data == problem.X.shape[0]
+
+
 def test_cached_graph_follows_buffer_changes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))

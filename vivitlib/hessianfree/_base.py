@@ -86,7 +86,10 @@ class CurvatureOperator:
             cache_graph: Keep each batch's graph between products (fast, costs
                 memory and one copy of the parameters). Default ``None`` caches
                 when there is a single batch. The cache is rebuilt whenever a
-                parameter or buffer differs from its value at build time.
+                parameter or buffer differs from its value at build time, or a
+                batch of list data was replaced or changed in place; call
+                :meth:`clear_cache` after editing data through ``.data`` or
+                changing a loader's dataset.
             check_deterministic: Compare two products of one random vector
                 (not counted in ``num_products``). Default ``True``.
             distributed: All-reduce products over ``torch.distributed``;
@@ -125,13 +128,27 @@ class CurvatureOperator:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
 
+        local_batches = self._count_data()
+        self._cache_graph = local_batches == 1 if cache_graph is None else cache_graph
+        self._cache: list[tuple[Any, float]] | None = None
+        self._layout, self._cache_versions = self._data_key()
+        if check_deterministic:
+            self._check_deterministic()
+
+    def _count_data(self) -> int:
+        """Validate the batches, set ``num_data`` and the mean's denominator.
+
+        Returns:
+            The number of local batches.
+        """
         local_batches, num_data, denominator = 0, 0, 0.0
         for index, batch in enumerate(self._data):
             size = self._check_batch(index, batch)
-            X, y = batch
             local_batches += 1
             num_data += size
-            denominator += mean_denominator(loss_fn, y, size) if size else 0.0
+            denominator += (
+                mean_denominator(self._loss_fn, batch[1], size) if size else 0
+            )
         if self._distributed:
             counts = _dist.all_reduce_counts(
                 [num_data, denominator], self.device, self._group, self._timeout
@@ -148,12 +165,8 @@ class CurvatureOperator:
                 "ignore_index or has class weight 0, so the mean loss is undefined. "
                 "Pass data with at least one counted target."
             )
-        self.num_data = num_data
-        self._denominator = denominator
-        self._cache_graph = local_batches == 1 if cache_graph is None else cache_graph
-        self._cache: list[tuple[Any, float]] | None = None
-        if check_deterministic:
-            self._check_deterministic()
+        self.num_data, self._denominator = num_data, denominator
+        return local_batches
 
     # ---- to implement -------------------------------------------------------
     def _build(self, X: Tensor, y: Tensor) -> Any:
@@ -307,6 +320,36 @@ class CurvatureOperator:
         with torch.enable_grad():
             self._cache = list(self._states())
         self._guard.take_snapshot()
+        self._cache_versions = self._data_key()[1]
+
+    def _data_key(self) -> tuple[list | None, list | None]:
+        """Layout (ids, pointers, shapes) and versions of list data, else Nones."""
+        if not isinstance(self._data, list | tuple):
+            return None, None
+        tensors = [[t for t in b if torch.is_tensor(t)] for b in self._data]
+        layout = [
+            (id(b), [(id(t), t.data_ptr(), t.shape) for t in ts])
+            for b, ts in zip(self._data, tensors)
+        ]
+        return layout, [[t._version for t in ts] for ts in tensors]
+
+    def _data_changed(self) -> bool:
+        """Whether list data changed since the cache was built; recount new batches.
+
+        Raises:
+            ValueError: If batches were replaced while several ranks are active.
+        """
+        layout, versions = self._data_key()
+        if layout != self._layout:  # batches replaced: sizes may differ
+            if self._distributed:
+                raise ValueError(
+                    "The list of batches changed since the operator was built; "
+                    "with several ranks, build a new operator on every rank."
+                )
+            self._count_data()
+            self._layout = layout
+            return True
+        return versions != self._cache_versions
 
     def _product(self, V: Tensor, cached: bool) -> Tensor:
         """Sum the weighted batch products with ``V`` [D, k] (and over ranks)."""
@@ -346,7 +389,10 @@ class CurvatureOperator:
             )
         self._guard.check()
         cached = self._cache_graph and use_cache
-        stale: bool | Tensor = cached and (self._cache is None or self._guard.stale())
+        data_changed = self._data_changed()
+        stale: bool | Tensor = cached and (
+            self._cache is None or data_changed or self._guard.stale()
+        )
         if cached and self._distributed and not isinstance(stale, bool):
             stale = resolve_flags([stale])[0]
         if stale is True:

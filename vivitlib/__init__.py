@@ -2,10 +2,10 @@
 
 from vivitlib import errors, hessianfree, linalg, optim
 from vivitlib.block import GGNBlock
-from vivitlib.collector import combine
 from vivitlib.directional import DirectionalDerivatives, per_sample_hessian_curvatures
 from vivitlib.ggn import QUANTITIES, LowRankGGN
 from vivitlib.groups import layerwise_groups
+from vivitlib.joint import combine
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from backpack.utils.module_classification import is_loss
@@ -168,6 +168,16 @@ class BackpackCollector:
         """BackPACK extensions to pass to ``backpack(...)``."""
         return self._extensions
 
+    @property
+    def savefields(self) -> tuple[str, str]:
+        """Private attribute names of this object's factor and gradient buffers."""
+        return self._fields
+
+    @property
+    def needs_grads(self) -> bool:
+        """Whether this object collects per-sample gradients."""
+        return self._needs_grads
+
     def reset(self) -> None:
         """Drop the latest pass's results and buffers."""
         if self._pass is not None:
@@ -192,16 +202,34 @@ class BackpackCollector:
         value before the pass and partial buffers are dropped.
         """
         try:
-            if not hasattr(module, "output"):
-                raise RuntimeError(_missing_io_message(module))
-            if is_loss(module):
-                self._begin_pass(module, g_out)
-            else:
-                _check_module(module)
+            self.enter_module(module, g_out)
             call(module, g_inp, g_out)
         except Exception as err:
             self._abort()
-            raise _explain(err, module) from err
+            raise explain_error(err, module) from err
+
+    def enter_module(self, module: Module, g_out: Any) -> None:
+        """Validate ``module`` before an extension runs on it; start a pass at the loss.
+
+        Raises:
+            RuntimeError, ValueError: If the module or the pass is invalid (the
+                caller rolls back with :meth:`abort`).
+        """
+        if not hasattr(module, "output"):
+            raise RuntimeError(_missing_io_message(module))
+        if is_loss(module):
+            self._begin_pass(module, g_out)
+        else:
+            _check_module(module)
+
+    def abort(self) -> None:
+        """Restore ``.grad`` and drop the partial pass (after a failure)."""
+        self._abort()
+
+    def share_settings(self) -> tuple:
+        """What two collectors must agree on to share one factor backpropagation."""
+        sub = None if self.subsampling is None else tuple(self.subsampling)
+        return (self.mc_samples, sub, self.process_group is None)
 
     def hook(self, module: Module) -> None:
         """Extension hook: contract ``module``'s buffers into the groups, free them."""
@@ -442,40 +470,6 @@ def _check_module(module: Module) -> None:
         )
 
 
-class JointPass(NamedTuple):
-    """Extensions and hook of several collectors sharing one backward pass."""
-
-    extensions: tuple
-    hook: Callable[[Module], None]
-
-
-def combine(*collectors: Any) -> JointPass:
-    """Let several collectors (or optimisers) share one backward pass.
-
-    Example::
-
-        joint = vivitlib.combine(ggn, opt)
-        with backpack(*joint.extensions, extension_hook=joint.hook):
-            loss_fn(model(X), y).backward()
-
-    Each keeps its own buffers; work is not shared between them.
-
-    Args:
-        collectors: Objects with ``extensions`` and ``hook`` (e.g.
-            :class:`~vivitlib.LowRankGGN`, :class:`~vivitlib.optim.DampedNewton`).
-
-    Returns:
-        The concatenated extensions and a hook calling every collector's hook.
-    """
-    hooks = [c.hook for c in collectors]
-
-    def hook(module: Module) -> None:
-        for each in hooks:
-            each(module)
-
-    return JointPass(tuple(e for c in collectors for e in c.extensions), hook)
-
-
 def _clear_fields(groups: list[dict[str, Any]], fields: tuple[str, str]) -> bool:
     """Delete leftover buffers from grouped parameters; return whether any existed."""
     found = False
@@ -488,7 +482,7 @@ def _clear_fields(groups: list[dict[str, Any]], fields: tuple[str, str]) -> bool
     return found
 
 
-def _explain(err: Exception, module: Module) -> Exception:
+def explain_error(err: Exception, module: Module) -> Exception:
     """Translate BackPACK's terse errors into messages naming the fix."""
     text = str(err)
     name = type(module).__name__

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from backpack import backpack
 
 import vivitlib
 from tests.core.cases import CASES, make_problem
@@ -186,3 +187,79 @@ def test_two_collectors_share_one_pass():
     evals = torch.linalg.eigvalsh(expected).flip(0)[: sub.blocks[0].num_directions]
     torch.testing.assert_close(sub.blocks[0].evals, evals, rtol=1e-7, atol=1e-12)
     assert not [k for p in problem.params for k in vars(p) if k.startswith("_vivitlib")]
+
+
+def test_combine_backpropagates_each_factor_once():
+    problem = make_problem(_BY_ID["cnn-ce"])
+    params = problem.params
+    torch.manual_seed(0)
+    directions = [torch.randn(2, *p.shape, dtype=torch.float64) for p in params]
+
+    def results(collectors):
+        first, layerwise, directional = collectors[:3]
+        return (
+            first.blocks[0].evals,
+            [b.evals for b in layerwise.blocks],
+            directional.lambdas,
+            directional.gammas,
+        )
+
+    expected = []
+    for make in (
+        lambda: vivitlib.LowRankGGN(params),
+        lambda: vivitlib.LowRankGGN(vivitlib.layerwise_groups(problem.model)),
+        lambda: vivitlib.DirectionalDerivatives(params, directions),
+    ):
+        collector = make()
+        problem.run(collector)
+        expected.append(collector)  # read right away, before the next pass
+        expected[-1] = (
+            collector.blocks
+            if isinstance(collector, vivitlib.LowRankGGN)
+            else (collector.lambdas, collector.gammas)
+        )
+    expected = (
+        expected[0][0].evals,
+        [b.evals for b in expected[1]],
+        expected[2][0],
+        expected[2][1],
+    )
+    together = [
+        vivitlib.LowRankGGN(params),
+        vivitlib.LowRankGGN(vivitlib.layerwise_groups(problem.model)),
+        vivitlib.DirectionalDerivatives(params, directions),
+        vivitlib.LowRankGGN(params, compute=("eigenvalues",), subsampling=[0, 2]),
+    ]
+    joint = vivitlib.combine(*together)
+    # one exact factor for the first three, one for the sub-sample, one gradient
+    assert len(joint.extensions) == 3
+    with backpack(*joint.extensions, extension_hook=joint.hook):
+        problem.loss_fn(problem.model(problem.X), problem.y).backward()
+    got = results(together)
+    torch.testing.assert_close(got[0], expected[0])
+    for a, b in zip(got[1], expected[1]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(got[2], expected[2])
+    torch.testing.assert_close(got[3], expected[3])
+    dense = problem.dense()
+    sub = dense.batch_scale * dense.per_sample_ggn[[0, 2]].mean(0)
+    evals = torch.linalg.eigvalsh(sub).flip(0)[: together[3].blocks[0].num_directions]
+    torch.testing.assert_close(
+        together[3].blocks[0].evals, evals, rtol=1e-7, atol=1e-12
+    )
+    assert not [k for p in params for k in vars(p) if k.startswith("_vivitlib")]
+
+
+def test_combine_rolls_back_every_member_on_failure():
+    problem = make_problem(_BY_ID["mlp-ce-mean"])
+    members = [vivitlib.LowRankGGN(problem.params), vivitlib.LowRankGGN(problem.params)]
+    joint = vivitlib.combine(*members)
+    for p in problem.params:
+        p.grad = torch.full_like(p, 0.5)
+    with pytest.raises(ValueError, match="last operation"):
+        with backpack(*joint.extensions, extension_hook=joint.hook):
+            (2 * problem.loss_fn(problem.model(problem.X), problem.y)).backward()
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in problem.params)
+    for member in members:
+        with pytest.raises(RuntimeError, match="No curvature"):
+            member.blocks  # noqa: B018

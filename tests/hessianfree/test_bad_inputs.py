@@ -370,3 +370,14 @@ def test_integer_and_non_tensor_vectors_are_refused():
         op.matmat(np.ones((D, 1)))
     with pytest.raises(ValueError, match="no effect with method='hutchinson'"):
         hf.hutchinson_trace(op, 10, method="hutchinson", num_deflation=3)
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [nn.NLLLoss(), nn.L1Loss(), nn.MultiMarginLoss(p=1)], ids=str
+)
+def test_ggn_refuses_losses_linear_in_the_output(loss_fn):
+    problem = _problem()
+    with pytest.raises(NotImplementedError, match="piecewise linear.*HessianOperator"):
+        hf.GGNOperator(problem.model, loss_fn, problem.batches)
+    if isinstance(loss_fn, nn.NLLLoss):  # the Hessian is still defined
+        hf.HessianOperator(problem.model, loss_fn, problem.batches)

@@ -110,6 +110,7 @@ class CurvatureOperator(DataMixin):
         """
         check_model_state(model)
         self._reduction = check_reduction(loss_fn, reduction)
+        self._check_loss_fn(loss_fn)
         self.params = check_params(model, params)
         self._data = check_data(data)
         self._guard = ModelGuard(model, self.params)
@@ -135,6 +136,9 @@ class CurvatureOperator(DataMixin):
             self._check_deterministic()
 
     # ---- to implement -------------------------------------------------------
+    def _check_loss_fn(self, loss_fn: Any) -> None:
+        """Raise if the operator does not support ``loss_fn`` (default: all)."""
+
     def _build(self, X: Tensor, y: Tensor) -> Any:
         """Return a state from which products with one batch are computed."""
         raise NotImplementedError

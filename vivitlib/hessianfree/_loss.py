@@ -70,6 +70,36 @@ def check_no_weighting(loss_fn: Any, y: Any, operator: str) -> None:
         )
 
 
+_PIECEWISE_LINEAR = (
+    nn.NLLLoss,
+    nn.L1Loss,
+    nn.HingeEmbeddingLoss,
+    nn.MarginRankingLoss,
+    nn.MultiLabelMarginLoss,
+    nn.TripletMarginLoss,
+)
+
+
+def check_ggn_loss(loss_fn: Any) -> None:
+    """Raise if the GGN of ``loss_fn`` vanishes (loss piecewise linear in the output).
+
+    Raises:
+        NotImplementedError: For ``NLLLoss``, ``L1Loss``, hinge and margin
+            losses (and ``MultiMarginLoss`` with ``p=1``).
+
+    """
+    linear = isinstance(loss_fn, _PIECEWISE_LINEAR) or (
+        isinstance(loss_fn, nn.MultiMarginLoss) and loss_fn.p == 1
+    )
+    if linear:
+        raise NotImplementedError(
+            f"GGNOperator with {type(loss_fn).__name__}: the loss is piecewise "
+            "linear in the model output, so its Hessian there, and the GGN, is "
+            "zero. For NLLLoss move the log_softmax into the loss "
+            "(CrossEntropyLoss on logits); otherwise use HessianOperator."
+        )
+
+
 def checked_output(output: Any, operator: str) -> Tensor:
     """Return the model output if it is one floating tensor, else raise.
 

@@ -22,7 +22,12 @@ import torch
 from torch import Tensor
 
 from vivitlib.hessianfree._base import CurvatureOperator
-from vivitlib.hessianfree._loss import check_no_weighting, checked_loss, checked_output
+from vivitlib.hessianfree._loss import (
+    check_ggn_loss,
+    check_no_weighting,
+    checked_loss,
+    checked_output,
+)
 
 
 def _grad(
@@ -93,8 +98,13 @@ class GGNOperator(CurvatureOperator):
 
     ``J_b`` is the Jacobian of the model outputs of batch ``b`` w.r.t. the
     parameters and ``∇²_f L_b`` the Hessian of the batch loss w.r.t. those
-    outputs; weights as for :class:`HessianOperator`.
+    outputs; weights as for :class:`HessianOperator`. Losses that are
+    piecewise linear in the output (``NLLLoss``, ``L1Loss``, hinge and margin
+    losses), whose GGN is zero, are refused.
     """
+
+    def _check_loss_fn(self, loss_fn: Any) -> None:
+        check_ggn_loss(loss_fn)
 
     def _build(self, X: Tensor, y: Tensor) -> Any:
         out = checked_output(self._model(X), type(self).__name__)

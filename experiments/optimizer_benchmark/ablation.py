@@ -52,6 +52,8 @@ CONFIGS = {
     "p25_no_trust_region": _config(25.0, trust_radius=None),
     "p50_no_trust_region": _config(50.0, trust_radius=None),
     "no_safeguards": _config(safeguards=False),
+    "no_complement": _config(complement_lr=0.0),
+    "p25_no_complement": _config(25.0, complement_lr=0.0),
 }
 
 

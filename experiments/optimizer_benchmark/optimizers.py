@@ -116,6 +116,8 @@ def specs(fine: bool = True) -> dict[str, Spec]:
         Spec("newton_p25", "", (0.0,), "newton", True, _newton(damping=_p25)),
         Spec("newton_independent", "", (0.0,), "newton", True,
              _newton(damping=_independent)),
+        Spec("newton_no_complement", "", (0.0,), "newton", True,
+             _newton(complement_lr=0.0)),
         Spec("newton_complement", "complement_lr", _decades(1e-2, 1.0, lr_per),
              "newton", True, _newton(tune_complement=True)),
     ]  # fmt: skip

@@ -15,8 +15,8 @@ and Adam tuned over learning rates, AdaHessian, SophiaH and Shampoo from
 same way, ``DampedNewton`` with constant damping on a grid of 4 values per decade
 (``safeguards=False``: the classic method), and the untuned defaults
 ``DampedNewton(params)`` with a closure (``newton_default``), without a closure,
-without safeguards (the old default), with the independent-sample bootstrap, and
-with a tuned flat-complement step.
+without safeguards (the old default), with the independent-sample bootstrap,
+without the (default, adaptive) flat-complement step and with a tuned one.
 
 Protocol: every grid value trains on seed ``--seed`` for ``--steps`` steps; the
 value with the lowest final training loss (diverged runs last) is the tuned one;

@@ -239,3 +239,28 @@ def test_lanczos_defaults_with_fresh_curvature_batches_on_digits_mlp():
         final = loss_fn(model(data.train_x), data.train_y).item()
     assert len(calls) == 3  # one fresh batch per refresh
     assert math.isfinite(final) and final < start
+
+
+def test_adaptive_complement_step_is_orthogonal_and_inside_the_trust_region():
+    """Default: a gradient step in the flat complement, rate 1/λ_1 at first."""
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double())
+    loss_fn = extend(nn.CrossEntropyLoss())
+    X, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 2, (3,))
+    dense = dense_curvature(model, loss_fn, X, y)
+    evals, evecs = torch.linalg.eigh(dense.ggn)
+    keep = evals > 1e-10 * evals.max()
+    E, lam, g = evecs[:, keep], evals[keep], dense.grad
+    perp = g - E @ (E.T @ g)
+    opt = DampedNewton(model.parameters(), 0.5, mc_samples=0, trust_radius=None)
+    assert opt.param_groups[0]["complement_lr"] == "auto"
+    before = flat(model.parameters())
+    opt.zero_grad()
+    with backpack(*opt.extensions, extension_hook=opt.hook):
+        loss_fn(model(X), y).backward()
+    opt.step()
+    step = flat(model.parameters()) - before
+    newton = -E @ ((E.T @ g) / (lam + 0.5))
+    torch.testing.assert_close(step, newton - perp / lam.max(), rtol=1e-7, atol=1e-10)
+    plain = DampedNewton(model.parameters(), 0.5, safeguards=False)
+    assert plain.param_groups[0]["complement_lr"] == 0.0

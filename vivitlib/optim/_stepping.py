@@ -156,6 +156,7 @@ def plan_state(plan: StepPlan) -> dict[str, Any]:
         "dampings": plan.dampings.clone(), "coefficients": plan.coefficients.clone(),
         "scale": plan.scale, "predicted": plan.predicted,
         "step_norm": plan.step_norm, "clipped": plan.clipped,
+        "complement": plan.complement,
     }  # fmt: skip
 
 

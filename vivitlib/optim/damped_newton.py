@@ -84,6 +84,8 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         if name not in group:
             continue
         value = group[name]
+        if name == "complement_lr" and value == "auto":
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TypeError(f"{name} must be a float, got {type(value)}.")
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
@@ -129,8 +131,11 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
       blind where the gradient vanishes at the new point (a step into
       saturation looks like a perfect fit): pass a closure where that matters.
 
-    ``η = complement_lr`` (default ``0``) adds a gradient step in the flat
-    complement of the eigenspace, which the Newton step never moves in.
+    ``η = complement_lr`` adds a gradient step in the flat complement of the
+    eigenspace, which the Newton step never moves in (at most ``N_c · C``
+    directions, ``N_c · mc_samples`` with Monte-Carlo curvature). By default it is
+    adaptive: ``η = c / λ_1`` with ``c`` starting at 1 and adapted to ``ρ`` like the
+    damping (see :meth:`~vivitlib.optim.safeguards.StepControl.complement_rate`).
 
     Usage (the backward pass must run inside ``backpack``, with model and loss
     extended by ``backpack.extend``)::
@@ -178,8 +183,11 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             the trust region. Default: ``10.0``.
         reject_steps: With a closure, undo steps that increase the batch loss.
             Default: ``True``.
-        complement_lr: ``η >= 0``, gradient step in the flat complement.
-            Default: ``0.0``.
+        complement_lr: ``η >= 0``, gradient step in the flat complement, or
+            ``"auto"``: ``η = c / λ_1`` with ``c`` adapted to ``ρ`` (starts at 1,
+            doubles when ``ρ > 3/4`` up to ``1/μ``, halves when ``ρ < 1/4``); the
+            trust region bounds the whole step. Default: ``None``, i.e.
+            ``"auto"`` with the safeguards and ``0`` without them.
 
     Raises:
         TypeError: If ``damping`` is neither callable nor a number, or a
@@ -205,11 +213,13 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         damping_floor: float = 1e-4,
         trust_radius: float | None = 10.0,
         reject_steps: bool = True,
-        complement_lr: float = 0.0,
+        complement_lr: float | str | None = None,
     ) -> None:
         damping = BootstrapDamping() if damping is None else damping
         defaults = {"lr": lr, "damping": _as_strategy(damping)}
         defaults["weight_decay"] = weight_decay
+        if complement_lr is None:
+            complement_lr = "auto" if safeguards is True else 0.0
         defaults["complement_lr"] = complement_lr
         _check_hyperparameters(defaults)
         for name, flag in (
@@ -414,8 +424,13 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 plan = control.plan(gammas.mean(0), block.evals, dampings, group["lr"])
                 dampings = plan.dampings
                 update = [u * plan.scale for u in block.newton_step(plan.dampings)]
-                if group["complement_lr"] > 0:
-                    update, plan = self._add_complement(block, update, plan, group)
+                rate = group["complement_lr"]
+                if rate == "auto":
+                    rate = control.complement_rate(float(block.evals.max()))
+                if rate > 0:
+                    update, plan = self._add_complement(
+                        block, update, plan, rate, control.radius
+                    )
                 if not all(bool(torch.isfinite(u).all()) for u in update):
                     self._warn(index, "the step is not finite")
                     update, plan = None, None
@@ -435,21 +450,27 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         return None if update is None else (update, plan)
 
     @staticmethod
-    def _add_complement(block, update, plan, group):
-        """Add ``-η (g - P g)``, the gradient step in the flat complement."""
+    def _add_complement(block, update, plan, rate, radius):
+        """Add ``-η (g - P g)``, the gradient step in the flat complement.
+
+        The complement is orthogonal to the Newton step, so the trust region
+        (``radius``, if any) bounds ``sqrt(‖Newton‖² + η² ‖g - P g‖²)``.
+        """
         lam_max = block.evals.max()
         # newton_step with δ_k = λ_1 - λ_k is -Σ_k γ_k / λ_1 e_k = -P g / λ_1
         projected = block.newton_step(lam_max - block.evals)
-        rate = group["complement_lr"]
-        out, linear = [], 0.0
-        for u, g, p in zip(update, block.grad, projected):
-            perp = g + float(lam_max) * p
-            linear -= rate * float(perp.double().pow(2).sum())
-            out.append(u - rate * perp)
-        plan = StepPlan(
-            plan.dampings, plan.coefficients, plan.scale, plan.predicted + linear,
-            plan.step_norm, plan.clipped,
-        )  # fmt: skip
+        perps = [g + float(lam_max) * p for g, p in zip(block.grad, projected)]
+        perp_sq = sum(float(p.double().pow(2).sum()) for p in perps)
+        if radius is not None and perp_sq > 0:
+            room = max(radius**2 - plan.step_norm**2, 0.0) ** 0.5
+            rate = min(rate, room / perp_sq**0.5)
+        out = [u - rate * p for u, p in zip(update, perps)]
+        plan = replace(
+            plan,
+            predicted=plan.predicted - rate * perp_sq,
+            step_norm=(plan.step_norm**2 + rate**2 * perp_sq) ** 0.5,
+            complement=rate,
+        )
         return out, plan
 
     @staticmethod

@@ -66,6 +66,8 @@ class StepPlan:
         predicted: Loss change the quadratic model predicts (``<= 0``).
         step_norm: ``‖t c‖``.
         clipped: Whether the trust region shortened the step.
+        complement: Rate ``η`` of an adaptive flat-complement step taken with
+            it (``0``: none).
     """
 
     dampings: Tensor
@@ -74,6 +76,7 @@ class StepPlan:
     predicted: float
     step_norm: float
     clipped: bool
+    complement: float = 0.0
 
 
 def _check_number(name: str, value: Any, low: float, *, allow_low: bool) -> float:
@@ -133,6 +136,8 @@ class StepControl:
             raise ValueError(f"decrease must lie in (0, 1), got {decrease}.")
         self.mu = max(self.initial_damping, self.floor)
         self.radius: float | None = None
+        #: Adaptive flat-complement rate in units of ``1 / λ_max`` (first use: 1).
+        self.complement: float | None = None
 
     def plan(
         self, gammas: Tensor, evals: Tensor, dampings: Tensor, lr: float
@@ -187,6 +192,18 @@ class StepControl:
             self.radius = self.radius_factor * scale
         return self.radius
 
+    def complement_rate(self, lam_max: float) -> float:
+        """Rate ``η = c / λ_max`` of the adaptive flat-complement step.
+
+        ``c`` starts at ``1`` (a gradient step with the stiffest curvature, which
+        overshoots no direction the batch resolved), doubles when ``ρ > 3/4`` up
+        to ``1 / μ`` (the rate the damping floor gives a direction of zero
+        curvature) and halves when ``ρ < 1/4``.
+        """
+        if self.complement is None:
+            self.complement = 1.0
+        return self.complement / lam_max
+
     def update(self, rho: float, plan: StepPlan) -> None:
         """Adapt ``μ`` and the radius to the agreement ratio of the last step.
 
@@ -197,19 +214,25 @@ class StepControl:
         """
         if not self.adaptive or plan.coefficients.numel() == 0:
             return
+        adapt_complement = plan.complement > 0 and self.complement is not None
         if not rho >= RHO_LOW:  # also NaN
             factor = self.increase**2 if not rho >= 0 else self.increase
             self.mu = min(self.mu * factor, MU_MAX)
             if self.radius is not None and plan.step_norm > 0:
                 self.radius = 0.5 * min(self.radius, plan.step_norm)
+            if adapt_complement:
+                self.complement = max(0.5 * self.complement, 1e-8)
         elif rho > RHO_HIGH:
             self.mu = max(self.mu * self.decrease, self.floor)
             if self.radius is not None and plan.clipped:
                 self.radius *= 2.0
+            if adapt_complement:
+                cap = 1.0 / max(self.mu, self.floor, 1e-12)
+                self.complement = min(2.0 * self.complement, cap)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return ``μ`` and the radius (``None`` before the first step)."""
-        return {"mu": self.mu, "radius": self.radius}
+        """Return ``μ``, the radius and the complement rate (``None``: unset)."""
+        return {"mu": self.mu, "radius": self.radius, "complement": self.complement}
 
     @staticmethod
     def check_state(state: Any) -> None:
@@ -218,16 +241,21 @@ class StepControl:
         Raises:
             TypeError, ValueError: Naming the bad entry.
         """
-        if not isinstance(state, dict) or set(state) != {"mu", "radius"}:
+        keys = {"mu", "radius"}
+        if not isinstance(state, dict) or not keys <= set(state) <= keys | {
+            "complement"
+        }:
             raise ValueError(
-                "a step-control state must be a dict with keys 'mu' and 'radius', "
-                f"got {state!r}; pass the dict returned by state_dict()."
+                "a step-control state must be a dict with keys 'mu', 'radius' (and "
+                f"'complement'), got {state!r}; pass the dict returned by "
+                "state_dict()."
             )
         _check_number("step-control state 'mu'", state["mu"], 0.0, allow_low=True)
-        if state["radius"] is not None:
-            _check_number(
-                "step-control state 'radius'", state["radius"], 0.0, allow_low=False
-            )
+        for key in ("radius", "complement"):
+            if state.get(key) is not None:
+                _check_number(
+                    f"step-control state {key!r}", state[key], 0.0, allow_low=False
+                )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (validated first).
@@ -238,6 +266,8 @@ class StepControl:
         self.check_state(state)
         self.mu = float(state["mu"])
         self.radius = None if state["radius"] is None else float(state["radius"])
+        complement = state.get("complement")
+        self.complement = None if complement is None else float(complement)
 
 
 def agreement(actual: float, predicted: float) -> float:

@@ -8,6 +8,7 @@ and on any failure restores ``.grad`` and drops partial buffers.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 import weakref
@@ -130,8 +131,14 @@ class BackpackCollector:
         grad_subsampling: Sequence[int] | Tensor | None = None,
         needs_grads: bool = True,
         process_group: Any = None,
+        generator: torch.Generator | None = None,
     ):
         self.param_groups = normalize_groups(params)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {generator!r}."
+            )
+        self.generator = generator
         self.process_group = resolve_group(process_group)
         self.mc_samples = _checks.check_positive_int(
             mc_samples, "mc_samples", allow_zero=True
@@ -203,10 +210,23 @@ class BackpackCollector:
         """
         try:
             self.enter_module(module, g_out)
-            call(module, g_inp, g_out)
+            with self.random_state(module):
+                call(module, g_inp, g_out)
         except Exception as err:
             self._abort()
             raise explain_error(err, module) from err
+
+    def random_state(self, module: Module) -> contextlib.AbstractContextManager:
+        """Where Monte-Carlo draws at the loss come from.
+
+        With a ``generator``, BackPACK's draws at the loss module run on torch's
+        global generator forked and seeded from it (so the caller's global random
+        state is untouched and results are reproducible); otherwise on torch's
+        global generator as it is.
+        """
+        if self.generator is None or self.mc_samples == 0 or not is_loss(module):
+            return contextlib.nullcontext()
+        return _seeded_from(self.generator, module.input0.device)
 
     def enter_module(self, module: Module, g_out: Any) -> None:
         """Validate ``module`` before an extension runs on it; start a pass at the loss.
@@ -459,6 +479,15 @@ def _missing_io_message(module: Module) -> str:
         "backward(retain_graph=True) use `backpack(..., retain_graph=True)`, or "
         "run a fresh forward pass."
     )
+
+
+@contextlib.contextmanager
+def _seeded_from(generator: torch.Generator, device: torch.device):
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _check_module(module: Module) -> None:

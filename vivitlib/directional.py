@@ -65,6 +65,7 @@ class DirectionalDerivatives(BackpackCollector):
         mc_samples: ``0`` exact GGN, ``m > 0`` Monte-Carlo factor.
         subsampling: Samples for the curvatures ``λ_nk`` (default all).
         grad_subsampling: Samples for the gradients ``γ_nk`` (default all).
+        generator: Source of the Monte-Carlo draws (default torch's global one).
 
     Raises:
         ValueError: If the directions do not match the parameters.
@@ -82,12 +83,14 @@ class DirectionalDerivatives(BackpackCollector):
         mc_samples: int = 0,
         subsampling: Sequence[int] | Tensor | None = None,
         grad_subsampling: Sequence[int] | Tensor | None = None,
+        generator: torch.Generator | None = None,
     ):
         super().__init__(
             params,
             mc_samples=mc_samples,
             subsampling=subsampling,
             grad_subsampling=grad_subsampling,
+            generator=generator,
         )
         if len(self.param_groups) != 1:
             raise ValueError("DirectionalDerivatives takes one group of parameters.")

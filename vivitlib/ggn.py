@@ -98,6 +98,10 @@ class LowRankGGN(BackpackCollector):
             indices in ``subsampling``/``grad_subsampling`` are global, and
             ``gammas``/``lambdas`` hold every global sample. ``.grad`` stays
             local (averaging it is DDP's job). See :mod:`vivitlib.distributed`.
+        generator: Source of the Monte-Carlo draws (``mc_samples > 0``); default
+            torch's global generator. With one, passes are reproducible and the
+            global random state is left alone; across processes give each rank
+            its own.
         rtol: Eigenvalues ``≤ rtol · λ_max`` are dropped as zero (a number in
             ``[0, 1)``). Default ``None``: the round-off cut-off of the
             precision the computation had (see
@@ -118,6 +122,7 @@ class LowRankGGN(BackpackCollector):
         eigh_dtype: torch.dtype = torch.float64,
         rtol: float | None = None,
         process_group: Any = None,
+        generator: torch.Generator | None = None,
     ):
         self.compute = _check_compute(compute)
         if eigh_dtype not in (torch.float32, torch.float64):
@@ -134,6 +139,7 @@ class LowRankGGN(BackpackCollector):
             grad_subsampling=grad_subsampling,
             needs_grads=bool(_NEEDS_GRADS & set(self.compute)),
             process_group=process_group,
+            generator=generator,
         )
 
     @property

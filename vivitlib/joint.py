@@ -40,7 +40,8 @@ class _SharedOwner:
         try:
             for member in self.members:
                 member.enter_module(module, g_out)
-            call(module, g_inp, g_out)
+            with self.members[0].random_state(module):
+                call(module, g_inp, g_out)
         except Exception as err:
             for member in self.members:
                 member.abort()

@@ -404,3 +404,23 @@ def test_signal_to_noise_edge_cases():
     assert snr[0] == float("inf") and snr[1] == 0 and snr[2] == pytest.approx(4.5)
     with pytest.raises(ValueError, match="at least 2 samples"):
         vivitlib.linalg.signal_to_noise(samples[:1])
+
+
+def test_monte_carlo_draws_from_a_generator_are_reproducible():
+    problem = make_problem(_BY_ID["mlp-ce-mean"])
+
+    def draw(seed):
+        ggn = vivitlib.LowRankGGN(
+            problem.params, mc_samples=2, generator=torch.Generator().manual_seed(seed)
+        )
+        problem.run(ggn)
+        return ggn.blocks[0].evals
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first, again, other = draw(0), draw(0), draw(1)
+    assert torch.equal(torch.get_rng_state(), state)  # global state untouched
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert first.shape != other.shape or not torch.allclose(first, other)
+    with pytest.raises(TypeError, match="torch.Generator"):
+        vivitlib.LowRankGGN(problem.params, mc_samples=1, generator=0)

@@ -15,6 +15,10 @@ For each batch of ``N`` training samples (pass in float64):
   batches is the batch-to-batch variance of the Hessian (for the trace and the
   Frobenius norm it includes the Hutchinson estimate's own noise, relative standard
   deviation about ``√(2/probes) · ‖H‖_F / |tr H|`` for the trace);
+* per-sample Hessians (``torch.func``, float64): ``hessian_sample_var`` =
+  ``mean_n ‖H_n − H‖_F²``, the variance of the per-sample Hessians about the batch
+  Hessian (the Deep Curvature suite's Hessian variance, Wu et al. 2018), estimated
+  as ``mean_n ‖(H_n − H) v‖²`` over the same Rademacher probes (unbiased);
 * along the GGN's top directions (one row each, ``k < top_k``): the columns of
   :func:`experiments.common.curvature.direction_table` (``eigenvalue`` λ_k,
   ``lambda_var`` the variance of the per-sample curvatures λ_nk, ...);
@@ -99,7 +103,8 @@ def hessian_norms(
         seed: Seed of the probes and the Lanczos start.
 
     Returns:
-        ``hessian_lambda_max``, ``hessian_trace``, ``hessian_frobenius``.
+        ``hessian_lambda_max``, ``hessian_trace``, ``hessian_frobenius``,
+        ``hessian_sample_var`` (:func:`hessian_sample_variance`, same probes).
 
     """
     from vivitlib import hessianfree as hf
@@ -116,7 +121,52 @@ def hessian_norms(
         "hessian_lambda_max": float(top[0]),
         "hessian_trace": (probes * products).sum(0).mean().item(),
         "hessian_frobenius": products.square().sum(0).mean().sqrt().item(),
+        "hessian_sample_var": hessian_sample_variance(
+            plain, loss_fn, inputs, labels, probes
+        ),
     }
+
+
+def hessian_sample_variance(
+    plain: nn.Module, loss_fn: nn.Module, inputs: Tensor, labels: Tensor, probes: Tensor
+) -> float:
+    """Estimate ``mean_n ‖H_n − H‖_F²`` of the per-sample Hessians ``H_n``.
+
+    Args:
+        plain: Model without BackPACK hooks.
+        loss_fn: Loss; applied to one sample at a time (``H_n`` is the Hessian of
+            the per-sample loss, ``H`` their mean).
+        inputs: Batch inputs ``[N, ...]``.
+        labels: Batch labels ``[N]``.
+        probes: ``[D, P]`` probe vectors; Rademacher probes give an unbiased
+            estimate, the identity the exact value.
+
+    Returns:
+        ``mean_n mean_p ‖(H_n − H) v_p‖² · D / mean_p ‖v_p‖²``.
+
+    """
+    from torch.func import functional_call, grad, jvp, vmap
+
+    names = [n for n, p in plain.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in plain.named_parameters() if p.requires_grad}
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+
+    def loss(p, x, y):
+        return loss_fn(functional_call(plain, p, (x[None],)), y[None])
+
+    def hvp(x, y, v):
+        tangent = dict(zip(names, (t.reshape(s) for t, s in
+                                   zip(v.split(sizes), shapes, strict=True)),
+                           strict=True))  # fmt: skip
+        out = jvp(lambda p: grad(loss)(p, x, y), (params,), (tangent,))[1]
+        return torch.cat([out[n].reshape(-1) for n in names])
+
+    per_sample = vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, None))
+    products = per_sample(inputs, labels, probes.T.to(inputs.dtype))  # [N, P, D]
+    centred = products - products.mean(0, keepdim=True)
+    scale = probes.shape[0] / probes.square().sum(0).mean()
+    return (centred.square().sum(2).mean() * scale).item()
 
 
 def variance_table(
@@ -126,6 +176,7 @@ def variance_table(
     top_k: int = 20,
     *,
     plain: nn.Module | None = None,
+    plain_loss: nn.Module | None = None,
     num_probes: int = 20,
     precision: str = "float64",
     seed: int = 0,
@@ -139,6 +190,8 @@ def variance_table(
         top_k: Number of top GGN directions reported per batch. Default: ``20``.
         plain: The same model without BackPACK hooks for the Hessian norms;
             ``None`` skips them.
+        plain_loss: The loss without BackPACK hooks (``torch.func`` cannot pass
+            through them); default a fresh ``type(loss_fn)()``.
         num_probes: Hutchinson probes. Default: ``20``.
         precision: Evaluation precision. Default: ``'float64'``.
         seed: Seed of the Hessian estimates. Default: ``0``.
@@ -162,8 +215,11 @@ def variance_table(
         }
         if plain is not None:
             plain, _ = in_precision(plain, inputs, precision)
+            criterion = type(loss_fn)() if plain_loss is None else plain_loss
             stats.update(
-                hessian_norms(plain, loss_fn, inputs, labels, num_probes, seed + index)
+                hessian_norms(
+                    plain, criterion, inputs, labels, num_probes, seed + index
+                )
             )
         frames.append(table.head(top_k).assign(batch=index, **stats))
     return pd.concat(frames, ignore_index=True)

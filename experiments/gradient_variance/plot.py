@@ -57,6 +57,9 @@ def plot_variance(table: pd.DataFrame, out_dir: Path) -> list[Path]:
                 for column, style in zip(HESSIAN, ("o-", "s--", "^:"), strict=True):
                     name = column.removeprefix("hessian_")
                     _band(axes[0, 3], x, by_step[column], f"{optimizer} {name}", style)
+                spread = per_batch["hessian_sample_var"].clip(lower=0) ** 0.5
+                _band(axes[0, 3], x, spread.groupby(per_batch["step"]),
+                      f"{optimizer} std(H_n) (Frobenius)", "d-.")  # fmt: skip
         axes[0, 0].set_title("gradient: signal vs per-sample variance", fontsize=9)
         axes[0, 1].set_title("GGN: curvature and its per-sample spread", fontsize=9)
         axes[0, 2].set_title("share of directions with SNR(λ_k) > 1", fontsize=9)

@@ -5,9 +5,10 @@ batches of training data (float64): the per-sample gradient variance (trace of t
 gradient covariance, against the squared mean gradient), the variance of the
 per-sample GGNs and of the per-sample curvatures λ_nk along the top directions, the
 share of directions with curvature SNR > 1 above fixed fractions of λ_max, and the
-batch Hessian's largest eigenvalue, trace and Frobenius norm (Deep Curvature suite;
-their spread over the batches is the Hessian's batch-to-batch variance;
-``--probes 0`` skips them). Columns: :mod:`experiments.gradient_variance.compute`.
+batch Hessian's largest eigenvalue, trace and Frobenius norm and the variance of the
+per-sample Hessians (Deep Curvature suite; the spread over the batches is the
+Hessian's batch-to-batch variance; ``--probes 0`` skips them). Columns:
+:mod:`experiments.gradient_variance.compute`.
 Run with ``python -m experiments.gradient_variance.run``.
 """
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.epochs = 10 if args.epochs is None else args.epochs
         args.num_batches = min(args.num_batches, 2)
+        args.probes = min(args.probes, 8)
     cli.setup(args)
     problem = get_problem(args.problem)
     data = problem.load_data(args.data_dir)
@@ -67,6 +69,7 @@ def _evaluate(model, loss_fn, step, *, batches, args, run):
         batches,
         args.top_k,
         plain=plain,
+        plain_loss=run.problem.make_loss(),
         num_probes=args.probes,
         precision=args.precision,
         seed=args.seed + step,

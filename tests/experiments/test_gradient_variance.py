@@ -1,14 +1,17 @@
 """Study 7 end to end in a tiny configuration, its resume, and the GGN variance."""
 
 import torch
-from torch.func import functional_call, jacrev
+from torch.func import functional_call, hessian, jacrev
 
 import experiments.gradient_variance.run as study
 from experiments.common.curvature import low_rank_ggn
 from experiments.common.data import load_digits
-from experiments.gradient_variance.compute import ggn_sample_variance
+from experiments.gradient_variance.compute import (
+    ggn_sample_variance,
+    hessian_sample_variance,
+)
 from experiments.noise_during_training.summary import THRESHOLDS, tag
-from experiments.problems import get_problem, make_extended
+from experiments.problems import get_problem, make_extended, mlp
 from tests.experiments.utils import assert_finite, assert_resumes
 
 ARGV = [
@@ -37,7 +40,12 @@ def test_variance_study_table_and_resume(monkeypatch, tmp_path):
         monkeypatch, study.main, ARGV, tmp_path, study, "variance_table", call=3
     )
     shares = [f"lambda_snr_gt1_share_{tag(f)}" for f in THRESHOLDS]
-    hessian = ["hessian_lambda_max", "hessian_trace", "hessian_frobenius"]
+    hessian = [
+        "hessian_lambda_max",
+        "hessian_trace",
+        "hessian_frobenius",
+        "hessian_sample_var",
+    ]
     assert_finite(
         table,
         [
@@ -54,6 +62,7 @@ def test_variance_study_table_and_resume(monkeypatch, tmp_path):
     assert set(table["batch"]) == {0, 1} and set(table["optimizer"]) == {"sgd", "adam"}
     assert (table["grad_var_trace"] > 0).all() and (table["lambda_var"] >= 0).all()
     assert (table["ggn_sample_var"] >= 0).all()
+    assert (table["hessian_sample_var"] >= 0).all()
     assert table.groupby(["optimizer", "step", "batch"]).size().max() <= 5
     assert table[shares].stack().between(0, 1).all()
     # logistic regression: the Hessian is the GGN, whose top eigenvalue vivitlib has
@@ -91,3 +100,34 @@ def test_ggn_sample_variance_matches_dense_per_sample_ggns():
     expected_norm = mean.square().sum().sqrt().item()
     assert abs(result["ggn_sample_var"] - expected_var) <= 1e-9 * expected_var
     assert abs(result["ggn_frobenius"] - expected_norm) <= 1e-9 * expected_norm
+
+
+def test_hessian_sample_variance_matches_dense_per_sample_hessians():
+    data = load_digits()
+    inputs, labels = data.test_x[:5].double(), data.test_y[:5]
+    torch.manual_seed(3)
+    model = mlp((1, 8, 8), 10, hidden=(4,)).double()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    flat = torch.cat([v.reshape(-1) for v in params.values()])
+
+    def per_sample_loss(vector, x, y):
+        tensors, start = {}, 0
+        for name, value in params.items():
+            tensors[name] = vector[start : start + value.numel()].view_as(value)
+            start += value.numel()
+        return loss_fn(functional_call(model, tensors, (x[None],)), y[None])
+
+    hessians = torch.stack(
+        [hessian(per_sample_loss)(flat, x, y) for x, y in zip(inputs, labels)]
+    )
+    expected = (hessians - hessians.mean(0)).square().sum((1, 2)).mean().item()
+    identity = torch.eye(len(flat), dtype=torch.float64)
+    exact = hessian_sample_variance(model, loss_fn, inputs, labels, identity)
+    assert abs(exact - expected) <= 1e-10 * expected
+    # Rademacher probes: unbiased, close with many probes
+    signs = torch.randint(
+        0, 2, (len(flat), 400), generator=torch.Generator().manual_seed(0)
+    )
+    estimate = hessian_sample_variance(model, loss_fn, inputs, labels, 2.0 * signs - 1)
+    assert abs(estimate / expected - 1) < 0.15

@@ -11,6 +11,10 @@ of) the training data, the Hessian, GGN and residual spectra via the Lanczos fal
 with top-C deflation (``--full-data-samples 0`` skips this part; by default only
 for the first problem, ``--full-data-problems`` names others). The tables and
 their columns are described in :mod:`experiments.papyan_hierarchy.compute`.
+
+With CIFAR-10 on disk: ``python -m experiments.papyan_hierarchy.run --problem
+digits_mlp,digits_2c2d,cifar10_3c3d --data-dir DIR`` (the Lanczos part stays on the
+first problem unless ``--full-data-problems`` names more).
 """
 
 from __future__ import annotations

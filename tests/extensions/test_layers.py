@@ -91,3 +91,39 @@ def test_grad_subsampling_and_layerwise(layer_problem, route, monkeypatch):
         torch.testing.assert_close(
             block.gammas, dense_g[[1, 2]] @ E.T, atol=1e-9, rtol=1e-7
         )
+
+
+def test_conv_input_unfolded_once_per_visit(monkeypatch):
+    """Factor and per-sample gradients share one unfolded input, never a stale one."""
+    from backpack import backpack, extend
+
+    calls = []
+    original = layers.unfold_input
+
+    def counting(module, x):
+        calls.append(x.shape[0])
+        return original(module, x)
+
+    monkeypatch.setattr(layers, "unfold_input", counting)
+    conv = extend(nn.Conv2d(2, 3, 3))
+    x = torch.randn(4, 2, 5, 5, requires_grad=True)
+    with backpack():
+        conv(x)
+    first = layers.conv_inputs(conv, None)
+    assert layers.conv_inputs(conv, None) is first and calls == [4]
+    assert layers.conv_inputs(conv, [0, 2]).shape[0] == 2 and calls == [4, 2]
+    x2 = torch.randn(4, 2, 5, 5, requires_grad=True)
+    with backpack():
+        conv(x2)
+    second = layers.conv_inputs(conv, None)
+    assert second is not first and calls == [4, 2, 4]
+    torch.testing.assert_close(second, original(conv, x2.detach()).transpose(1, 2))
+    # a full pass with factors and gradients unfolds each convolution once
+    calls.clear()
+    model = extend(nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(27, 2)))  # fmt: skip
+    loss_fn = extend(nn.CrossEntropyLoss())
+    ggn = vivitlib.LowRankGGN(model.parameters())
+    with backpack(*ggn.extensions, extension_hook=ggn.hook):
+        loss_fn(model(torch.randn(3, 2, 5, 5)), torch.tensor([0, 1, 1])).backward()
+    assert calls == [3]

@@ -25,6 +25,8 @@ only where the unfolded input would outweigh ``V`` and ``s`` together.
 
 from __future__ import annotations
 
+import weakref
+
 from backpack.utils.conv import unfold_input
 from backpack.utils.subsampling import subsample
 from torch import Tensor
@@ -58,10 +60,28 @@ def linear_inputs(module: Linear, subsampling: list[int] | None) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+#: Module -> (its input, samples, unfolded input), all weakly referenced.
+_UNFOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def conv_inputs(module: _ConvNd, subsampling: list[int] | None) -> Tensor:
-    """Unfolded convolution input as ``[N, T, C_in·kernel]``."""
+    """Unfolded convolution input as ``[N, T, C_in·kernel]``, unfolded once per visit.
+
+    The factor and the per-sample-gradient extensions both ask for it when
+    BackPACK reaches the module; the second gets the first's tensor while that
+    is still alive and was made from the very same input tensor and samples.
+    """
+    key = input_source(module, subsampling)
+    cached = _UNFOLDED.get(module)
+    if cached is not None:
+        input_ref, cached_key, unfolded_ref = cached
+        unfolded = unfolded_ref()
+        if unfolded is not None and cached_key == key and input_ref() is module.input0:
+            return unfolded
     x = subsample(module.input0.detach(), subsampling=subsampling)
-    return unfold_input(module, x).transpose(1, 2)
+    unfolded = unfold_input(module, x).transpose(1, 2)
+    _UNFOLDED[module] = (weakref.ref(module.input0), key, weakref.ref(unfolded))
+    return unfolded
 
 
 def input_source(module: Module, subsampling: list[int] | None) -> tuple:

@@ -143,3 +143,23 @@ def test_network_factor_equals_stock_backpack(net, compute, monkeypatch):
         tol = 1e-9 * block.evals[0]
         torch.testing.assert_close(E @ G, block.evals[:, None] * E, atol=tol, rtol=0)
     assert in_place, "no activation was backpropagated in place"
+
+
+def test_leftover_quantities_of_an_aborted_pass_are_dropped():
+    """A quantity left under a memory address the next pass reuses is not added."""
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double())
+    loss_fn = extend(nn.CrossEntropyLoss())
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    reference = vivitlib.LowRankGGN(model.parameters(), compute=("eigenvalues",))
+    with backpack(*reference.extensions, extension_hook=reference.hook):
+        loss_fn(model(X), y).backward()
+    ggn = vivitlib.LowRankGGN(model.parameters(), compute=("eigenvalues",))
+    ledger = ggn.extensions[0].saved_quantities
+    with backpack(*ggn.extensions, extension_hook=ggn.hook):
+        out = model(X)
+        stale = torch.ones(3, 6, 5, dtype=torch.float64)  # as if left behind
+        ledger.save_quantity(model[1].output.data_ptr(), stale, torch.add)
+        loss_fn(out, y).backward()
+    assert len(ledger) == 0
+    torch.testing.assert_close(ggn.blocks[0].evals, reference.blocks[0].evals)

@@ -25,6 +25,7 @@ from backpack.extensions.secondorder.sqrt_ggn.convnd import (
     SqrtGGNConv3d,
 )
 from backpack.extensions.secondorder.sqrt_ggn.linear import SqrtGGNLinear
+from backpack.utils.module_classification import is_loss
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
@@ -136,7 +137,11 @@ class GGNFactorExtension(SqrtGGN):
         self._owner.run_extension(self._call, module, g_inp, g_out)
 
     def _call(self, module: Module, g_inp, g_out) -> None:
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
+        if is_loss(module):
+            # a pass starts: quantities left by an aborted one (keyed by memory
+            # addresses that new tensors may reuse) must not be accumulated onto
+            self.saved_quantities.clear()
+        elif any(p.requires_grad for p in module.parameters(recurse=False)):
             # its factors may keep the quantity: never overwrite it in place
             self.saved_quantities.pin(module.output.data_ptr())
         super().__call__(module, g_inp, g_out)

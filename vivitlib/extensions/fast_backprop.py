@@ -77,6 +77,14 @@ class QuantityLedger(SavedQuantities):
             return self._quantities.pop(key, None)
         return self._quantities.get(key, None)
 
+    def __len__(self) -> int:
+        return len(self._quantities)
+
+    def clear(self) -> None:
+        """Drop every stored quantity and pin (e.g. leftovers of an aborted pass)."""
+        self._quantities.clear()
+        self._pins.clear()
+
     def pin(self, key: int) -> None:
         """Record that the quantity stored under ``key`` may be kept elsewhere."""
         for tensor in _tensors(self._quantities.get(key)):

@@ -32,8 +32,14 @@ from torch import Tensor
 CHUNK_ELEMENTS = 2**24
 
 
-def _chunk(per_item: int, total: int) -> int:
-    return max(1, min(total, CHUNK_ELEMENTS // max(per_item, 1)))
+#: Size (entries) of the per-sample-pair products of :func:`pairwise_gram`,
+#: recomputed for every sample: kept small enough to be reused from cache.
+WORKSPACE_ELEMENTS = 2**21
+
+
+def _chunk(per_item: int, total: int, budget: int | None = None) -> int:
+    budget = CHUNK_ELEMENTS if budget is None else min(budget, CHUNK_ELEMENTS)
+    return max(1, min(total, budget // max(per_item, 1)))
 
 
 def sym_gram(rows: Tensor) -> Tensor:
@@ -116,15 +122,21 @@ def pairwise_gram(s: Tensor, a: Tensor, delta: Tensor | None = None):
     vtg = None if delta is None else s.new_empty(N, C, N)
     d_rows = None if delta is None else delta.reshape(N, 1, T * O)
     step = _chunk(N * T * T, N)
-    rows_step = _chunk(T * O * C1, N)
+    rows_step = _chunk(T * O * C1, N, WORKSPACE_ELEMENTS)
+    # workspaces written by every GEMM in turn: no allocation inside the loops
+    kernel_space = s.new_empty(N * T * step * T)
+    p_space = s.new_empty(rows_step * T * O * C1)
     for m0 in range(0, N, step):
         m1 = min(N, m0 + step)
-        kernel = a_rows[m0 * T :] @ a_rows[m0 * T : m1 * T].T  # [(n, t), (m, u)]
+        rows, cols = a_rows[m0 * T :], a_rows[m0 * T : m1 * T]
+        kernel = kernel_space[: rows.shape[0] * cols.shape[0]].view(len(rows), -1)
+        torch.mm(rows, cols.T, out=kernel)  # [(n, t), (m, u)]
         for m in range(m0, m1):
             k_m = kernel[:, (m - m0) * T : (m - m0 + 1) * T]
             for n0 in range(m, N, rows_step):
                 n1 = min(N, n0 + rows_step)
-                p = k_m[(n0 - m0) * T : (n1 - m0) * T] @ s_cols[m]
+                p = p_space[: (n1 - n0) * T * O * C1].view((n1 - n0) * T, O * C1)
+                torch.mm(k_m[(n0 - m0) * T : (n1 - m0) * T], s_cols[m], out=p)
                 p = p.view(n1 - n0, T * O, C1)
                 block = torch.bmm(s_rows[n0:n1], p)  # [n, c, d] (+ [n, c, Δ])
                 gram[n0:n1, :, m] = block[..., :C]

@@ -111,8 +111,10 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         max_products: Product budget per refresh (``topk_eigh``'s default if None).
         generator: Start vectors of the Lanczos runs (reproducible refreshes).
         params: Parameters to optimise (default all trainable ones of ``model``).
-        safeguards, adaptive_damping, initial_damping, damping_floor,
-            trust_radius, reject_steps: As for :class:`~vivitlib.optim.DampedNewton`.
+        safeguards: The step safeguards, configured like those of
+            :class:`~vivitlib.optim.DampedNewton` by the keyword arguments
+            ``adaptive_damping``, ``initial_damping``, ``damping_floor``,
+            ``trust_radius`` and ``reject_steps``.
 
     Raises:
         ValueError: On invalid options.

@@ -175,6 +175,24 @@ class FactorExchange:
         return DenseGrads(all_gather_cat(grads.g, 0, self.sizes, self.group))
 
 
+def broadcast_from_first(tensor: Tensor, group: Any) -> Tensor:
+    """``tensor`` as held by the group's first rank, on every rank (a collective)."""
+    if group is None:
+        return tensor
+    out = tensor.detach().clone().contiguous()
+    dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
+    return out
+
+
+def mean_over_ranks(value: float, group: Any) -> float:
+    """The mean of a Python number over the group's ranks (identical on each)."""
+    if group is None:
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(total, group=group)
+    return float(total) / dist.get_world_size(group)
+
+
 def as_pieces(factor: Any, grads: Any) -> tuple[Any, Any]:
     """BackPACK's dense tensors as :class:`DenseFactor` / :class:`DenseGrads`."""
     if isinstance(factor, Tensor):

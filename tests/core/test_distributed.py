@@ -92,11 +92,47 @@ def _worker(rank, world, port, queue):
         for index, (case_id, options) in enumerate(SETTINGS):
             out, sent, dense = _results(case_id, options, True, shard)
             queue.put((rank, index, out, sent, dense))
+        for closure in (True, False):
+            params = _newton_steps(world, rank, closure)
+            queue.put((rank, f"newton-{closure}", params, 0, 0))
         _failing_rank(rank, queue)
     except Exception as err:  # report instead of hanging the parent
         queue.put((rank, -1, repr(err), 0, 0))
     finally:
         dist.destroy_process_group()
+
+
+NEWTON_BATCH = 8  # divisible by 2 and 4: the local mean losses average to the global
+
+
+def _newton_steps(world=1, rank=0, closure=True):
+    """Parameters after 3 safeguarded DampedNewton steps (under DDP if world > 1)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    case = dict(_BY_ID["mlp-ce-mean"], x=(NEWTON_BATCH, 5))
+    problem = make_problem(case)
+    rows = slice(rank * NEWTON_BATCH // world, (rank + 1) * NEWTON_BATCH // world)
+    X, y = problem.X[rows], problem.y[rows]
+    model = problem.model if world == 1 else DistributedDataParallel(problem.model)
+    opt = vivitlib.optim.DampedNewton(
+        problem.params, damping=0.05, mc_samples=0,
+        process_group=True if world > 1 else None,
+    )  # fmt: skip
+
+    def compute():
+        opt.zero_grad()
+        loss = problem.loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        if closure:
+            opt.step(compute)
+        else:
+            with backpack(*opt.extensions, extension_hook=opt.hook):
+                compute()
+            opt.step()
+    return torch.cat([p.detach().flatten() for p in problem.params]).numpy()
 
 
 def _failing_rank(rank, queue):
@@ -130,7 +166,7 @@ def world_results(request):
     for p in procs:
         p.start()
     results = {}
-    expected = world * (len(SETTINGS) + 1)
+    expected = world * (len(SETTINGS) + 3)
     deadline = time.monotonic() + 240
     while len(results) < expected and time.monotonic() < deadline:
         try:
@@ -165,6 +201,23 @@ def test_global_batch_equals_single_process(world_results, index):
         first, _, _ = results[(0, index)]
         for key in out:
             np.testing.assert_array_equal(out[key], first[key])
+
+
+@pytest.mark.parametrize("closure", [True, False])
+def test_damped_newton_steps_agree_across_ranks(world_results, closure):
+    world, results = world_results
+    single = _newton_steps(closure=closure)
+    first = results[(0, f"newton-{closure}")][0]
+    assert not np.allclose(first, _initial_newton_params())  # it moved
+    for rank in range(world):
+        params = results[(rank, f"newton-{closure}")][0]
+        np.testing.assert_array_equal(params, first)  # identical on every rank
+        np.testing.assert_allclose(params, single, rtol=1e-7, atol=1e-9)
+
+
+def _initial_newton_params():
+    problem = make_problem(dict(_BY_ID["mlp-ce-mean"], x=(NEWTON_BATCH, 5)))
+    return torch.cat([p.detach().flatten() for p in problem.params]).numpy()
 
 
 def test_linear_layers_send_less_than_dense_factor(world_results):

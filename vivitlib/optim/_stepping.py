@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vivitlib.distributed import mean_over_ranks
 from vivitlib.optim.safeguards import StepControl, StepPlan, agreement
 
 #: One parameter's move: ``(param, delta, decay)``; ``θ ← decay · θ + delta``.
@@ -55,6 +56,12 @@ class SafeguardedStepping:
     num_rejected: int
     _controls: list[StepControl]
     _pending: dict[str, Any] | None
+    #: Process group whose ranks must take identical steps (``None``: one process).
+    _process_group: Any = None
+
+    def _across_ranks(self, value: float) -> float:
+        """A loss change or slope, averaged over the ranks (so ``ρ`` agrees)."""
+        return mean_over_ranks(value, self._process_group)
 
     def _adapt_late(self, grads: Sequence[tuple[Tensor, Tensor]]) -> None:
         """Adapt the controls to the previous step by the secant rule (no closure).
@@ -71,7 +78,7 @@ class SafeguardedStepping:
             if step is None or step.shape != param.shape:
                 return
             new_slope += float((grad.double() * step.double()).sum())
-        actual = 0.5 * (pending["slope"] + new_slope)
+        actual = 0.5 * (pending["slope"] + self._across_ranks(new_slope))
         rho = agreement(actual, pending["predicted"])
         for control, plan in zip(self._controls, pending["plans"]):
             if plan is not None:
@@ -115,6 +122,7 @@ class SafeguardedStepping:
                 self.state[param]["last_step"] = delta.detach().clone()
         if not measure:
             if self.safeguards:
+                slope = self._across_ranks(slope)
                 self._pending = {
                     "predicted": predicted, "slope": slope, "plans": list(plans)
                 }  # fmt: skip
@@ -126,7 +134,7 @@ class SafeguardedStepping:
         except BaseException:
             restore(all_params, before, grads)
             raise
-        actual = loss_value(new_loss) - loss_value(loss)
+        actual = self._across_ranks(loss_value(new_loss) - loss_value(loss))
         rho = agreement(actual, predicted)
         for control, plan in zip(self._controls, plans):
             if plan is not None:

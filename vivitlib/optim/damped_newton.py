@@ -19,6 +19,7 @@ import torch
 from backpack import backpack
 from torch import Tensor
 
+from vivitlib.distributed import broadcast_from_first, resolve_group
 from vivitlib.ggn import LowRankGGN
 from vivitlib.optim._stepping import (
     SafeguardedStepping,
@@ -188,6 +189,14 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             doubles when ``ρ > 3/4`` up to ``1/μ``, halves when ``ρ < 1/4``); the
             trust region bounds the whole step. Default: ``None``, i.e.
             ``"auto"`` with the safeguards and ``0`` without them.
+        process_group: ``None`` for one process; ``True`` or a
+            ``torch.distributed`` group for data parallelism: the curvature is
+            the global batch's (see :class:`vivitlib.LowRankGGN`), the
+            dampings of the first rank are broadcast, and loss changes and
+            slopes are averaged over the ranks, so every rank takes the same
+            step and the parameters stay identical. Averaging ``.grad`` stays
+            DDP's job.
+        generator: Source of the Monte-Carlo draws of the curvature factor.
 
     Raises:
         TypeError: If ``damping`` is neither callable nor a number, or a
@@ -214,8 +223,11 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         trust_radius: float | None = 10.0,
         reject_steps: bool = True,
         complement_lr: float | str | None = None,
+        process_group: Any = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         damping = BootstrapDamping() if damping is None else damping
+        self._process_group = resolve_group(process_group)
         defaults = {"lr": lr, "damping": _as_strategy(damping)}
         defaults["weight_decay"] = weight_decay
         if complement_lr is None:
@@ -242,6 +254,8 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             "subsampling": subsampling,
             "grad_subsampling": grad_subsampling,
             "compute": _COMPUTE,
+            "process_group": self._process_group,
+            "generator": generator,
         }
         self._controls: list[StepControl] = []
         super().__init__(params, defaults)
@@ -291,6 +305,11 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
     @property
     def ggn(self) -> LowRankGGN:
         """The :class:`~vivitlib.LowRankGGN` over the optimizer's groups."""
+        return self._ggn
+
+    @property
+    def curvature_collector(self) -> LowRankGGN:
+        """The collector :func:`vivitlib.combine` shares work with."""
         return self._ggn
 
     @property
@@ -418,6 +437,8 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             strategy = group["damping"]
             dampings = strategy(gammas, lambdas)
             dampings = self._check_dampings(dampings, block.num_directions, strategy)
+            # ranks draw their bootstrap samples independently: take the first's
+            dampings = broadcast_from_first(dampings, self._process_group)
             if not bool(torch.isfinite(dampings).any()):
                 self._warn(index, "the damping strategy rejected every direction")
             else:

@@ -196,7 +196,9 @@ def contract(
     """
     if isinstance(factor, OuterFactor) and factor.s.shape[2] == 1:
         s, a = factor.s[:, :, 0], factor.a[:, 0]
-        gram = torch.einsum("cno,dmo->cndm", s, s) * (a @ a.T)[None, :, None, :]
+        C, N = s.shape[:2]
+        gram = kernels.sym_gram(s.reshape(C * N, -1)).view(C, N, C, N)
+        gram.mul_((a @ a.T)[None, :, None, :])
         vtg = None if grads is None else factor_times_grads(factor, grads)
         return gram, vtg, factor if keep else None
     if isinstance(factor, OuterFactor) and _plan(factor) == "pairwise":

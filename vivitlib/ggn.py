@@ -10,7 +10,7 @@ from torch import Tensor
 
 from vivitlib.block import GGNBlock, GroupAccumulator
 from vivitlib.collector import BackpackCollector
-from vivitlib.linalg.eigh import check_rtol
+from vivitlib.linalg.eigh import check_rtol, choose_eigh_dtype
 
 
 def check_gradient_matches(
@@ -89,8 +89,11 @@ class LowRankGGN(BackpackCollector):
         compute: Subset of ``("eigenvalues", "eigenvectors",
             "directional_derivatives", "newton_step")``; default all. Eigenvalues
             alone skip per-sample gradients and free every factor at once.
-        eigh_dtype: Precision of the Gram eigen-decomposition (default float64;
-            float32 is faster for large Gram matrices).
+        eigh_dtype: Precision of the Gram eigen-decomposition: float64
+            (default), float32 (about twice as fast for large Gram matrices,
+            resolves fewer directions), or ``"auto"``: float32 exactly where
+            it provably meets an explicit ``rtol`` (see
+            :func:`vivitlib.linalg.choose_eigh_dtype`).
         process_group: ``None`` (default) for one process; ``True`` (the default
             group) or a ``torch.distributed`` process group to describe the
             GGN of the concatenated global batch (rank order) on every rank:
@@ -119,16 +122,13 @@ class LowRankGGN(BackpackCollector):
         subsampling: Sequence[int] | Tensor | None = None,
         grad_subsampling: Sequence[int] | Tensor | None = None,
         compute: Sequence[str] = QUANTITIES,
-        eigh_dtype: torch.dtype = torch.float64,
+        eigh_dtype: torch.dtype | str = torch.float64,
         rtol: float | None = None,
         process_group: Any = None,
         generator: torch.Generator | None = None,
     ):
         self.compute = _check_compute(compute)
-        if eigh_dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                f"eigh_dtype must be float32 or float64, got {eigh_dtype}."
-            )
+        choose_eigh_dtype(eigh_dtype, 1, None)  # validates
         self.eigh_dtype = eigh_dtype
         self.rtol = check_rtol(rtol)
         self._blocks: list[GGNBlock] | None = None

@@ -424,3 +424,24 @@ def test_monte_carlo_draws_from_a_generator_are_reproducible():
     assert first.shape != other.shape or not torch.allclose(first, other)
     with pytest.raises(TypeError, match="torch.Generator"):
         vivitlib.LowRankGGN(problem.params, mc_samples=1, generator=0)
+
+
+def test_auto_eigensolver_precision_follows_the_requested_accuracy():
+    choose = vivitlib.linalg.choose_eigh_dtype
+    assert choose("auto", 2560, None) == torch.float64  # default cut-off: float64
+    assert choose("auto", 2560, 1e-6) == torch.float64  # float32 too coarse
+    assert choose("auto", 2560, 1e-2) == torch.float32  # float32 error < 1 % of it
+    assert choose(torch.float32, 10, None) == torch.float32
+    with pytest.raises(ValueError, match="eigh_dtype"):
+        vivitlib.LowRankGGN([nn.Parameter(torch.ones(2))], eigh_dtype="fast")
+    # with rtol=1e-3 the auto choice gives the float64 eigenvalues to 1 % of the cut
+    problem = make_problem(_BY_ID["cnn-ce"])
+    blocks = []
+    for dtype in ("auto", torch.float64):
+        ggn = vivitlib.LowRankGGN(problem.params, rtol=1e-3, eigh_dtype=dtype)
+        problem.run(ggn)
+        blocks.append(ggn.blocks[0])
+    auto, exact = blocks
+    assert auto.num_directions == exact.num_directions
+    tol = 0.01 * 1e-3 * float(exact.evals[0])
+    assert (auto.evals - exact.evals).abs().max() <= tol

@@ -11,12 +11,19 @@ from vivitlib.linalg.directional import (
     gradient_overlaps,
     signal_to_noise,
 )
-from vivitlib.linalg.eigh import default_rtol, eigenvalue_cutoff, gram_eigh, lift
+from vivitlib.linalg.eigh import (
+    choose_eigh_dtype,
+    default_rtol,
+    eigenvalue_cutoff,
+    gram_eigh,
+    lift,
+)
 from vivitlib.linalg.gram import gram_matrix
 from vivitlib.linalg.newton import newton_coefficients, newton_step
 from vivitlib.linalg.solve import inverse_ggn_product, inverse_weights
 
 __all__ = [
+    "choose_eigh_dtype",
     "default_rtol",
     "directional_gammas",
     "directional_lambdas",

@@ -10,18 +10,20 @@ Usage::
     python -m experiments.noisy_quadratic.run --seeds 5 --steps 10     # quick look
     python -m experiments.noisy_quadratic.run --noise heavy_tailed --out results/nq_ht
 
-Writes to ``--out`` (default ``results/noisy_quadratic``): ``config.json`` (settings
-and environment), ``runs/<optimizer>/seed_<s>.csv`` (one file per optimizer and seed;
-present files are skipped, so interrupted studies resume), ``summary.csv`` (loss and
-distance statistics per optimizer and step), ``final.csv`` (final loss and distance
-per run) and ``noisy_quadratic.png``. The noise model is documented in
+Writes to ``--out`` (default ``results/noisy_quadratic``): ``environment.json``
+(arguments and environment), ``tables/optimizer=<name>_seed=<s>_opt-<digest>.csv``
+(one checked table per optimizer and seed, keyed by every setting that changes its
+numbers, see :func:`settings`; valid tables are reused, so interrupted studies resume,
+and damaged ones are recomputed), ``summary.csv`` (loss and distance statistics per
+optimizer and step), ``final.csv`` (final loss and distance per run) and
+``noisy_quadratic.png``. A second run on the same ``--out`` is refused while the first
+one writes. The noise model is documented in
 :mod:`experiments.noisy_quadratic.problem`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from experiments.common.plotting import save
-from experiments.common.results import environment, write_table
+from experiments.common.results import cached_table, write_environment, write_table
 from experiments.noisy_quadratic import plot
 from experiments.noisy_quadratic.problem import (
     NOISE_MODELS,
@@ -75,51 +77,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace, problem: NoisyQuadratic) -> dict:
-    """Everything that determines a run's content (not the number of seeds)."""
+    """Everything that changes the numbers of one (optimizer, seed) run.
+
+    Not the number of seeds nor the list of constant dampings: they only choose which
+    runs exist (a constant damping's value is part of its optimizer name).
+    """
     return {
         "problem": problem.to_dict(),
         "steps": args.steps,
-        "dampings": list(args.dampings),
         "sgd_lr": args.sgd_lr,
         "newton_lr": args.newton_lr,
         "num_candidates": args.num_candidates,
     }
 
 
-def check_config(out: Path, config: dict) -> None:
-    """Write ``config.json`` or make sure existing results used the same settings."""
-    path = out / "config.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored["settings"] != config:
-            raise SystemExit(
-                f"{path} holds results for other settings:\n{stored['settings']}\n"
-                "Pass another --out or delete that folder."
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"settings": config, "environment": environment()}
-    path.write_text(json.dumps(record, indent=2))
+def compute(args: argparse.Namespace, problem: NoisyQuadratic) -> pd.DataFrame:
+    """Run every (optimizer, seed) pair whose checked table is missing or damaged.
 
+    Returns:
+        The runs' tables, concatenated in (seed, optimizer) order.
 
-def run_file(out: Path, name: str, seed: int) -> Path:
-    return out / "runs" / name / f"seed_{seed:03d}.csv"
-
-
-def compute(args: argparse.Namespace, problem: NoisyQuadratic) -> list[Path]:
-    """Run every missing (optimizer, seed) pair; return all run files."""
+    """
     names = optimizer_names(args.dampings)
+    options = settings(args, problem)
     jobs = [(name, seed) for seed in range(args.seeds) for name in names]
-    files = [run_file(args.out, name, seed) for name, seed in jobs]
-    todo = [(job, f) for job, f in zip(jobs, files) if not f.exists()]
-    bar = tqdm(todo, desc="noisy quadratic", unit="run", disable=args.no_progress)
-    for (name, seed), path in bar:
-        frame = run(
-            problem, name, seed, args.steps, args.sgd_lr, args.newton_lr,
-            args.num_candidates,
-        )  # fmt: skip
-        write_table(frame, path)
-    return files
+    bar = tqdm(jobs, desc="noisy quadratic", unit="run", disable=args.no_progress)
+    frames = []
+    for name, seed in bar:
+
+        def one_run(name: str = name, seed: int = seed) -> pd.DataFrame:
+            frame = run(
+                problem, name, seed, args.steps, args.sgd_lr, args.newton_lr,
+                args.num_candidates,
+            )  # fmt: skip
+            return frame.drop(columns=["optimizer", "seed"])  # key columns
+
+        config = {"optimizer": name, "seed": seed}
+        frames.append(cached_table(args.out, config, one_run, options=options))
+    return pd.concat(frames, ignore_index=True)
 
 
 def summarize(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -167,9 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         lambda_var=args.lambda_var,
         noise=args.noise,
     )
-    check_config(args.out, settings(args, problem))
-    files = compute(args, problem)
-    runs = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    write_environment(args.out, vars(args))  # takes the folder's lock
+    runs = compute(args, problem)
     summary, final = summarize(runs)
     write_table(summary, args.out / "summary.csv")
     write_table(final, args.out / "final.csv")

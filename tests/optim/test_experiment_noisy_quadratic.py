@@ -6,6 +6,11 @@ import pytest
 
 from experiments.noisy_quadratic import run as nq_run
 from experiments.noisy_quadratic.problem import NoisyQuadratic, run
+from tests.experiments.study_checks import (
+    assert_second_run_is_refused,
+    assert_truncated_table_is_recomputed,
+    checked_tables,
+)
 
 
 def test_noise_model_is_unbiased():
@@ -41,9 +46,16 @@ def test_noise_free_newton_solves_in_one_step():
     assert frame["loss"].iloc[-1] == pytest.approx(0.0, abs=1e-20)
 
 
+ARGV = ["--seeds", "2", "--steps", "3", "--dim", "4", "--batch-size", "16"]
+ARGV += ["--dampings", "1e-4", "1", "--no-progress"]
+
+
+def _tables(out):
+    return {p: p.read_bytes() for p in checked_tables(out)}
+
+
 def test_tiny_study_end_to_end(tmp_path):
-    argv = ["--seeds", "2", "--steps", "3", "--dim", "4", "--batch-size", "16"]
-    argv += ["--dampings", "1e-4", "1", "--out", str(tmp_path), "--no-progress"]
+    argv = [*ARGV, "--out", str(tmp_path)]
     nq_run.main(argv)
     summary = pd.read_csv(tmp_path / "summary.csv")
     final = pd.read_csv(tmp_path / "final.csv")
@@ -55,15 +67,53 @@ def test_tiny_study_end_to_end(tmp_path):
     assert np.isfinite(summary.drop(columns="optimizer").to_numpy()).all()
     assert len(final) == len(names) * 2
     assert np.isfinite(final[["loss", "distance"]].to_numpy()).all()
-    example = pd.read_csv(tmp_path / "runs" / "bootstrap" / "seed_000.csv")
+    (example,) = (tmp_path / "tables").glob("optimizer=bootstrap_seed=0_opt-*.csv")
+    example = pd.read_csv(example)
+    assert list(example.columns[:3]) == ["optimizer", "seed", "step"]
+    pd.testing.assert_frame_equal(
+        example, run(NoisyQuadratic(dim=4, batch_size=16), "bootstrap", 0, steps=3)
+    )
     dampings = example[[f"damping_{k}" for k in range(1, 5)]].to_numpy()[:-1]
     assert ((dampings > 0) | np.isnan(dampings)).all()
     assert (tmp_path / "noisy_quadratic.png").stat().st_size > 0
-    # resume: existing run files are kept as they are
-    path = tmp_path / "runs" / "SGD" / "seed_001.csv"
-    stamp = path.stat().st_mtime_ns
+    # resume: valid run tables are reused as they are
+    tables = _tables(tmp_path)
+    stamps = {p: p.stat().st_mtime_ns for p in tables}
+    assert len(tables) == len(names) * 2
     nq_run.main(argv + ["--no-plot"])
-    assert path.stat().st_mtime_ns == stamp
-    # other settings in the same folder are refused
-    with pytest.raises(SystemExit, match="other settings"):
-        nq_run.main(argv[:-3] + ["--gamma-var", "1", "--out", str(tmp_path)])
+    assert {p: p.stat().st_mtime_ns for p in tables} == stamps
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "final.csv"), final)
+
+
+def test_truncated_run_table_is_recomputed(tmp_path):
+    argv = [*ARGV, "--no-plot", "--out", str(tmp_path)]
+    nq_run.main(argv)
+    final = pd.read_csv(tmp_path / "final.csv")
+    path = next((tmp_path / "tables").glob("optimizer=bootstrap_seed=1_*.csv"))
+    assert_truncated_table_is_recomputed(lambda: nq_run.main(argv), tmp_path, path)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "final.csv"), final)
+
+
+@pytest.mark.parametrize(
+    "option", [["--gamma-var", "1"], ["--steps", "2"], ["--sgd-lr", "0.01"]]
+)
+def test_changed_option_gives_a_new_result(tmp_path, option):
+    argv = [*ARGV, "--no-plot", "--out", str(tmp_path / "out")]
+    nq_run.main(argv)
+    first = pd.read_csv(tmp_path / "out" / "final.csv")
+    tables = _tables(tmp_path / "out")
+    nq_run.main([*argv, *option])
+    changed = pd.read_csv(tmp_path / "out" / "final.csv")
+    nq_run.main([*argv, *option, "--out", str(tmp_path / "fresh")])
+    pd.testing.assert_frame_equal(
+        changed, pd.read_csv(tmp_path / "fresh" / "final.csv")
+    )
+    assert not changed.equals(first)
+    assert all(_tables(tmp_path / "out")[p] == data for p, data in tables.items())
+    nq_run.main(argv)  # the first results are still there and reused
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "final.csv"), first)
+
+
+def test_second_run_on_one_folder_is_refused(tmp_path):
+    argv = [*ARGV, "--no-plot", "--out", str(tmp_path)]
+    assert_second_run_is_refused(lambda: nq_run.main(argv), tmp_path)

@@ -95,13 +95,14 @@ def choose_eigh_dtype(
 ) -> torch.dtype:
     """The eigensolver's dtype: as requested, or the cheapest accurate one.
 
-    For ``"auto"``: float32 is about twice as fast for large Gram matrices,
-    but its backward error ``2√M·ε₃₂·λ_max`` (see :func:`eigenvalue_cutoff`)
-    is far above the round-off of a float64 Gram matrix. ``"auto"`` therefore picks float32 only
-    when the user asked for eigenvalues above ``rtol·λ_max`` with
-    ``rtol ≥ 2√M·ε₃₂ / 0.01`` (every kept eigenvalue then carries at most 1 %
-    error from the solver), and float64 otherwise -- in particular for the
-    default cut-off, which resolves what the factor's precision allows.
+    For ``"auto"``: float32 is about twice as fast for large Gram
+    matrices, but its backward error ``2√M·ε₃₂·λ_max`` (see
+    :func:`eigenvalue_cutoff`) is far above the round-off of a float64 Gram
+    matrix. ``"auto"`` therefore picks float32 only when the user asked for
+    eigenvalues above ``rtol·λ_max`` with ``rtol ≥ 2√M·ε₃₂ / 0.01`` (every kept
+    eigenvalue then carries at most 1 % error from the solver), and float64
+    otherwise -- in particular for the default cut-off, which resolves what
+    the factor's precision allows.
 
     Args:
         requested: ``torch.float32``, ``torch.float64`` or ``"auto"``.

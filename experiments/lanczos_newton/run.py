@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         frames.append(cached_table(args.out, key, compute))
     curves = combine(frames, args.out / "curves.csv")
     summary = summarize(curves, args.steps, args.time_budget)
-    summary.to_csv(args.out / "summary.csv", index=False)
+    write_table(summary, args.out / "summary.csv")
     fig = save(plot.figure(curves, summary, args.steps), args.out / f"{STUDY}.png")
     columns = ["regime", "optimizer", "step", "time_s", *METRICS]
     columns += ["time_per_step_ms", "products_per_refresh"]

@@ -10,7 +10,9 @@ defaults of :mod:`experiments.lanczos_newton.run` otherwise. The winner per opti
 has the lowest final training loss among runs that did not diverge. Writes
 ``<out>/tune.csv`` (default ``results/lanczos_newton_tune``; one row per candidate,
 ``chosen`` marks the winners); per-candidate tables under ``<out>/tables`` make the
-grid resumable.
+grid resumable. Every candidate's table is keyed by a digest of its whole
+:class:`~experiments.lanczos_newton.training.RunConfig` (every option that changes its
+numbers), so a changed option trains new candidates and a damaged table is recomputed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from experiments.common.cli import setup
-from experiments.common.results import cached_table, write_table
+from experiments.common.results import cached_table, write_environment, write_table
 from experiments.lanczos_newton import run as study
 from experiments.lanczos_newton.training import SMALL_CNN, train
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     setup(args)
     data = SMALL_CNN.load_data()
     args.seeds, args.time_budget = 1, 0.0
+    write_environment(args.out, vars(args))  # takes the folder's lock
     base = {c.optimizer: c for c in study.configs(args)}
     rows = []
     candidates = [

@@ -6,6 +6,11 @@ import pytest
 
 from experiments.lanczos_newton import run as lanczos_run
 from experiments.lanczos_newton.training import OPTIMIZERS
+from tests.experiments.study_checks import (
+    assert_second_run_is_refused,
+    assert_truncated_table_is_recomputed,
+    checked_tables,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -50,3 +55,26 @@ def test_tiny_comparison_end_to_end(tmp_path):
     lanczos_run.main(argv)
     assert [t.stat().st_mtime_ns for t in tables] == stamps
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "curves.csv"), curves)
+
+
+SGD_ONLY = [*ARGV, "--optimizers", "sgd", "--time-budget", "0"]
+
+
+def test_truncated_table_is_recomputed_and_changed_option_is_new(tmp_path):
+    argv = [*SGD_ONLY, "--out", str(tmp_path)]
+    lanczos_run.main(argv)
+    (table,) = checked_tables(tmp_path / "tables")
+    assert_truncated_table_is_recomputed(
+        lambda: lanczos_run.main(argv), tmp_path, table, deterministic=False
+    )
+    first = pd.read_csv(tmp_path / "curves.csv")
+    lanczos_run.main([*argv, "--sgd-lr", "0.05"])
+    changed = pd.read_csv(tmp_path / "curves.csv")
+    assert len(checked_tables(tmp_path / "tables")) == 2
+    assert not np.allclose(changed["train_loss"][1:], first["train_loss"][1:])
+    assert changed["train_loss"][0] == first["train_loss"][0]
+
+
+def test_second_run_on_one_folder_is_refused(tmp_path):
+    argv = [*SGD_ONLY, "--out", str(tmp_path)]
+    assert_second_run_is_refused(lambda: lanczos_run.main(argv), tmp_path)

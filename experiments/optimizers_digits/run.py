@@ -37,7 +37,12 @@ from tqdm import tqdm
 
 from experiments.common.cli import base_parser, report, setup
 from experiments.common.plotting import save
-from experiments.common.results import cached_table, combine, write_environment
+from experiments.common.results import (
+    cached_table,
+    combine,
+    write_environment,
+    write_table,
+)
 from experiments.optimizers_digits import plot
 from experiments.optimizers_digits.training import OPTIMIZERS, RunConfig, train
 from experiments.problems import get_problem
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         )
     curves = combine(frames, args.out / "curves.csv")
     summary = summarize(curves)
-    summary.to_csv(args.out / "summary.csv", index=False)
+    write_table(summary, args.out / "summary.csv")
     figure = save(plot.figure(curves), args.out / f"{STUDY}.png")
     columns = ["optimizer", "train_loss_mean", "test_accuracy_mean", "step_time_ms"]
     print(summary[columns].to_string(index=False, float_format="%.4g"))

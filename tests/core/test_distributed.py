@@ -95,11 +95,25 @@ def _worker(rank, world, port, queue):
         for closure in (True, False):
             params = _newton_steps(world, rank, closure)
             queue.put((rank, f"newton-{closure}", params, 0, 0))
+        draws = [_mc_evals(rank, shard) for _ in range(2)]
+        queue.put((rank, "mc", draws, 0, 0))
         _failing_rank(rank, queue)
     except Exception as err:  # report instead of hanging the parent
         queue.put((rank, -1, repr(err), 0, 0))
     finally:
         dist.destroy_process_group()
+
+
+def _mc_evals(rank, shard):
+    """Monte-Carlo eigenvalues of the global batch from per-rank generators."""
+    problem = _batch("cnn-ce")
+    ggn = vivitlib.LowRankGGN(
+        problem.params, mc_samples=2, process_group=True,
+        generator=torch.Generator().manual_seed(100 + rank),
+    )  # fmt: skip
+    with backpack(*ggn.extensions, extension_hook=ggn.hook):
+        problem.loss_fn(problem.model(problem.X[shard]), problem.y[shard]).backward()
+    return ggn.blocks[0].evals.numpy()
 
 
 NEWTON_BATCH = 8  # divisible by 2 and 4: the local mean losses average to the global
@@ -166,7 +180,7 @@ def world_results(request):
     for p in procs:
         p.start()
     results = {}
-    expected = world * (len(SETTINGS) + 3)
+    expected = world * (len(SETTINGS) + 4)
     deadline = time.monotonic() + 240
     while len(results) < expected and time.monotonic() < deadline:
         try:
@@ -213,6 +227,16 @@ def test_damped_newton_steps_agree_across_ranks(world_results, closure):
         params = results[(rank, f"newton-{closure}")][0]
         np.testing.assert_array_equal(params, first)  # identical on every rank
         np.testing.assert_allclose(params, single, rtol=1e-7, atol=1e-9)
+
+
+def test_monte_carlo_with_per_rank_generators_is_reproducible(world_results):
+    world, results = world_results
+    first = results[(0, "mc")][0]
+    np.testing.assert_array_equal(first[0], first[1])  # same seeds, same draws
+    for rank in range(world):
+        np.testing.assert_array_equal(results[(rank, "mc")][0][0], first[0])
+    # the MC factor has 2 columns per sample: at most 2·N eigenvalues
+    assert 0 < len(first[0]) <= 2 * BATCH
 
 
 def _initial_newton_params():

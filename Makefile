@@ -31,7 +31,8 @@ bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.hessianfree.run
 
 lint: $(STAMP)
-	$(PY) -m ruff check vivitlib tests experiments
+	$(PY) -m ruff check vivitlib tests experiments docs/examples
+	$(PY) -m ruff format --check vivitlib tests experiments docs/examples
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache

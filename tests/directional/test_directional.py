@@ -21,8 +21,15 @@ def _flat(directions):
 
 @pytest.mark.parametrize(
     "case_id",
-    ["mlp-ce-mean", "mlp-mse-sum", "cnn-ce", "seq-linear-mse", "ce-ignore-index-mean",
-     "ce-sequence-ignored-positions", "ce-class-weights"],
+    [
+        "mlp-ce-mean",
+        "mlp-mse-sum",
+        "cnn-ce",
+        "seq-linear-mse",
+        "ce-ignore-index-mean",
+        "ce-sequence-ignored-positions",
+        "ce-class-weights",
+    ],
 )
 def test_random_directions(case_id):
     problem = make_problem(_BY_ID[case_id])

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from experiments.common.cli import base_parser, setup
-from experiments.common.results import write_environment
+from experiments.common.results import write_environment, write_table
 from experiments.optimizer_benchmark.optimizers import Spec
 from experiments.optimizer_benchmark.training import train
 from experiments.problems import get_problem
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.quick:
         args.problems, args.seeds, args.steps = args.problems[:2], 2, 40
     setup(args)
-    write_environment(args.out / "ablation", vars(args))
+    write_environment(args.out / "ablation", vars(args))  # takes the folder's lock
     jobs = [(p, c, s, args.steps) for p in args.problems for c in CONFIGS
             for s in range(args.seeds)]  # fmt: skip
     if args.workers > 1:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     else:
         rows = [one(job) for job in jobs]
     table = pd.DataFrame(rows)
-    table.to_csv(args.out / "ablation" / "ablation.csv", index=False)
+    write_table(table, args.out / "ablation" / "ablation.csv")
     score = table.assign(
         train_loss=table["train_loss"].where(~table["diverged"], np.inf)
     ).pivot_table(index="config", columns="problem", values="train_loss",
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     score["geomean_vs_best"] = np.exp(np.log(relative).mean(axis=1))
     score["divergences"] = table.groupby("config")["diverged"].sum()
     score = score.sort_values("geomean_vs_best")
-    score.to_csv(args.out / "ablation" / "ablation_summary.csv")
+    write_table(score.reset_index(), args.out / "ablation" / "ablation_summary.csv")
     print(score.to_string(float_format="%.4g"))
     return score
 

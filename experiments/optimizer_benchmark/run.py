@@ -32,7 +32,8 @@ Quick mode: logistic regression and MLP, 1 seed, 40 steps, coarse grids, 20
 noisy-quadratic seeds.
 
 Writes to ``--out`` (default ``results/optimizer_benchmark``): ``tables/*.csv`` (one
-per run; present ones are reused, so an interrupted benchmark resumes),
+checked table per run, keyed by everything that changes its numbers; valid ones are
+reused, so an interrupted benchmark resumes, damaged ones are recomputed),
 ``tuning.csv``, ``curves.csv``, ``summary.csv``, ``quadratic.csv``,
 ``quadratic_summary.csv``, ``optimizer_benchmark.png`` and ``environment.json``.
 """
@@ -50,7 +51,12 @@ from tqdm import tqdm
 
 from experiments.common.cli import base_parser, report, setup
 from experiments.common.plotting import save
-from experiments.common.results import cached_table, combine, write_environment
+from experiments.common.results import (
+    cached_table,
+    combine,
+    write_environment,
+    write_table,
+)
 from experiments.noisy_quadratic.problem import NOISE_MODELS
 from experiments.optimizer_benchmark import plot, quadratic
 from experiments.optimizer_benchmark.optimizers import PEERS, peers_available, specs
@@ -75,7 +81,11 @@ class Job:
     fine: bool
 
     def key(self) -> dict:
-        """Configuration columns and file name of the run's table."""
+        """Configuration columns and file name of the run's table.
+
+        Everything that changes the run's numbers: ``fine`` only chooses the grid
+        (the value is in the key), and the workers train with one thread each.
+        """
         return {
             "problem": self.problem, "optimizer": self.optimizer,
             "value": self.value, "seed": self.seed, "steps": self.steps,
@@ -279,7 +289,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ]  # fmt: skip
     curves = combine(run_jobs(args, jobs, "tuned runs"), args.out / "curves.csv")
     summary = summarize(curves, args.steps, tuning)
-    summary.to_csv(args.out / "summary.csv", index=False)
+    write_table(summary, args.out / "summary.csv")
     figures = [save(plot.figure(curves), args.out / f"{STUDY}.png")]
     columns = ["problem", "optimizer", "value", "train_loss", "test_accuracy",
                "divergences", "time_per_step_ms", "train_loss_equal_time"]  # fmt: skip
@@ -294,7 +304,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                        args.out / "quadratic.csv")  # fmt: skip
         runs = runs.rename(columns={"problem": "noise"})
         nq = quadratic.summarize(runs)
-        nq.to_csv(args.out / "quadratic_summary.csv", index=False)
+        write_table(nq, args.out / "quadratic_summary.csv")
         print(nq.to_string(index=False, float_format="%.3g"))
     report(STUDY, args.out / "summary.csv", figures)
     return summary

@@ -84,9 +84,13 @@ def held_by_another_process(folder: Path) -> Iterator[None]:
 
 
 def assert_second_run_is_refused(run: Callable[[], object], folder: Path) -> None:
-    """``run()`` must be refused, writing nothing, while another process writes."""
-    from experiments.common.locking import FolderLockedError
+    """``run()`` must be refused, writing nothing, while another process writes.
 
+    A lock this process holds on ``folder`` (from an earlier run) is released first.
+    """
+    from experiments.common.locking import FolderLockedError, release_folder
+
+    release_folder(folder)
     with held_by_another_process(folder):
         before = sorted(Path(folder).rglob("*"))
         with pytest.raises(FolderLockedError, match="being written by another run"):

@@ -6,8 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from experiments.optimizer_benchmark import ablation
 from experiments.optimizer_benchmark import run as bench
 from experiments.optimizer_benchmark.optimizers import PEERS, peers_available, specs
+from tests.experiments.study_checks import (
+    assert_second_run_is_refused,
+    assert_truncated_table_is_recomputed,
+    checked_tables,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -57,3 +63,42 @@ def test_peers_train(name, tmp_path):
     spec = specs(fine=False)[name]
     table = train(problem, problem.load_data(), spec, spec.grid[0], 0, 3, 3, 32)
     assert math.isfinite(table["train_loss"].iloc[-1])
+
+
+def test_truncated_table_is_recomputed_and_changed_option_is_new(tmp_path):
+    argv = [*ARGV, "--optimizers", "newton_default", "--out", str(tmp_path)]
+    first = bench.main(argv)
+    (table, *quadratic) = checked_tables(tmp_path / "tables")
+    assert table.name.startswith("problem=digits_logreg_optimizer=newton_default")
+    assert len(quadratic) == 6  # 3 noise models x 2 seeds
+    assert_truncated_table_is_recomputed(
+        lambda: bench.main(argv), tmp_path, table, deterministic=False
+    )
+    assert_truncated_table_is_recomputed(
+        lambda: bench.main(argv), tmp_path, quadratic[0]
+    )
+    changed = bench.main([*argv, "--batch-size", "16"])
+    assert len(checked_tables(tmp_path / "tables")) == 8
+    assert changed["train_loss"][0] != first["train_loss"][0]
+    bench.main([*argv, "--quadratic-steps", "4"])
+    assert len(checked_tables(tmp_path / "tables")) == 14
+
+
+def test_second_run_on_one_folder_is_refused(tmp_path):
+    argv = [*ARGV, "--optimizers", "newton_default", "--out", str(tmp_path)]
+    assert_second_run_is_refused(lambda: bench.main(argv), tmp_path)
+
+
+def test_tiny_ablation_writes_its_tables_atomically(tmp_path, monkeypatch):
+    configs = {name: ablation.CONFIGS[name] for name in ("shipped", "no_safeguards")}
+    monkeypatch.setattr(ablation, "CONFIGS", configs)
+    argv = ["--problems", "digits_logreg", "--seeds", "1", "--steps", "2"]
+    argv += ["--threads", "1", "--out", str(tmp_path)]
+    score = ablation.main(argv)
+    table = pd.read_csv(tmp_path / "ablation" / "ablation.csv")
+    assert sorted(table["config"]) == sorted(configs)
+    summary = pd.read_csv(tmp_path / "ablation" / "ablation_summary.csv")
+    assert list(summary["config"]) == list(score.index)
+    assert np.allclose(summary["geomean_vs_best"], score["geomean_vs_best"])
+    assert not list((tmp_path / "ablation").glob(".*.tmp"))
+    assert_second_run_is_refused(lambda: ablation.main(argv), tmp_path / "ablation")

@@ -32,8 +32,8 @@ from torch import Tensor
 CHUNK_ELEMENTS = 2**24
 
 
-#: Size (entries) of the per-sample-pair products of :func:`pairwise_gram`,
-#: recomputed for every sample: kept small enough to be reused from cache.
+#: Size (entries) of the per-sample-pair products of :func:`pairwise_gram` on
+#: the CPU, recomputed for every sample: small enough to be reused from cache.
 WORKSPACE_ELEMENTS = 2**21
 
 
@@ -122,7 +122,9 @@ def pairwise_gram(s: Tensor, a: Tensor, delta: Tensor | None = None):
     vtg = None if delta is None else s.new_empty(N, C, N)
     d_rows = None if delta is None else delta.reshape(N, 1, T * O)
     step = _chunk(N * T * T, N)
-    rows_step = _chunk(T * O * C1, N, WORKSPACE_ELEMENTS)
+    # the CPU reuses a small workspace from cache; accelerators prefer fewer launches
+    workspace = WORKSPACE_ELEMENTS if s.device.type == "cpu" else None
+    rows_step = _chunk(T * O * C1, N, workspace)
     # workspaces written by every GEMM in turn: no allocation inside the loops
     kernel_space = s.new_empty(N * T * step * T)
     p_space = s.new_empty(rows_step * T * O * C1)

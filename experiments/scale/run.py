@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
         get_problem(name)
         for method in methods:
             config = {"problem": name, "method": method, "device": args.device}
-            measure = MEASURE(
-                name, method, args.device, args.threads or 1, args.timeout
-            )
+            threads = args.threads or 1
+            measure = MEASURE(name, method, args.device, threads, args.timeout)
             n_crit, points, capped = critical_batch_size(
                 measure,
                 args.out,
@@ -74,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
                 args.memory_budget_gb * 2**30,
                 args.start,
                 args.max_batch,
+                # change a measurement's time or whether it times out:
+                options={"threads": threads, "timeout": args.timeout},
             )
             rows.append(
                 {

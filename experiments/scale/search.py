@@ -55,8 +55,11 @@ def subprocess_measure(
             kind = "out of memory" if done.returncode < 0 else "failed"
             message = f"{kind}: exit {done.returncode} {done.stderr[-200:]}"
             return _row(None, None, message)
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        return _row(result["peak_bytes"], result["seconds"], result["error"])
+        try:
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            return _row(result["peak_bytes"], result["seconds"], result["error"])
+        except (IndexError, KeyError, TypeError, ValueError):
+            return _row(None, None, f"failed: unreadable output {done.stdout[-200:]!r}")
 
     return measure
 
@@ -75,6 +78,7 @@ def critical_batch_size(
     start: int = 8,
     max_batch: int = 4096,
     resolution: float = 0.125,
+    options: dict | None = None,
 ) -> tuple[int | None, pd.DataFrame, bool]:
     """Find the largest batch size whose peak memory fits ``budget_bytes``.
 
@@ -90,6 +94,9 @@ def critical_batch_size(
         start: First batch size. Default: ``8``.
         max_batch: Largest batch size tried. Default: ``4096``.
         resolution: Relative width at which bisection stops. Default: ``0.125``.
+        options: Further settings that change a measurement but are not columns
+            (e.g. threads and timeout); part of each cached table's key. Default:
+            none.
 
     Returns:
         ``(N_crit, measurements, capped)``; ``N_crit = 0`` if even ``start`` does
@@ -102,7 +109,10 @@ def critical_batch_size(
 
     def fits(batch_size: int) -> bool:
         row = cached_table(
-            out_dir, {**config, "batch_size": batch_size}, lambda: measure(batch_size)
+            out_dir,
+            {**config, "batch_size": batch_size},
+            lambda: measure(batch_size),
+            options=options,
         )
         rows.append(row)
         error = row["error"].iloc[0]

@@ -10,19 +10,24 @@ median time of the pass incl. eigenvalues (on a 2-core machine the time with mor
 ranks than cores is indicative only), the largest per-rank peak RSS above the
 rank's baseline, the bytes each rank sent (``ggn.communication``) and the bytes
 its dense ``V`` would have needed. Results: ``results.csv`` and ``results.md`` in
-``--out``; a finished configuration is skipped when re-run (delete the CSV row's
-file in ``raw/`` to redo it).
+``--out``; every configuration's measurement is stored in ``raw/`` with the options
+that produced it (``--batch-size``, ``--compute``, ``--repeats``, the number of ranks)
+and is reused when re-run if it is complete and was made with these options;
+a damaged or foreign file is measured again (with a warning). Delete a file in
+``raw/`` to redo its configuration. A second run on the same ``--out`` is refused
+while the first one writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import resource
 import socket
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +38,12 @@ from backpack import backpack, extend
 from torch import nn
 
 import vivitlib
+from experiments.common.files import (
+    CorruptFileError,
+    atomic_write_bytes,
+    read_bytes_or_none,
+)
+from experiments.common.locking import claim_folder
 from experiments.common.tables import write_table
 from experiments.problems import cnn_3c3d
 
@@ -138,23 +149,104 @@ def measure(world: int, args: argparse.Namespace) -> dict:
     }
 
 
+#: Columns of a measurement and the types their values must have.
+COLUMNS = {
+    "ranks": int,
+    "batch_size": int,
+    "compute": str,
+    "time_s": float,
+    "peak_mib_per_rank": float,
+    "bytes_sent_per_rank": int,
+    "dense_v_bytes_per_rank": int,
+    "K": int,
+    "per_layer_rank0": str,
+}
+FORMAT = 1
+
+
+def measurement_key(world: int, args: argparse.Namespace) -> dict:
+    """Every option that changes the measurement of ``world`` ranks."""
+    return {
+        "ranks": world,
+        "batch_size": args.batch_size,
+        "compute": args.compute,
+        "repeats": args.repeats,
+    }
+
+
+def raw_path(out: Path, key: dict) -> Path:
+    """Where the measurement of ``key`` is stored."""
+    name = f"3c3d_N{key['batch_size']}_{key['compute']}_R{key['ranks']}"
+    return out / "raw" / f"{name}_repeats{key['repeats']}.json"
+
+
+def write_measurement(path: Path, key: dict, row: dict) -> None:
+    """Store ``row`` with the options it was measured for, atomically."""
+    record = {"format": FORMAT, "key": key, "row": row}
+    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+
+
+def read_measurement(path: Path, key: dict) -> dict | None:
+    """The stored measurement of ``key``, or ``None`` if there is none.
+
+    Raises:
+        CorruptFileError: If the file is damaged, incomplete, holds a value of the
+            wrong type or was measured with other options.
+
+    """
+    data = read_bytes_or_none(path)
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError as err:
+        raise CorruptFileError(f"Measurement {path} is damaged ({err}).") from err
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CorruptFileError(f"Measurement {path} is not a measurement record.")
+    if record.get("key") != key:
+        raise CorruptFileError(
+            f"Measurement {path} was made for {record.get('key')}, not for {key}."
+        )
+    row = record.get("row")
+    if not isinstance(row, dict) or set(row) != set(COLUMNS):
+        raise CorruptFileError(f"Measurement {path} lacks columns of {list(COLUMNS)}.")
+    for name, kind in COLUMNS.items():
+        value = row[name]
+        valid = isinstance(value, kind) and not isinstance(value, bool)
+        if kind is float:
+            valid = isinstance(value, int | float) and math.isfinite(value)
+        if not valid:
+            kind_name = f"finite {kind.__name__}" if kind is float else kind.__name__
+            raise CorruptFileError(
+                f"Measurement {path} has {name}={value!r}, not a {kind_name}."
+            )
+    if any(row[name] != key[name] for name in ("ranks", "batch_size", "compute")):
+        raise CorruptFileError(f"Measurement {path} disagrees with its own key.")
+    return row
+
+
+def measured(out: Path, world: int, args: argparse.Namespace) -> dict:
+    """The measurement of ``world`` ranks: the stored one if valid, else a new one."""
+    key = measurement_key(world, args)
+    path = raw_path(out, key)
+    try:
+        row = read_measurement(path, key)
+    except CorruptFileError as err:
+        warnings.warn(f"{err} Measuring it again.", UserWarning, stacklevel=2)
+        row = None
+    if row is None:
+        print(f"measuring {world} rank(s) ...", flush=True)
+        row = measure(world, args)
+        write_measurement(path, key, row)
+    return row
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Measure (or reuse) every configuration; write ``results.csv`` and ``.md``."""
     args = parse_args(argv)
     out = Path(args.out)
-    raw = out / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for world in args.ranks:
-        path = raw / f"3c3d_N{args.batch_size}_{args.compute}_R{world}.json"
-        if path.exists():
-            row = json.loads(path.read_text())
-        else:
-            print(f"measuring {world} rank(s) ...", flush=True)
-            row = measure(world, args)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(row))
-            tmp.replace(path)
-        rows.append(row)
+    claim_folder(out)  # a second run on this folder is refused
+    rows = [measured(out, world, args) for world in args.ranks]
     _write_tables(rows, out)
     return rows
 
@@ -177,7 +269,7 @@ def _write_tables(rows: list[dict], out: Path) -> None:
             f"| {r['peak_mib_per_rank']:.0f} | {sent:.1f} | {dense:.1f} | {ratio} "
             f"| {r['K']} |"
         )
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
     print(f"tables: {out / 'results.csv'}, {out / 'results.md'}")
 

@@ -12,8 +12,10 @@ pytest.importorskip("pandas")
 from experiments.benchmarks.hessianfree import run  # noqa: E402
 from experiments.benchmarks.hessianfree.problem import (  # noqa: E402
     dense_hessian,
+    exact_eigenvalues,
     make_problem,
 )
+from tests.experiments.study_checks import assert_second_run_is_refused  # noqa: E402
 
 
 def test_benchmark_runs_end_to_end(tmp_path):
@@ -46,3 +48,55 @@ def test_benchmark_runs_end_to_end(tmp_path):
     trace = pd.read_csv(tmp_path / "trace.csv")
     krylov = trace[trace.method == "vivitlib krylov"]
     assert (krylov.products == 100).all() and (krylov.rel_err < 0.05).all()
+
+
+TINY = dict(num_data=30, hidden=4, steps=2)
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[:-9])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "truncated": _cut,
+    "value changed": _flip,
+    "record deleted": lambda p: p.with_suffix(".json").unlink(),
+    "record damaged": lambda p: p.with_suffix(".json").write_text('{"key": {'),
+    "pickle planted": lambda p: np.save(p, np.array([object()]), allow_pickle=True),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_eigenvalue_cache_is_recomputed(tmp_path, damage):
+    evals = exact_eigenvalues(str(tmp_path), **TINY)
+    (path,) = tmp_path.glob("*.npy")
+    intact = path.read_bytes()
+    DAMAGES[damage](path)
+    with pytest.warns(UserWarning, match=f"{path.name}.*Recomputing it"):
+        again = exact_eigenvalues(str(tmp_path), **TINY)
+    np.testing.assert_array_equal(again, evals)
+    assert path.read_bytes() == intact
+
+
+def test_changed_size_gets_its_own_eigenvalues(tmp_path):
+    evals = exact_eigenvalues(str(tmp_path), **TINY)
+    wider = exact_eigenvalues(str(tmp_path), **{**TINY, "hidden": 5})
+    assert len(wider) != len(evals)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+    path = tmp_path / "exact_eigenvalues_seed0_n30_h4_s2.npy"
+    other = tmp_path / "exact_eigenvalues_seed1_n30_h4_s2.npy"
+    other.write_bytes(path.read_bytes())  # copied from another seed
+    other.with_suffix(".json").write_bytes(path.with_suffix(".json").read_bytes())
+    with pytest.warns(UserWarning, match="was computed for .*'seed': 0"):
+        exact_eigenvalues(str(tmp_path), seed=1, **TINY)
+
+
+def test_second_run_on_one_folder_is_refused(tmp_path):
+    argv = ["--out", str(tmp_path), "--seeds", "1", "--num-data", "30"]
+    assert_second_run_is_refused(lambda: run.main(argv), tmp_path)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-import os
+import io
+import json
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from experiments.common.files import (
+    CorruptFileError,
+    atomic_write_bytes,
+    read_bytes_or_none,
+    sha256,
+)
 
 NUM_DATA = 1000
 HIDDEN = 200
@@ -79,14 +89,23 @@ def exact_eigenvalues(out_dir: str, seed: int = 0, **size) -> np.ndarray:
     """Exact Hessian eigenvalues (ascending), cached in ``out_dir``.
 
     ``size`` (``num_data``, ``hidden``, ``steps``) is passed to
-    :func:`make_problem`; a non-default size gets its own cache file.
+    :func:`make_problem`; a non-default size gets its own cache file. The cache
+    ``exact_eigenvalues_seed<s>[_n.._h.._s..].npy`` is written atomically with a
+    record ``.json`` (seed, size, shape, SHA-256); it is used only if both agree,
+    otherwise it is recomputed with a warning.
     """
     default = dict(num_data=NUM_DATA, hidden=HIDDEN, steps=STEPS)
     size = {**default, **size}
     tag = "" if size == default else "_n{num_data}_h{hidden}_s{steps}".format(**size)
-    path = os.path.join(out_dir, f"exact_eigenvalues_seed{seed}{tag}.npy")
-    if os.path.exists(path):
-        return np.load(path)
+    path = Path(out_dir) / f"exact_eigenvalues_seed{seed}{tag}.npy"
+    key = {"seed": seed, **size}
+    try:
+        cached = read_eigenvalues(path, key)
+    except CorruptFileError as err:
+        warnings.warn(f"{err} Recomputing it.", UserWarning, stacklevel=2)
+        cached = None
+    if cached is not None:
+        return cached
     model, loss_fn, X, y = make_problem(seed, **size)
     start = time.perf_counter()
     H = dense_hessian(model, loss_fn, X, y)
@@ -94,6 +113,50 @@ def exact_eigenvalues(out_dir: str, seed: int = 0, **size) -> np.ndarray:
     start = time.perf_counter()
     evals = torch.linalg.eigvalsh(H).numpy()
     print(f"eigvalsh in {time.perf_counter() - start:.0f} s")
-    os.makedirs(out_dir, exist_ok=True)
-    np.save(path, evals)
+    write_eigenvalues(path, key, evals)
+    return evals
+
+
+def write_eigenvalues(path: Path, key: dict, evals: np.ndarray) -> None:
+    """Write ``evals`` to ``path`` (``.npy``) and then its record, atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, evals, allow_pickle=False)
+    data = buffer.getvalue()
+    record = {"key": key, "shape": list(evals.shape), "sha256": sha256(data)}
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(record).encode())
+
+
+def read_eigenvalues(path: Path, key: dict) -> np.ndarray | None:
+    """The eigenvalues stored by :func:`write_eigenvalues`, verified.
+
+    Returns:
+        The eigenvalues, or ``None`` if neither the file nor its record exists.
+
+    Raises:
+        CorruptFileError: If the file or its record is damaged, incomplete or was
+            computed for another problem size or seed.
+
+    """
+    data, raw = read_bytes_or_none(path), read_bytes_or_none(path.with_suffix(".json"))
+    if data is None and raw is None:
+        return None
+    try:
+        record = json.loads(raw) if raw is not None else None
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or data is None:
+        raise CorruptFileError(
+            f"Eigenvalue cache {path} or its record {path.with_suffix('.json')} is "
+            "missing or damaged."
+        )
+    if record.get("key") != key:
+        raise CorruptFileError(
+            f"Eigenvalue cache {path} was computed for {record.get('key')}, not {key}."
+        )
+    if record.get("sha256") != sha256(data):
+        raise CorruptFileError(f"Eigenvalue cache {path} is damaged (SHA-256 differs).")
+    evals = np.load(io.BytesIO(data), allow_pickle=False)
+    if list(evals.shape) != record.get("shape") or not np.isfinite(evals).all():
+        raise CorruptFileError(f"Eigenvalue cache {path} does not hold its record.")
     return evals

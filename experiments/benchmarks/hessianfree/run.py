@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,9 @@ from experiments.benchmarks.hessianfree.problem import (
     exact_eigenvalues,
     make_problem,
 )
+from experiments.common.files import atomic_write_bytes
+from experiments.common.locking import claim_folder
+from experiments.common.tables import write_table
 from vivitlib import hessianfree as hf
 
 KERNEL_VAR = 1e-5
@@ -521,7 +524,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
+    claim_folder(args.out)  # a second run on this folder is refused
     sections = args.sections.split(",")
     seeds = list(range(args.seeds))
 
@@ -551,8 +554,7 @@ def main(argv=None) -> None:
         f"digits ({args.num_data}), 64-{args.hidden}-10 tanh MLP, "
         f"D = {ctx['H'].shape[0]:,}"
     )
-    with open(os.path.join(args.out, "env.json"), "w") as f:
-        json.dump(env, f, indent=1)
+    atomic_write_bytes(Path(args.out) / "env.json", json.dumps(env, indent=1).encode())
     notes = [
         f"- {name} not installed: skipped"
         for name, key in [("pyhessian", "pyh"), ("curvlinops-for-pytorch", "curv")]
@@ -569,7 +571,7 @@ def main(argv=None) -> None:
     for name in sections:
         start = time.perf_counter()
         frames[name] = runners[name]()
-        frames[name].to_csv(os.path.join(args.out, f"{name}.csv"), index=False)
+        write_table(frames[name], Path(args.out) / f"{name}.csv")
         print(f"[{name}] done in {time.perf_counter() - start:.0f} s")
     text = (
         summarize(frames, title)
@@ -579,8 +581,7 @@ def main(argv=None) -> None:
         + (json.dumps(env))
         + "\n"
     )
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
+    atomic_write_bytes(Path(args.out) / "results.md", text.encode())
     print(text)
 
 

@@ -27,7 +27,12 @@ from vivitlib.optim._stepping import (
     load_pending,
     loss_value,
 )
-from vivitlib.optim.damping import BootstrapDamping, ConstantDamping
+from vivitlib.optim.damping import (
+    BootstrapDamping,
+    as_strategy,
+    check_dampings,
+    strategy_state,
+)
 from vivitlib.optim.safeguards import StepControl, StepPlan
 
 _COMPUTE = ("eigenvalues", "directional_derivatives", "newton_step")
@@ -64,18 +69,6 @@ class DampingRecord:
     applied: bool
     scale: float = math.nan
     predicted: float = math.nan
-
-
-def _as_strategy(damping: Any) -> Callable[[Tensor, Tensor], Tensor]:
-    """Turn a number into :class:`ConstantDamping`; check other values are callable."""
-    if isinstance(damping, int | float) and not isinstance(damping, bool):
-        return ConstantDamping(float(damping))
-    if not callable(damping):
-        raise TypeError(
-            "damping must be a damping strategy (callable (gammas, lambdas) -> "
-            f"dampings) or a number, got {type(damping)}."
-        )
-    return damping
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -228,7 +221,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
     ) -> None:
         damping = BootstrapDamping() if damping is None else damping
         self._process_group = resolve_group(process_group)
-        defaults = {"lr": lr, "damping": _as_strategy(damping)}
+        defaults = {"lr": lr, "damping": as_strategy(damping)}
         defaults["weight_decay"] = weight_decay
         if complement_lr is None:
             complement_lr = "auto" if safeguards is True else 0.0
@@ -289,7 +282,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group)}.")
         param_group = dict(param_group)
         if "damping" in param_group:
-            param_group["damping"] = _as_strategy(param_group["damping"])
+            param_group["damping"] = as_strategy(param_group["damping"])
         _check_hyperparameters(param_group)
         num_groups = len(self.param_groups)
         super().add_param_group(param_group)
@@ -436,7 +429,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             gammas, lambdas = block.gammas * scale, block.lambdas * scale
             strategy = group["damping"]
             dampings = strategy(gammas, lambdas)
-            dampings = self._check_dampings(dampings, block.num_directions, strategy)
+            dampings = check_dampings(dampings, block.num_directions, strategy)
             # ranks draw their bootstrap samples independently: take the first's
             dampings = broadcast_from_first(dampings, self._process_group)
             if not bool(torch.isfinite(dampings).any()):
@@ -494,26 +487,6 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         )
         return out, plan
 
-    @staticmethod
-    def _check_dampings(dampings: Any, num_directions: int, strategy: Any) -> Tensor:
-        if not isinstance(dampings, Tensor):
-            raise TypeError(
-                f"The damping strategy {strategy!r} returned {type(dampings)}; it "
-                f"must return a tensor of shape [{num_directions}]."
-            )
-        if dampings.shape != (num_directions,):
-            raise ValueError(
-                f"The damping strategy {strategy!r} returned shape "
-                f"{tuple(dampings.shape)}; expected [{num_directions}] (one per "
-                "direction)."
-            )
-        if bool(torch.isnan(dampings).any()) or bool((dampings < 0).any()):
-            raise ValueError(
-                f"The damping strategy {strategy!r} returned NaN or negative "
-                "dampings; return values >= 0 (inf for no step)."
-            )
-        return dampings
-
     def _warn(self, index: int | None, reason: str) -> None:
         where = "" if index is None else f" in parameter group {index}"
         which = "every group's" if index is None else "its"
@@ -545,7 +518,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         state["damping_states"] = [
             {
                 "type": type(group["damping"]).__name__,
-                "state": _strategy_state(group["damping"]),
+                "state": strategy_state(group["damping"]),
             }
             for group in self.param_groups
         ]
@@ -584,7 +557,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 raise ValueError(
                     f"state_dict {name!r} must be an int >= 0, got {value!r}."
                 )
-        saved_strategies = [_strategy_state(s) for s in strategies]
+        saved_strategies = [strategy_state(s) for s in strategies]
         for strategy, saved in zip(strategies, damping_states or []):
             if hasattr(strategy, "check_state"):
                 strategy.check_state(saved["state"])
@@ -679,8 +652,3 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
     return max(level, 1)
-
-
-def _strategy_state(strategy: Any) -> dict[str, Any]:
-    """The strategy's ``state_dict()`` if it has one, else ``{}``."""
-    return strategy.state_dict() if hasattr(strategy, "state_dict") else {}

@@ -549,3 +549,65 @@ class BootstrapDamping(DampingStrategy):
             f"[{self.candidates.min().item():.1e}, {self.candidates.max().item():.1e}]"
             f">, percentile={self.percentile}, num_resamples={self.num_resamples})"
         )
+
+
+def as_strategy(damping: Any) -> Any:
+    """A damping strategy from a number (:class:`ConstantDamping`) or a callable.
+
+    Args:
+        damping: ``δ >= 0``, or a callable ``(gammas [N_g, K], lambdas [N_c, K])
+            -> dampings [K]``.
+
+    Returns:
+        The strategy.
+
+    Raises:
+        TypeError: If ``damping`` is neither a number nor callable.
+    """
+    if isinstance(damping, int | float) and not isinstance(damping, bool):
+        return ConstantDamping(float(damping))
+    if not callable(damping):
+        raise TypeError(
+            "damping must be a damping strategy (callable (gammas, lambdas) -> "
+            f"dampings) or a number, got {type(damping)}."
+        )
+    return damping
+
+
+def check_dampings(dampings: Any, num_directions: int, strategy: Any) -> Tensor:
+    """Check what a strategy returned: a tensor ``[K]`` of values ``>= 0`` or ``inf``.
+
+    Args:
+        dampings: The strategy's output.
+        num_directions: ``K``.
+        strategy: The strategy (named in messages).
+
+    Returns:
+        ``dampings``.
+
+    Raises:
+        TypeError: If it is not a tensor.
+        ValueError: On a wrong shape, NaN or negative entries.
+    """
+    if not isinstance(dampings, Tensor):
+        raise TypeError(
+            f"The damping strategy {strategy!r} returned {type(dampings)}; it "
+            f"must return a tensor of shape [{num_directions}]."
+        )
+    if dampings.shape != (num_directions,):
+        raise ValueError(
+            f"The damping strategy {strategy!r} returned shape "
+            f"{tuple(dampings.shape)}; expected [{num_directions}] (one per "
+            "direction)."
+        )
+    if bool(torch.isnan(dampings).any()) or bool((dampings < 0).any()):
+        raise ValueError(
+            f"The damping strategy {strategy!r} returned NaN or negative "
+            "dampings; return values >= 0 (inf for no step)."
+        )
+    return dampings
+
+
+def strategy_state(strategy: Any) -> dict[str, Any]:
+    """The strategy's ``state_dict()`` if it has one, else ``{}``."""
+    return strategy.state_dict() if hasattr(strategy, "state_dict") else {}

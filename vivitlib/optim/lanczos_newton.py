@@ -42,13 +42,13 @@ from vivitlib.optim._stepping import (
     load_pending,
     loss_value,
 )
-from vivitlib.optim.damped_newton import (
-    DampedNewton,
-    _as_strategy,
-    _check_hyperparameters,
-    _strategy_state,
+from vivitlib.optim.damped_newton import _check_hyperparameters
+from vivitlib.optim.damping import (
+    BootstrapDamping,
+    as_strategy,
+    check_dampings,
+    strategy_state,
 )
-from vivitlib.optim.damping import BootstrapDamping
 from vivitlib.optim.safeguards import StepControl
 
 _OPERATORS = {"ggn": hessianfree.GGNOperator, "hessian": hessianfree.HessianOperator}
@@ -173,7 +173,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._controls = [control]
         self._pending = None
         self.num_rejected = 0
-        super().__init__(list(params), {"lr": lr, "damping": _as_strategy(damping)})
+        super().__init__(list(params), {"lr": lr, "damping": as_strategy(damping)})
         if len(self.param_groups) != 1:
             raise ValueError("LanczosDampedNewton optimises one parameter group.")
         self._model, self._loss_fn, self._data = model, loss_fn, curvature_data
@@ -296,7 +296,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         saved, saved_pending = self._controls[0].state_dict(), self._pending
         try:
             self._adapt_late([(p, p.grad) for p in self.params if p.grad is not None])
-            dampings = DampedNewton._check_dampings(
+            dampings = check_dampings(
                 strategy(gammas, lambdas), gammas.shape[1], strategy
             )
             curv = lambdas.mean(0)
@@ -358,7 +358,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         state["directions"] = [d.clone() for d in self.directions]
         state["eigenvalues"] = self.eigenvalues.clone()
         state["num_steps"] = self._num_steps
-        state["damping_state"] = _strategy_state(self.param_groups[0]["damping"])
+        state["damping_state"] = strategy_state(self.param_groups[0]["damping"])
         state["control_state"] = self._controls[0].state_dict()
         state["pending"] = self._pending_state()
         state["num_rejected"] = self.num_rejected

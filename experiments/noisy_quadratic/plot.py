@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from experiments.common.plotting import save  # noqa: E402
+from experiments.common.tables import read_table  # noqa: E402
 from experiments.noisy_quadratic.problem import NoisyQuadratic  # noqa: E402
 
 
@@ -89,13 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/noisy_quadratic"))
     parser.add_argument("--damping-seed", type=int, default=0)
     args = parser.parse_args(argv)
-    config = json.loads((args.out / "config.json").read_text())["settings"]
-    problem = NoisyQuadratic(**config["problem"])
-    summary = pd.read_csv(args.out / "summary.csv")
-    final = pd.read_csv(args.out / "final.csv")
-    example = pd.read_csv(
-        args.out / "runs" / "bootstrap" / f"seed_{args.damping_seed:03d}.csv"
-    )
+    from experiments.noisy_quadratic import run  # noqa: PLC0415 (run imports plot)
+
+    recorded = json.loads((args.out / "environment.json").read_text())["arguments"]
+    options = argparse.Namespace(**{**vars(run.parse_args([])), **recorded})
+    options.out = args.out
+    problem = run.make_problem(options)
+    summary = read_table(args.out / "summary.csv")
+    final = read_table(args.out / "final.csv")
+    example = run.run_table(options, problem, "bootstrap", args.damping_seed)
     save(figure(summary, final, example, problem), args.out / "noisy_quadratic.png")
 
 

@@ -91,6 +91,33 @@ def settings(args: argparse.Namespace, problem: NoisyQuadratic) -> dict:
     }
 
 
+def make_problem(args: argparse.Namespace) -> NoisyQuadratic:
+    """The noisy quadratic of the parsed options."""
+    return NoisyQuadratic(
+        dim=args.dim,
+        batch_size=args.batch_size,
+        gamma_var=args.gamma_var,
+        lambda_var=args.lambda_var,
+        noise=args.noise,
+    )
+
+
+def run_table(
+    args: argparse.Namespace, problem: NoisyQuadratic, name: str, seed: int
+) -> pd.DataFrame:
+    """The table of one (optimizer, seed) run: its valid checked table, or computed."""
+
+    def one_run() -> pd.DataFrame:
+        frame = run(
+            problem, name, seed, args.steps, args.sgd_lr, args.newton_lr,
+            args.num_candidates,
+        )  # fmt: skip
+        return frame.drop(columns=["optimizer", "seed"])  # the key's columns
+
+    config = {"optimizer": name, "seed": seed}
+    return cached_table(args.out, config, one_run, options=settings(args, problem))
+
+
 def compute(args: argparse.Namespace, problem: NoisyQuadratic) -> pd.DataFrame:
     """Run every (optimizer, seed) pair whose checked table is missing or damaged.
 
@@ -99,21 +126,9 @@ def compute(args: argparse.Namespace, problem: NoisyQuadratic) -> pd.DataFrame:
 
     """
     names = optimizer_names(args.dampings)
-    options = settings(args, problem)
     jobs = [(name, seed) for seed in range(args.seeds) for name in names]
     bar = tqdm(jobs, desc="noisy quadratic", unit="run", disable=args.no_progress)
-    frames = []
-    for name, seed in bar:
-
-        def one_run(name: str = name, seed: int = seed) -> pd.DataFrame:
-            frame = run(
-                problem, name, seed, args.steps, args.sgd_lr, args.newton_lr,
-                args.num_candidates,
-            )  # fmt: skip
-            return frame.drop(columns=["optimizer", "seed"])  # key columns
-
-        config = {"optimizer": name, "seed": seed}
-        frames.append(cached_table(args.out, config, one_run, options=options))
+    frames = [run_table(args, problem, name, seed) for name, seed in bar]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -155,13 +170,7 @@ def verdict(final: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    problem = NoisyQuadratic(
-        dim=args.dim,
-        batch_size=args.batch_size,
-        gamma_var=args.gamma_var,
-        lambda_var=args.lambda_var,
-        noise=args.noise,
-    )
+    problem = make_problem(args)
     write_environment(args.out, vars(args))  # takes the folder's lock
     runs = compute(args, problem)
     summary, final = summarize(runs)

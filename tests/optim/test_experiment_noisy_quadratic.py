@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from experiments.noisy_quadratic import plot
 from experiments.noisy_quadratic import run as nq_run
 from experiments.noisy_quadratic.problem import NoisyQuadratic, run
 from tests.experiments.study_checks import (
@@ -117,3 +118,12 @@ def test_changed_option_gives_a_new_result(tmp_path, option):
 def test_second_run_on_one_folder_is_refused(tmp_path):
     argv = [*ARGV, "--no-plot", "--out", str(tmp_path)]
     assert_second_run_is_refused(lambda: nq_run.main(argv), tmp_path)
+
+
+def test_plot_redraws_from_the_results_folder(tmp_path):
+    argv = [*ARGV, "--no-plot", "--out", str(tmp_path), "--damping-seed", "1"]
+    nq_run.main(argv)
+    tables = _tables(tmp_path)
+    plot.main(["--out", str(tmp_path), "--damping-seed", "1"])
+    assert (tmp_path / "noisy_quadratic.png").stat().st_size > 0
+    assert _tables(tmp_path) == tables  # the example run's table was reused

@@ -78,3 +78,19 @@ def test_truncated_table_is_recomputed_and_changed_option_is_new(tmp_path):
 def test_second_run_on_one_folder_is_refused(tmp_path):
     argv = [*SGD_ONLY, "--out", str(tmp_path)]
     assert_second_run_is_refused(lambda: lanczos_run.main(argv), tmp_path)
+
+
+def test_tune_recomputes_truncated_tables_and_keys_options(tmp_path):
+    from experiments.lanczos_newton import tune
+
+    argv = [*SGD_ONLY, "--out", str(tmp_path)]
+    frame = tune.main(argv)
+    assert frame["value"].tolist() == list(tune.GRID["sgd"][1])
+    tables = checked_tables(tmp_path / "tables")
+    assert len(tables) == len(frame)
+    assert_truncated_table_is_recomputed(
+        lambda: tune.main(argv), tmp_path, tables[0], deterministic=False
+    )
+    tune.main([*argv, "--batch-size", "16"])
+    assert len(checked_tables(tmp_path / "tables")) == 2 * len(frame)
+    assert_second_run_is_refused(lambda: tune.main(argv), tmp_path)

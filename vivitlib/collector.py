@@ -22,6 +22,7 @@ from torch.nn import Module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from vivitlib import _checks
+from vivitlib._warnings import BACKWARD_HOOK_WARNING
 from vivitlib.block import Scaling
 from vivitlib.distributed import (
     FactorExchange,
@@ -428,7 +429,7 @@ class BackpackCollector:
         return self._pass is not None and self._pass.stale
 
 
-_HOOK_WARNING = "Full backward hook is firing when gradients are computed"
+_HOOK_WARNING = BACKWARD_HOOK_WARNING
 _quiet_passes: set[int] = set()
 
 

@@ -445,3 +445,14 @@ def test_auto_eigensolver_precision_follows_the_requested_accuracy():
     assert auto.num_directions == exact.num_directions
     tol = 0.01 * 1e-3 * float(exact.evals[0])
     assert (auto.evals - exact.evals).abs().max() <= tol
+
+
+def test_matrix_free_products_on_an_extended_model_raise_no_hook_warning():
+    problem = make_problem(_BY_ID["mlp-ce-mean"])  # BackPACK-extended model
+    H = vivitlib.hessianfree.HessianOperator(
+        problem.model, problem.loss_fn, [(problem.X, problem.y)]
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        H @ torch.ones(H.shape[0], dtype=torch.float64)
+    assert not [w for w in caught if "backward hook" in str(w.message)]

@@ -11,6 +11,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from vivitlib._warnings import quiet_backward_hook_warning
 from vivitlib.hessianfree import distributed as _dist
 from vivitlib.hessianfree._checks import (
     check_data,
@@ -269,7 +270,7 @@ class CurvatureOperator(DataMixin):
         """Build every batch's graph anew and snapshot the parameters."""
         self.clear_cache()
         self._guard.check_finite()
-        with torch.enable_grad():
+        with torch.enable_grad(), quiet_backward_hook_warning():
             self._cache = list(self._states())
         self._guard.take_snapshot()
         self._cache_versions = self._data_key()[1]
@@ -283,7 +284,7 @@ class CurvatureOperator(DataMixin):
             for row in rows
         ]
         result = torch.zeros(dim, k, dtype=torch.float64, device=self.device)
-        with torch.enable_grad():
+        with torch.enable_grad(), quiet_backward_hook_warning():
             batches = self._cache if cached else self._states()
             if self._progressbar:
                 from tqdm.auto import tqdm

@@ -526,6 +526,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     claim_folder(args.out)  # a second run on this folder is refused
     sections = args.sections.split(",")
+    unknown = set(sections) - {"speed", "topk", "density", "trace"}
+    if unknown:
+        parser.error(
+            f"--sections: unknown {sorted(unknown)}; choose from speed, topk, "
+            "density, trace (comma-separated)."
+        )
     seeds = list(range(args.seeds))
 
     size = dict(num_data=args.num_data, hidden=args.hidden, steps=args.steps)

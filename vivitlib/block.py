@@ -121,8 +121,10 @@ class GroupAccumulator:
 
     params: list[Tensor]
     keep_factors: bool
-    gram: Tensor | None = None  # [N, C, N, C], float64
-    vt_grads: Tensor | None = None  # [N, C, N'], float64
+    # BackPACK's class-major order while accumulating (contiguous adds); the
+    # block permutes once to the public sample-major order
+    gram: Tensor | None = None  # [C, N, C, N], float64
+    vt_grads: Tensor | None = None  # [C, N, N'], float64
     grad_totals: dict[int, Tensor] = field(default_factory=dict)
     factors: dict[int, Factor] = field(default_factory=dict)
     visited: set[int] = field(default_factory=set)
@@ -136,9 +138,9 @@ class GroupAccumulator:
             grads = DenseGrads(grads.flatten(1))
         self.factor_dtype = factor.dtype
         gram, vtg, kept = contract(factor, grads, keep=self.keep_factors)
-        self.gram = _accumulate(self.gram, gram.permute(1, 0, 3, 2))
+        self.gram = _accumulate(self.gram, gram)
         if grads is not None:
-            self.vt_grads = _accumulate(self.vt_grads, vtg.permute(1, 0, 2))
+            self.vt_grads = _accumulate(self.vt_grads, vtg)
             self.grad_totals[id(param)] = grads.total()
         if self.keep_factors:
             self.factors[id(param)] = kept
@@ -183,14 +185,14 @@ def _index(positions: list[int] | None, device: torch.device) -> Tensor | None:
 
 
 def _gram_of_counted(gram: Tensor, keep: Tensor | None, scale: float) -> Tensor:
-    """``[N, C, N, C]`` accumulator → scaled ``[N'·C, N'·C]`` Gram of kept samples.
+    """``[C, N, C, N]`` accumulator → scaled sample-major ``[N'·C, N'·C]`` Gram.
 
-    Scales in place: the accumulator is not used afterwards.
+    One permuted copy (the only reordering of the pass), scaled in place.
     """
     if keep is not None:
-        gram = gram.index_select(0, keep).index_select(2, keep)
-    n, c = gram.shape[:2]
-    gram = gram.reshape(n * c, n * c)
+        gram = gram.index_select(1, keep).index_select(3, keep)
+    c, n = gram.shape[:2]
+    gram = gram.permute(1, 0, 3, 2).reshape(n * c, n * c)
     return gram if scale == 1 else gram.mul_(scale)
 
 
@@ -228,9 +230,10 @@ class GGNBlock:
         self.num_curv_samples = scaling.num_curv
         self.num_grad_samples = scaling.num_grad
         self.batch_scale = scaling.batch_scale
-        self._num_factor_samples, self._num_columns = acc.gram.shape[:2]
+        self._num_columns, self._num_factor_samples = acc.gram.shape[:2]
         self._curv_keep = _index(scaling.curv_keep, acc.gram.device)
         self.gram = _gram_of_counted(acc.gram, self._curv_keep, scaling.factor**2)
+        acc.gram = None  # one N·C × N·C buffer alive from here on
         self.evals, self.gram_evecs = linalg.gram_eigh(
             self.gram,
             rtol=rtol,
@@ -242,14 +245,14 @@ class GGNBlock:
         self._factor_scale = scaling.factor
         self._has_grads = has_grads
         if has_grads:
-            vtg = acc.vt_grads
+            vtg = acc.vt_grads  # [C, N, N']
             if self._curv_keep is not None:
-                vtg = vtg.index_select(0, self._curv_keep)
+                vtg = vtg.index_select(1, self._curv_keep)
             if scaling.grad_keep is not None:
                 vtg = vtg.index_select(2, _index(scaling.grad_keep, vtg.device))
-            self._vt_grads = vtg.reshape(-1, vtg.shape[2]) * (
-                scaling.factor * scaling.grads
-            )
+            vtg = vtg.transpose(0, 1).reshape(-1, vtg.shape[2])  # sample-major
+            self._vt_grads = vtg.mul_(scaling.factor * scaling.grads)
+            acc.vt_grads = None
             self._grad_mean = [
                 acc.grad_totals[id(p)].reshape(p.shape)
                 * (scaling.num_counted / scaling.num_grad)

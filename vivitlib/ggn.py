@@ -13,38 +13,53 @@ from vivitlib.collector import BackpackCollector
 from vivitlib.linalg.eigh import check_rtol, choose_eigh_dtype
 
 
-def check_gradient_matches(
-    param: Tensor, before: Tensor | None, grad_totals: dict[int, Tensor]
+def check_gradients_match(
+    params: list[Tensor],
+    before: dict[int, Tensor | None],
+    grad_totals: dict[int, Tensor],
 ) -> None:
     """Raise if ``backward()`` put more into ``.grad`` than the loss module's term.
 
+    All norms are computed on the device and read back at once (one host
+    synchronisation per pass).
+
     Args:
-        param: A grouped parameter after the backward pass.
-        before: Its ``.grad`` before the pass (``None`` if there was none).
+        params: Grouped parameters after the backward pass.
+        before: Their ``.grad`` before the pass by ``id`` (``None``: there was none).
         grad_totals: Summed per-sample gradients by ``id`` of the parameter.
 
     Raises:
-        ValueError: If the difference exceeds round-off.
+        ValueError: If a difference exceeds round-off.
     """
-    total = grad_totals.get(id(param))
-    if total is None or param.grad is None:
+    checked, rows = [], []
+    for param in params:
+        total = grad_totals.get(id(param))
+        if total is None or param.grad is None:
+            continue
+        grad, old = param.grad.detach(), before.get(id(param))
+        added = grad if old is None else grad - old
+        expected = total.reshape(param.shape).to(added.dtype)
+        norms = [expected.norm(), added.norm(), (added - expected).norm()]
+        rows.append(torch.stack(norms).double())
+        checked.append(param)
+    if not checked:
         return
-    added = param.grad.detach() if before is None else param.grad.detach() - before
-    expected = total.reshape(param.shape).to(added.dtype)
-    scale = float(expected.norm()) + float(added.norm())
-    # ∛ε: 5e-3 in float32, 6e-6 in float64 -- far above the round-off of
-    # summing per-sample gradients in another order, even where they cancel
-    tol = torch.finfo(added.dtype).eps ** (1 / 3) * max(scale, 1e-30)
-    if float((added - expected).norm()) > tol:
-        raise ValueError(
-            f"backward() added to the .grad of a parameter of shape "
-            f"{tuple(param.shape)} more than the loss module's gradient: another "
-            "term contributed (a regulariser added to the loss, or the parameter "
-            "used outside the extended modules). The curvature would describe "
-            "the loss module's term only. Call backward() on the loss module's "
-            "output alone and add regularisers in the optimiser (e.g. "
-            "weight_decay=)."
-        )
+    device = rows[0].device
+    values = torch.stack([row.to(device) for row in rows]).tolist()  # one sync
+    for param, (norm_expected, norm_added, diff) in zip(checked, values):
+        # ∛ε: 5e-3 in float32, 6e-6 in float64 -- far above the round-off of
+        # summing per-sample gradients in another order, even where they cancel
+        eps = torch.finfo(param.grad.dtype).eps ** (1 / 3)
+        if diff > eps * max(norm_expected + norm_added, 1e-30):
+            raise ValueError(
+                f"backward() added to the .grad of a parameter of shape "
+                f"{tuple(param.shape)} more than the loss module's gradient: "
+                "another term contributed (a regulariser added to the loss, or "
+                "the parameter used outside the extended modules). The curvature "
+                "would describe the loss module's term only. Call backward() on "
+                "the loss module's output alone and add regularisers in the "
+                "optimiser (e.g. weight_decay=)."
+            )
 
 
 #: Everything a pass can deliver; ``compute=`` picks a subset.
@@ -173,9 +188,11 @@ class LowRankGGN(BackpackCollector):
             return
         if self.process_group is not None:
             return  # the gathered gradients are the global batch's, .grad is local
-        for acc in pass_.accumulators:
-            for p in acc.params:
-                check_gradient_matches(p, pass_.grad_backup[id(p)][1], acc.grad_totals)
+        before = {key: grad for key, (_, grad) in pass_.grad_backup.items()}
+        totals = {
+            k: v for acc in pass_.accumulators for k, v in acc.grad_totals.items()
+        }
+        check_gradients_match(pass_.params, before, totals)
 
     def _new_accumulators(self) -> list[GroupAccumulator]:
         keep = bool(_NEEDS_FACTORS & set(self.compute))

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from vivitlib import linalg
-from vivitlib.extensions.factors import (
+from vivitlib.factors.projections import project_factor
+from vivitlib.factors.representations import (
     DenseFactor,
     DenseGrads,
     Factor,
@@ -23,7 +24,6 @@ from vivitlib.extensions.factors import (
     contract,
     factor_apply,
 )
-from vivitlib.extensions.projections import project_factor
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from vivitlib.collector import BackpackCollector
-from vivitlib.extensions.projections import project_factor, project_grads
+from vivitlib.factors.projections import project_factor, project_grads
 
 
 @dataclass

@@ -26,8 +26,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vivitlib.extensions.factors import DenseFactor, DenseGrads, OuterFactor, OuterGrads
 from vivitlib.extensions.losses import LossWeighting
+from vivitlib.factors.representations import (
+    DenseFactor,
+    DenseGrads,
+    OuterFactor,
+    OuterGrads,
+)
 
 
 def resolve_group(process_group: Any) -> Any:

@@ -33,10 +33,14 @@ def main() -> None:
     block = ggn.blocks[0]
     sent = sum(t.bytes_sent for t in ggn.communication)
     dense = sum(t.dense_bytes for t in ggn.communication)
-    print(
+    line = (
         f"rank {rank}: K={block.num_directions} top-3 {block.evals[:3].tolist()} "
         f"gammas {tuple(block.gammas.shape)}; sent {sent} B (dense V: {dense} B)"
     )
+    for turn in range(world):  # one rank at a time, so lines do not interleave
+        if turn == rank:
+            print(line, flush=True)
+        dist.barrier()
     dist.destroy_process_group()
 
 

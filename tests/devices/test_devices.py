@@ -15,7 +15,8 @@ from tests.core.cases import CASES, Problem, make_problem
 from tests.core.helpers import assert_eigenpairs, flat_evecs
 from tests.hessianfree import cases as hf_cases
 from vivitlib import hessianfree as hf
-from vivitlib.extensions import factors, kernels
+from vivitlib.factors import kernels
+from vivitlib.factors import representations as factors
 from vivitlib.optim import ConstantDamping, DampedNewton
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from vivitlib.extensions import factors, kernels
-from vivitlib.extensions.factors import (
+from vivitlib.factors import kernels
+from vivitlib.factors import representations as factors
+from vivitlib.factors.representations import (
     DenseFactor,
     DenseGrads,
     OuterFactor,

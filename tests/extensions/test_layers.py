@@ -2,7 +2,7 @@
 
 Checks Gram matrix (eigenvalues), lifted eigenvectors, per-sample directional
 derivatives γ and λ and the damped Newton step, for each way a layer's share
-can be computed: the plans of :func:`vivitlib.extensions.factors.outer_plan`
+can be computed: the plans of :func:`vivitlib.factors.representations.outer_plan`
 forced in turn, and BackPACK's dense factor (``prefer_factored`` off).
 """
 
@@ -13,7 +13,9 @@ from torch import nn
 import vivitlib
 from tests.core.cases import make_problem
 from tests.core.helpers import assert_eigenpairs, flat_evecs
-from vivitlib.extensions import factors, kernels, layers
+from vivitlib.extensions import layers
+from vivitlib.factors import kernels
+from vivitlib.factors import representations as factors
 
 
 def _head(features: int, model: nn.Module) -> nn.Module:

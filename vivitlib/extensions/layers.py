@@ -8,7 +8,7 @@ Linear and convolution weights (``groups=1``, zero padding) are kept as outer
 products: backpropagated factor ``s`` ``[C, N, T, O]`` and layer input ``a``
 ``[N, T, I]`` (unfolded for convolutions, ``I = C_in · kernel size``; ``T``
 positions, 1 for a plain linear layer). How they are contracted is decided per
-layer from these shapes by :func:`vivitlib.extensions.factors.outer_plan`
+layer from these shapes by :func:`vivitlib.factors.representations.outer_plan`
 (work in multiply-adds):
 
 * ``T = 1``: ``(C·N)²·O + N²·I`` for the Gram matrix;
@@ -32,7 +32,7 @@ from backpack.utils.subsampling import subsample
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
-from vivitlib.extensions.factors import OuterFactor, OuterGrads
+from vivitlib.factors.representations import OuterFactor, OuterGrads
 
 _ConvNd = Conv1d | Conv2d | Conv3d
 

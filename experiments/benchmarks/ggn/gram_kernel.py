@@ -7,10 +7,11 @@ Builds random factors shaped like DeepOBS 3C3D's last convolution on CIFAR-10
 (``C = 10`` columns, ``T = 36`` positions, ``O = 128`` outputs, ``I = 96·3·3``
 unfolded inputs) with the strides BackPACK hands over (``s`` a transposed view
 of ``[C, N, O, T]``, ``a`` of ``[N, I, T]``), and times
-:func:`vivitlib.extensions.factors.contract` for the Gram matrix alone and with
+:func:`vivitlib.factors.representations.contract` for the Gram matrix alone and with
 per-sample gradients, single-threaded, as the median of interleaved runs. With
 ``--baseline`` a second ``kernels`` module (e.g. an older version from
-``git show REV:vivitlib/extensions/kernels.py``) is timed in the same rounds.
+``git show REV:vivitlib/factors/kernels.py``, ``vivitlib/extensions/kernels.py``
+before the move) is timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import time
 
 import torch
 
-from vivitlib.extensions import factors, kernels
-from vivitlib.extensions.factors import OuterFactor, OuterGrads
+from vivitlib.factors import kernels
+from vivitlib.factors import representations as factors
+from vivitlib.factors.representations import OuterFactor, OuterGrads
 
 #: 3C3D's last convolution on 32x32 inputs: (C, T, O, I).
 SHAPE = (10, 36, 128, 96 * 9)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vivitlib.extensions.factors import (
+from vivitlib.factors.representations import (
     DenseFactor,
     DenseGrads,
     Factor,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vivitlib.extensions import kernels
+from vivitlib.factors import kernels
 
 
 @dataclass

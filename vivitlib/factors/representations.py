@@ -152,11 +152,6 @@ def _to_backpack_order(gram_nm: Tensor) -> Tensor:
     return gram_nm.permute(1, 0, 3, 2)
 
 
-def factor_gram(factor: Factor) -> Tensor:
-    """Gram contribution ``V_pᵀ V_p`` in BackPACK order, ``[C, N, C, N]``."""
-    return contract(factor, None)[0]
-
-
 def factor_times_grads(factor: Factor, grads: Grads) -> Tensor:
     """``V_pᵀ g_m`` for every column and sample, ``[C, N, N']``."""
     if isinstance(factor, OuterFactor) and isinstance(grads, OuterGrads):

@@ -132,8 +132,8 @@ class FactorExchange:
         self, param: Tensor, factor: DenseFactor | OuterFactor, grads: Any
     ) -> tuple[DenseFactor | OuterFactor, Any]:
         """Rescale this rank's pieces and all-gather them in rank order."""
-        factor = _scale_factor(factor, self.factor_scale)
-        grads = None if grads is None else _scale_grads(grads, self.grads_scale)
+        factor = _scaled(factor, self.factor_scale)
+        grads = _scaled(grads, self.grads_scale)
         itemsize = _itemsize(factor)
         dense_numel = _dense_factor_numel(factor) + _dense_grads_numel(grads)
         outer_numel = _pieces_numel(factor, grads)
@@ -259,20 +259,17 @@ def _all_gather_equal(tensor: Tensor, group: Any) -> list[Tensor]:
     return pieces
 
 
-def _scale_factor(factor, scale: float):
-    if scale == 1:
-        return factor
-    if isinstance(factor, OuterFactor):
-        return OuterFactor(factor.s * scale, factor.a, factor.source)
-    return DenseFactor(factor.v * scale)
-
-
-def _scale_grads(grads, scale: float):
-    if scale == 1:
-        return grads
-    if isinstance(grads, OuterGrads):
-        return OuterGrads(grads.delta * scale, grads.a, grads.source)
-    return DenseGrads(grads.g * scale)
+def _scaled(piece: Any, scale: float) -> Any:
+    """A factor or per-sample-gradient piece times ``scale`` (inputs ``a`` shared)."""
+    if piece is None or scale == 1:
+        return piece
+    if isinstance(piece, OuterFactor):
+        return OuterFactor(piece.s * scale, piece.a, piece.source)
+    if isinstance(piece, OuterGrads):
+        return OuterGrads(piece.delta * scale, piece.a, piece.source)
+    if isinstance(piece, DenseFactor):
+        return DenseFactor(piece.v * scale)
+    return DenseGrads(piece.g * scale)
 
 
 def _same_input(factor: OuterFactor, grads: OuterGrads) -> bool:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from vivitlib import linalg
+from vivitlib._checks import check_positive_int
 from vivitlib.factors.projections import project_factor
 from vivitlib.factors.representations import (
     DenseFactor,
@@ -275,6 +276,8 @@ class GGNBlock:
             orthonormal across the group.
         """
         self._require_factors()
+        if k is not None:
+            check_positive_int(k, "k", allow_zero=True)
         k = self.num_directions if k is None else min(k, self.num_directions)
         coeffs = self.gram_evecs[:, :k] / self.evals[:k].sqrt()
         return self._apply(coeffs * self._factor_scale)

@@ -456,3 +456,26 @@ def test_matrix_free_products_on_an_extended_model_raise_no_hook_warning():
         warnings.simplefilter("always")
         H @ torch.ones(H.shape[0], dtype=torch.float64)
     assert not [w for w in caught if "backward hook" in str(w.message)]
+
+
+@pytest.mark.parametrize("loss_cls", [nn.MSELoss, nn.BCEWithLogitsLoss])
+def test_broadcasting_targets_are_refused(loss_cls):
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(4, 1)).double())
+    X = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.rand(5, dtype=torch.float64).round()  # [N] against an [N, 1] output
+    ggn = vivitlib.LowRankGGN(model.parameters())
+    with pytest.raises(ValueError, match="(broadcasting mixes samples|same as input)"):
+        _pass(ggn, model, extend(loss_cls()), X, y)
+
+
+@pytest.mark.parametrize(
+    "k, exc", [(-1, ValueError), (2.5, TypeError), (True, TypeError)]
+)
+def test_bad_number_of_eigenvectors(k, exc):
+    problem = make_problem(_BY_ID["mlp-ce-mean"])
+    ggn = vivitlib.LowRankGGN(problem.params)
+    problem.run(ggn)
+    with pytest.raises(exc, match="k must be"):
+        ggn.blocks[0].evecs(k)
+    assert ggn.blocks[0].evecs(0)[0].shape[0] == 0

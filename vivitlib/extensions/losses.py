@@ -70,6 +70,15 @@ def loss_weighting(module: Module) -> LossWeighting:
         normaliser = float(total) if module.reduction == "mean" else 1.0
         return LossWeighting(weights, normaliser, counted)
     if isinstance(module, (MSELoss, BCEWithLogitsLoss)):
+        target = module.input1
+        if tuple(target.shape) != tuple(output.shape):
+            raise ValueError(
+                f"{type(module).__name__}: the target has shape "
+                f"{tuple(target.shape)} but the model output {tuple(output.shape)}; "
+                "broadcasting mixes samples (every output is compared with every "
+                "target), so there is no per-sample loss. Reshape the target to "
+                "the output's shape (e.g. y.view_as(output))."
+            )
         normaliser = float(output.numel()) if module.reduction == "mean" else 1.0
         counted = torch.ones(batch_size, dtype=torch.bool, device=output.device)
         return LossWeighting(None, normaliser, counted)

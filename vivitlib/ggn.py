@@ -53,12 +53,14 @@ def check_gradients_match(
         if diff > eps * max(norm_expected + norm_added, 1e-30):
             raise ValueError(
                 f"backward() added to the .grad of a parameter of shape "
-                f"{tuple(param.shape)} more than the loss module's gradient: "
-                "another term contributed (a regulariser added to the loss, or "
-                "the parameter used outside the extended modules). The curvature "
-                "would describe the loss module's term only. Call backward() on "
-                "the loss module's output alone and add regularisers in the "
-                "optimiser (e.g. weight_decay=)."
+                f"{tuple(param.shape)} something other than the loss module's "
+                "per-sample gradients: another term contributed (a regulariser "
+                "added to the loss, or the parameter used outside the extended "
+                "modules), or another forward pass ran between this loss and its "
+                "backward() (BackPACK keeps only the latest forward's inputs). "
+                "The curvature would not describe this loss. Call backward() on "
+                "the loss module's output alone, right after its forward pass, "
+                "and add regularisers in the optimiser (e.g. weight_decay=)."
             )
 
 

@@ -479,3 +479,13 @@ def test_bad_number_of_eigenvectors(k, exc):
     with pytest.raises(exc, match="k must be"):
         ggn.blocks[0].evecs(k)
     assert ggn.blocks[0].evecs(0)[0].shape[0] == 0
+
+
+def test_a_second_forward_before_backward_is_refused():
+    problem = make_problem(_BY_ID["mlp-ce-mean"])
+    ggn = vivitlib.LowRankGGN(problem.params)
+    with pytest.raises(ValueError, match="another forward pass ran"):
+        with backpack(*ggn.extensions, extension_hook=ggn.hook):
+            loss = problem.loss_fn(problem.model(problem.X), problem.y)
+            problem.loss_fn(problem.model(problem.X.flip(0)), problem.y)
+            loss.backward()

@@ -190,6 +190,9 @@ class BackpackCollector:
         """Drop the latest pass's results and buffers."""
         if self._pass is not None:
             _clear_fields(self.param_groups, self._fields)
+            self._pass.release()  # stop watching for later backward passes
+            if not self._pass.backward_done:  # its backward never finished
+                _release_warning_filter(self._pass)
         self._pass = None
         self._on_reset()
 
@@ -461,7 +464,9 @@ def _release_warning_filter(pass_: _Pass) -> None:
         return
     for entry in [f for f in warnings.filters if _is_hook_filter(f)]:
         warnings.filters.remove(entry)
-    warnings._filters_mutated()  # noqa: SLF001 - keep the warning caches right
+    mutated = getattr(warnings, "_filters_mutated", None)  # keep caches right
+    if mutated is not None:
+        mutated()
 
 
 def _is_hook_filter(entry: tuple) -> bool:

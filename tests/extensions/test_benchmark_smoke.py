@@ -16,8 +16,22 @@ LIBS = ["vivitlib"] + (["vivit"] if vivit_available() else [])
 def test_runner_on_digits(library, config):
     problem = make_problem("digits_mlp", 8)
     result = make_runner(library, config, problem)()
-    assert result is not None
+    tensors = list(_tensors(result))
+    assert tensors and any(t.numel() > 0 for t in tensors), result
+    assert all(bool(torch.isfinite(t).all()) for t in tensors)
     assert all(p.grad is not None for p in problem.params)
+
+
+def _tensors(obj):
+    """Every tensor inside a runner's (nested) result."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            yield from _tensors(value)
 
 
 @pytest.mark.skipif(not vivit_available(), reason="vivit-for-pytorch not installed")

@@ -211,29 +211,27 @@ def select_samples(
     factor: DenseFactor | OuterFactor, grads: Any, curv: list[int] | None, grad: Any
 ):
     """Keep the factor's columns of samples ``curv`` and gradient rows ``grad``."""
-    if curv is not None:
-        index = torch.tensor(curv, device=_device(factor))
-        if isinstance(factor, OuterFactor):
-            factor = OuterFactor(
-                factor.s.index_select(1, index),
-                factor.a.index_select(0, index),
-                ("curv", factor.source),
-            )
-        else:
-            factor = DenseFactor(factor.v.index_select(1, index))
-    if grads is not None and grad is not None:
-        index = torch.tensor(grad, device=_device(factor))
-        if isinstance(grads, OuterGrads):
-            grads = OuterGrads(
-                grads.delta.index_select(0, index),
-                grads.a.index_select(0, index),
-                ("grad", grads.source),
-            )
-        else:
-            grads = DenseGrads(grads.g.index_select(0, index))
+    factor = _take(factor, curv, "curv")
+    grads = _take(grads, grad, "grad")
     if curv is not None and curv == grad and isinstance(grads, OuterGrads):
         grads = OuterGrads(grads.delta, grads.a, factor.source)  # same input rows
     return factor, grads
+
+
+def _take(piece: Any, samples: list[int] | None, tag: str) -> Any:
+    """A piece restricted to ``samples`` (its sample axis: 1 for factors, else 0)."""
+    if piece is None or samples is None:
+        return piece
+    index = torch.tensor(samples, device=_device(piece))
+    if isinstance(piece, OuterFactor):
+        s, a = piece.s.index_select(1, index), piece.a.index_select(0, index)
+        return OuterFactor(s, a, (tag, piece.source))
+    if isinstance(piece, OuterGrads):
+        delta, a = piece.delta.index_select(0, index), piece.a.index_select(0, index)
+        return OuterGrads(delta, a, (tag, piece.source))
+    if isinstance(piece, DenseFactor):
+        return DenseFactor(piece.v.index_select(1, index))
+    return DenseGrads(piece.g.index_select(0, index))
 
 
 def all_gather_cat(tensor: Tensor, dim: int, sizes: list[int], group: Any) -> Tensor:
@@ -309,5 +307,9 @@ def _itemsize(factor) -> int:
     return tensor.element_size()
 
 
-def _device(factor) -> torch.device:
-    return (factor.s if isinstance(factor, OuterFactor) else factor.v).device
+def _device(piece: Any) -> torch.device:
+    """Device of a factor or per-sample-gradient piece."""
+    for name in ("s", "delta", "v", "g"):
+        if hasattr(piece, name):
+            return getattr(piece, name).device
+    raise TypeError(f"Not a factor or gradient piece: {type(piece).__name__}.")

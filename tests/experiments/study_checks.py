@@ -96,3 +96,24 @@ def assert_second_run_is_refused(run: Callable[[], object], folder: Path) -> Non
         with pytest.raises(FolderLockedError, match="being written by another run"):
             run()
         assert sorted(Path(folder).rglob("*")) == before
+
+
+def assert_curves_keyed_by_sgd_lr(main: Callable[[list[str]], object], argv, folder):
+    """A training-curve study: damaged table recomputed, a new ``--sgd-lr`` is new.
+
+    ``argv`` runs SGD only and writes ``curves.csv`` into ``folder``.
+    """
+    import numpy as np
+    import pandas as pd
+
+    main(argv)
+    (table,) = checked_tables(folder / "tables")
+    assert_truncated_table_is_recomputed(
+        lambda: main(argv), folder, table, deterministic=False
+    )
+    first = pd.read_csv(folder / "curves.csv")
+    main([*argv, "--sgd-lr", "0.05"])
+    changed = pd.read_csv(folder / "curves.csv")
+    assert len(checked_tables(folder / "tables")) == 2
+    assert not np.allclose(changed["train_loss"][1:], first["train_loss"][1:])
+    assert changed["train_loss"][0] == first["train_loss"][0]

@@ -7,9 +7,8 @@ import pytest
 from experiments.optimizers_digits import run as digits_run
 from experiments.optimizers_digits.training import OPTIMIZERS
 from tests.experiments.study_checks import (
+    assert_curves_keyed_by_sgd_lr,
     assert_second_run_is_refused,
-    assert_truncated_table_is_recomputed,
-    checked_tables,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -45,17 +44,7 @@ SGD_ONLY += ["--optimizers", "sgd", "--no-progress", "--threads", "1"]
 
 def test_truncated_table_is_recomputed_and_changed_option_is_new(tmp_path):
     argv = [*SGD_ONLY, "--out", str(tmp_path)]
-    digits_run.main(argv)
-    (table,) = checked_tables(tmp_path / "tables")
-    assert_truncated_table_is_recomputed(
-        lambda: digits_run.main(argv), tmp_path, table, deterministic=False
-    )
-    first = pd.read_csv(tmp_path / "curves.csv")
-    digits_run.main([*argv, "--sgd-lr", "0.05"])
-    changed = pd.read_csv(tmp_path / "curves.csv")
-    assert len(checked_tables(tmp_path / "tables")) == 2
-    assert not np.allclose(changed["train_loss"][1:], first["train_loss"][1:])
-    assert changed["train_loss"][0] == first["train_loss"][0]
+    assert_curves_keyed_by_sgd_lr(digits_run.main, argv, tmp_path)
 
 
 def test_second_run_on_one_folder_is_refused(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from experiments.lanczos_newton import run as lanczos_run
 from experiments.lanczos_newton.training import OPTIMIZERS
 from tests.experiments.study_checks import (
+    assert_curves_keyed_by_sgd_lr,
     assert_second_run_is_refused,
     assert_truncated_table_is_recomputed,
     checked_tables,
@@ -62,17 +63,7 @@ SGD_ONLY = [*ARGV, "--optimizers", "sgd", "--time-budget", "0"]
 
 def test_truncated_table_is_recomputed_and_changed_option_is_new(tmp_path):
     argv = [*SGD_ONLY, "--out", str(tmp_path)]
-    lanczos_run.main(argv)
-    (table,) = checked_tables(tmp_path / "tables")
-    assert_truncated_table_is_recomputed(
-        lambda: lanczos_run.main(argv), tmp_path, table, deterministic=False
-    )
-    first = pd.read_csv(tmp_path / "curves.csv")
-    lanczos_run.main([*argv, "--sgd-lr", "0.05"])
-    changed = pd.read_csv(tmp_path / "curves.csv")
-    assert len(checked_tables(tmp_path / "tables")) == 2
-    assert not np.allclose(changed["train_loss"][1:], first["train_loss"][1:])
-    assert changed["train_loss"][0] == first["train_loss"][0]
+    assert_curves_keyed_by_sgd_lr(lanczos_run.main, argv, tmp_path)
 
 
 def test_second_run_on_one_folder_is_refused(tmp_path):

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from experiments.common.curvature import eigenvalues, low_rank_ggn
+from experiments.common.spread import spread_columns
 from experiments.noise_during_training.compute import in_precision
 
 
@@ -173,12 +174,7 @@ def summarize(table: pd.DataFrame, group: list[str]) -> pd.DataFrame:
             per_draw["num_above_1e-3_max"] = grouped["big"].sum()
             row = {**labels, "kind": kind, "count": int(per_draw["count"].iloc[0])}
             for column in ("trace", "largest", "num_above_1e-3_max"):
-                values = per_draw[column].to_numpy(dtype=np.float64)
-                row[f"{column}_median"] = float(np.median(values))
-                row[f"{column}_q10"] = float(np.quantile(values, 0.1))
-                row[f"{column}_q90"] = float(np.quantile(values, 0.9))
-                row[f"{column}_min"] = float(values.min())
-                row[f"{column}_max"] = float(values.max())
+                row.update(spread_columns(column, per_draw[column]))
             row["num_draws"] = len(per_draw)
             rows.append(row)
     return pd.DataFrame(rows)

@@ -34,6 +34,7 @@ from scipy.stats import wasserstein_distance
 from torch import Tensor, nn
 
 from experiments.common.curvature import eigenvalues, low_rank_ggn
+from experiments.common.spread import spread_columns
 from experiments.noise_during_training.compute import in_precision
 
 #: Eigenvalues below this fraction of the exact λ_max are left out of distances.
@@ -167,12 +168,7 @@ def spread(draws: pd.DataFrame, group: list[str]) -> pd.DataFrame:
     for key, frame in draws.groupby([*group, "method"], sort=False):
         row = {**dict(zip([*group, "method"], key, strict=True))}
         for column in QUANTITIES:
-            values = frame[column].to_numpy(dtype=np.float64)
-            row[f"{column}_median"] = float(np.median(values))
-            row[f"{column}_q10"] = float(np.quantile(values, 0.1))
-            row[f"{column}_q90"] = float(np.quantile(values, 0.9))
-            row[f"{column}_min"] = float(values.min())
-            row[f"{column}_max"] = float(values.max())
+            row.update(spread_columns(column, frame[column]))
         row["num_draws"] = len(frame)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -144,7 +144,8 @@ def test_saturated_net_gets_a_bounded_step(closure):
     assert undamped.controls[0].radius is None
 
 
-def test_complement_step_matches_dense_projection():
+def _small_net_eigenspace():
+    """A small extended net with a batch, and its dense GGN eigenspace and gradient."""
     torch.manual_seed(0)
     model = extend(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double())
     loss_fn = extend(nn.CrossEntropyLoss())
@@ -152,7 +153,11 @@ def test_complement_step_matches_dense_projection():
     dense = dense_curvature(model, loss_fn, X, y)
     evals, evecs = torch.linalg.eigh(dense.ggn)
     keep = evals > 1e-10 * evals.max()
-    E, lam, g = evecs[:, keep], evals[keep], dense.grad
+    return model, loss_fn, X, y, (evecs[:, keep], evals[keep], dense.grad)
+
+
+def test_complement_step_matches_dense_projection():
+    model, loss_fn, X, y, (E, lam, g) = _small_net_eigenspace()
     newton = -E @ ((E.T @ g) / (lam + 0.5))
     expected = newton - 0.3 * (g - E @ (E.T @ g))
     opt = DampedNewton(model.parameters(), 0.5, mc_samples=0, safeguards=False,
@@ -243,14 +248,7 @@ def test_lanczos_defaults_with_fresh_curvature_batches_on_digits_mlp():
 
 def test_adaptive_complement_step_is_orthogonal_and_inside_the_trust_region():
     """Default: a gradient step in the flat complement, rate 1/λ_1 at first."""
-    torch.manual_seed(0)
-    model = extend(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double())
-    loss_fn = extend(nn.CrossEntropyLoss())
-    X, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 2, (3,))
-    dense = dense_curvature(model, loss_fn, X, y)
-    evals, evecs = torch.linalg.eigh(dense.ggn)
-    keep = evals > 1e-10 * evals.max()
-    E, lam, g = evecs[:, keep], evals[keep], dense.grad
+    model, loss_fn, X, y, (E, lam, g) = _small_net_eigenspace()
     perp = g - E @ (E.T @ g)
     opt = DampedNewton(model.parameters(), 0.5, mc_samples=0, trust_radius=None)
     assert opt.param_groups[0]["complement_lr"] == "auto"

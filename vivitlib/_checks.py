@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -79,6 +80,83 @@ def check_positive_int(value: int, name: str, allow_zero: bool = False) -> int:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value}.")
     return value
+
+
+def check_int_at_least(value: object, name: str, minimum: int) -> int:
+    """Return ``value`` as ``int`` if it is an integer of at least ``minimum``.
+
+    Python and numpy integers are accepted; ``bool`` and floats are not.
+
+    Args:
+        value: The argument to check.
+        name: Its name, as the user passed it (used in messages).
+        minimum: The smallest allowed value.
+
+    Returns:
+        ``value`` as a Python ``int``.
+
+    Raises:
+        TypeError: If ``value`` is not an integer.
+        ValueError: If ``value`` is smaller than ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int, got {type(value).__name__} {value!r}; pass "
+            f"a whole number such as {name}={max(minimum, 1)}."
+        )
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+    return value
+
+
+def check_positive_float(value: object, name: str, allow_zero: bool = False) -> float:
+    """Return ``value`` as ``float`` if it is a finite positive (or zero) number.
+
+    Args:
+        value: The argument to check.
+        name: Its name, as the user passed it (used in messages).
+        allow_zero: Whether 0 is allowed. Default ``False``.
+
+    Returns:
+        ``value`` as a Python ``float``.
+
+    Raises:
+        TypeError: If ``value`` is not a real number.
+        ValueError: If ``value`` is negative, NaN, infinite (or zero when not
+            allowed).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a float, got {type(value).__name__} {value!r}."
+        )
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a finite {kind} number, got {value}.")
+    return value
+
+
+def check_generator(generator: object) -> torch.Generator:
+    """Return ``generator``, or a new one seeded with 0 when it is ``None``.
+
+    Args:
+        generator: ``None`` or a ``torch.Generator``.
+
+    Returns:
+        A ``torch.Generator``.
+
+    Raises:
+        TypeError: If ``generator`` is neither ``None`` nor a ``torch.Generator``.
+    """
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            "generator must be a torch.Generator (e.g. "
+            f"torch.Generator().manual_seed(0)), got {type(generator).__name__}."
+        )
+    return generator
 
 
 def check_damping(damping: float | Tensor, num_directions: int) -> Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 
 from tests.hessianfree.cases import CASES, DENSE, Problem, make_problem
 from vivitlib import hessianfree as hf
-from vivitlib.hessianfree._finite import check_finite
+from vivitlib._checks import check_finite
 
 OPERATORS = {
     "hessian": hf.HessianOperator,

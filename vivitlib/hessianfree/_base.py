@@ -11,20 +11,17 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from vivitlib._checks import check_finite
 from vivitlib._warnings import quiet_backward_hook_warning
 from vivitlib.hessianfree import distributed as _dist
-from vivitlib.hessianfree._checks import (
+from vivitlib.hessianfree._data import DataMixin
+from vivitlib.hessianfree._finite import nonfinite_flag, resolve_flags
+from vivitlib.hessianfree._inputs import (
     check_data,
+    check_floating,
     check_model_state,
     check_params,
     check_reduction,
-)
-from vivitlib.hessianfree._data import DataMixin
-from vivitlib.hessianfree._finite import (
-    check_finite,
-    check_floating,
-    nonfinite_flag,
-    resolve_flags,
 )
 from vivitlib.hessianfree._state import ModelGuard
 

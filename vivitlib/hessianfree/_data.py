@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from vivitlib.hessianfree import distributed as _dist
-from vivitlib.hessianfree._checks import check_batch
+from vivitlib.hessianfree._inputs import check_batch
 from vivitlib.hessianfree._loss import mean_denominator
 
 

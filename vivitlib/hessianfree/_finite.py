@@ -1,4 +1,4 @@
-"""Finite and floating-point checks, with one device synchronisation per call."""
+"""NaN/Inf flags computed without a device synchronisation, resolved together."""
 
 from __future__ import annotations
 
@@ -29,18 +29,3 @@ def resolve_flags(flags: list[bool | Tensor]) -> list[bool]:
         for i, value in zip(idx, values):
             out[i] = bool(value)
     return out
-
-
-def check_finite(tensor: Tensor, what: str, fix: str) -> None:
-    """Raise a ``ValueError`` naming ``what`` and ``fix`` if ``tensor`` has NaN/Inf."""
-    if bool(nonfinite_flag(tensor)) and not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{what} contains NaN or Inf. {fix}")
-
-
-def check_floating(v: Tensor) -> None:
-    """Raise a ``TypeError`` unless ``v`` is a real floating-point tensor."""
-    if not v.is_floating_point():
-        raise TypeError(
-            f"v must be a floating-point tensor, got dtype {v.dtype}: the product "
-            "would be truncated to it. Convert v first, e.g. v.double()."
-        )

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vivitlib._checks import check_finite
 from vivitlib.hessianfree._base import CurvatureOperator
-from vivitlib.hessianfree._checks import check_square_operator
-from vivitlib.hessianfree._finite import check_finite
+from vivitlib.hessianfree._inputs import check_square_operator
 
 _OP_FIX = (
     "The algorithms need a finite operator: check the matrix (or, for a "

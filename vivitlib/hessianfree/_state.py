@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vivitlib.hessianfree._checks import check_model_state
 from vivitlib.hessianfree._finite import nonfinite_flag, resolve_flags
+from vivitlib.hessianfree._inputs import check_model_state
 
 
 def _names(model: nn.Module, params: list[Tensor]) -> list[str]:

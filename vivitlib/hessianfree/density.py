@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vivitlib.hessianfree._checks import (
-    check_at_most_dim,
+from vivitlib._checks import (
+    check_finite,
     check_generator,
+    check_int_at_least,
     check_positive_float,
-    check_positive_int,
 )
-from vivitlib.hessianfree._finite import check_finite
+from vivitlib.hessianfree._inputs import check_at_most_dim
 from vivitlib.hessianfree._linalg import MatMat, random_unit
 from vivitlib.hessianfree.eigh import _thick_restart
 from vivitlib.hessianfree.lanczos import _lanczos
@@ -188,14 +188,14 @@ def spectral_density(
             without ``log_eps``, or other arguments are invalid.
     """
     matmat = MatMat(op)
-    num_probes = check_positive_int(num_probes, "num_probes")
-    num_iters = check_positive_int(num_iters, "num_iters")
+    num_probes = check_int_at_least(num_probes, "num_probes", 1)
+    num_iters = check_int_at_least(num_iters, "num_iters", 1)
     dim = matmat.dim
     check_at_most_dim(num_iters, "num_iters", dim)
     if deflate is None:
         deflate = max(0, min(20, dim - num_iters))
     else:
-        deflate = check_positive_int(deflate, "deflate", minimum=0)
+        deflate = check_int_at_least(deflate, "deflate", 0)
         if deflate >= dim:
             raise ValueError(
                 f"deflate must be smaller than D={dim} (the operator's dimension), "
@@ -209,7 +209,7 @@ def spectral_density(
                 "Lower num_iters or deflate."
             )
     if num_points is not None:
-        num_points = check_positive_int(num_points, "num_points", minimum=2)
+        num_points = check_int_at_least(num_points, "num_points", 2)
     kernel_var = check_positive_float(kernel_var, "kernel_var")
     margin = check_positive_float(margin, "margin", allow_zero=True)
     if log_eps is not None:

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vivitlib.hessianfree._checks import check_positive_float
+from vivitlib._checks import check_positive_float
 
 
 def is_distributed() -> bool:

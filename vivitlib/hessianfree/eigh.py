@@ -27,15 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vivitlib._checks import check_generator, check_int_at_least, check_positive_float
 from vivitlib.hessianfree._base import CurvatureOperator
-from vivitlib.hessianfree._checks import (
-    check_at_most_dim,
-    check_generator,
-    check_positive_float,
-    check_positive_int,
-    check_vector,
-    check_which,
-)
+from vivitlib.hessianfree._inputs import check_at_most_dim, check_vector, check_which
 from vivitlib.hessianfree._linalg import MatMat, orthogonalize, random_unit
 
 
@@ -192,14 +186,14 @@ def _thick_restart(
     and number of restarts.
     """
     dim = matmat.dim - (0 if deflation is None else deflation.shape[1])
-    k = check_positive_int(k, "k")
+    k = check_int_at_least(k, "k", 1)
     check_at_most_dim(k, "k", dim)
     which = check_which(which)
     tol = check_positive_float(tol, "tol")
     generator = check_generator(generator)
     if max_products is None:
         max_products = max(300, 20 * k)
-    max_products = check_positive_int(max_products, "max_products")
+    max_products = check_int_at_least(max_products, "max_products", 1)
     if max_products < k:
         raise ValueError(
             f"max_products={max_products} is smaller than k={k}: k eigenpairs need "
@@ -207,7 +201,7 @@ def _thick_restart(
         )
     if max_basis is None:
         max_basis = max(2 * k + 10, k + 30)
-    max_basis = check_positive_int(max_basis, "max_basis", minimum=k + 2)
+    max_basis = check_int_at_least(max_basis, "max_basis", k + 2)
     max_basis = min(max_basis, dim)
     product = matmat.project(deflation)
     dev = matmat.device
@@ -290,9 +284,9 @@ def power_iteration(
         ValueError: If ``k`` exceeds ``D`` or the operator gives NaN/Inf.
     """
     matmat = MatMat(op)
-    k = check_positive_int(k, "k")
+    k = check_int_at_least(k, "k", 1)
     check_at_most_dim(k, "k", matmat.dim)
-    max_iters = check_positive_int(max_iters, "max_iters")
+    max_iters = check_int_at_least(max_iters, "max_iters", 1)
     tol = check_positive_float(tol, "tol")
     generator = check_generator(generator)
     vecs = torch.zeros(matmat.dim, 0, dtype=torch.float64, device=matmat.device)

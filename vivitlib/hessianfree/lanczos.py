@@ -13,12 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vivitlib.hessianfree._checks import (
-    check_at_most_dim,
-    check_generator,
-    check_positive_int,
-    check_vector,
-)
+from vivitlib._checks import check_generator, check_int_at_least
+from vivitlib.hessianfree._inputs import check_at_most_dim, check_vector
 from vivitlib.hessianfree._linalg import MatMat, orthogonalize, rademacher, tridiagonal
 
 
@@ -100,7 +96,7 @@ def _lanczos(
     With ``deflation`` (orthonormal ``[D, r]``) it runs in its complement.
     """
     dim = matmat.dim
-    num_iters = check_positive_int(num_iters, "num_iters")
+    num_iters = check_int_at_least(num_iters, "num_iters", 1)
     check_at_most_dim(num_iters, "num_iters", dim)
     product = matmat.project(deflation)
     if v0 is None:

@@ -21,12 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vivitlib.hessianfree._checks import (
-    check_at_most_dim,
-    check_generator,
-    check_positive_float,
-    check_positive_int,
-)
+from vivitlib._checks import check_generator, check_int_at_least, check_positive_float
+from vivitlib.hessianfree._inputs import check_at_most_dim
 from vivitlib.hessianfree._linalg import MatMat, orthogonalize, rademacher
 from vivitlib.hessianfree.lanczos import _lanczos
 
@@ -93,7 +89,7 @@ def hutchinson_trace(
             two Hutchinson probes, ``num_deflation > D``, or NaN/Inf products.
     """
     matmat = MatMat(op)
-    num_probes = check_positive_int(num_probes, "num_probes")
+    num_probes = check_int_at_least(num_probes, "num_probes", 1)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     confidence = check_positive_float(confidence, "confidence")
@@ -121,7 +117,7 @@ def hutchinson_trace(
         if num_deflation is None:
             m = min(max(1, num_probes // 3), dim, (num_probes - 2) // cost_per)
         else:
-            m = check_positive_int(num_deflation, "num_deflation")
+            m = check_int_at_least(num_deflation, "num_deflation", 1)
             check_at_most_dim(m, "num_deflation", dim)
             if num_probes - cost_per * m < 2:
                 raise ValueError(
@@ -193,7 +189,7 @@ def sketch(
         A :class:`SketchResult`.
     """
     matmat = MatMat(op)
-    size = check_positive_int(size, "size")
+    size = check_int_at_least(size, "size", 1)
     check_at_most_dim(size, "size", matmat.dim)
     S = rademacher(matmat.dim, size, check_generator(generator), matmat.device)
     S = S / size**0.5

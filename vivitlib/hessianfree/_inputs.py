@@ -1,12 +1,15 @@
-"""Validation helpers shared by the Hessian-free operators and algorithms."""
+"""What users pass to the Hessian-free operators and algorithms, checked.
+
+Operator inputs (model, parameters, loss reduction, data, batches, vectors)
+and algorithm arguments (operator, sizes bounded by its dimension, start
+vector, end of the spectrum). Generic checks (integers, floats, generators,
+finite values) live in :mod:`vivitlib._checks`.
+"""
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor, nn
 from torch.utils.data import (
     DataLoader,
@@ -15,7 +18,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from vivitlib.hessianfree._finite import check_finite
+from vivitlib._checks import check_finite
 
 _DROPOUT = (
     nn.Dropout,
@@ -27,47 +30,6 @@ _DROPOUT = (
 )
 _RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 WHICH = ("largest", "smallest", "magnitude")
-
-
-def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as ``int`` if it is an integer of at least ``minimum``.
-
-    Python and numpy integers are accepted; ``bool`` and floats are not.
-
-    Raises:
-        TypeError: If ``value`` is not an integer.
-        ValueError: If ``value`` is smaller than ``minimum``.
-
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an int, got {type(value).__name__} {value!r}; pass "
-            f"a whole number such as {name}={max(minimum, 1)}."
-        )
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
-    return value
-
-
-def check_positive_float(value: object, name: str, allow_zero: bool = False) -> float:
-    """Return ``value`` as float if it is a finite positive (or zero) number.
-
-    Raises:
-        TypeError: If ``value`` is not a real number.
-        ValueError: If ``value`` is negative, NaN, infinite (or zero when not
-            allowed).
-
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be a float, got {type(value).__name__} {value!r}."
-        )
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a finite {kind} number, got {value}.")
-    return value
 
 
 def check_at_most_dim(value: int, name: str, dim: int, what: str = "D") -> None:
@@ -101,23 +63,6 @@ def check_vector(v0: object, dim: int) -> Tensor:
     if not bool(v0.any()):
         raise ValueError("v0 is zero; pass a non-zero start vector (or v0=None).")
     return v0
-
-
-def check_generator(generator: object) -> torch.Generator:
-    """Return ``generator``, or a new one seeded with 0 when it is ``None``.
-
-    Raises:
-        TypeError: If ``generator`` is neither ``None`` nor a ``torch.Generator``.
-
-    """
-    if generator is None:
-        return torch.Generator().manual_seed(0)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            "generator must be a torch.Generator (e.g. "
-            f"torch.Generator().manual_seed(0)), got {type(generator).__name__}."
-        )
-    return generator
 
 
 def check_which(which: object) -> str:
@@ -282,6 +227,15 @@ def check_data(data: object) -> Iterable:
             "Pass a DataLoader or a list of (X, y) batches."
         )
     return data
+
+
+def check_floating(v: Tensor) -> None:
+    """Raise a ``TypeError`` unless ``v`` is a real floating-point tensor."""
+    if not v.is_floating_point():
+        raise TypeError(
+            f"v must be a floating-point tensor, got dtype {v.dtype}: the product "
+            "would be truncated to it. Convert v first, e.g. v.double()."
+        )
 
 
 def check_square_operator(op: object) -> int:

@@ -8,13 +8,13 @@ algorithms accept them, dense torch matrices or scipy ``LinearOperator``\ s.
 
 from vivitlib.hessianfree._base import CurvatureOperator
 from vivitlib.hessianfree.density import SpectralDensity, smooth, spectral_density
-from vivitlib.hessianfree.eigh import EighResult, power_iteration, topk_eigh
 from vivitlib.hessianfree.lanczos import LanczosResult, lanczos
 from vivitlib.hessianfree.operators import (
     EmpiricalFisherOperator,
     GGNOperator,
     HessianOperator,
 )
+from vivitlib.hessianfree.top_eigenpairs import EighResult, power_iteration, topk_eigh
 from vivitlib.hessianfree.trace import (
     SketchResult,
     TraceEstimate,

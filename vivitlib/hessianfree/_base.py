@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from vivitlib._checks import check_finite
 from vivitlib._warnings import quiet_backward_hook_warning
-from vivitlib.hessianfree import distributed as _dist
+from vivitlib.hessianfree import allreduce
 from vivitlib.hessianfree._data import DataMixin
 from vivitlib.hessianfree._finite import nonfinite_flag, resolve_flags
 from vivitlib.hessianfree._inputs import (
@@ -94,7 +94,7 @@ class CurvatureOperator(DataMixin):
             timeout: Seconds (or ``timedelta``) after which a collective whose
                 peers do not join raises instead of waiting for the process
                 group's timeout (30 min by default); see
-                :mod:`vivitlib.hessianfree.distributed`. Default ``None``.
+                :mod:`vivitlib.hessianfree.allreduce`. Default ``None``.
             progressbar: Show a ``tqdm`` bar over the batches. Default ``False``.
 
         Raises:
@@ -116,9 +116,9 @@ class CurvatureOperator(DataMixin):
         self._model = model
         self._loss_fn = loss_fn
         self._progressbar = progressbar
-        self._distributed = _dist.resolve_distributed(distributed)
-        self._timeout = _dist.check_timeout(timeout)
-        self._group = _dist.make_group(self._timeout) if self._distributed else None
+        self._distributed = allreduce.resolve_distributed(distributed)
+        self._timeout = allreduce.check_timeout(timeout)
+        self._group = allreduce.make_group(self._timeout) if self._distributed else None
         self._sizes = [p.numel() for p in self.params]
         dim = sum(self._sizes)
         self.shape = (dim, dim)
@@ -293,7 +293,7 @@ class CurvatureOperator(DataMixin):
                     flat = torch.cat([o.reshape(-1) for o in out])
                     result[:, j].add_(flat, alpha=weight)
         if self._distributed:
-            _dist.all_reduce_sum(result, self._group, self._timeout)
+            allreduce.all_reduce_sum(result, self._group, self._timeout)
         return result
 
     def _matmat(self, V: Tensor, use_cache: bool) -> Tensor:

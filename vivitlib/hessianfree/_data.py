@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vivitlib.hessianfree import distributed as _dist
+from vivitlib.hessianfree import allreduce
 from vivitlib.hessianfree._inputs import check_batch
 from vivitlib.hessianfree._loss import mean_denominator
 
@@ -36,7 +36,7 @@ class DataMixin:
                 mean_denominator(self._loss_fn, batch[1], size) if size else 0
             )
         if self._distributed:
-            counts = _dist.all_reduce_counts(
+            counts = allreduce.all_reduce_counts(
                 [num_data, denominator], self.device, self._group, self._timeout
             )
             num_data, denominator = int(counts[0]), counts[1]

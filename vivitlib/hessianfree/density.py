@@ -37,8 +37,8 @@ from vivitlib._checks import (
 )
 from vivitlib.hessianfree._inputs import check_at_most_dim
 from vivitlib.hessianfree._linalg import MatMat, random_unit
-from vivitlib.hessianfree.eigh import _thick_restart
 from vivitlib.hessianfree.lanczos import _lanczos
+from vivitlib.hessianfree.top_eigenpairs import _thick_restart
 
 POINTS_PER_SIGMA = 32
 

@@ -269,7 +269,8 @@ def test_add_param_group_rebuilds_curvature():
     model, loss_fn, X, y = linear_problem()
     opt = DampedNewton([model.weight], 0.1, mc_samples=0)
     opt.add_param_group({"params": [model.bias], "damping": 1.0, "lr": 0.5})
-    assert isinstance(opt.param_groups[1]["damping"], ConstantDamping)
+    assert isinstance(opt.damping_strategies[1], ConstantDamping)
+    assert "damping" not in opt.param_groups[1]
     backward(opt, model, loss_fn, X, y)
     assert len(opt.ggn.blocks) == 2
     opt.step()

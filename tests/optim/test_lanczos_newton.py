@@ -61,7 +61,7 @@ def test_refresh_schedule_and_product_count():
         _run(opt, model, loss_fn, X, y)
     assert [r.step for r in opt.refresh_history] == [0, 2, 4]
     assert all(r.num_products > 0 for r in opt.refresh_history)
-    assert all(r.eigenvalues.shape == (3,) for r in opt.refresh_history)
+    assert all(r.evals.shape == (3,) for r in opt.refresh_history)
 
 
 def test_refresh_directions_are_top_eigenvectors_of_hessian():
@@ -74,9 +74,9 @@ def test_refresh_directions_are_top_eigenvectors_of_hessian():
     H = per_sample_hessians(model, loss_fn, X, y).mean(0)
     evals = torch.linalg.eigvalsh(H)
     top = evals[evals.abs().argsort(descending=True)][:2]
-    torch.testing.assert_close(opt.eigenvalues, top.abs(), rtol=1e-6, atol=1e-9)
-    D = torch.cat([d.flatten(1) for d in opt.directions], 1)
-    torch.testing.assert_close(D @ H @ D.T, torch.diag(opt.refresh_history[0].eigenvalues.double()),
+    torch.testing.assert_close(opt.evals, top.abs(), rtol=1e-6, atol=1e-9)
+    D = torch.cat([d.flatten(1) for d in opt.evecs], 1)
+    torch.testing.assert_close(D @ H @ D.T, torch.diag(opt.refresh_history[0].evals.double()),
                                rtol=1e-6, atol=1e-8)  # fmt: skip
 
 
@@ -94,7 +94,7 @@ def test_state_dict_round_trip_keeps_directions():
     fresh = LanczosDampedNewton(model, loss_fn, (X, y), k=3, refresh_every=100, lr=0.5,
                                 generator=torch.Generator().manual_seed(7))  # fmt: skip
     fresh.load_state_dict(state)
-    for d, e in zip(fresh.directions, state["directions"]):
+    for d, e in zip(fresh.evecs, state["evecs"]):
         assert torch.equal(d, e)
     _run(fresh, model, loss_fn, X, y)
     torch.testing.assert_close(_flat(model), after, rtol=0, atol=0)

@@ -287,7 +287,7 @@ def test_bad_strategy_leaves_safeguard_state_untouched():
     backward(opt, model, loss_fn, X, y)
     opt.step()
     before = snapshot(model, opt)
-    opt.param_groups[0]["damping"] = lambda g, lam: -torch.ones(g.shape[1])
+    opt.damping_strategies[0] = lambda g, lam: -torch.ones(g.shape[1])
     backward(opt, model, loss_fn, X, y)
     before = (before[0], [p.grad.clone() for p in model.parameters()], before[2])
     with pytest.raises(ValueError, match="negative"):
@@ -349,17 +349,17 @@ def test_lanczos_failed_load_leaves_state_unchanged():
         loss_fn(model(X), y).backward()
     opt.step()
     state = opt.state_dict()
-    directions = [d.clone() for d in opt.directions]
+    directions = [d.clone() for d in opt.evecs]
     for bad, match in (
-        ({"directions": [d[:2] for d in state["directions"]]}, "shape"),
+        ({"evecs": [d[:2] for d in state["evecs"]]}, "shape"),
         ({"num_steps": -1}, "num_steps"),
-        ({"eigenvalues": torch.tensor([math.nan, 1.0, 1.0])}, "finite"),
+        ({"evals": torch.tensor([math.nan, 1.0, 1.0])}, "finite"),
         ({"param_groups": state["param_groups"] * 2}, "one parameter group"),
     ):
         with pytest.raises(ValueError, match=match):
             opt.load_state_dict({**state, **bad})
         assert opt.state_dict()["num_steps"] == 1
-        assert all(torch.equal(a, b) for a, b in zip(opt.directions, directions))
+        assert all(torch.equal(a, b) for a, b in zip(opt.evecs, directions))
 
 
 @pytest.mark.parametrize("second_call_only", [False, True])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from vivitlib.distributed import mean_over_ranks
+from vivitlib.optim.damping import as_strategy, strategy_state
 from vivitlib.optim.safeguards import StepControl, StepPlan, agreement
 
 #: One parameter's move: ``(param, delta, decay)``; ``θ ← decay · θ + delta``.
@@ -46,11 +48,18 @@ def restore(params: Sequence[Tensor], values: Sequence[Tensor], grads) -> None:
 class SafeguardedStepping:
     """Mixin of the Newton optimisers: apply moves, judge them with ``ρ``.
 
-    The host defines ``state``, ``safeguards``, ``reject_steps``, ``num_rejected``,
-    ``_controls`` (one :class:`StepControl` per group) and ``_pending``.
+    The host defines ``state``, ``param_groups``, ``safeguards``, ``reject_steps``,
+    ``num_rejected``, ``_controls`` (one :class:`StepControl` per group),
+    ``_strategies`` (one damping strategy per group) and ``_pending``.
+
+    Damping strategies are objects (they may hold a random generator), so, as
+    ``torch.optim`` keeps ``param_groups`` numeric, they live in
+    :attr:`damping_strategies`, one per group, and not in the groups.
     """
 
     state: Any
+    param_groups: list[dict[str, Any]]
+    _strategies: list[Any]
     safeguards: bool
     reject_steps: bool
     num_rejected: int
@@ -58,6 +67,44 @@ class SafeguardedStepping:
     _pending: dict[str, Any] | None
     #: Process group whose ranks must take identical steps (``None``: one process).
     _process_group: Any = None
+
+    @property
+    def damping_strategies(self) -> list[Any]:
+        """The damping strategy of each parameter group (``[i]``: group ``i``).
+
+        Replace an entry to change a group's strategy (a callable
+        ``(gammas, lambdas) -> dampings`` or a number for
+        :class:`~vivitlib.optim.ConstantDamping`); it is checked at the next step.
+        """
+        return self._strategies
+
+    def _group_strategy(self, index: int) -> Any:
+        """Group ``index``'s strategy, after taking up a deprecated group entry.
+
+        Raises:
+            TypeError: If the strategy is neither callable nor a number.
+        """
+        group = self.param_groups[index]
+        if "damping" in group:
+            warnings.warn(
+                f"Setting param_groups[{index}]['damping'] is deprecated (groups "
+                "hold numbers only); assign opt.damping_strategies"
+                f"[{index}] instead.",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+            self._strategies[index] = as_strategy(group.pop("damping"))
+        self._strategies[index] = as_strategy(self._strategies[index])
+        return self._strategies[index]
+
+    def _strategy_states(self) -> list[dict[str, Any]]:
+        """Type name and ``state_dict()`` of every group's strategy."""
+        return [
+            {"type": type(strategy).__name__, "state": strategy_state(strategy)}
+            for strategy in (
+                self._group_strategy(i) for i in range(len(self.param_groups))
+            )
+        ]
 
     def _across_ranks(self, value: float) -> float:
         """A loss change or slope, averaged over the ranks (so ``ρ`` agrees)."""

@@ -153,7 +153,9 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         params: Parameters or parameter groups (dicts with ``"params"`` and
             optionally ``"lr"``, ``"damping"``, ``"weight_decay"``,
             ``"complement_lr"``). Parameters with ``requires_grad=False`` are
-            skipped.
+            skipped. A group's ``"damping"`` is taken out of the group (which
+            keeps only numbers, as in ``torch.optim``) into
+            :attr:`damping_strategies`.
         damping: Damping strategy or a number (turned into
             :class:`~vivitlib.optim.ConstantDamping`). Default: a new
             :class:`~vivitlib.optim.BootstrapDamping`.
@@ -221,8 +223,8 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
     ) -> None:
         damping = BootstrapDamping() if damping is None else damping
         self._process_group = resolve_group(process_group)
-        defaults = {"lr": lr, "damping": as_strategy(damping)}
-        defaults["weight_decay"] = weight_decay
+        self._default_strategy = as_strategy(damping)
+        defaults = {"lr": lr, "weight_decay": weight_decay}
         if complement_lr is None:
             complement_lr = "auto" if safeguards is True else 0.0
         defaults["complement_lr"] = complement_lr
@@ -251,6 +253,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             "generator": generator,
         }
         self._controls: list[StepControl] = []
+        self._strategies: list[Any] = []
         super().__init__(params, defaults)
         self.track_dampings = track_dampings
         self.damping_history: list[DampingRecord] = []
@@ -281,8 +284,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group)}.")
         param_group = dict(param_group)
-        if "damping" in param_group:
-            param_group["damping"] = as_strategy(param_group["damping"])
+        strategy = as_strategy(param_group.pop("damping", self._default_strategy))
         _check_hyperparameters(param_group)
         num_groups = len(self.param_groups)
         super().add_param_group(param_group)
@@ -293,6 +295,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 del self.param_groups[num_groups:]
                 raise
         self._controls.append(self._new_control())
+        self._strategies.append(strategy)
         self._pending = None
 
     @property
@@ -427,7 +430,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         else:
             scale = getattr(block, "batch_scale", 1.0)
             gammas, lambdas = block.gammas * scale, block.lambdas * scale
-            strategy = group["damping"]
+            strategy = self._group_strategy(index)
             dampings = strategy(gammas, lambdas)
             dampings = check_dampings(dampings, block.num_directions, strategy)
             # ranks draw their bootstrap samples independently: take the first's
@@ -510,18 +513,9 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             A dictionary for :meth:`load_state_dict`, loadable by ``torch.load``
             with ``weights_only=True``.
         """
+        damping_states = self._strategy_states()
         state = super().state_dict()
-        state["param_groups"] = [
-            {key: value for key, value in group.items() if key != "damping"}
-            for group in state["param_groups"]
-        ]
-        state["damping_states"] = [
-            {
-                "type": type(group["damping"]).__name__,
-                "state": strategy_state(group["damping"]),
-            }
-            for group in self.param_groups
-        ]
+        state["damping_states"] = damping_states
         state["control_states"] = [c.state_dict() for c in self._controls]
         state["pending"] = self._pending_state()
         state["num_steps"] = self._num_steps
@@ -549,7 +543,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         pending = state_dict.pop("pending", None)
         num_steps = state_dict.pop("num_steps", self._num_steps)
         num_rejected = state_dict.pop("num_rejected", self.num_rejected)
-        strategies = [group["damping"] for group in self.param_groups]
+        strategies = [self._group_strategy(i) for i in range(len(self.param_groups))]
         self._check_state(state_dict, damping_states, control_states, strategies)
         pending = load_pending(pending, len(self.param_groups))
         for name, value in (("num_steps", num_steps), ("num_rejected", num_rejected)):
@@ -562,8 +556,6 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             if hasattr(strategy, "check_state"):
                 strategy.check_state(saved["state"])
         super().load_state_dict(state_dict)
-        for group, strategy in zip(self.param_groups, strategies):
-            group["damping"] = strategy
         try:
             for strategy, saved in zip(strategies, damping_states or []):
                 if hasattr(strategy, "load_state_dict"):

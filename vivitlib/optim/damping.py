@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vivitlib.optim.coefficients import newton_coefficients
+
 __all__ = ["DampingStrategy", "ConstantDamping", "BootstrapDamping"]
 
 
@@ -450,9 +452,9 @@ class BootstrapDamping(DampingStrategy):
         lambda_boot = self._resample_means(lambdas, idx_c)  # [R, K]
 
         deltas = self.candidates.to(dtype=gammas.dtype, device=gammas.device)
-        denominator = step_c.mean(0) + deltas[:, None]  # [C, K]
-        valid = denominator > 0
-        steps = -step_g.mean(0) / torch.where(valid, denominator, 1.0)  # [C, K]
+        curvatures = step_c.mean(0)
+        valid = curvatures + deltas[:, None] > 0  # [C, K]
+        steps = newton_coefficients(step_g.mean(0), curvatures, deltas[:, None])
 
         reductions = (
             -steps * gamma_boot[:, None, :] - 0.5 * steps**2 * (lambda_boot[:, None, :])

@@ -42,12 +42,12 @@ from vivitlib.optim._stepping import (
     load_pending,
     loss_value,
 )
+from vivitlib.optim.coefficients import newton_coefficients
 from vivitlib.optim.damped_newton import _check_hyperparameters
 from vivitlib.optim.damping import (
     BootstrapDamping,
     as_strategy,
     check_dampings,
-    strategy_state,
 )
 from vivitlib.optim.safeguards import StepControl
 
@@ -61,15 +61,21 @@ class RefreshRecord:
 
     Attributes:
         step: Optimiser step before which the directions were computed.
-        eigenvalues: Eigenvalues found, ``[k]`` (signed for the Hessian).
+        evals: Eigenvalues found, ``[k]`` (signed for the Hessian).
         num_products: Curvature-vector products the refresh spent.
         converged: Whether ``topk_eigh`` met its tolerance.
     """
 
     step: int
-    eigenvalues: Tensor
+    evals: Tensor
     num_products: int
     converged: bool
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        """Deprecated alias of :attr:`evals`."""
+        _deprecated("RefreshRecord.eigenvalues", "RefreshRecord.evals")
+        return self.evals
 
 
 class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
@@ -173,7 +179,8 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._controls = [control]
         self._pending = None
         self.num_rejected = 0
-        super().__init__(list(params), {"lr": lr, "damping": as_strategy(damping)})
+        self._strategies = [as_strategy(damping)]
+        super().__init__(list(params), {"lr": lr})
         if len(self.param_groups) != 1:
             raise ValueError("LanczosDampedNewton optimises one parameter group.")
         self._model, self._loss_fn, self._data = model, loss_fn, curvature_data
@@ -188,7 +195,10 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._generator = generator
         self.refresh_history: list[RefreshRecord] = []
         self._num_steps = 0
-        self.refresh()
+        self._evecs: list[Tensor] | None = None
+        self._evals: Tensor | None = None
+        # validate the derivative options now; the directions come lazily
+        self._make_collector([p.new_zeros(1, *p.shape) for p in self.params])
 
     @property
     def params(self) -> list[Tensor]:
@@ -197,17 +207,70 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
 
     @property
     def extensions(self) -> tuple:
-        """BackPACK extensions for ``with backpack(*opt.extensions, ...)``."""
-        return self._collector.extensions
+        """BackPACK extensions for ``with backpack(*opt.extensions, ...)``.
+
+        The first access runs the first refresh (see :meth:`refresh`).
+        """
+        return self._ensure_directions().extensions
 
     @property
     def hook(self) -> Callable:
-        """Extension hook for ``backpack(..., extension_hook=opt.hook)``."""
-        return self._collector.hook
+        """Extension hook for ``backpack(..., extension_hook=opt.hook)``.
+
+        The first access runs the first refresh (see :meth:`refresh`).
+        """
+        return self._ensure_directions().hook
+
+    @property
+    def evecs(self) -> list[Tensor]:
+        """The directions ``d_k``, one ``[k, *param.shape]`` tensor per parameter.
+
+        The first access runs the first refresh (see :meth:`refresh`).
+        """
+        self._ensure_directions()
+        return self._evecs
+
+    @property
+    def evals(self) -> Tensor:
+        """The refresh curvatures ``|λ_k|`` along :attr:`evecs`, ``[k]`` (float64).
+
+        The first access runs the first refresh (see :meth:`refresh`).
+        """
+        self._ensure_directions()
+        return self._evals
+
+    @property
+    def directions(self) -> list[Tensor]:
+        """Deprecated alias of :attr:`evecs`."""
+        _deprecated("LanczosDampedNewton.directions", "LanczosDampedNewton.evecs")
+        return self.evecs
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        """Deprecated alias of :attr:`evals`."""
+        _deprecated("LanczosDampedNewton.eigenvalues", "LanczosDampedNewton.evals")
+        return self.evals
+
+    def _ensure_directions(self) -> DirectionalDerivatives:
+        """The derivative collector, after the first refresh if none ran yet."""
+        if self._evecs is None:
+            self.refresh()
+        return self._collector
 
     @torch.enable_grad()
     def refresh(self) -> RefreshRecord:
-        """Recompute the top-``k`` directions on the curvature data now."""
+        """Recompute the top-``k`` directions on the curvature data now.
+
+        The constructor computes nothing: the first refresh runs at the first
+        access of :attr:`extensions`, :attr:`hook`, :attr:`evecs` or
+        :attr:`evals` (so, in the usual loop, just before the first backward
+        pass), or when called explicitly; later ones after every
+        ``refresh_every``-th step. The model is switched to ``eval()`` for the
+        curvature products and back to its previous training mode afterwards.
+
+        Returns:
+            The refresh's record (also appended to :attr:`refresh_history`).
+        """
         was_training = self._model.training
         self._model.eval()
         try:
@@ -227,7 +290,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             self._model.train(was_training)
         record = RefreshRecord(
             step=self._num_steps,
-            eigenvalues=result.eigenvalues.detach().cpu(),
+            evals=result.eigenvalues.detach().cpu(),
             num_products=result.num_products,
             converged=result.converged,
         )
@@ -239,10 +302,11 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         return record
 
     def _set_directions(self, directions: list[Tensor], eigenvalues: Tensor) -> None:
-        self.directions, self.eigenvalues = directions, eigenvalues
-        self._collector = DirectionalDerivatives(
-            self.params, directions, **self._dd_options
-        )
+        self._collector = self._make_collector(directions)
+        self._evecs, self._evals = directions, eigenvalues
+
+    def _make_collector(self, directions: list[Tensor]) -> DirectionalDerivatives:
+        return DirectionalDerivatives(self.params, directions, **self._dd_options)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -260,17 +324,20 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         """
         loss = None
         if closure is not None:
+            collector = self._ensure_directions()
             try:
                 with (
                     torch.enable_grad(),
-                    backpack(*self.extensions, extension_hook=self.hook),
+                    backpack(*collector.extensions, extension_hook=collector.hook),
                 ):
                     loss = closure()
                 check_loss(loss)
             except BaseException:
-                self._collector.reset()
+                collector.reset()
                 raise
         try:
+            if self._evecs is None:
+                raise RuntimeError("no directions yet")
             gammas, lambdas = self._collector.gammas, self._collector.lambdas
             scale = getattr(self._collector, "batch_scale", 1.0)
         except RuntimeError as err:
@@ -280,7 +347,8 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 "extension_hook=opt.hook):` first."
             ) from err
         finally:
-            self._collector.reset()
+            if self._evecs is not None:
+                self._collector.reset()
         gammas, lambdas = gammas * scale, lambdas * scale
         if loss is not None and not math.isfinite(loss_value(loss)):
             self._warn(f"the loss is not finite ({loss_value(loss)})")
@@ -290,12 +358,12 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             self._warn("the gradient is not finite")
             return loss
         if self.step_curvature == "refresh":
-            lambdas = lambdas - lambdas.mean(0) + self.eigenvalues.to(lambdas)
+            lambdas = lambdas - lambdas.mean(0) + self._evals.to(lambdas)
         group = self.param_groups[0]
-        strategy = group["damping"]
         saved, saved_pending = self._controls[0].state_dict(), self._pending
         try:
             self._adapt_late([(p, p.grad) for p in self.params if p.grad is not None])
+            strategy = self._group_strategy(0)
             dampings = check_dampings(
                 strategy(gammas, lambdas), gammas.shape[1], strategy
             )
@@ -313,7 +381,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             raise
         moves = []
         if plan is not None:
-            for param, direction in zip(self.params, self.directions):
+            for param, direction in zip(self.params, self._evecs):
                 update = torch.tensordot(
                     plan.coefficients.to(param.dtype), direction, dims=1
                 )
@@ -343,22 +411,23 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
 
         Zero where ``δ_k = inf`` or ``λ_k + δ_k ≤ 0`` (no step along ``d_k``).
         """
-        denominator = lambdas.mean(0) + dampings.to(lambdas.dtype)
-        coefficients = -gammas.mean(0) / denominator
-        skip = ~torch.isfinite(dampings) | (denominator <= 0)
-        return torch.where(skip, torch.zeros_like(coefficients), coefficients)
+        return newton_coefficients(
+            gammas.mean(0), lambdas.mean(0), dampings.to(lambdas.dtype)
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimiser state with the current directions and the strategy's state."""
+        """Optimiser state with the current directions and the strategy's state.
+
+        ``"evecs"`` and ``"evals"`` are ``None`` before the first refresh (taking
+        the state runs none).
+        """
+        damping_state = self._strategy_states()[0]["state"]
         state = super().state_dict()
-        state["param_groups"] = [
-            {key: value for key, value in g.items() if key != "damping"}
-            for g in state["param_groups"]
-        ]
-        state["directions"] = [d.clone() for d in self.directions]
-        state["eigenvalues"] = self.eigenvalues.clone()
+        evecs, evals = self._evecs, self._evals
+        state["evecs"] = None if evecs is None else [d.clone() for d in evecs]
+        state["evals"] = None if evals is None else evals.clone()
         state["num_steps"] = self._num_steps
-        state["damping_state"] = strategy_state(self.param_groups[0]["damping"])
+        state["damping_state"] = damping_state
         state["control_state"] = self._controls[0].state_dict()
         state["pending"] = self._pending_state()
         state["num_rejected"] = self.num_rejected
@@ -367,7 +436,8 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`, including the directions (no refresh).
 
-        Everything is validated first: a failing load changes nothing.
+        Everything is validated first: a failing load changes nothing. States
+        saved with the former keys ``"directions"``/``"eigenvalues"`` load too.
 
         Raises:
             TypeError, ValueError: If directions or eigenvalues do not fit the
@@ -376,9 +446,12 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict)}.")
         state_dict = dict(state_dict)
+        for new, old in (("evecs", "directions"), ("evals", "eigenvalues")):
+            if new not in state_dict and old in state_dict:
+                state_dict[new] = state_dict.pop(old)
         try:
-            directions = state_dict.pop("directions")
-            eigenvalues = state_dict.pop("eigenvalues")
+            directions = state_dict.pop("evecs")
+            eigenvalues = state_dict.pop("evals")
             num_steps = state_dict.pop("num_steps")
         except KeyError as err:
             raise ValueError(
@@ -389,7 +462,14 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         control_state = state_dict.pop("control_state", None)
         pending = load_pending(state_dict.pop("pending", None), 1)
         num_rejected = state_dict.pop("num_rejected", self.num_rejected)
-        self._check_loaded(directions, eigenvalues, num_steps, num_rejected)
+        if (directions is None) != (eigenvalues is None):
+            raise ValueError(
+                "state_dict holds only one of 'evecs' and 'evals'; pass the dict "
+                "returned by LanczosDampedNewton.state_dict()."
+            )
+        if directions is not None:
+            self._check_loaded(directions, eigenvalues)
+        _check_counters(num_steps, num_rejected)
         if control_state is not None:
             StepControl.check_state(control_state)
         groups = state_dict.get("param_groups")
@@ -401,11 +481,10 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 f"parameters, this optimizer {len(self.params)}."
             )
         _check_hyperparameters({"lr": groups[0].get("lr")})
-        strategy = self.param_groups[0]["damping"]
+        strategy = self._group_strategy(0)
         if hasattr(strategy, "check_state"):
             strategy.check_state(damping_state)
         super().load_state_dict(state_dict)
-        self.param_groups[0]["damping"] = strategy
         if hasattr(strategy, "load_state_dict"):
             strategy.load_state_dict(damping_state)
         if control_state is not None:
@@ -413,15 +492,13 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._pending = pending
         self._num_steps = int(num_steps)
         self.num_rejected = int(num_rejected)
-        self._set_directions([d.clone() for d in directions], eigenvalues.clone())
+        if directions is None:
+            self._evecs = self._evals = None  # refreshed lazily
+        else:
+            self._set_directions([d.clone() for d in directions], eigenvalues.clone())
 
-    def _check_loaded(self, directions, eigenvalues, num_steps, num_rejected) -> None:
-        """Raise unless the saved directions and counters fit this optimizer."""
-        for name, value in (("num_steps", num_steps), ("num_rejected", num_rejected)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(
-                    f"state_dict {name!r} must be an int >= 0, got {value!r}."
-                )
+    def _check_loaded(self, directions: Any, eigenvalues: Any) -> None:
+        """Raise unless the saved directions fit this optimizer."""
         if not isinstance(directions, list | tuple) or len(directions) != len(
             self.params
         ):
@@ -430,7 +507,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 f"{len(self.params)} parameters."
             )
         if not isinstance(eigenvalues, Tensor) or eigenvalues.ndim != 1:
-            raise ValueError("state_dict 'eigenvalues' must be a 1-d tensor.")
+            raise ValueError("state_dict 'evals' must be a 1-d tensor.")
         k = eigenvalues.numel()
         for number, (d, p) in enumerate(zip(directions, self.params)):
             if not isinstance(d, Tensor) or tuple(d.shape) != (k, *p.shape):
@@ -442,4 +519,19 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             if not bool(torch.isfinite(d).all()):
                 raise ValueError(f"state_dict direction {number} is not finite.")
         if not bool(torch.isfinite(eigenvalues).all()):
-            raise ValueError("state_dict 'eigenvalues' are not finite.")
+            raise ValueError("state_dict 'evals' are not finite.")
+
+
+def _check_counters(num_steps: Any, num_rejected: Any) -> None:
+    """Raise unless the saved step and rejection counts are ints ``>= 0``."""
+    for name, value in (("num_steps", num_steps), ("num_rejected", num_rejected)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"state_dict {name!r} must be an int >= 0, got {value!r}.")
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} is deprecated; use {new} (the library's name).",
+        DeprecationWarning,
+        stacklevel=3,
+    )

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vivitlib.optim.coefficients import newton_coefficients
+
 __all__ = ["StepControl", "StepPlan"]
 
 #: ``ρ`` below this counts as a failed model (damping up, radius down).
@@ -163,9 +165,7 @@ class StepControl:
         # along directions flatter than that (none on a well-conditioned problem)
         global_damping = max(self.mu, self.floor) * lam_max
         effective = torch.maximum(dampings, (global_damping - evals).clamp(min=0))
-        denominator = evals + effective
-        skip = torch.isinf(effective) | (denominator <= 0)
-        newton = torch.where(skip, 0.0, -gammas / torch.where(skip, 1.0, denominator))
+        newton = newton_coefficients(gammas, evals, effective)
         norm = float(newton.norm()) * lr
         scale, clipped = lr, False
         radius = self._radius(gammas, lam_max)

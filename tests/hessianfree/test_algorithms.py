@@ -88,45 +88,46 @@ def test_topk_eigh_operator(hessian_case, which):
     ).values
     res = hf.topk_eigh(op, 3, which=which, tol=1e-8, generator=_gen())
     assert res.converged
-    torch.testing.assert_close(res.eigenvalues, want, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(res.evals, want, rtol=1e-7, atol=1e-10)
     evals, evecs = res
     assert [e.shape for e in evecs] == [(3, *p.shape) for p in op.params]
-    V = res.flat_eigenvectors
+    V = res.flat_evecs
+    torch.testing.assert_close(op.flatten(evecs), V, rtol=0, atol=0)
     torch.testing.assert_close(
         V.T @ V, torch.eye(3, dtype=torch.float64), atol=1e-8, rtol=0
     )
     torch.testing.assert_close(dense @ V, V * evals, atol=1e-5, rtol=0)
-    assert ((res.eigenvalues - want).abs() <= res.error_bounds + 1e-12).all()
+    assert ((res.evals - want).abs() <= res.error_bounds + 1e-12).all()
 
 
 def test_topk_eigh_tolerance_bound_is_honest():
     A, evals = _spiked(200, seed=3)
     for tol in (1e-2, 1e-4):
         res = hf.topk_eigh(A, 5, tol=tol, generator=_gen())
-        rel = (res.eigenvalues - evals[:5]).abs() / evals[:5].abs()
+        rel = (res.evals - evals[:5]).abs() / evals[:5].abs()
         assert res.converged and (rel <= tol).all()
-        assert ((res.eigenvalues - evals[:5]).abs() <= res.error_bounds + 1e-12).all()
+        assert ((res.evals - evals[:5]).abs() <= res.error_bounds + 1e-12).all()
 
 
 def test_topk_eigh_thick_restart_and_invariant_subspace():
     A, evals = _spiked(120, seed=4)
     res = hf.topk_eigh(A, 4, tol=1e-8, max_basis=8, generator=_gen())
     assert res.num_restarts > 0 and res.converged
-    torch.testing.assert_close(res.eigenvalues, evals[:4], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(res.evals, evals[:4], rtol=1e-7, atol=1e-9)
     # block-diagonal matrix with a start vector inside one block: the Krylov
     # space is invariant, the solver must continue in the other block
     B = torch.block_diag(
         torch.diag(torch.tensor([1.0, 2.0])), torch.diag(torch.tensor([5.0, 3.0, 0.5]))
     ).double()
     res = hf.topk_eigh(B, 2, tol=1e-10, v0=torch.tensor([1.0, 1, 0, 0, 0]))
-    torch.testing.assert_close(res.eigenvalues, torch.tensor([5.0, 3.0]).double())
+    torch.testing.assert_close(res.evals, torch.tensor([5.0, 3.0]).double())
 
 
 def test_power_iteration_matches_top_eigenvalues():
     A, evals = _spiked(60)
     res = hf.power_iteration(A, 2, tol=1e-8, max_iters=500, generator=_gen())
     assert res.converged
-    torch.testing.assert_close(res.eigenvalues, evals[:2], rtol=1e-4, atol=0)
+    torch.testing.assert_close(res.evals, evals[:2], rtol=1e-4, atol=0)
     assert res.num_products > 2
 
 
@@ -134,7 +135,7 @@ def test_topk_eigh_reproducible_and_bad_inputs(hessian_case):
     op, _ = hessian_case
     a = hf.topk_eigh(op, 2, generator=_gen(5))
     b = hf.topk_eigh(op, 2, generator=_gen(5))
-    assert torch.equal(a.eigenvalues, b.eigenvalues)
+    assert torch.equal(a.evals, b.evals)
     with pytest.raises(ValueError, match="which must be"):
         hf.topk_eigh(op, 2, which="top")
     with pytest.raises(ValueError, match="k must be at most"):
@@ -186,6 +187,33 @@ def test_sketch_matches_dense(hessian_case):
     S = S / 6**0.5
     torch.testing.assert_close(res.matrix, S.T @ dense @ S, rtol=1e-10, atol=1e-12)
     assert res.trace == pytest.approx(torch.trace(S.T @ dense @ S).item(), rel=1e-10)
-    assert res.num_products == 6 and res.eigenvalues[0] >= res.eigenvalues[-1]
+    want = torch.linalg.eigvalsh(S.T @ dense @ S).flip(0)
+    torch.testing.assert_close(res.evals, want, rtol=1e-10, atol=1e-12)
+    assert res.num_products == 6
     with pytest.raises(ValueError, match="size must be at most"):
         hf.sketch(op, op.shape[0] + 1)
+
+
+# ---- deprecated result names ------------------------------------------------
+@pytest.mark.parametrize(
+    "make, old, new",
+    [
+        (lambda A: hf.topk_eigh(A, 2, generator=_gen()), "eigenvalues", "evals"),
+        (lambda A: hf.topk_eigh(A, 2, generator=_gen()), "eigenvectors", "evecs"),
+        (
+            lambda A: hf.power_iteration(A, 2, generator=_gen()),
+            "flat_eigenvectors",
+            "flat_evecs",
+        ),
+        (lambda A: hf.sketch(A, 3, generator=_gen()), "eigenvalues", "evals"),
+    ],
+)
+def test_old_result_names_warn_and_give_the_same_values(make, old, new):
+    res = make(torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64)))
+    cls = type(res).__name__
+    with pytest.warns(
+        DeprecationWarning, match=rf"{cls}\.{old} is deprecated; use {cls}\.{new}"
+    ) as caught:
+        value = getattr(res, old)
+    assert value is getattr(res, new)
+    assert caught[0].filename == __file__  # points at the caller

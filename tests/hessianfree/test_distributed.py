@@ -36,7 +36,7 @@ def _compute(problem, loader):
     out["alphas"] = hf.lanczos(H, 10, generator=torch.Generator().manual_seed(0)).alphas
     out["top"] = hf.topk_eigh(
         H, 3, tol=1e-8, generator=torch.Generator().manual_seed(0)
-    ).eigenvalues
+    ).evals
     out["density"] = hf.spectral_density(
         H,
         num_iters=8,

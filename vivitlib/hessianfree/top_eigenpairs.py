@@ -29,6 +29,7 @@ from torch import Tensor
 
 from vivitlib._checks import check_generator, check_int_at_least, check_positive_float
 from vivitlib.hessianfree._base import CurvatureOperator
+from vivitlib.hessianfree._deprecated import DeprecatedAlias
 from vivitlib.hessianfree._inputs import check_at_most_dim, check_vector, check_which
 from vivitlib.hessianfree._linalg import MatMat, orthogonalize, random_unit
 
@@ -37,11 +38,15 @@ from vivitlib.hessianfree._linalg import MatMat, orthogonalize, random_unit
 class EighResult:
     """Eigenpairs with diagnostics; unpacks as ``evals, evecs = result``.
 
+    The names follow :class:`vivitlib.GGNBlock` (``evals``, ``evecs``); the
+    former ``eigenvalues``, ``eigenvectors`` and ``flat_eigenvectors`` still
+    work but are deprecated (``DeprecationWarning``).
+
     Attributes:
-        eigenvalues: ``[k]``, descending.
-        eigenvectors: One tensor ``[k, *param.shape]`` per parameter (a single
-            ``[k, D]`` tensor for operators without parameters).
-        flat_eigenvectors: ``[D, k]`` orthonormal columns.
+        evals: ``[k]`` eigenvalues, descending.
+        evecs: The eigenvectors, one tensor ``[k, *param.shape]`` per parameter
+            (a single ``[k, D]`` tensor for operators without parameters).
+        flat_evecs: ``[D, k]`` orthonormal columns, the same eigenvectors.
         residuals: ``[k]`` residual norms ``‖A y − θ y‖``.
         error_bounds: ``[k]`` bounds on ``|λ − θ|`` (see module docstring).
         converged: Whether every bound met the tolerance.
@@ -49,19 +54,23 @@ class EighResult:
         num_restarts: Thick restarts (0 for power iteration).
     """
 
-    eigenvalues: Tensor
-    eigenvectors: list[Tensor]
-    flat_eigenvectors: Tensor
+    evals: Tensor
+    evecs: list[Tensor]
+    flat_evecs: Tensor
     residuals: Tensor
     error_bounds: Tensor
     converged: bool
     num_products: int
     num_restarts: int = 0
 
+    eigenvalues = DeprecatedAlias("evals")
+    eigenvectors = DeprecatedAlias("evecs")
+    flat_eigenvectors = DeprecatedAlias("flat_evecs")
+
     def __iter__(self):
-        """Yield ``eigenvalues`` and ``eigenvectors``."""
-        yield self.eigenvalues
-        yield self.eigenvectors
+        """Yield ``evals`` and ``evecs``."""
+        yield self.evals
+        yield self.evecs
 
 
 def _select(theta: Tensor, num: int, which: str) -> Tensor:

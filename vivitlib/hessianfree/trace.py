@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from vivitlib._checks import check_generator, check_int_at_least, check_positive_float
+from vivitlib.hessianfree._deprecated import DeprecatedAlias
 from vivitlib.hessianfree._inputs import check_at_most_dim
 from vivitlib.hessianfree._linalg import MatMat, orthogonalize, rademacher
 from vivitlib.hessianfree.lanczos import _lanczos
@@ -159,16 +160,19 @@ class SketchResult:
 
     Attributes:
         matrix: ``[s, s]`` symmetric sketch with ``S`` entries ``±1/√s``.
-        eigenvalues: ``[s]`` eigenvalues of the sketch, descending; they tend
-            to over-estimate the top eigenvalues of ``A``.
+        evals: ``[s]`` eigenvalues of the sketch, descending; they tend to
+            over-estimate the top eigenvalues of ``A``. (``eigenvalues`` is a
+            deprecated alias.)
         trace: ``tr(Sᵀ A S)``, the Hutchinson estimate with ``s`` probes.
         num_products: ``s``.
     """
 
     matrix: Tensor
-    eigenvalues: Tensor
+    evals: Tensor
     trace: float
     num_products: int
+
+    eigenvalues = DeprecatedAlias("evals")
 
 
 def sketch(
@@ -197,7 +201,7 @@ def sketch(
     B = 0.5 * (B + B.T)
     return SketchResult(
         matrix=B,
-        eigenvalues=torch.linalg.eigvalsh(B).flip(0),
+        evals=torch.linalg.eigvalsh(B).flip(0),
         trace=torch.trace(B).item(),
         num_products=size,
     )

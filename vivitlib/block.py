@@ -1,8 +1,11 @@
 """Per-group accumulation during the backward pass, and the results users read.
 
-Column order of every Gram-space quantity is sample-major: column ``n·C + c``
-belongs to curvature sample ``n`` and factor column ``c`` (output dimension for
-the exact factor, MC sample for ``mc_samples > 0``).
+Column order: inside the library (factors, kernels, accumulators) every
+Gram-space quantity is class-major ``(c, n)``, BackPACK's order. What users
+read is sample-major: column ``n·C + c`` belongs to curvature sample ``n`` and
+factor column ``c`` (output dimension for the exact factor, MC sample for
+``mc_samples > 0``). The two meet only in :func:`to_public_columns` and
+:func:`to_internal_columns`.
 """
 
 from __future__ import annotations
@@ -16,15 +19,7 @@ from torch import Tensor
 
 from vivitlib import linalg
 from vivitlib._checks import check_positive_int
-from vivitlib.factors.projections import project_factor
-from vivitlib.factors.representations import (
-    DenseFactor,
-    DenseGrads,
-    Factor,
-    Grads,
-    contract,
-    factor_apply,
-)
+from vivitlib.factors import Factor, Grads, as_factor, as_grads
 
 
 @dataclass
@@ -133,12 +128,9 @@ class GroupAccumulator:
 
     def add(self, param: Tensor, factor: Factor | Tensor, grads: Grads | Tensor | None):
         """Add one parameter's share of every contraction."""
-        if isinstance(factor, Tensor):
-            factor = DenseFactor(factor.flatten(2))
-        if isinstance(grads, Tensor):
-            grads = DenseGrads(grads.flatten(1))
+        factor, grads = as_factor(factor), as_grads(grads)
         self.factor_dtype = factor.dtype
-        gram, vtg, kept = contract(factor, grads, keep=self.keep_factors)
+        gram, vtg, kept = factor.contract(grads, keep=self.keep_factors)
         self.gram = _accumulate(self.gram, gram)
         if grads is not None:
             self.vt_grads = _accumulate(self.vt_grads, vtg)
@@ -181,6 +173,16 @@ def _check_vectors(
     return [v.detach() for v in stacked], single
 
 
+def to_public_columns(x: Tensor) -> Tensor:
+    """Class-major ``[C, N, ...]`` → sample-major ``[N, C, ...]`` (a view)."""
+    return x.transpose(0, 1)
+
+
+def to_internal_columns(x: Tensor) -> Tensor:
+    """Sample-major ``[N, C, ...]`` → class-major ``[C, N, ...]`` (a view)."""
+    return x.transpose(0, 1)
+
+
 def _index(positions: list[int] | None, device: torch.device) -> Tensor | None:
     return None if positions is None else torch.tensor(positions, device=device)
 
@@ -193,7 +195,7 @@ def _gram_of_counted(gram: Tensor, keep: Tensor | None, scale: float) -> Tensor:
     if keep is not None:
         gram = gram.index_select(1, keep).index_select(3, keep)
     c, n = gram.shape[:2]
-    gram = gram.permute(1, 0, 3, 2).reshape(n * c, n * c)
+    gram = to_public_columns(gram).transpose(2, 3).reshape(n * c, n * c)
     return gram if scale == 1 else gram.mul_(scale)
 
 
@@ -251,7 +253,7 @@ class GGNBlock:
                 vtg = vtg.index_select(1, self._curv_keep)
             if scaling.grad_keep is not None:
                 vtg = vtg.index_select(2, _index(scaling.grad_keep, vtg.device))
-            vtg = vtg.transpose(0, 1).reshape(-1, vtg.shape[2])  # sample-major
+            vtg = to_public_columns(vtg).reshape(-1, vtg.shape[2])
             self._vt_grads = vtg.mul_(scaling.factor * scaling.grads)
             acc.vt_grads = None
             self._grad_mean = [
@@ -292,10 +294,9 @@ class GGNBlock:
             nck = nck.new_zeros(full, *nck.shape[1:]).index_copy_(
                 0, self._curv_keep, nck
             )
-        cnk = nck.transpose(0, 1)
+        cnk = to_internal_columns(nck)
         return [
-            factor_apply(self._factors[id(p)], cnk).reshape(-1, *p.shape)
-            for p in self.params
+            self._factors[id(p)].apply(cnk).reshape(-1, *p.shape) for p in self.params
         ]
 
     @cached_property
@@ -413,10 +414,10 @@ class GGNBlock:
         stacked, single = _check_vectors(self.params, vectors)
         weights = linalg.inverse_weights(self.evals, damping)
         proj = sum(
-            project_factor(self._factors[id(p)], v).to(torch.float64)
+            self._factors[id(p)].project(v).to(torch.float64)
             for p, v in zip(self.params, stacked)
         )  # [C, N, k]
-        proj = proj.transpose(0, 1)
+        proj = to_public_columns(proj)
         if self._curv_keep is not None:
             proj = proj.index_select(0, self._curv_keep)
         vt_v = proj.reshape(-1, proj.shape[-1]) * self._factor_scale  # Ṽᵀ v

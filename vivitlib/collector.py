@@ -24,12 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from vivitlib import _checks
 from vivitlib._warnings import BACKWARD_HOOK_WARNING
 from vivitlib.block import Scaling
-from vivitlib.distributed import (
-    FactorExchange,
-    as_pieces,
-    resolve_group,
-    select_samples,
-)
+from vivitlib.distributed import FactorExchange, resolve_group, select_samples
 from vivitlib.errors import (
     IncompletePassError,
     NoPassError,
@@ -43,6 +38,7 @@ from vivitlib.extensions import (
     GGNFactorExtension,
 )
 from vivitlib.extensions.losses import LossWeighting, loss_weighting
+from vivitlib.factors import as_factor, as_grads
 from vivitlib.groups import normalize_groups
 
 _REDUCTIONS = ("mean", "sum")
@@ -340,7 +336,7 @@ class BackpackCollector:
             raise RuntimeError("Per-sample gradients are missing for a parameter.")
         exchange = self._pass.exchange
         if exchange is not None:
-            factor, grads = exchange.exchange(param, *as_pieces(factor, grads))
+            factor, grads = exchange.exchange(param, as_factor(factor), as_grads(grads))
             factor, grads = select_samples(
                 factor, grads, self.subsampling, self.grad_subsampling
             )

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from vivitlib.collector import BackpackCollector
-from vivitlib.factors.projections import project_factor, project_grads
+from vivitlib.factors import as_factor, as_grads
 
 
 @dataclass
@@ -38,8 +38,8 @@ class _ProjectionAccumulator:
 
     def add(self, param: Tensor, factor, grads) -> None:
         d = self.directions[id(param)]
-        vtd = project_factor(factor, d).to(torch.float64)
-        gtd = project_grads(grads, d).to(torch.float64)
+        vtd = as_factor(factor).project(d).to(torch.float64)
+        gtd = as_grads(grads).project(d).to(torch.float64)
         self.factor_proj = vtd if self.factor_proj is None else self.factor_proj + vtd
         self.grad_proj = gtd if self.grad_proj is None else self.grad_proj + gtd
         self.visited.add(id(param))

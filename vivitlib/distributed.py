@@ -27,12 +27,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vivitlib.extensions.losses import LossWeighting
-from vivitlib.factors.representations import (
-    DenseFactor,
-    DenseGrads,
-    OuterFactor,
-    OuterGrads,
-)
+from vivitlib.factors import Factor, Grads, OuterFactor
+from vivitlib.factors.costs import CostModel
 
 
 def resolve_group(process_group: Any) -> Any:
@@ -129,55 +125,48 @@ class FactorExchange:
         return sum(self.sizes)
 
     def exchange(
-        self, param: Tensor, factor: DenseFactor | OuterFactor, grads: Any
-    ) -> tuple[DenseFactor | OuterFactor, Any]:
+        self, param: Tensor, factor: Factor, grads: Grads | None
+    ) -> tuple[Factor, Grads | None]:
         """Rescale this rank's pieces and all-gather them in rank order."""
-        factor = _scaled(factor, self.factor_scale)
-        grads = _scaled(grads, self.grads_scale)
-        itemsize = _itemsize(factor)
-        dense_numel = _dense_factor_numel(factor) + _dense_grads_numel(grads)
-        outer_numel = _pieces_numel(factor, grads)
-        if isinstance(factor, OuterFactor) and outer_numel <= dense_numel:
-            gathered = self._gather_outer(factor, grads)
-            representation, numel = "outer", outer_numel
-        else:
+        factor = factor.scaled(self.factor_scale)
+        grads = None if grads is None else grads.scaled(self.grads_scale)
+        shared = factor.shares_input(grads)
+        dense_numel = factor.dense_numel() + _numel(grads, dense=True)
+        stored_numel = factor.stored_numel() + _numel(grads, input_shared=shared)
+        factored = isinstance(factor, OuterFactor) and CostModel.send_factored(
+            stored_numel, dense_numel
+        )
+        if not factored:
             factor = factor.dense()
             grads = None if grads is None else grads.dense()
-            gathered = self._gather_dense(factor, grads)
-            representation, numel = "dense", dense_numel
+            shared = False
+        gather = self._gather
+        source = ("gathered", factor.source) if factored else None
+        new_factor = factor.map_samples(gather, source)
+        new_grads = None
+        if grads is not None:
+            new_grads = grads.map_samples(
+                gather, source if shared else None, new_factor if shared else None
+            )
+        itemsize = factor.s.element_size() if factored else factor.v.element_size()
         self.traffic.append(
             LayerTraffic(
                 tuple(param.shape),
-                representation,
-                numel * itemsize,
+                "outer" if factored else "dense",
+                (stored_numel if factored else dense_numel) * itemsize,
                 dense_numel * itemsize,
             )
         )
-        return gathered
+        return new_factor, new_grads
 
-    def _gather_outer(self, factor: OuterFactor, grads: Any):
-        sizes, group = self.sizes, self.group
-        a = all_gather_cat(factor.a, 0, sizes, group)
-        s = all_gather_cat(factor.s, 1, sizes, group)
-        source = ("gathered", factor.source)
-        new_factor = OuterFactor(s, a, source)
-        if grads is None:
-            return new_factor, None
-        if isinstance(grads, OuterGrads) and _same_input(factor, grads):
-            delta = all_gather_cat(grads.delta, 0, sizes, group)
-            return new_factor, OuterGrads(delta, a, source)
-        return new_factor, self._gather_grads(grads)
+    def _gather(self, tensor: Tensor, dim: int) -> Tensor:
+        return all_gather_cat(tensor, dim, self.sizes, self.group)
 
-    def _gather_dense(self, factor: DenseFactor, grads: Any):
-        v = all_gather_cat(factor.v, 1, self.sizes, self.group)
-        return DenseFactor(v), None if grads is None else self._gather_grads(grads)
 
-    def _gather_grads(self, grads: Any):
-        if isinstance(grads, OuterGrads):
-            delta = all_gather_cat(grads.delta, 0, self.sizes, self.group)
-            a = all_gather_cat(grads.a, 0, self.sizes, self.group)
-            return OuterGrads(delta, a, None)
-        return DenseGrads(all_gather_cat(grads.g, 0, self.sizes, self.group))
+def _numel(grads: Grads | None, dense: bool = False, input_shared: bool = False) -> int:
+    if grads is None:
+        return 0
+    return grads.dense_numel() if dense else grads.stored_numel(input_shared)
 
 
 def broadcast_from_first(tensor: Tensor, group: Any) -> Tensor:
@@ -198,40 +187,29 @@ def mean_over_ranks(value: float, group: Any) -> float:
     return float(total) / dist.get_world_size(group)
 
 
-def as_pieces(factor: Any, grads: Any) -> tuple[Any, Any]:
-    """BackPACK's dense tensors as :class:`DenseFactor` / :class:`DenseGrads`."""
-    if isinstance(factor, Tensor):
-        factor = DenseFactor(factor.flatten(2))
-    if isinstance(grads, Tensor):
-        grads = DenseGrads(grads.flatten(1))
-    return factor, grads
-
-
 def select_samples(
-    factor: DenseFactor | OuterFactor, grads: Any, curv: list[int] | None, grad: Any
-):
+    factor: Factor,
+    grads: Grads | None,
+    curv: list[int] | None,
+    grad: list[int] | None,
+) -> tuple[Factor, Grads | None]:
     """Keep the factor's columns of samples ``curv`` and gradient rows ``grad``."""
-    factor = _take(factor, curv, "curv")
-    grads = _take(grads, grad, "grad")
-    if curv is not None and curv == grad and isinstance(grads, OuterGrads):
-        grads = OuterGrads(grads.delta, grads.a, factor.source)  # same input rows
+    shared = curv == grad and factor.shares_input(grads)
+    if curv is not None:
+        factor = factor.map_samples(_take(curv, factor.device), ("curv", factor.source))
+    if grads is not None and grad is not None:
+        grads = grads.map_samples(
+            _take(grad, factor.device),
+            factor.source if shared else ("grad", grads.source),
+            factor if shared else None,  # the selected factor: same input rows
+        )
     return factor, grads
 
 
-def _take(piece: Any, samples: list[int] | None, tag: str) -> Any:
-    """A piece restricted to ``samples`` (its sample axis: 1 for factors, else 0)."""
-    if piece is None or samples is None:
-        return piece
-    index = torch.tensor(samples, device=_device(piece))
-    if isinstance(piece, OuterFactor):
-        s, a = piece.s.index_select(1, index), piece.a.index_select(0, index)
-        return OuterFactor(s, a, (tag, piece.source))
-    if isinstance(piece, OuterGrads):
-        delta, a = piece.delta.index_select(0, index), piece.a.index_select(0, index)
-        return OuterGrads(delta, a, (tag, piece.source))
-    if isinstance(piece, DenseFactor):
-        return DenseFactor(piece.v.index_select(1, index))
-    return DenseGrads(piece.g.index_select(0, index))
+def _take(samples: list[int], device: torch.device):
+    """A :data:`~vivitlib.factors.SampleMap` keeping ``samples``."""
+    index = torch.tensor(samples, device=device)
+    return lambda tensor, dim: tensor.index_select(dim, index)
 
 
 def all_gather_cat(tensor: Tensor, dim: int, sizes: list[int], group: Any) -> Tensor:
@@ -255,61 +233,3 @@ def _all_gather_equal(tensor: Tensor, group: Any) -> list[Tensor]:
     pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(pieces, tensor, group=group)
     return pieces
-
-
-def _scaled(piece: Any, scale: float) -> Any:
-    """A factor or per-sample-gradient piece times ``scale`` (inputs ``a`` shared)."""
-    if piece is None or scale == 1:
-        return piece
-    if isinstance(piece, OuterFactor):
-        return OuterFactor(piece.s * scale, piece.a, piece.source)
-    if isinstance(piece, OuterGrads):
-        return OuterGrads(piece.delta * scale, piece.a, piece.source)
-    if isinstance(piece, DenseFactor):
-        return DenseFactor(piece.v * scale)
-    return DenseGrads(piece.g * scale)
-
-
-def _same_input(factor: OuterFactor, grads: OuterGrads) -> bool:
-    return factor.source is not None and factor.source == grads.source
-
-
-def _pieces_numel(factor, grads) -> int:
-    if not isinstance(factor, OuterFactor):
-        return _dense_factor_numel(factor) + _dense_grads_numel(grads)
-    numel = factor.s.numel() + factor.a.numel()
-    if isinstance(grads, OuterGrads):
-        numel += grads.delta.numel() + (
-            0 if _same_input(factor, grads) else grads.a.numel()
-        )
-    elif grads is not None:
-        numel += grads.g.numel()
-    return numel
-
-
-def _dense_factor_numel(factor) -> int:
-    if isinstance(factor, OuterFactor):
-        C, N, _, O = factor.s.shape  # noqa: E741
-        return C * N * O * factor.a.shape[-1]
-    return factor.v.numel()
-
-
-def _dense_grads_numel(grads) -> int:
-    if grads is None:
-        return 0
-    if isinstance(grads, OuterGrads):
-        return grads.delta.shape[0] * grads.delta.shape[-1] * grads.a.shape[-1]
-    return grads.g.numel()
-
-
-def _itemsize(factor) -> int:
-    tensor = factor.s if isinstance(factor, OuterFactor) else factor.v
-    return tensor.element_size()
-
-
-def _device(piece: Any) -> torch.device:
-    """Device of a factor or per-sample-gradient piece."""
-    for name in ("s", "delta", "v", "g"):
-        if hasattr(piece, name):
-            return getattr(piece, name).device
-    raise TypeError(f"Not a factor or gradient piece: {type(piece).__name__}.")

@@ -97,14 +97,14 @@ def test_newton_step_matches_dense(problem):
     assert abs(float(step @ e0)) < 1e-9 * float(step.norm() + 1)
 
 
-def test_factored_and_dense_paths_agree(problem, monkeypatch):
-    from vivitlib.extensions import layers
+def test_factored_and_dense_paths_agree(problem):
+    from vivitlib.factors import cost_model
 
     results = []
     for choice in (True, False):
-        monkeypatch.setattr(layers, "prefer_factored", lambda *a, c=choice: c)
-        block = _collect(problem).blocks[0]
-        results.append((block.evals, block.gammas, flat_evecs(block, 3)))
+        with cost_model(factored=choice):
+            block = _collect(problem).blocks[0]
+            results.append((block.evals, block.gammas, flat_evecs(block, 3)))
         for p in problem.params:
             p.grad = None
     (ev1, g1, e1), (ev2, g2, e2) = results

@@ -15,8 +15,7 @@ from tests.core.cases import CASES, Problem, make_problem
 from tests.core.helpers import assert_eigenpairs, flat_evecs
 from tests.hessianfree import cases as hf_cases
 from vivitlib import hessianfree as hf
-from vivitlib.factors import kernels
-from vivitlib.factors import representations as factors
+from vivitlib.factors import cost_model
 from vivitlib.optim import ConstantDamping, DampedNewton
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -41,14 +40,16 @@ def device(request):
     return request.param
 
 
-@pytest.mark.parametrize("plan", PLANS)
+@pytest.fixture(params=PLANS)
+def plan(request):
+    """Every computation of the test takes ``plan`` (in several kernel chunks)."""
+    with cost_model(gram_plan=request.param, chunk_elements=50):
+        yield request.param
+
+
 @pytest.mark.parametrize("case_id", CASE_IDS)
-def test_low_rank_ggn(device, case_id, plan, monkeypatch):
+def test_low_rank_ggn(device, case_id, plan):
     """Eigenpairs, γ, λ and the Newton step against the dense reference."""
-    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 50)  # several chunks
-    monkeypatch.setattr(
-        factors, "outer_plan", lambda C, N, T, *a: "outer" if T == 1 else plan
-    )
     problem = make_problem(_case(case_id))
     dense = problem.dense()
     problem = _to(problem, device)
@@ -123,7 +124,7 @@ def test_hessianfree_product_and_topk(device):
     assert res.converged
     exact = torch.linalg.eigvalsh(dense).flip(0)[:3]
     torch.testing.assert_close(res.eigenvalues.cpu(), exact, rtol=1e-7, atol=1e-10)
-    V = res.flat_eigenvectors.cpu()
+    V = res.flat_evecs.cpu()
     torch.testing.assert_close(dense @ V, V * exact, atol=1e-5, rtol=0)
 
 

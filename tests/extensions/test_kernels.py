@@ -1,18 +1,19 @@
-"""Chunked factor contractions against the materialised computation."""
+"""Every factor representation and plan against the materialised computation."""
 
 import pytest
 import torch
 
-from vivitlib.factors import kernels
-from vivitlib.factors import representations as factors
-from vivitlib.factors.representations import (
+from vivitlib.factors import (
+    CostModel,
     DenseFactor,
     DenseGrads,
+    KroneckerFactor,
     OuterFactor,
     OuterGrads,
-    contract,
-    factor_apply,
-    factor_times_grads,
+    UnfoldedFactor,
+    cost_model,
+    kernels,
+    outer_factor,
 )
 
 PLANS = ("dense", "pairwise")
@@ -24,7 +25,7 @@ def _outer(C=3, N=5, T=4, O=3, I=6, seed=0):  # noqa: E741
     a = torch.randn(N, T, I, generator=gen, dtype=torch.float64)
     delta = torch.randn(N, T, O, generator=gen, dtype=torch.float64)
     source = ("input", N, seed)
-    return OuterFactor(s, a, source), OuterGrads(delta, a.clone(), source)
+    return outer_factor(s, a, source), OuterGrads(delta, a.clone(), source)
 
 
 def _materialised(factor, grads):
@@ -34,40 +35,61 @@ def _materialised(factor, grads):
 
 
 @pytest.fixture(params=[None, 7], ids=["one-chunk", "small-chunks"])
-def chunking(request, monkeypatch):
-    if request.param is not None:
-        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", request.param)
+def chunk_elements(request):
+    return CostModel.chunk_elements if request.param is None else request.param
+
+
+def test_outer_factor_picks_representation_by_positions():
+    assert isinstance(_outer(T=1)[0], KroneckerFactor)
+    assert isinstance(_outer(T=4)[0], UnfoldedFactor)
 
 
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("T", [1, 4])
-def test_contract_matches_materialised(plan, T, chunking, monkeypatch):
-    monkeypatch.setattr(factors, "outer_plan", lambda *a: "outer" if T == 1 else plan)
+def test_contract_matches_materialised(plan, T, chunk_elements):
     factor, grads = _outer(T=T)
     v, g = _materialised(factor, grads)
-    gram, vtg, kept = contract(factor, grads, keep=True)
+    with cost_model(gram_plan=plan, chunk_elements=chunk_elements):
+        gram, vtg, kept = factor.contract(grads, keep=True)
+        lifted = kept.apply(coeffs := torch.randn(*v.shape[:2], 2).double())
+        projected = factor.project(d := torch.randn(3, v.shape[-1]).double())
     C, N = v.shape[:2]
     flat = v.reshape(C * N, -1)
     torch.testing.assert_close(gram.reshape(C * N, C * N), flat @ flat.T)
     torch.testing.assert_close(vtg, torch.einsum("cnd,md->cnm", v, g))
-    coeffs = torch.randn(C, N, 2, dtype=torch.float64)
-    torch.testing.assert_close(
-        factor_apply(kept, coeffs), torch.einsum("cnk,cnd->kd", coeffs, v)
-    )
+    torch.testing.assert_close(lifted, torch.einsum("cnk,cnd->kd", coeffs, v))
+    torch.testing.assert_close(projected, torch.einsum("cnd,kd->cnk", v, d))
+    torch.testing.assert_close(grads.project(d), g @ d.T)
+    torch.testing.assert_close(grads.total(), g.sum(0))
 
 
 @pytest.mark.parametrize("plan", PLANS)
-def test_grads_of_other_samples(plan, chunking, monkeypatch):
+def test_grads_of_other_samples(plan, chunk_elements):
     """``Vᵀ g`` when the gradient samples differ from the curvature samples."""
-    monkeypatch.setattr(factors, "outer_plan", lambda *a: plan)
     factor, _ = _outer(N=5)
     _, grads = _outer(N=3, seed=1)
     v, g = _materialised(factor, grads)
-    _, vtg, _ = contract(factor, grads)
+    with cost_model(gram_plan=plan, chunk_elements=chunk_elements):
+        _, vtg, _ = factor.contract(grads)
+        direct = factor.times_grads(grads)
     torch.testing.assert_close(vtg, torch.einsum("cnd,md->cnm", v, g))
-    torch.testing.assert_close(
-        factor_times_grads(factor, grads), torch.einsum("cnd,md->cnm", v, g)
-    )
+    torch.testing.assert_close(direct, torch.einsum("cnd,md->cnm", v, g))
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_per_sample_maps_and_scaling(T):
+    """Selection, scaling and sizes agree with the dense form."""
+    factor, grads = _outer(T=T)
+    v, g = _materialised(factor, grads)
+    index = torch.tensor([3, 0])
+    take = lambda tensor, dim: tensor.index_select(dim, index)  # noqa: E731
+    picked = factor.map_samples(take, "picked").scaled(2.0)
+    torch.testing.assert_close(picked.dense().v, 2 * v[:, index])
+    picked_grads = grads.map_samples(take, "picked", picked).scaled(3.0)
+    torch.testing.assert_close(picked_grads.dense().g, 3 * g[index])
+    assert picked_grads.a is picked.a and picked.shares_input(picked_grads)
+    assert factor.dense_numel() == v.numel() and grads.dense_numel() == g.numel()
+    assert factor.stored_numel() == factor.s.numel() + factor.a.numel()
 
 
 @pytest.mark.parametrize("M", [7, 300])
@@ -82,27 +104,45 @@ def test_dense_factor_in_either_layout(sample_major):
     v = torch.randn(C, N, D, dtype=torch.float64)
     stored = v.transpose(0, 1).contiguous().transpose(0, 1) if sample_major else v
     g = torch.randn(2, D, dtype=torch.float64)
-    gram, vtg, _ = contract(DenseFactor(stored), DenseGrads(g))
+    gram, vtg, _ = DenseFactor(stored).contract(DenseGrads(g))
     flat = v.reshape(C * N, D)
     torch.testing.assert_close(gram.reshape(C * N, C * N), flat @ flat.T)
     torch.testing.assert_close(vtg, torch.einsum("cnd,md->cnm", v, g))
     coeffs = torch.randn(C, N, 2, dtype=torch.float64)
     torch.testing.assert_close(
-        factor_apply(DenseFactor(stored), coeffs),
-        torch.einsum("cnk,cnd->kd", coeffs, v),
+        DenseFactor(stored).apply(coeffs), torch.einsum("cnk,cnd->kd", coeffs, v)
     )
 
 
-def test_keep_as_picks_smaller_representation():
-    small_dense, _ = _outer(C=2, N=3, T=50, O=2, I=3)  # dense 36 vs outer 1050
-    assert isinstance(factors.keep_as(small_dense), DenseFactor)
-    large_dense, _ = _outer(C=2, N=3, T=2, O=20, I=40)  # dense 4800 vs outer 480
-    assert isinstance(factors.keep_as(large_dense), OuterFactor)
+@pytest.mark.parametrize("plan", PLANS)
+def test_kept_form_is_the_smaller_one(plan):
+    with cost_model(gram_plan=plan):
+        small_dense, _ = _outer(C=2, N=3, T=50, O=2, I=3)  # dense 36 vs outer 1050
+        assert isinstance(small_dense.contract(None, keep=True)[2], DenseFactor)
+        large_dense, _ = _outer(C=2, N=3, T=2, O=20, I=40)  # dense 4800 vs outer 480
+        assert isinstance(large_dense.contract(None, keep=True)[2], OuterFactor)
 
 
-def test_outer_plan_prefers_pairwise_for_few_positions():
+def test_gram_plan_prefers_pairwise_for_few_positions():
     # 3C3D on CIFAR-10 at N=64: conv1/conv2 dense, conv3 pairwise
-    assert factors.outer_plan(10, 64, 784, 64, 75) == "dense"
-    assert factors.outer_plan(10, 64, 144, 96, 576) == "dense"
-    assert factors.outer_plan(10, 64, 36, 128, 864) == "pairwise"
-    assert factors.outer_plan(10, 64, 1, 512, 1152) == "outer"
+    model = CostModel()
+    assert model.gram_plan_for(10, 64, 784, 64, 75) == "dense"
+    assert model.gram_plan_for(10, 64, 144, 96, 576) == "dense"
+    assert model.gram_plan_for(10, 64, 36, 128, 864) == "pairwise"
+    assert model.gram_plan_for(10, 64, 1, 512, 1152) == "outer"
+    assert CostModel(gram_plan="dense").gram_plan_for(10, 64, 36, 128, 864) == "dense"
+
+
+def test_cost_model_settings_are_validated_and_scoped():
+    with pytest.raises(ValueError, match="gram_plan"):
+        CostModel(gram_plan="fast")
+    with pytest.raises(ValueError, match="chunk_elements"):
+        CostModel(chunk_elements=0)
+    with pytest.raises(TypeError):
+        with cost_model(no_such_setting=1):
+            pass
+    with cost_model(chunk_elements=5) as inner:
+        assert inner.chunk_elements == 5
+    from vivitlib.factors import current_cost_model
+
+    assert current_cost_model() == CostModel()

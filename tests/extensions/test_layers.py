@@ -2,8 +2,8 @@
 
 Checks Gram matrix (eigenvalues), lifted eigenvectors, per-sample directional
 derivatives γ and λ and the damped Newton step, for each way a layer's share
-can be computed: the plans of :func:`vivitlib.factors.representations.outer_plan`
-forced in turn, and BackPACK's dense factor (``prefer_factored`` off).
+can be computed: the Gram plans of :class:`vivitlib.factors.CostModel` forced
+in turn, and BackPACK's dense factor (``factored=False``).
 """
 
 import pytest
@@ -14,8 +14,7 @@ import vivitlib
 from tests.core.cases import make_problem
 from tests.core.helpers import assert_eigenpairs, flat_evecs
 from vivitlib.extensions import layers
-from vivitlib.factors import kernels
-from vivitlib.factors import representations as factors
+from vivitlib.factors import cost_model
 
 
 def _head(features: int, model: nn.Module) -> nn.Module:
@@ -44,19 +43,18 @@ def layer_problem(request):
     return make_problem(case)
 
 
-def _force(monkeypatch, route: str) -> None:
-    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 50)  # several chunks
-    if route == "backpack":
-        monkeypatch.setattr(layers, "prefer_factored", lambda *a: False)
+@pytest.fixture(params=ROUTES)
+def route(request):
+    """Every computation of the test takes ``route`` (in several kernel chunks)."""
+    if request.param == "backpack":
+        settings = dict(factored=False, chunk_elements=50)
     else:
-        monkeypatch.setattr(
-            factors, "outer_plan", lambda C, N, T, *a: "outer" if T == 1 else route
-        )
+        settings = dict(gram_plan=request.param, chunk_elements=50)
+    with cost_model(**settings):
+        yield request.param
 
 
-@pytest.mark.parametrize("route", ROUTES)
-def test_all_quantities_match_dense(layer_problem, route, monkeypatch):
-    _force(monkeypatch, route)
+def test_all_quantities_match_dense(layer_problem, route):
     problem = layer_problem
     ggn = vivitlib.LowRankGGN(problem.params)
     problem.run(ggn)
@@ -79,10 +77,8 @@ def test_all_quantities_match_dense(layer_problem, route, monkeypatch):
     torch.testing.assert_close(step, expected, rtol=1e-6, atol=tol)
 
 
-@pytest.mark.parametrize("route", ROUTES)
-def test_grad_subsampling_and_layerwise(layer_problem, route, monkeypatch):
+def test_grad_subsampling_and_layerwise(layer_problem, route):
     """Different curvature and gradient samples, one group per layer."""
-    _force(monkeypatch, route)
     problem = layer_problem
     groups = vivitlib.layerwise_groups(problem.model)
     ggn = vivitlib.LowRankGGN(groups, subsampling=[0, 2], grad_subsampling=[1, 2])

@@ -46,16 +46,13 @@ class PassOwner(Protocol):
         """Validate ``module``, run ``call``, roll back on failure."""
 
 
-class _FactoredSqrtLinear(SqrtGGNLinear):
-    def weight(self, ext, module, g_inp, g_out, backproped: Tensor):  # noqa: D102
-        return layers.linear_weight_factor(module, backproped, ext.get_subsampling())
+def _factored_sqrt(base: type, build: Callable) -> type:
+    """BackPACK's factor handler ``base``; the weight's factor from ``build``."""
 
-
-def _factored_sqrt_conv(base: type) -> type:
-    class _FactoredSqrtConv(base):
+    class _FactoredSqrt(base):
         def weight(self, ext, module, g_inp, g_out, backproped: Tensor):  # noqa: D102
             subsampling = ext.get_subsampling()
-            factor = layers.conv_weight_factor(module, backproped, subsampling)
+            factor = build(module, backproped, subsampling)
             if factor is not None:
                 return factor
             return self.derivatives.param_mjp(
@@ -63,43 +60,40 @@ def _factored_sqrt_conv(base: type) -> type:
                 sum_batch=False, subsampling=subsampling,
             )  # fmt: skip
 
-    _FactoredSqrtConv.__name__ = f"Factored{base.__name__}"
-    return _FactoredSqrtConv
+    _FactoredSqrt.__name__ = f"Factored{base.__name__}"
+    return _FactoredSqrt
 
 
-class _FactoredGradLinear(BatchGradLinear):
-    def weight(self, ext, module, g_inp, g_out, bp_quantities):  # noqa: D102
-        return layers.linear_weight_grads(module, g_out[0], ext.get_subsampling())
+def _factored_grads(base: type, build: Callable) -> type:
+    """BackPACK's per-sample-gradient handler ``base``, weight from ``build(...)``."""
 
-
-def _factored_grad_conv(base: type) -> type:
-    class _FactoredGradConv(base):
+    class _FactoredGrads(base):
         def __init__(self):
             super().__init__()
             self._dense_weight = self._make_param_function("weight")
 
         def weight(self, ext, module, g_inp, g_out, bp_quantities):  # noqa: D102
-            grads = layers.conv_weight_grads(module, g_out[0], ext.get_subsampling())
+            grads = build(module, g_out[0], ext.get_subsampling())
             if grads is not None:
                 return grads
             return self._dense_weight(ext, module, g_inp, g_out, bp_quantities)
 
-    _FactoredGradConv.__name__ = f"Factored{base.__name__}"
-    return _FactoredGradConv
+    _FactoredGrads.__name__ = f"Factored{base.__name__}"
+    return _FactoredGrads
 
 
 #: Module class -> factored handler, for the GGN factor and per-sample gradients.
 FACTORED_SQRT = {
-    Linear: _FactoredSqrtLinear,
-    Conv1d: _factored_sqrt_conv(SqrtGGNConv1d),
-    Conv2d: _factored_sqrt_conv(SqrtGGNConv2d),
-    Conv3d: _factored_sqrt_conv(SqrtGGNConv3d),
+    Linear: _factored_sqrt(SqrtGGNLinear, layers.linear_weight_factor),
+    Conv1d: _factored_sqrt(SqrtGGNConv1d, layers.conv_weight_factor),
+    Conv2d: _factored_sqrt(SqrtGGNConv2d, layers.conv_weight_factor),
+    Conv3d: _factored_sqrt(SqrtGGNConv3d, layers.conv_weight_factor),
 }
 FACTORED_GRADS = {
-    Linear: _FactoredGradLinear,
-    Conv1d: _factored_grad_conv(BatchGradConv1d),
-    Conv2d: _factored_grad_conv(BatchGradConv2d),
-    Conv3d: _factored_grad_conv(BatchGradConv3d),
+    Linear: _factored_grads(BatchGradLinear, layers.linear_weight_grads),
+    Conv1d: _factored_grads(BatchGradConv1d, layers.conv_weight_grads),
+    Conv2d: _factored_grads(BatchGradConv2d, layers.conv_weight_grads),
+    Conv3d: _factored_grads(BatchGradConv3d, layers.conv_weight_grads),
 }
 
 

@@ -1,4 +1,4 @@
-"""Which layers keep ``V`` and per-sample gradients factored, and the cost model.
+"""Linear and convolution weights: BackPACK's results handed to `vivitlib.factors`.
 
 A new layer kind is one handler here plus one table line in
 :mod:`vivitlib.extensions.backpack_ext`. Layers not listed use BackPACK's dense
@@ -7,20 +7,16 @@ A new layer kind is one handler here plus one table line in
 Linear and convolution weights (``groups=1``, zero padding) are kept as outer
 products: backpropagated factor ``s`` ``[C, N, T, O]`` and layer input ``a``
 ``[N, T, I]`` (unfolded for convolutions, ``I = C_in · kernel size``; ``T``
-positions, 1 for a plain linear layer). How they are contracted is decided per
-layer from these shapes by :func:`vivitlib.factors.representations.outer_plan`
-(work in multiply-adds):
-
-* ``T = 1``: ``(C·N)²·O + N²·I`` for the Gram matrix;
-* dense: ``V`` formed by one batched matmul per column (``C·N·T·O·I``), Gram
-  ``(C·N)²·O·I / 2``;
-* pairwise: input kernels per sample pair, ``N²·T²·(I + C·O) / 2 +
-  N²·C²·T·O / 2`` — chosen for late convolutions with few positions.
+positions, 1 for a plain linear layer), built by
+:func:`vivitlib.factors.outer_factor`. Everything computed from them, and the
+choice of how, belongs to :mod:`vivitlib.factors` and its cost model
+(:class:`vivitlib.factors.CostModel`).
 
 Forming ``V`` from the unfolded input avoids BackPACK's weight Jacobian (a
 repeated input and a grouped convolution, whose intermediate is the memory
-spike of a convolution net); :func:`prefer_factored` keeps BackPACK's path
-only where the unfolded input would outweigh ``V`` and ``s`` together.
+spike of a convolution net); :meth:`~vivitlib.factors.CostModel.prefer_factored`
+keeps BackPACK's path only where the unfolded input would outweigh ``V`` and
+``s`` together.
 """
 
 from __future__ import annotations
@@ -32,18 +28,9 @@ from backpack.utils.subsampling import subsample
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
-from vivitlib.factors.representations import OuterFactor, OuterGrads
+from vivitlib.factors import OuterFactor, OuterGrads, current_cost_model, outer_factor
 
 _ConvNd = Conv1d | Conv2d | Conv3d
-
-
-def prefer_factored(C: int, N: int, T: int, O: int, I: int) -> bool:  # noqa: E741
-    """Whether to keep outer-product factors rather than BackPACK's dense ``V``.
-
-    True unless the unfolded input ``N·T·I`` outweighs the dense factor
-    ``C·N·O·I`` plus the backpropagated factor ``C·N·T·O`` (see module doc).
-    """
-    return N * T * I <= C * N * O * I + C * N * T * O
 
 
 def _conv_unfoldable(module: _ConvNd) -> bool:
@@ -85,18 +72,20 @@ def conv_inputs(module: _ConvNd, subsampling: list[int] | None) -> Tensor:
 
 
 def input_source(module: Module, subsampling: list[int] | None) -> tuple:
-    """Identifies a layer's (sub-sampled) input within one pass, see ``OuterFactor``."""
+    """Identifies a layer's (sub-sampled) input within one pass (``Factor.source``)."""
     return id(module), None if subsampling is None else tuple(subsampling)
 
 
 def linear_weight_factor(
     module: Linear, backproped: Tensor, subsampling: list[int] | None
-) -> OuterFactor:
-    """Outer-product factor of a linear weight from ``[C, N, ..., O]``."""
+) -> OuterFactor | None:
+    """Outer-product factor of a linear weight from ``[C, N, ..., O]`` (or ``None``)."""
     C, N, O = backproped.shape[0], backproped.shape[1], backproped.shape[-1]  # noqa: E741
+    if not current_cost_model().factored:
+        return None
     s = backproped.reshape(C, N, -1, O)
     a = linear_inputs(module, subsampling)
-    return OuterFactor(s, a, input_source(module, subsampling))
+    return outer_factor(s, a, input_source(module, subsampling))
 
 
 def conv_weight_factor(
@@ -108,17 +97,19 @@ def conv_weight_factor(
     C, N, O = backproped.shape[:3]  # noqa: E741
     T = backproped[0, 0, 0].numel()
     I = module.weight[0].numel()  # noqa: E741
-    if not prefer_factored(C, N, T, O, I):
+    if not current_cost_model().prefer_factored(C, N, T, O, I):
         return None
     s = backproped.reshape(C, N, O, T).transpose(2, 3)
     a = conv_inputs(module, subsampling)
-    return OuterFactor(s, a, input_source(module, subsampling))
+    return outer_factor(s, a, input_source(module, subsampling))
 
 
 def linear_weight_grads(
     module: Linear, grad_output: Tensor, subsampling: list[int] | None
-) -> OuterGrads:
-    """Outer-product per-sample gradients of a linear weight."""
+) -> OuterGrads | None:
+    """Outer-product per-sample gradients of a linear weight (or ``None``)."""
+    if not current_cost_model().factored:
+        return None
     delta = subsample(grad_output, subsampling=subsampling)
     delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])
     a = linear_inputs(module, subsampling)
@@ -129,7 +120,7 @@ def conv_weight_grads(
     module: _ConvNd, grad_output: Tensor, subsampling: list[int] | None
 ) -> OuterGrads | None:
     """Outer-product per-sample gradients of a convolution weight (or ``None``)."""
-    if not _conv_unfoldable(module):
+    if not _conv_unfoldable(module) or not current_cost_model().factored:
         return None
     delta = subsample(grad_output, subsampling=subsampling)
     N, O = delta.shape[:2]  # noqa: E741

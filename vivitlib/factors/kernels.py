@@ -17,10 +17,13 @@ matrix ``⟨v_cn, v_dm⟩``:
 
 Both run at matrix-multiply speed: operands are laid out once, so the loops
 contain only (batched) GEMMs on views, never permuted copies. Both process
-samples in chunks so that no intermediate exceeds :data:`CHUNK_ELEMENTS`
-entries beyond the outputs, and both use the symmetry of the Gram matrix.
-All outputs are sample-major: ``[N, C, N, C]`` Gram, ``[N, C, N']`` for
-``Vᵀ g``.
+samples in chunks so that no intermediate exceeds the chunk budget (in
+entries) beyond the outputs, and both use the symmetry of the Gram matrix.
+The pairwise loops run over samples, so they fill sample-major buffers; every
+function returns the library's one internal column order, class-major
+``(c, n)`` (BackPACK's): ``[C, N, C, N]`` Gram, ``[C, N, N']`` for ``Vᵀ g``
+(possibly as permuted views, never copies). Chunk budgets come from the caller
+(:class:`~vivitlib.factors.costs.CostModel`).
 """
 
 from __future__ import annotations
@@ -28,17 +31,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Largest intermediate (in entries) a chunk may create; 2**24 floats = 64 MiB.
-CHUNK_ELEMENTS = 2**24
 
-
-#: Size (entries) of the per-sample-pair products of :func:`pairwise_gram` on
-#: the CPU, recomputed for every sample: small enough to be reused from cache.
-WORKSPACE_ELEMENTS = 2**21
-
-
-def _chunk(per_item: int, total: int, budget: int | None = None) -> int:
-    budget = CHUNK_ELEMENTS if budget is None else min(budget, CHUNK_ELEMENTS)
+def _chunk(per_item: int, total: int, budget: int) -> int:
+    """Items per chunk so that ``items · per_item <= budget`` (at least one)."""
     return max(1, min(total, budget // max(per_item, 1)))
 
 
@@ -90,7 +85,14 @@ def _sample_rows(s: Tensor) -> Tensor:
     return s.permute(1, 0, 2, 3).reshape(N, C, T * O)
 
 
-def pairwise_gram(s: Tensor, a: Tensor, delta: Tensor | None = None):
+def pairwise_gram(
+    s: Tensor,
+    a: Tensor,
+    delta: Tensor | None = None,
+    *,
+    chunk_elements: int,
+    workspace_elements: int,
+) -> tuple[Tensor, Tensor | None]:
     """Gram matrix (and optionally ``Vᵀ g``) through pairwise input kernels.
 
     Every step is a plain or batched matrix product on operands laid out once
@@ -107,10 +109,12 @@ def pairwise_gram(s: Tensor, a: Tensor, delta: Tensor | None = None):
         s: Backpropagated factor ``[C, N, T, O]``.
         a: Layer input ``[N, T, I]``, shared by the factor and the gradients.
         delta: Output gradients ``[N, T, O]`` of the same samples, or ``None``.
+        chunk_elements: Largest kernel block (entries).
+        workspace_elements: Size of the per-sample products on the CPU.
 
     Returns:
-        ``(gram, vtg)``: ``[N, C, N, C]`` and ``[N, C, N]`` (``None`` without
-        ``delta``), sample-major.
+        ``(gram, vtg)``: ``[C, N, C, N]`` and ``[C, N, N]`` (``None`` without
+        ``delta``), class-major views of sample-major buffers.
     """
     C, N, T, O = s.shape  # noqa: E741
     s_rows = _sample_rows(s)  # [N, C, T·O]
@@ -121,9 +125,11 @@ def pairwise_gram(s: Tensor, a: Tensor, delta: Tensor | None = None):
     gram = s.new_empty(N, C, N, C)
     vtg = None if delta is None else s.new_empty(N, C, N)
     d_rows = None if delta is None else delta.reshape(N, 1, T * O)
-    step = _chunk(N * T * T, N)
+    step = _chunk(N * T * T, N, chunk_elements)
     # the CPU reuses a small workspace from cache; accelerators prefer fewer launches
-    workspace = WORKSPACE_ELEMENTS if s.device.type == "cpu" else None
+    workspace = chunk_elements
+    if s.device.type == "cpu":
+        workspace = min(workspace, workspace_elements)
     rows_step = _chunk(T * O * C1, N, workspace)
     # workspaces written by every GEMM in turn: no allocation inside the loops
     kernel_space = s.new_empty(N * T * step * T)
@@ -146,10 +152,13 @@ def pairwise_gram(s: Tensor, a: Tensor, delta: Tensor | None = None):
                     vtg[n0:n1, :, m] = block[..., C]
                     vtg[m, :, n0:n1] = torch.bmm(d_rows[n0:n1], p[..., :C])[:, 0].T
             gram[m, :, m + 1 :] = gram[m + 1 :, :, m].permute(2, 0, 1)
-    return gram, vtg
+    gram = gram.permute(1, 0, 3, 2)
+    return gram, None if vtg is None else vtg.transpose(0, 1)
 
 
-def pairwise_times_grads(s: Tensor, a: Tensor, delta: Tensor, a_grad: Tensor):
+def pairwise_times_grads(
+    s: Tensor, a: Tensor, delta: Tensor, a_grad: Tensor, *, chunk_elements: int
+) -> Tensor:
     """``Vᵀ g_m`` through pairwise kernels, inputs of the gradients ``a_grad``.
 
     Args:
@@ -157,15 +166,16 @@ def pairwise_times_grads(s: Tensor, a: Tensor, delta: Tensor, a_grad: Tensor):
         a: ``[N, T, I]``.
         delta: ``[N', T, O]``.
         a_grad: ``[N', T, I]``.
+        chunk_elements: Largest kernel block (entries).
 
     Returns:
-        ``[N, C, N']``, sample-major.
+        ``[C, N, N']`` (a class-major view).
     """
     C, N, T, O = s.shape  # noqa: E741
     N_g = delta.shape[0]
     s_rows = _sample_rows(s)
     out = s.new_empty(N, C, N_g)
-    step = _chunk(N * T * max(O, T), N_g)
+    step = _chunk(N * T * max(O, T), N_g, chunk_elements)
     for m0 in range(0, N_g, step):
         m1 = min(N_g, m0 + step)
         M = m1 - m0
@@ -173,4 +183,4 @@ def pairwise_times_grads(s: Tensor, a: Tensor, delta: Tensor, a_grad: Tensor):
         kernel = kernel.reshape(N * T, M, T).transpose(0, 1)
         q = torch.bmm(kernel, delta[m0:m1]).reshape(M, N, T * O)
         out[:, :, m0:m1] = torch.bmm(s_rows, q.permute(1, 2, 0))
-    return out
+    return out.transpose(0, 1)

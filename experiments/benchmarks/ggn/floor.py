@@ -9,7 +9,7 @@
   after the other or batched (``is_grads_batched``), whichever a calibration
   at set-up finds faster;
 * Gram: the multiply-adds of the cheapest plan per layer given factored
-  layers (:func:`vivitlib.factors.representations.outer_costs` for linear and
+  layers (:meth:`vivitlib.factors.CostModel.gram_costs` for linear and
   unfoldable convolution weights, ``(C·N)²·D_p / 2`` for any other parameter),
   executed as square float32 GEMMs of the same total work, i.e. at big-GEMM
   speed on the same device in the same run;
@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from experiments.benchmarks.ggn.problems import Problem
-from vivitlib.factors.representations import dense_cost, outer_costs
+from vivitlib.factors import CostModel
+
+outer_costs, dense_cost = CostModel.gram_costs, CostModel.dense_gram_cost
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -7,7 +7,7 @@ Builds random factors shaped like DeepOBS 3C3D's last convolution on CIFAR-10
 (``C = 10`` columns, ``T = 36`` positions, ``O = 128`` outputs, ``I = 96·3·3``
 unfolded inputs) with the strides BackPACK hands over (``s`` a transposed view
 of ``[C, N, O, T]``, ``a`` of ``[N, I, T]``), and times
-:func:`vivitlib.factors.representations.contract` for the Gram matrix alone and with
+:meth:`vivitlib.factors.UnfoldedFactor.contract` for the Gram matrix alone and with
 per-sample gradients, single-threaded, as the median of interleaved runs. With
 ``--baseline`` a second ``kernels`` module (e.g. an older version from
 ``git show REV:vivitlib/factors/kernels.py``, ``vivitlib/extensions/kernels.py``
@@ -23,9 +23,7 @@ import time
 
 import torch
 
-from vivitlib.factors import kernels
-from vivitlib.factors import representations as factors
-from vivitlib.factors.representations import OuterFactor, OuterGrads
+from vivitlib.factors import OuterFactor, OuterGrads, kernels, outer_factor, unfolded
 
 #: 3C3D's last convolution on 32x32 inputs: (C, T, O, I).
 SHAPE = (10, 36, 128, 96 * 9)
@@ -38,7 +36,7 @@ def make_inputs(N: int, seed: int = 0) -> tuple[OuterFactor, OuterGrads]:
     s = torch.randn(C, N, O, T, generator=gen).transpose(2, 3)
     a = torch.randn(N, I, T, generator=gen).transpose(1, 2)
     delta = torch.randn(N, O, T, generator=gen).transpose(1, 2)
-    return OuterFactor(s, a, "a"), OuterGrads(delta, a, "a")
+    return outer_factor(s, a, "a"), OuterGrads(delta, a, "a")
 
 
 def _load(path: str):
@@ -67,11 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
             runs: dict[str, list[float]] = {v: [] for v in versions}
             for _ in range(args.repeats + 1):
                 for name, module in versions.items():
-                    factors.kernels = module
+                    unfolded.kernels = module
                     start = time.perf_counter()
-                    factors.contract(factor, g)
+                    factor.contract(g)
                     runs[name].append(time.perf_counter() - start)
-            factors.kernels = kernels
+            unfolded.kernels = kernels
             for name, t in runs.items():
                 med = medians[(N, what, name)] = statistics.median(t[1:])
                 runs_s = [round(x, 3) for x in t[1:]]

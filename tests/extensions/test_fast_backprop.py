@@ -1,5 +1,9 @@
 """Fast square-root-GGN backpropagation rules against stock BackPACK's."""
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from backpack import backpack, extend
@@ -8,7 +12,6 @@ from torch import nn
 
 import vivitlib
 from vivitlib.extensions import fast_backprop
-from vivitlib.extensions.backpack_ext import GGNFactorExtension
 
 #: (module factory, input shape without batch); pools cover strides, paddings,
 #: dilations, ceil_mode and non-overlapping windows.
@@ -72,11 +75,59 @@ def test_dropout_eval_is_a_view_of_the_factor():
     assert fast_backprop.jac_t_mat_prod(module, mat) is mat
 
 
-def test_registered_on_the_factor_extension():
-    ext = GGNFactorExtension(owner=None, mc_samples=0, subsampling=None)
-    for cls, rule in fast_backprop.FAST_SQRT.items():
-        handler = ext._BackpropExtension__module_extensions[cls]
-        assert isinstance(handler, rule), cls
+@contextmanager
+def _rule_calls() -> Iterator[list[tuple[str, type]]]:
+    """Record ``(method, type(self))`` of every derivative product called inside.
+
+    Uses Python's profiler hook (no library attribute is replaced), so it sees
+    which BackPACK derivatives a pass really runs.
+    """
+    calls: list[tuple[str, type]] = []
+    names = {"_jac_t_mat_prod", "jac_t_mat_prod_"}
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name in names:
+            owner = frame.f_locals.get("self")
+            calls.append((frame.f_code.co_name, type(owner)))
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        yield calls
+    finally:
+        sys.setprofile(previous)
+
+
+def _stock_factor(model: nn.Module, loss_fn, X, y, params) -> torch.Tensor:
+    """BackPACK's own V, ``[N·C, D]`` with sample-major rows."""
+    with backpack(SqrtGGNExact()):
+        loss_fn(model(X), y).backward()
+    V = torch.cat([p.sqrt_ggn_exact.flatten(2) for p in params], dim=2)  # [C, N, D]
+    return V.transpose(0, 1).flatten(end_dim=1)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_a_pass_runs_the_fast_rule_and_gives_backpacks_gram(name):
+    """The factor extension backpropagates through the fast rule, same numbers."""
+    factory, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer = factory()
+    features = layer(torch.zeros(1, *shape)).numel()
+    model = extend(nn.Sequential(layer, nn.Flatten(), nn.Linear(features, 3)).double())
+    loss_fn = extend(nn.CrossEntropyLoss())
+    X = torch.randn(4, *shape, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 2, 1, 2])
+    params = list(model.parameters())
+    ggn = vivitlib.LowRankGGN(params, compute=("eigenvalues",))
+    torch.manual_seed(1)  # the same dropout mask in both passes
+    with _rule_calls() as calls, backpack(*ggn.extensions, extension_hook=ggn.hook):
+        loss_fn(model(X), y).backward()
+    gram = ggn.blocks[0].gram
+    fast = fast_backprop.FAST_DERIVATIVES[type(layer)]
+    assert any(owner is fast for _, owner in calls), (name, calls)
+    torch.manual_seed(1)
+    V = _stock_factor(model, loss_fn, X, y, params)
+    torch.testing.assert_close(gram, V @ V.T, rtol=1e-10, atol=1e-13)
 
 
 class _Residual(nn.Module):
@@ -111,16 +162,8 @@ NETWORKS = {
 
 @pytest.mark.parametrize("compute", [("eigenvalues",), ("eigenvectors",)])
 @pytest.mark.parametrize("net", NETWORKS)
-def test_network_factor_equals_stock_backpack(net, compute, monkeypatch):
+def test_network_factor_equals_stock_backpack(net, compute):
     """A whole pass through the fast rules (some in place) gives BackPACK's V."""
-    in_place = []
-    original = fast_backprop.FastReLUDerivatives.jac_t_mat_prod_
-
-    def counting(self, module, mat, subsampling=None):
-        in_place.append(module)
-        return original(self, module, mat, subsampling)
-
-    monkeypatch.setattr(fast_backprop.FastReLUDerivatives, "jac_t_mat_prod_", counting)
     factory, shape, converter = NETWORKS[net]
     torch.manual_seed(0)
     model = extend(factory().double(), use_converter=converter)
@@ -128,21 +171,19 @@ def test_network_factor_equals_stock_backpack(net, compute, monkeypatch):
     X, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
     params = list(model.parameters())
     ggn = vivitlib.LowRankGGN(params, compute=compute)
-    with backpack(*ggn.extensions, extension_hook=ggn.hook):
+    with _rule_calls() as calls, backpack(*ggn.extensions, extension_hook=ggn.hook):
         loss_fn(model(X), y).backward()
     block = ggn.blocks[0]
     gram = block.gram
     E = torch.cat([e.flatten(1) for e in block.evecs()], 1) if block._factors else None
-    with backpack(SqrtGGNExact()):
-        loss_fn(model(X), y).backward()
-    V = torch.cat([p.sqrt_ggn_exact.flatten(2) for p in params], dim=2)  # [C, N, D]
-    V = V.transpose(0, 1).flatten(end_dim=1)  # sample-major columns
+    V = _stock_factor(model, loss_fn, X, y, params)
     torch.testing.assert_close(gram, V @ V.T, rtol=1e-10, atol=1e-13)
     if E is not None:  # kept factors were not overwritten later in the pass
         G = V.T @ V
         tol = 1e-9 * block.evals[0]
         torch.testing.assert_close(E @ G, block.evals[:, None] * E, atol=tol, rtol=0)
-    assert in_place, "no activation was backpropagated in place"
+    in_place = ("jac_t_mat_prod_", fast_backprop.FastReLUDerivatives)
+    assert in_place in calls, "no activation was backpropagated in place"
 
 
 def test_leftover_quantities_of_an_aborted_pass_are_dropped():

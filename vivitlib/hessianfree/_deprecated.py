@@ -28,6 +28,7 @@ class DeprecatedAlias:
         """Forward to the attribute named ``new``."""
         self.new = new
         self.old = ""
+        self.__doc__ = f"Deprecated alias of :attr:`{new}` (``DeprecationWarning``)."
 
     def __set_name__(self, owner: type, name: str) -> None:
         """Record the deprecated name."""

@@ -153,17 +153,23 @@ class BackpackCollector:
         # across processes, indices are global: every rank computes all of its
         # columns and the chosen ones are selected after the exchange
         local = self.process_group is None
+        factor_field, grads_field = self._fields  # private: passes can be shared
         exts: list = [
             GGNFactorExtension(
-                self, self.mc_samples, self.subsampling if local else None
+                self,
+                self.mc_samples,
+                self.subsampling if local else None,
+                savefield=factor_field,
             )
         ]
         if needs_grads:
             exts.append(
-                BatchGradsExtension(self, self.grad_subsampling if local else None)
+                BatchGradsExtension(
+                    self,
+                    self.grad_subsampling if local else None,
+                    savefield=grads_field,
+                )
             )
-        for ext, field in zip(exts, self._fields):
-            ext.savefield = field  # private per collector: several can share a pass
         self._extensions = tuple(exts)
         self._pass: _Pass | None = None
 
@@ -212,9 +218,9 @@ class BackpackCollector:
             self.enter_module(module, g_out)
             with self.random_state(module):
                 call(module, g_inp, g_out)
-        except Exception as err:
+        except Exception:
             self._abort()
-            raise explain_error(err, module) from err
+            raise
 
     def random_state(self, module: Module) -> contextlib.AbstractContextManager:
         """Where Monte-Carlo draws at the loss come from.
@@ -511,28 +517,3 @@ def _clear_fields(groups: list[dict[str, Any]], fields: tuple[str, str]) -> bool
                     del p.__dict__[name]
                     found = True
     return found
-
-
-def explain_error(err: Exception, module: Module) -> Exception:
-    """Translate BackPACK's terse errors into messages naming the fix."""
-    text = str(err)
-    name = type(module).__name__
-    if isinstance(err, NotImplementedError) and "does not have an extension" in text:
-        return UnsupportedError(
-            f"{name} is not supported: BackPACK has no square-root GGN rule for it. "
-            "Replace the layer by a supported one (Linear, Conv1d/2d/3d, "
-            "ConvTranspose, activations, pooling, Flatten, Dropout, eval-mode "
-            "BatchNorm, ...) or, for residual/functional code, try "
-            "extend(model, use_converter=True)."
-        )
-    if isinstance(err, AssertionError) and "backpropagation quantity" in text:
-        return RuntimeError(
-            f"BackPACK reached {name} without a curvature signal from the loss: "
-            "extend the loss function too (loss_fn = backpack.extend(loss_fn)), "
-            "apply it directly to the model's output, and keep every operation "
-            "between modules a module: a functional operation (scaling, "
-            "log_softmax, slicing, ...) between two modules or between the model "
-            "and the loss cuts BackPACK's chain. Make it a module, or use "
-            "extend(model, use_converter=True)."
-        )
-    return err

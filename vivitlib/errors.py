@@ -20,5 +20,13 @@ class UnsupportedError(NotImplementedError):
     """A layer, loss or option whose curvature the library cannot compute exactly."""
 
 
+class DisconnectedLossError(RuntimeError):
+    """BackPACK reached a module without a curvature signal from the loss.
+
+    The loss is not extended, or a functional operation between two modules
+    (or between the model and the loss) cut BackPACK's chain.
+    """
+
+
 class StalePassWarning(UserWarning):
     """Results describe an earlier pass: a later ``backward()`` ran without them."""

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from backpack.utils.module_classification import is_loss
 from torch.nn import Module
 
-from vivitlib.collector import BackpackCollector, explain_error
+from vivitlib.collector import BackpackCollector
 from vivitlib.extensions import BatchGradsExtension, GGNFactorExtension
 
 
@@ -42,10 +42,10 @@ class _SharedOwner:
                 member.enter_module(module, g_out)
             with self.members[0].random_state(module):
                 call(module, g_inp, g_out)
-        except Exception as err:
+        except Exception:
             for member in self.members:
                 member.abort()
-            raise explain_error(err, module) from err
+            raise
 
 
 def _group_by(items: list, key: Callable) -> list[list]:
@@ -70,16 +70,19 @@ def _shared_extensions(collectors: list[BackpackCollector]):
     for group in _group_by(collectors, lambda c: c.share_settings()):
         leader = group[0]
         ext = GGNFactorExtension(
-            _SharedOwner(group), leader.mc_samples, leader.subsampling
+            _SharedOwner(group),
+            leader.mc_samples,
+            leader.subsampling,
+            savefield=leader.savefields[0],
         )
-        ext.savefield = leader.savefields[0]
         extensions.append(ext)
         copies.append((leader.savefields[0], [c.savefields[0] for c in group[1:]]))
     with_grads = [c for c in collectors if c.needs_grads]
     for group in _group_by(with_grads, _grad_key):
         leader = group[0]
-        ext = BatchGradsExtension(_SharedOwner(group), leader.grad_subsampling)
-        ext.savefield = leader.savefields[1]
+        ext = BatchGradsExtension(
+            _SharedOwner(group), leader.grad_subsampling, savefield=leader.savefields[1]
+        )
         extensions.append(ext)
         copies.append((leader.savefields[1], [c.savefields[1] for c in group[1:]]))
     return extensions, copies

@@ -7,6 +7,7 @@ from torch import nn
 
 import vivitlib
 from tests.core.cases import CASES, make_problem
+from vivitlib.errors import DisconnectedLossError, UnsupportedError
 
 _MLP = CASES[0]
 
@@ -146,7 +147,7 @@ def test_unsupported_layer():
     from tests.core.cases import Problem
 
     problem = Problem(model, loss_fn, X, y)
-    _run_expecting(problem, vivitlib.LowRankGGN(problem.params), NotImplementedError,
+    _run_expecting(problem, vivitlib.LowRankGGN(problem.params), UnsupportedError,
                    "Softplus is not supported")  # fmt: skip
 
 
@@ -157,8 +158,8 @@ def test_loss_not_extended():
 
     problem = Problem(model, nn.CrossEntropyLoss(), torch.randn(5, 4).double(),
                       torch.randint(0, 3, (5,)))  # fmt: skip
-    _run_expecting(problem, vivitlib.LowRankGGN(problem.params), RuntimeError,
-                   "extend the loss function")  # fmt: skip
+    _run_expecting(problem, vivitlib.LowRankGGN(problem.params),
+                   DisconnectedLossError, "extend the loss function")  # fmt: skip
 
 
 def test_model_not_extended():

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from backpack.extensions import BatchGrad
+from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.firstorder.batch_grad.conv1d import BatchGradConv1d
 from backpack.extensions.firstorder.batch_grad.conv2d import BatchGradConv2d
 from backpack.extensions.firstorder.batch_grad.conv3d import BatchGradConv3d
@@ -29,6 +30,7 @@ from backpack.utils.module_classification import is_loss
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
+from vivitlib.errors import DisconnectedLossError, UnsupportedError
 from vivitlib.extensions import layers
 from vivitlib.extensions.extra_layers import EXTRA_SQRT
 from vivitlib.extensions.fast_backprop import FAST_SQRT, QuantityLedger
@@ -97,7 +99,26 @@ FACTORED_GRADS = {
 }
 
 
-class GGNFactorExtension(SqrtGGN):
+class _KnowsItsLayers(BackpropExtension):
+    """Records which module classes the extension has a rule for.
+
+    BackPACK keeps its table private and reports a missing rule only by the
+    text of a ``NotImplementedError``; placed between an extension and
+    ``BackpropExtension`` in the method order, this sees the table as it is
+    built, so unsupported layers are recognised before BackPACK runs.
+    """
+
+    def __init__(self, savefield: str, module_exts: dict, *args, **kwargs):
+        self.supported_layers: set[type] = set(module_exts)
+        super().__init__(savefield, module_exts, *args, **kwargs)
+
+    def set_module_extension(self, module, extension, overwrite: bool = False):
+        """Register ``extension`` for ``module`` (BackPACK's API), and record it."""
+        super().set_module_extension(module, extension, overwrite=overwrite)
+        self.supported_layers.add(module)
+
+
+class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
     """GGN factor ``V`` (exact or Monte-Carlo, optionally sub-sampled), factored.
 
     Args:
@@ -105,17 +126,23 @@ class GGNFactorExtension(SqrtGGN):
         mc_samples: 0 for the exact loss-Hessian factor, ``m > 0`` for ``m``
             Monte-Carlo samples.
         subsampling: Sample indices whose columns are kept (``None``: all).
+        savefield: Attribute of each parameter the factor is stored under
+            (private per collector, so several can share one pass).
     """
 
     def __init__(
-        self, owner: PassOwner, mc_samples: int, subsampling: list[int] | None
+        self,
+        owner: PassOwner,
+        mc_samples: int,
+        subsampling: list[int] | None,
+        savefield: str = FACTOR_FIELD,
     ):
         strategy = (
             LossHessianStrategy.EXACT
             if mc_samples == 0
             else LossHessianStrategy.SAMPLING
         )
-        super().__init__(strategy, FACTOR_FIELD, subsampling)
+        super().__init__(strategy, savefield, subsampling)
         self._mc_samples = mc_samples
         self._owner = owner
         rules = {**EXTRA_SQRT, **FAST_SQRT, **FACTORED_SQRT}
@@ -131,6 +158,7 @@ class GGNFactorExtension(SqrtGGN):
         self._owner.run_extension(self._call, module, g_inp, g_out)
 
     def _call(self, module: Module, g_inp, g_out) -> None:
+        self.check_reachable(module)
         if is_loss(module):
             # a pass starts: quantities left by an aborted one (keyed by memory
             # addresses that new tensors may reuse) must not be accumulated onto
@@ -140,6 +168,37 @@ class GGNFactorExtension(SqrtGGN):
             self.saved_quantities.pin(module.output.data_ptr())
         super().__call__(module, g_inp, g_out)
 
+    def check_reachable(self, module: Module) -> None:
+        """Raise if BackPACK has no rule for ``module`` or no signal reached it.
+
+        Raises:
+            UnsupportedError: No square-root GGN rule for the module's class.
+            DisconnectedLossError: No backpropagated factor arrived at the module.
+        """
+        name = type(module).__name__
+        if type(module) not in self.supported_layers:
+            raise UnsupportedError(
+                f"{name} is not supported: BackPACK has no square-root GGN rule for "
+                "it. Replace the layer by a supported one (Linear, Conv1d/2d/3d, "
+                "ConvTranspose, activations, pooling, Flatten, Dropout, eval-mode "
+                "BatchNorm, ...) or, for residual/functional code, try "
+                "extend(model, use_converter=True)."
+            )
+        key = module.output.data_ptr()
+        if (
+            not is_loss(module)
+            and self.saved_quantities.retrieve_quantity(key, delete_old=False) is None
+        ):
+            raise DisconnectedLossError(
+                f"BackPACK reached {name} without a curvature signal from the loss: "
+                "extend the loss function too (loss_fn = backpack.extend(loss_fn)), "
+                "apply it directly to the model's output, and keep every operation "
+                "between modules a module: a functional operation (scaling, "
+                "log_softmax, slicing, ...) between two modules or between the "
+                "model and the loss cuts BackPACK's chain. Make it a module, or use "
+                "extend(model, use_converter=True)."
+            )
+
 
 class BatchGradsExtension(BatchGrad):
     """Per-sample gradients, factored for linear and convolution weights.
@@ -147,11 +206,17 @@ class BatchGradsExtension(BatchGrad):
     Args:
         owner: Receives every module call (validation, roll-back).
         subsampling: Sample indices to keep (``None``: all).
+        savefield: Attribute of each parameter the gradients are stored under.
     """
 
-    def __init__(self, owner: PassOwner, subsampling: list[int] | None):
+    def __init__(
+        self,
+        owner: PassOwner,
+        subsampling: list[int] | None,
+        savefield: str = GRADS_FIELD,
+    ):
         super().__init__(subsampling=subsampling)
-        self.savefield = GRADS_FIELD
+        self.savefield = savefield  # BatchGrad fixes its own; ours is an argument
         self._owner = owner
         for module_cls, handler in FACTORED_GRADS.items():
             self.set_module_extension(module_cls, handler(), overwrite=True)

@@ -142,8 +142,7 @@ def topk_eigh(
     """Top-k eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     Args:
-        op: Square symmetric operator (vivitlib operator, torch matrix, scipy
-            ``LinearOperator``).
+        op: Square symmetric operator, of any kind :func:`~.lanczos` accepts.
         k: Number of eigenpairs.
         which: ``'largest'`` (algebraic), ``'smallest'`` or ``'magnitude'``.
         tol: Relative tolerance: stop when ``bound_i ≤ tol·|θ_i|`` for all

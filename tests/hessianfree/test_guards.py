@@ -66,8 +66,8 @@ def _no_grad_add(model):
 @pytest.mark.parametrize("change", [_mul_data, _assign_data, _no_grad_add])
 def test_cached_graph_follows_parameter_changes(kind, change):
     problem = make_problem(CASES[0])
-    op = OPERATORS[kind](problem.model, problem.loss_fn, (problem.X, problem.y))
-    assert op._cache_graph  # one batch: cached
+    data = (problem.X, problem.y)
+    op = OPERATORS[kind](problem.model, problem.loss_fn, data, cache_graph=True)
     v = torch.linspace(-1, 1, op.shape[0], dtype=torch.float64)
     _check(op, problem, kind, v)
     change(problem.model)

@@ -16,6 +16,15 @@ arithmetic with plain broadcasting:
 (``Flatten`` needs nothing: BackPACK's rule already returns a view.) The
 per-sample-gradient extension backpropagates nothing through these layers.
 
+Before a rule allocates a large CPU output (max pooling's is several times its
+input), it hands the C heap's free pages back to the operating system
+(:func:`release_free_heap`): glibc keeps freed blocks below its dynamic mmap
+threshold (up to 32 MiB) in the heap, while a block above it is mapped afresh,
+so without the release the retained free heap and the new buffer add up in the
+resident memory. On 3C3D at ``N = 64`` this lowers the eigenvalue pass's peak
+by about 25 MiB (60 MiB once the dense factor of the second convolution is
+formed in chunks); it costs a few milliseconds per call.
+
 On the CPU most of the time of a large backpropagated factor goes into
 touching freshly allocated memory, so the activation rules multiply **in
 place** when nothing else can see the factor: the extension's
@@ -31,6 +40,8 @@ extension through BackPACK's ``set_module_extension``.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import weakref
 from math import prod
 from typing import Any
@@ -108,6 +119,44 @@ def _tensors(quantity) -> list[Tensor]:
     return []
 
 
+#: Outputs of at least this many bytes are allocated after :func:`release_free_heap`.
+RELEASE_HEAP_BYTES = 32 * 2**20
+
+
+@functools.cache
+def _malloc_trim():
+    """The C library's ``malloc_trim`` (glibc), or ``None`` where it lacks one."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+def release_free_heap() -> bool:
+    """Return the C heap's free pages to the operating system (glibc ``malloc_trim``).
+
+    Purely an allocator hint: no tensor is touched. A no-op where the C library
+    has no ``malloc_trim`` (macOS, musl).
+
+    Returns:
+        Whether ``malloc_trim`` was called.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def _new_zeros(like: Tensor, *shape: int) -> Tensor:
+    """``like.new_zeros(shape)``, releasing free heap first if it is large (CPU)."""
+    if like.device.type == "cpu" and prod(shape) * like.element_size() >= (
+        RELEASE_HEAP_BYTES
+    ):
+        release_free_heap()
+    return like.new_zeros(shape)
+
+
 def may_overwrite(ext: Any, mat: Any) -> bool:
     """Whether ``ext``'s backpropagated ``mat`` may be modified in place."""
     ledger = getattr(ext, "saved_quantities", None)
@@ -171,7 +220,7 @@ def _max_pool(base: type) -> type:
             index = self.get_pooling_idx(module, subsampling=subsampling)
             V, N, channels = mat.shape[:3]
             in_shape = module.input0.shape[2:]
-            out = mat.new_zeros(V, N * channels, prod(in_shape))
+            out = _new_zeros(mat, V, N * channels, prod(in_shape))
             index = index.reshape(1, N * channels, -1).expand(V, -1, -1)
             out.scatter_add_(2, index, mat.reshape(V, N * channels, -1))
             return out.view(V, N, channels, *in_shape)

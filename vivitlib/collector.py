@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from vivitlib import _checks
 from vivitlib._warnings import BACKWARD_HOOK_WARNING
 from vivitlib.block import Scaling
+from vivitlib.curvature_pass import CurvaturePass
 from vivitlib.distributed import FactorExchange, resolve_group, select_samples
 from vivitlib.errors import (
     IncompletePassError,
@@ -37,71 +37,12 @@ from vivitlib.extensions import (
     BatchGradsExtension,
     GGNFactorExtension,
 )
-from vivitlib.extensions.losses import LossWeighting, loss_weighting
+from vivitlib.extensions.losses import loss_weighting
 from vivitlib.factors import as_factor, as_grads
 from vivitlib.groups import normalize_groups
 
 _REDUCTIONS = ("mean", "sum")
 _INSTANCE_TAGS = itertools.count()
-
-
-class _Pass:
-    """Book-keeping of one backward pass: batch facts, accumulators, grad backup.
-
-    A pass starts when BackPACK reaches the loss module and its backward ends
-    when autograd runs the callback queued then (:meth:`end_backward`). From
-    that moment on, a further gradient accumulation into a grouped parameter
-    means a later ``backward()`` ran without this collector: the pass is stale.
-    """
-
-    def __init__(
-        self,
-        loss_module: Module,
-        groups: list[dict[str, Any]],
-        accumulators,
-        weighting: LossWeighting,
-        exchange: FactorExchange | None = None,
-    ):
-        self.loss_output = loss_module.output
-        self.exchange = exchange
-        self.batch_size = loss_module.input0.shape[0]
-        self.weighting = weighting
-        self.params = [p for group in groups for p in group["params"]]
-        self.grad_backup = {
-            id(p): (p, None if p.grad is None else p.grad.detach().clone())
-            for p in self.params
-        }
-        self.accumulators = accumulators
-        self.finished = False
-        self.backward_done = False
-        self.stale = False
-        self._handles: list = []
-
-    def restore_grads(self) -> None:
-        """Put every ``.grad`` back as it was before the pass."""
-        for p, grad in self.grad_backup.values():
-            p.grad = grad
-
-    def end_backward(self) -> None:
-        """Mark the backward as finished; watch for later accumulations."""
-        self.backward_done = True
-        ref = weakref.ref(self)
-
-        def on_accumulate(_: Tensor) -> None:
-            owner = ref()
-            if owner is not None:
-                owner.stale = True
-                owner.release()
-
-        self._handles = [
-            p.register_post_accumulate_grad_hook(on_accumulate) for p in self.params
-        ]
-
-    def release(self) -> None:
-        """Remove the watch hooks from the parameters."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 class BackpackCollector:
@@ -171,12 +112,22 @@ class BackpackCollector:
                 )
             )
         self._extensions = tuple(exts)
-        self._pass: _Pass | None = None
+        self._pass: CurvaturePass | None = None
 
     @property
     def extensions(self) -> tuple:
         """BackPACK extensions to pass to ``backpack(...)``."""
         return self._extensions
+
+    @property
+    def current_pass(self) -> CurvaturePass | None:
+        """The latest pass (``None`` before the first or after :meth:`reset`).
+
+        Its ``backward_done``, ``finished`` and ``stale`` flags show where it
+        stands: started when BackPACK reached the loss module, backward done
+        when autograd finished, finished when the results were first read.
+        """
+        return self._pass
 
     @property
     def savefields(self) -> tuple[str, str]:
@@ -323,7 +274,7 @@ class BackpackCollector:
         _checks.check_indices_in_range(
             self.grad_subsampling, batch_size, "grad_subsampling"
         )
-        self._pass = _Pass(
+        self._pass = CurvaturePass(
             loss_module,
             self.param_groups,
             self._new_accumulators(),
@@ -366,7 +317,7 @@ class BackpackCollector:
         exchange = None if self._pass is None else self._pass.exchange
         return [] if exchange is None else list(exchange.traffic)
 
-    def _end_of_backward(self, pass_: _Pass) -> None:
+    def _end_of_backward(self, pass_: CurvaturePass) -> None:
         """Called when the backward that ran ``pass_`` ends; checks, rolls back."""
         if self._pass is not pass_:
             return
@@ -376,7 +327,7 @@ class BackpackCollector:
             self._abort()
             raise
 
-    def _check_backward(self, pass_: _Pass) -> None:
+    def _check_backward(self, pass_: CurvaturePass) -> None:
         """Checks that need the finished backward (subclass hook)."""
 
     #: Whether accumulators add a parameter's contributions from several modules
@@ -438,7 +389,9 @@ _HOOK_WARNING = BACKWARD_HOOK_WARNING
 _quiet_passes: set[int] = set()
 
 
-def _quiet_backward_hook_warning(pass_: _Pass, on_end: Callable[[_Pass], None]) -> None:
+def _quiet_backward_hook_warning(
+    pass_: CurvaturePass, on_end: Callable[[CurvaturePass], None]
+) -> None:
     """Silence torch's 'Full backward hook is firing' warning until the backward ends.
 
     BackPACK's module hooks make torch warn for the first layer (whose input needs
@@ -459,7 +412,7 @@ def _quiet_backward_hook_warning(pass_: _Pass, on_end: Callable[[_Pass], None]) 
     torch.autograd.Variable._execution_engine.queue_callback(end)
 
 
-def _release_warning_filter(pass_: _Pass) -> None:
+def _release_warning_filter(pass_: CurvaturePass) -> None:
     """Drop ``pass_``'s claim on the warning filter; remove it if none is left."""
     _quiet_passes.discard(id(pass_))
     if _quiet_passes:

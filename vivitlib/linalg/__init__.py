@@ -5,7 +5,7 @@ matrix ``Vᵀ V`` of shape ``[M, M]``) and per-sample gradients can call these
 directly.
 """
 
-from vivitlib.linalg.directional import (
+from vivitlib.linalg.derivatives import (
     directional_gammas,
     directional_lambdas,
     gradient_overlaps,
@@ -19,7 +19,7 @@ from vivitlib.linalg.eigh import (
     lift,
 )
 from vivitlib.linalg.gram import gram_matrix
-from vivitlib.linalg.newton import newton_coefficients, newton_step
+from vivitlib.linalg.newton import newton_coefficients, newton_step, newton_step_sizes
 from vivitlib.linalg.solve import inverse_ggn_product, inverse_weights
 
 __all__ = [
@@ -36,5 +36,6 @@ __all__ = [
     "lift",
     "newton_coefficients",
     "newton_step",
+    "newton_step_sizes",
     "signal_to_noise",
 ]

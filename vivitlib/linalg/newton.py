@@ -1,10 +1,45 @@
-"""Damped Newton steps along GGN eigen-directions, assembled in Gram space."""
+"""Damped Newton steps along GGN eigen-directions, assembled in Gram space.
+
+:func:`newton_step_sizes` is the one place the damped Newton coefficient
+``-γ_k / (λ_k + δ_k)`` is computed; the blocks' steps and the optimisers use it.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from vivitlib._checks import check_damping
+
+
+def newton_step_sizes(gammas: Tensor, curvatures: Tensor, dampings: Tensor) -> Tensor:
+    r"""Step sizes ``c_k = -γ_k / (λ_k + δ_k)`` along orthonormal directions.
+
+    The arguments broadcast against each other (e.g. ``dampings [C, 1]`` against
+    ``gammas [K]`` gives a ``[C, K]`` table). A direction takes no step
+    (``c_k = 0``) where ``δ_k = inf`` or ``λ_k + δ_k <= 0``: nothing is divided
+    by a vanishing or negative denominator.
+
+    Args:
+        gammas: Directional gradients ``γ_k``.
+        curvatures: Curvatures ``λ_k``.
+        dampings: Dampings ``δ_k >= 0`` (``inf``: no step).
+
+    Returns:
+        The step sizes, in the broadcast shape of the arguments.
+
+    Example:
+        >>> import torch
+        >>> newton_step_sizes(
+        ...     torch.tensor([2.0, 1.0, 1.0]),
+        ...     torch.tensor([1.0, 1.0, 0.0]),
+        ...     torch.tensor([1.0, float("inf"), 0.0]),
+        ... )
+        tensor([-1.,  0.,  0.])
+    """
+    denominator = curvatures + dampings
+    skip = torch.isinf(dampings) | (denominator <= 0)
+    return torch.where(skip, 0.0, -gammas / torch.where(skip, 1.0, denominator))
 
 
 def newton_coefficients(
@@ -28,7 +63,7 @@ def newton_coefficients(
         Coefficients ``c``, shape ``[M]``.
     """
     delta = check_damping(damping, evals.numel()).to(evals.device, evals.dtype)
-    step_sizes = -gamma_means.to(evals.dtype) / (evals + delta)
+    step_sizes = newton_step_sizes(gamma_means.to(evals.dtype), evals, delta)
     return gram_evecs @ (step_sizes / evals.sqrt())
 
 

@@ -32,51 +32,7 @@ _RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 WHICH = ("largest", "smallest", "magnitude")
 
 
-def check_at_most_dim(value: int, name: str, dim: int, what: str = "D") -> None:
-    """Raise a ``ValueError`` if ``value`` exceeds the operator dimension ``dim``.
-
-    Args:
-        value: The validated argument.
-        name: Its name, as the user passed it.
-        dim: The largest allowed value.
-        what: How ``dim`` is described in the message (default ``'D'``).
-
-    """
-    if value > dim:
-        raise ValueError(
-            f"{name} must be at most {what}={dim} (the operator's dimension), got "
-            f"{value}: a {dim}x{dim} operator has only {dim} eigenpairs and "
-            f"independent directions. Pass {name} <= {dim}."
-        )
-
-
-def check_vector(v0: object, dim: int) -> Tensor:
-    """Return a start vector ``v0`` of shape ``[dim]`` if it is finite and non-zero.
-
-    Raises:
-        ValueError: If ``v0`` is not a ``[dim]`` tensor, not finite or zero.
-
-    """
-    if not isinstance(v0, Tensor) or v0.shape != (dim,):
-        raise ValueError(f"v0 must be a tensor of shape [{dim}].")
-    check_finite(v0, "v0", "Pass a finite start vector.")
-    if not bool(v0.any()):
-        raise ValueError("v0 is zero; pass a non-zero start vector (or v0=None).")
-    return v0
-
-
-def check_which(which: object) -> str:
-    """Return ``which`` if it names a supported end of the spectrum.
-
-    Raises:
-        ValueError: If ``which`` is not one of ``largest, smallest, magnitude``.
-
-    """
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}.")
-    return str(which)
-
-
+# ---- what an operator is built from and multiplied with --------------------
 def check_model_state(model: nn.Module, built: bool = False) -> None:
     """Raise if a module of ``model`` makes products random or state-changing.
 
@@ -229,34 +185,6 @@ def check_data(data: object) -> Iterable:
     return data
 
 
-def check_floating(v: Tensor) -> None:
-    """Raise a ``TypeError`` unless ``v`` is a real floating-point tensor."""
-    if not v.is_floating_point():
-        raise TypeError(
-            f"v must be a floating-point tensor, got dtype {v.dtype}: the product "
-            "would be truncated to it. Convert v first, e.g. v.double()."
-        )
-
-
-def check_square_operator(op: object) -> int:
-    """Return the dimension ``D`` of a square operator with a ``shape``.
-
-    Raises:
-        TypeError: If ``op`` has no two-dimensional ``shape``.
-        ValueError: If ``op`` is not square.
-
-    """
-    shape = getattr(op, "shape", None)
-    if shape is None or len(shape) != 2:
-        raise TypeError(
-            "op must be a square linear operator with a 2d shape (a vivitlib "
-            f"operator, a torch matrix, a scipy LinearOperator), got {type(op)}."
-        )
-    if shape[0] != shape[1]:
-        raise ValueError(f"op must be square, got shape {tuple(shape)}.")
-    return int(shape[0])
-
-
 def check_batch(index: int, batch: object, params: list[Tensor]) -> int:
     """Validate batch ``index`` of the data; return its number of samples.
 
@@ -310,3 +238,77 @@ def check_batch(index: int, batch: object, params: list[Tensor]) -> int:
                 "Remove or impute the non-finite samples before building the operator.",
             )
     return size
+
+
+def check_floating(v: Tensor) -> None:
+    """Raise a ``TypeError`` unless ``v`` is a real floating-point tensor."""
+    if not v.is_floating_point():
+        raise TypeError(
+            f"v must be a floating-point tensor, got dtype {v.dtype}: the product "
+            "would be truncated to it. Convert v first, e.g. v.double()."
+        )
+
+
+# ---- arguments of the algorithms ------------------------------------------
+def check_square_operator(op: object) -> int:
+    """Return the dimension ``D`` of a square operator with a ``shape``.
+
+    Raises:
+        TypeError: If ``op`` has no two-dimensional ``shape``.
+        ValueError: If ``op`` is not square.
+
+    """
+    shape = getattr(op, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise TypeError(
+            "op must be a square linear operator with a 2d shape (a vivitlib "
+            f"operator, a torch matrix, a scipy LinearOperator), got {type(op)}."
+        )
+    if shape[0] != shape[1]:
+        raise ValueError(f"op must be square, got shape {tuple(shape)}.")
+    return int(shape[0])
+
+
+def check_at_most_dim(value: int, name: str, dim: int, what: str = "D") -> None:
+    """Raise a ``ValueError`` if ``value`` exceeds the operator dimension ``dim``.
+
+    Args:
+        value: The validated argument.
+        name: Its name, as the user passed it.
+        dim: The largest allowed value.
+        what: How ``dim`` is described in the message (default ``'D'``).
+
+    """
+    if value > dim:
+        raise ValueError(
+            f"{name} must be at most {what}={dim} (the operator's dimension), got "
+            f"{value}: a {dim}x{dim} operator has only {dim} eigenpairs and "
+            f"independent directions. Pass {name} <= {dim}."
+        )
+
+
+def check_vector(v0: object, dim: int) -> Tensor:
+    """Return a start vector ``v0`` of shape ``[dim]`` if it is finite and non-zero.
+
+    Raises:
+        ValueError: If ``v0`` is not a ``[dim]`` tensor, not finite or zero.
+
+    """
+    if not isinstance(v0, Tensor) or v0.shape != (dim,):
+        raise ValueError(f"v0 must be a tensor of shape [{dim}].")
+    check_finite(v0, "v0", "Pass a finite start vector.")
+    if not bool(v0.any()):
+        raise ValueError("v0 is zero; pass a non-zero start vector (or v0=None).")
+    return v0
+
+
+def check_which(which: object) -> str:
+    """Return ``which`` if it names a supported end of the spectrum.
+
+    Raises:
+        ValueError: If ``which`` is not one of ``largest, smallest, magnitude``.
+
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}.")
+    return str(which)

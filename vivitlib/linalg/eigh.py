@@ -190,17 +190,22 @@ def gram_eigh(
     sym = gram.to(dtype)
     if eigenvectors:
         evals, evecs = torch.linalg.eigh(sym, UPLO="L")
-        evals, evecs = evals.flip(0), evecs.flip(1)
     else:
-        evals, evecs = torch.linalg.eigvalsh(sym, UPLO="L").flip(0), None
+        evals, evecs = torch.linalg.eigvalsh(sym, UPLO="L"), None
     if evals.numel() == 0:
         return evals, evecs
     if rtol is None:
         tol = eigenvalue_cutoff(evals, factor_dtype=factor_dtype, eigh_dtype=dtype)
     else:
-        tol = rtol * max(float(evals[0]), 0.0)
-    keep = evals > tol
-    return evals[keep], None if evecs is None else evecs[:, keep]
+        tol = rtol * max(float(evals[-1]), 0.0)
+    # ascending order: the kept eigenvalues are a suffix; reverse it with one
+    # gather into a fresh row-major [M, K] (eigh's vectors are column-major)
+    first = evals.numel() - int((evals > tol).sum())
+    evals = evals[first:].flip(0)
+    if evecs is not None:
+        order = torch.arange(evecs.shape[1] - 1, first - 1, -1, device=evecs.device)
+        evecs = evecs.index_select(1, order)
+    return evals, evecs
 
 
 def lift(V: Tensor, gram_evecs: Tensor, evals: Tensor) -> Tensor:

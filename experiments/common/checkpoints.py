@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from experiments.common.files import CorruptFileError, atomic_write
 
 if TYPE_CHECKING:
-    from experiments.common.training import TrainConfig
+    from experiments.common.resumable import TrainConfig
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.common.data import ImageData
+from experiments.common.optimizers import FIRST_ORDER
 from experiments.common.results import combine, number_options, write_environment
+from experiments.common.resumable import TrainConfig
 from experiments.common.study import (
     TRAINING_OPTIONS,
     Evaluator,
@@ -20,8 +21,7 @@ from experiments.common.study import (
     default_steps,
     train_and_evaluate,
 )
-from experiments.common.training import OPTIMIZERS, TrainConfig
-from experiments.problems import Problem, training_defaults
+from experiments.problems import ImageData, Problem, training_defaults
 
 
 def base_parser(study: str, description: str, problem: str = "digits_mlp"):
@@ -58,7 +58,7 @@ def add_training_args(
 ) -> None:
     """Add the options of studies that train: optimizers, epochs, steps, batches."""
     add = parser.add_argument
-    add("--optimizers", default=optimizers, help=f"comma-separated, from {OPTIMIZERS}")
+    add("--optimizers", default=optimizers, help=f"comma-separated, from {FIRST_ORDER}")
     add("--epochs", type=float, default=None, help="default: the problem's")
     add("--batch-size", type=int, default=None, help="default: the problem's")
     add("--lr-sgd", type=float, default=None, help="default: the problem's")
@@ -189,7 +189,7 @@ def make_runs(args: argparse.Namespace, problem: Problem, data: ImageData) -> li
     names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
     if not names or set(names) - set(lrs):
         raise ValueError(
-            f"--optimizers must be comma-separated names from {OPTIMIZERS}, got "
+            f"--optimizers must be comma-separated names from {FIRST_ORDER}, got "
             f"{args.optimizers!r}."
         )
     runs = []

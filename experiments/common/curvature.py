@@ -9,13 +9,35 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-ALL_QUANTITIES = (
-    "eigenvalues",
-    "eigenvectors",
-    "directional_derivatives",
-    "newton_step",
-)
+#: Evaluation precisions of the curvature passes.
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+#: What the noise studies' passes compute by default.
 NOISE_QUANTITIES = ("eigenvalues", "directional_derivatives")
+
+
+def in_precision(
+    model: nn.Module, inputs: Tensor, precision: str
+) -> tuple[nn.Module, Tensor]:
+    """Cast ``model`` (in place) and floating-point ``inputs`` to ``precision``.
+
+    Args:
+        model: The model (a freshly loaded checkpoint; it is changed in place).
+        inputs: Its inputs.
+        precision: ``'float32'`` or ``'float64'``.
+
+    Returns:
+        ``(model, inputs)`` in the requested precision.
+
+    Raises:
+        ValueError: If ``precision`` is not one of :data:`PRECISIONS`.
+
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"Unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}."
+        )
+    dtype = PRECISIONS[precision]
+    return model.to(dtype), inputs.to(dtype)
 
 
 def low_rank_ggn(

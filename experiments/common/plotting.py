@@ -18,6 +18,14 @@ from experiments.common.files import (  # noqa: E402
     atomic_write_bytes,
 )
 
+#: ``(column, label, y scale)`` of the loss and accuracy panels of the training curves.
+CURVE_PANELS = [
+    ("train_loss", "train loss", "log"),
+    ("test_loss", "test loss", "log"),
+    ("train_accuracy", "train accuracy", "linear"),
+    ("test_accuracy", "test accuracy", "linear"),
+]
+
 
 def subplots(nrows: int, ncols: int, width: float = 3.2, height: float = 2.6, **kwargs):
     """Create a grid of axes, ``width`` x ``height`` inches each, 2-D indexable."""

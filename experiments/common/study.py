@@ -7,7 +7,7 @@ table per ``(run, step)`` — skipped when the table is already on disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from experiments.common.data import ImageData
+from experiments.common.checkpoints import checkpoint_path, load_checkpoint
 from experiments.common.locking import claim_folder
 from experiments.common.results import (
     cached_table,
@@ -23,13 +23,9 @@ from experiments.common.results import (
     recorded_options,
     write_table,
 )
-from experiments.common.training import (
-    TrainConfig,
-    checkpoint_path,
-    load_checkpoint,
-    train,
-)
-from experiments.problems import Problem, make_extended
+from experiments.common.resumable import TrainConfig, train
+from experiments.common.training import Callback
+from experiments.problems import ImageData, Problem, make_extended
 
 Evaluator = Callable[[nn.Module, nn.Module, int], pd.DataFrame]
 
@@ -109,13 +105,17 @@ class Run:
 
 
 def train_run(
-    run: Run, save_steps: Iterable[int], progress: bool = True
+    run: Run,
+    save_steps: Iterable[int],
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
 ) -> pd.DataFrame:
     """Train (or resume) ``run``, checkpointing at ``save_steps``; write its log CSV.
 
     Claims ``run.out_dir`` for this process first (see
     :mod:`experiments.common.locking`); a complete run in a read-only folder writes
-    nothing.
+    nothing. ``callbacks`` join the training loop's (see
+    :func:`experiments.common.resumable.train`).
     """
     claim_folder(run.out_dir)
     model, loss_fn = run.fresh_model()
@@ -127,6 +127,7 @@ def train_run(
         run.checkpoint_dir,
         save_steps,
         progress=progress,
+        callbacks=callbacks,
     )
     write_table(log, Path(run.out_dir) / "logs" / f"{config_key(run.label)}.csv")
     return log

@@ -1,89 +1,123 @@
-"""Training with SGD or Adam, checkpointed so that an interrupted run resumes exactly.
+"""The one training loop of the network studies; callbacks record what a study needs.
 
-Mini-batches are a pure function of ``(seed, step)``: epoch ``e`` uses a permutation of
-the training set drawn from a generator seeded with ``(seed, e)``, and the incomplete
-last batch is dropped. A checkpoint holds model, optimizer, torch RNG state, step and
-the training log, so resuming from it continues bit-for-bit like an uninterrupted run.
-Checkpoints are written atomically and read with ``torch.load(weights_only=True)``
-(no code in a file is ever executed); a damaged one is set aside and recomputed from
-the checkpoint before it.
+Mini-batches are a pure function of ``(seed, step)`` (:func:`batch_indices`): epoch
+``e`` uses a permutation of the training set drawn from a generator seeded with
+``(seed, e)``, and the incomplete last batch is dropped. Every optimiser therefore
+sees the same batches for a seed, and a resumed run the batches it would have seen.
+
+:func:`train_loop` is, in outline::
+
+    while True:
+        done = state.diverged or until(state)
+        for callback in callbacks:             # evaluate, checkpoint, ...
+            callback.at_step(state, done)
+        if done or state.diverged:
+            break
+        loss, output = step_fn(...)            # timed: forward, backward, step()
+        state.step += 1; state.elapsed += seconds; state.last = StepRecord(...)
+        for callback in callbacks:             # log, divergence, progress, ...
+            callback.after_step(state)
+
+The clock covers ``step_fn`` and reading its loss; callbacks run outside it. The
+studies' callbacks are in :mod:`experiments.common.callbacks` (evaluation curves,
+progress bar) and :mod:`experiments.common.resumable` (per-step log, checkpoints).
+
+Example:
+    >>> from experiments.problems import get_problem, make_seeded
+    >>> problem = get_problem("digits_logreg")
+    >>> data = problem.load_data()
+    >>> model, loss_fn = make_seeded(problem, data.input_shape, 10, extended=False)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> state = LoopState(model, loss_fn, optimizer, data)
+    >>> state = train_loop(state, batch_size=32, seed=0, until=lambda s: s.step >= 5)
+    >>> state.step, state.last.step
+    (5, 4)
+
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 import warnings
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import pandas as pd
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from experiments.common.checkpoints import (  # noqa: F401 - re-exported
-    checkpoint_path,
-    checkpoint_steps,
-    latest_checkpoint,
-    load_checkpoint,
-    read_checkpoint,
-    restore,
-    resume_point,
-    resume_record,
-    save_checkpoint,
-)
-from experiments.common.data import ImageData
-
-OPTIMIZERS = ("sgd", "adam")
+from experiments.problems.data import ImageData
 
 #: torch's warning about the full backward hooks ``backpack.extend`` registers.
 HOOK_WARNING = "Full backward hook is firing"
 
+#: ``(model, loss_fn, optimizer, inputs, labels) -> (loss, outputs)`` of one step;
+#: ``outputs`` may be ``None`` (the step's accuracy is then NaN).
+StepFn = Callable[
+    [nn.Module, nn.Module, torch.optim.Optimizer, Tensor, Tensor],
+    tuple["Tensor | float", "Tensor | None"],
+]
+
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of a training run.
+class StepRecord:
+    """What one step did.
 
     Attributes:
-        optimizer: ``'sgd'`` (with momentum) or ``'adam'``.
-        lr: Learning rate.
-        batch_size: Training mini-batch size.
-        num_steps: Number of optimisation steps.
-        momentum: SGD momentum. Default: ``0.9``.
-        seed: Seed of initialisation and batch order. Default: ``0``.
+        step: Index of the step (of its mini-batch), counted from ``0``.
+        loss: Mini-batch loss before the update (NaN if the step was refused).
+        accuracy: Mini-batch accuracy before the update (NaN without outputs).
+        seconds: Timed seconds of the step.
 
     """
 
-    optimizer: str
-    lr: float
-    batch_size: int
-    num_steps: int
-    momentum: float = 0.9
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}."
-            )
-        if self.batch_size < 1 or self.num_steps < 0:
-            raise ValueError("batch_size must be >= 1 and num_steps >= 0.")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}.")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}.")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}.")
+    step: int
+    loss: float
+    accuracy: float
+    seconds: float
 
 
-def make_optimizer(
-    config: TrainConfig, params: Iterable[Tensor]
-) -> torch.optim.Optimizer:
-    """Create the optimizer named in ``config``."""
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-    return torch.optim.Adam(params, lr=config.lr)
+@dataclass
+class LoopState:
+    """What the loop and its callbacks share.
+
+    Attributes:
+        model: The model (trained in place).
+        loss_fn: Its loss.
+        optimizer: The optimiser of ``model``'s parameters.
+        data: The data; batches come from ``data.train_x``, ``data.train_y``.
+        step: Steps taken so far (the next step's index). Default: ``0``.
+        elapsed: Timed seconds so far (may start with set-up time). Default: ``0``.
+        diverged: Set by a callback to end the loop after the current callbacks.
+        last: The latest step's record (``None`` before the first step).
+
+    """
+
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: ImageData
+    step: int = 0
+    elapsed: float = 0.0
+    diverged: bool = False
+    last: StepRecord | None = None
+
+
+class Callback:
+    """Base of the loop's callbacks: override what you need, the rest does nothing."""
+
+    def at_step(self, state: LoopState, done: bool) -> None:
+        """Called before step ``state.step`` is taken, and once more at the end.
+
+        Args:
+            state: The loop's state.
+            done: ``True`` on the last call (no step follows).
+
+        """
+
+    def after_step(self, state: LoopState) -> None:
+        """Called after every step; ``state.last`` describes it."""
 
 
 def batch_indices(num_samples: int, batch_size: int, step: int, seed: int) -> Tensor:
@@ -102,79 +136,91 @@ def batch_indices(num_samples: int, batch_size: int, step: int, seed: int) -> Te
     return perm[position * batch_size : (position + 1) * batch_size]
 
 
-def train(
+def train_step(
     model: nn.Module,
     loss_fn: nn.Module,
-    data: ImageData,
-    config: TrainConfig,
-    checkpoint_dir: Path,
-    save_steps: Iterable[int] = (),
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Train ``model``, writing checkpoints at ``save_steps``.
+    optimizer: torch.optim.Optimizer,
+    inputs: Tensor,
+    labels: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One step on ``(inputs, labels)``; return the mini-batch loss and outputs.
 
-    Training resumes from the latest usable checkpoint in ``checkpoint_dir`` (see
-    :func:`resume_point`): after an interruption, with more steps than before
-    (continuing the shorter run), or from before a missing or damaged checkpoint of
-    ``save_steps``. If every checkpoint is present, nothing is trained or written.
-    Studies evaluate the checkpoints afterwards (see
-    :func:`experiments.common.study.evaluate_checkpoints`).
-
-    Args:
-        model: The model (modified in place).
-        loss_fn: Loss function.
-        data: Training data.
-        config: Hyper-parameters.
-        checkpoint_dir: Folder of this run's checkpoints.
-        save_steps: Steps (``0`` = initialisation) to checkpoint at; the final step is
-            always checkpointed.
-        progress: Show a tqdm progress bar. Default: ``True``.
-
-    Returns:
-        The training log with columns ``step``, ``loss``, ``accuracy`` (per batch).
-
+    Optimisers exposing BackPACK ``extensions`` and a ``hook`` (``DampedNewton``,
+    ``LanczosDampedNewton``) get their backward pass inside ``with backpack(...)``.
+    Both returned tensors are from before the update.
     """
-    optimizer = make_optimizer(config, model.parameters())
-    stops = sorted(
-        {s for s in save_steps if 0 <= s <= config.num_steps} | {config.num_steps}
-    )
-    start, state = resume_point(checkpoint_dir, stops, config)
-    log = []
-    if state is not None:
-        restore(state, model, optimizer, checkpoint_path(checkpoint_dir, start))
-        log = list(state["log"])
-        stops = [s for s in stops if s > start]
-    bar = tqdm(
-        total=config.num_steps, initial=start, disable=not progress, desc="train"
-    )
-    for step in range(start, config.num_steps + 1):
-        if stops and step == stops[0]:
-            stops.pop(0)
-            path = checkpoint_path(checkpoint_dir, step)
-            save_checkpoint(path, model, optimizer, step, log, config)
-        if step == config.num_steps:
-            break
-        log.append(_train_step(model, loss_fn, data, config, optimizer, step))
-        bar.update()
-    bar.close()
-    return pd.DataFrame(log, columns=["step", "loss", "accuracy"])
-
-
-def _train_step(model, loss_fn, data, config, optimizer, step) -> dict:
-    idx = batch_indices(len(data.train_y), config.batch_size, step, config.seed)
-    inputs, labels = data.train_x[idx], data.train_y[idx]
     optimizer.zero_grad()
-    output = model(inputs)
-    loss = loss_fn(output, labels)
-    with warnings.catch_warnings():
-        # BackPACK's hooks on the extended model, not the user's concern
+    with _backward_context(optimizer), warnings.catch_warnings():
+        # BackPACK's hooks on an extended model, not the user's concern
         warnings.filterwarnings("ignore", HOOK_WARNING, UserWarning)
+        output = model(inputs)
+        loss = loss_fn(output, labels)
         loss.backward()
     optimizer.step()
-    accuracy = (output.argmax(1) == labels).float().mean().item()
-    return {"step": step, "loss": loss.item(), "accuracy": accuracy}
+    return loss, output
 
 
-def config_dict(config: TrainConfig) -> dict:
-    """Return the configuration as a plain dict."""
-    return asdict(config)
+def _backward_context(optimizer: torch.optim.Optimizer):
+    if hasattr(optimizer, "extensions") and hasattr(optimizer, "hook"):
+        from backpack import backpack
+
+        return backpack(*optimizer.extensions, extension_hook=optimizer.hook)
+    return contextlib.nullcontext()
+
+
+def train_loop(
+    state: LoopState,
+    *,
+    batch_size: int,
+    seed: int,
+    until: Callable[[LoopState], bool],
+    callbacks: Sequence[Callback] = (),
+    step_fn: StepFn = train_step,
+    refused: tuple[type[Exception], ...] = (),
+) -> LoopState:
+    """Train from ``state`` until ``until(state)`` holds or a callback flags divergence.
+
+    Args:
+        state: Model, loss, optimiser, data and where to start (``state.step``,
+            ``state.elapsed``); updated in place.
+        batch_size: Mini-batch size.
+        seed: Seed of the batch order (see :func:`batch_indices`).
+        until: ``state -> bool``, asked before every step: ``True`` ends training.
+        callbacks: Called in this order at every step (see the module doc).
+        step_fn: One optimisation step. Default: :func:`train_step`.
+        refused: Exceptions of ``step_fn`` that mean "non-finite numbers, no
+            update": the step is recorded with a NaN loss and training goes on (a
+            callback usually flags divergence). Default: none, every error
+            propagates.
+
+    Returns:
+        ``state`` after the last callbacks.
+
+    """
+    while True:
+        done = state.diverged or until(state)
+        for callback in callbacks:
+            callback.at_step(state, done)
+        if done or state.diverged:
+            return state
+        idx = batch_indices(len(state.data.train_y), batch_size, state.step, seed)
+        inputs, labels = state.data.train_x[idx], state.data.train_y[idx]
+        start = time.perf_counter()
+        try:
+            loss, output = step_fn(
+                state.model, state.loss_fn, state.optimizer, inputs, labels
+            )
+            loss = loss.item() if isinstance(loss, Tensor) else float(loss)
+        except refused:
+            loss, output = math.nan, None
+        seconds = time.perf_counter() - start
+        accuracy = math.nan if output is None else _accuracy(output, labels)
+        state.last = StepRecord(state.step, loss, accuracy, seconds)
+        state.step += 1
+        state.elapsed += seconds
+        for callback in callbacks:
+            callback.after_step(state)
+
+
+def _accuracy(output: Tensor, labels: Tensor) -> float:
+    return (output.argmax(1) == labels).float().mean().item()

@@ -30,9 +30,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from experiments.common.curvature import eigenvalues, low_rank_ggn
+from experiments.common.curvature import eigenvalues, in_precision, low_rank_ggn
 from experiments.common.spread import spread_columns
-from experiments.noise_during_training.compute import in_precision
 
 
 def diagonals(

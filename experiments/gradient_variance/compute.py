@@ -23,7 +23,7 @@ For each batch of ``N`` training samples (pass in float64):
   :func:`experiments.common.curvature.direction_table` (``eigenvalue`` λ_k,
   ``lambda_var`` the variance of the per-sample curvatures λ_nk, ...);
 * the cut-off-independent summary of the batch's whole GGN spectrum,
-  :func:`experiments.noise_during_training.summary.spectrum_summary` (e.g.
+  :func:`experiments.common.spectrum.spectrum_summary` (e.g.
   ``lambda_snr_gt1_share_1e-04``: share of the directions with ``λ > 1e-4·λ_max``
   whose curvature SNR exceeds one), repeated on each row of the batch.
 """
@@ -34,9 +34,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from experiments.common.curvature import direction_table, low_rank_ggn
-from experiments.noise_during_training.compute import in_precision
-from experiments.noise_during_training.summary import spectrum_summary
+from experiments.common.curvature import direction_table, in_precision, low_rank_ggn
+from experiments.common.spectrum import spectrum_summary
 
 
 def gradient_variance(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.common import plotting
-from experiments.noise_during_training.summary import THRESHOLDS, tag
+from experiments.common.spectrum import THRESHOLDS, tag
 
 HESSIAN = ("hessian_lambda_max", "hessian_trace", "hessian_frobenius")
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from functools import partial
 
 from experiments.common import cli
+from experiments.common.curvature import PRECISIONS
 from experiments.common.study import default_steps
 from experiments.gradient_variance.compute import variance_table
 from experiments.gradient_variance.plot import plot_variance
-from experiments.noise_during_training.compute import PRECISIONS
 from experiments.problems import get_problem
 
 STUDY = "gradient_variance"

@@ -14,10 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from experiments.common.plotting import save, subplots
-from experiments.optimizers_digits.plot import PANELS
-
-METRICS = PANELS  # same four loss/accuracy panels as the digits comparison
+from experiments.common.plotting import CURVE_PANELS, save, subplots
 
 
 def _curves(ax, curves, x, column, colors, steps):
@@ -53,7 +50,7 @@ def figure(curves: pd.DataFrame, summary: pd.DataFrame, steps: int) -> Figure:
     fig, axes = subplots(3, 4, width=3.4, height=2.7)
     names = list(dict.fromkeys(curves["optimizer"]))
     colors = {name: f"C{i}" for i, name in enumerate(names)}
-    for col, (column, label, scale) in enumerate(METRICS):
+    for col, (column, label, scale) in enumerate(CURVE_PANELS):
         for row, (x, xlabel) in enumerate(
             [("step", "step"), ("time_s", "training wall time [s]")]
         ):

@@ -2,15 +2,16 @@
 
 Every run first takes ``steps`` optimisation steps (the matched-steps comparison) and
 then keeps going until its training wall time reaches ``time_budget`` seconds (the
-matched-time comparison), at most ``max_steps`` steps in all. Mini-batches come from
-:func:`experiments.common.training.batch_indices` (a pure function of seed and step),
-so every optimizer sees the same batches in the same order; the curvature batch of
-the Lanczos refreshes is a fixed random subset of the training set, the same for both
-Lanczos variants.
+matched-time comparison), at most ``max_steps`` steps in all. The run is
+:func:`experiments.common.training.train_loop` with an evaluation
+:class:`~experiments.common.callbacks.Curve`: mini-batches are a pure function of
+seed and step, so every optimizer sees the same batches in the same order; the
+curvature batch of the Lanczos refreshes is a fixed random subset of the training
+set, the same for both Lanczos variants.
 
 Wall time counts what an optimizer needs to move the parameters: forward, backward
 (inside BackPACK for the Newton optimizers), ``step()``, and for the Lanczos
-optimizers every refresh, the first one (in the constructor) included. The
+optimizers every refresh, the first one (part of the set-up) included. The
 evaluations on the full training and test sets are not counted.
 """
 
@@ -22,12 +23,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from torch import nn
 
-from experiments.common.data import ImageData
-from experiments.common.training import batch_indices
-from experiments.optimizers_digits import training as digits_training
-from experiments.problems import Problem, make_extended
+from experiments.common.callbacks import Curve
+from experiments.common.optimizers import bootstrap_grid, make_optimizer
+from experiments.common.training import LoopState, train_loop
+from experiments.problems import ImageData, Problem, get_problem, make_seeded
 from vivitlib.optim import BootstrapDamping, ConstantDamping, LanczosDampedNewton
 
 OPTIMIZERS = (
@@ -38,40 +38,16 @@ OPTIMIZERS = (
     "lanczos_bootstrap",
 )
 
-#: Optimizers of :mod:`experiments.optimizers_digits` that build the first three.
-_DIGITS_NAMES = {
+#: Names in :mod:`experiments.common.optimizers` of the first three.
+_COMMON_NAMES = {
     "sgd": "sgd",
     "adam": "adam",
     "gram_bootstrap": "newton_bootstrap_floor",
 }
 
 
-def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Small CNN for 8x8 digits: 13,706 parameters on ``[1, 8, 8]`` inputs.
-
-    Two 3x3 'same' convolutions (16, 32 channels), each followed by ReLU and 2x2
-    max-pooling, then a fully-connected ReLU layer of width 64 and the output layer;
-    PyTorch's default initialisation.
-    """
-    channels, height, width = input_shape
-    flat = 32 * (height // 4) * (width // 4)
-    return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(flat, 64),
-        nn.ReLU(),
-        nn.Linear(64, num_classes),
-    )
-
-
-#: The default problem of this study (not in the shared registry: the registry's
-#: ``digits_2c2d`` has 325k parameters and makes every Newton step ~0.4 s on a core).
-SMALL_CNN = Problem("digits_small_cnn", "digits", small_cnn)
+#: The default problem of this study (see :func:`experiments.problems.small_cnn`).
+SMALL_CNN = get_problem("digits_small_cnn")
 
 
 @dataclass(frozen=True)
@@ -143,29 +119,18 @@ def _warm_up() -> None:
 def _build(problem: Problem, data: ImageData, config: RunConfig):
     """Model, loss, optimizer and the seconds the optimizer's set-up took."""
     _warm_up()
-    if config.optimizer.startswith(("gram", "lanczos")):
-        model, loss_fn = make_extended(
-            problem, data.input_shape, data.num_classes, config.seed
-        )
-    else:
-        torch.manual_seed(config.seed)
-        model = problem.make_model(data.input_shape, data.num_classes)
-        loss_fn = problem.make_loss()
+    extended = config.optimizer.startswith(("gram", "lanczos"))
+    model, loss_fn = make_seeded(
+        problem, data.input_shape, data.num_classes, config.seed, extended=extended
+    )
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    if config.optimizer in _DIGITS_NAMES:
-        digits_config = digits_training.RunConfig(
-            optimizer=_DIGITS_NAMES[config.optimizer],
-            lr=config.lr,
-            steps=config.steps,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            eval_every=config.eval_every,
-            damping=config.damping,
+    if config.optimizer in _COMMON_NAMES:
+        optimizer = make_optimizer(
+            _COMMON_NAMES[config.optimizer], model.parameters(), lr=config.lr,
+            momentum=config.momentum, seed=config.seed, damping=config.damping,
             mc_samples=config.mc_samples,
-            momentum=config.momentum,
-        )
-        optimizer = digits_training.make_optimizer(digits_config, model)
+        )  # fmt: skip
     else:
         optimizer = _lanczos(config, model, loss_fn, data)
     return model, loss_fn, optimizer, time.perf_counter() - start
@@ -176,10 +141,10 @@ def _lanczos(config, model, loss_fn, data) -> LanczosDampedNewton:
         # Deep Curvature suite: refresh eigenvalues |λ_k| plus a constant damping
         damping, step_curvature = ConstantDamping(config.damping), "refresh"
     else:
-        grid = digits_training.bootstrap_grid(config.damping)
+        grid = bootstrap_grid(config.damping)
         damping = BootstrapDamping(candidates=grid, generator=config.seed)
         step_curvature = "batch"
-    return LanczosDampedNewton(
+    optimizer = LanczosDampedNewton(
         model,
         loss_fn,
         curvature_batch(data, config.curvature_batch_size, config.seed),
@@ -193,10 +158,13 @@ def _lanczos(config, model, loss_fn, data) -> LanczosDampedNewton:
         generator=torch.Generator().manual_seed(config.seed),
         safeguards=False,  # the plain method, as tuned (see run.py)
     )
+    if not optimizer.refresh_history:  # the first refresh is part of the set-up
+        optimizer.refresh()
+    return optimizer
 
 
 def _time_refreshes(optimizer, setup_time: float) -> list[float]:
-    """Record the seconds of every refresh (the constructor's counts as the first)."""
+    """Record the seconds of every refresh (the set-up's counts as the first)."""
     times = [setup_time] if isinstance(optimizer, LanczosDampedNewton) else []
     if times:
         original = optimizer.refresh
@@ -212,6 +180,7 @@ def _time_refreshes(optimizer, setup_time: float) -> list[float]:
 
 
 def _refresh_stats(optimizer, refresh_times: list[float]) -> dict:
+    """Curve columns: refreshes so far, their products and time (all cumulative)."""
     history = getattr(optimizer, "refresh_history", [])
     products = sum(r.num_products for r in history)
     return {
@@ -262,40 +231,22 @@ def train(problem: Problem, data: ImageData, config: RunConfig) -> pd.DataFrame:
         (optimizer set-up included), ``step_time_s`` the mean time per step since
         the previous row, ``batch_loss`` the mean mini-batch loss since then; the
         refresh columns are cumulative (zero and NaN for optimizers without
-        refreshes). A diverged run (see ``DIVERGED`` in
-        :mod:`experiments.optimizers_digits.training`) ends with a flagged row.
+        refreshes). A diverged run (see
+        :data:`experiments.common.callbacks.DIVERGED`) ends with a flagged row.
     """
     model, loss_fn, optimizer, setup_time = _build(problem, data, config)
     refresh_times = _time_refreshes(optimizer, setup_time)
     schedule = _Schedule(config)
-    rows, losses = [], []
-    elapsed, interval_time, step, diverged = setup_time, 0.0, 0, False
-    while True:
-        done = schedule.done(step, elapsed, diverged)
-        if schedule.evaluate(step, elapsed, done):
-            row = {"step": step, "time_s": elapsed}
-            row["step_time_s"] = interval_time / len(losses) if losses else math.nan
-            row["batch_loss"] = sum(losses) / len(losses) if losses else math.nan
-            row.update(digits_training.evaluate(model, loss_fn, data))
-            row.update(_refresh_stats(optimizer, refresh_times))
-            row["diverged"] = diverged
-            rows.append(row)
-            interval_time, losses = 0.0, []
-        if done:
-            break
-        idx = batch_indices(len(data.train_y), config.batch_size, step, config.seed)
-        start = time.perf_counter()
-        try:
-            loss = digits_training.train_step(
-                model, loss_fn, optimizer, data.train_x[idx], data.train_y[idx]
-            )
-        except ValueError:  # non-finite outputs are refused by the curvature pass
-            loss = math.nan
-        duration = time.perf_counter() - start
-        interval_time += duration
-        elapsed += duration
-        step += 1
-        losses.append(loss)
-        limit = digits_training.DIVERGED * rows[0]["train_loss"]
-        diverged = not math.isfinite(loss) or loss > limit
-    return pd.DataFrame(rows)
+    curve = Curve(
+        lambda state, done: schedule.evaluate(state.step, state.elapsed, done),
+        extras=[lambda state: _refresh_stats(state.optimizer, refresh_times)],
+    )
+    train_loop(
+        LoopState(model, loss_fn, optimizer, data, elapsed=setup_time),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        until=lambda state: schedule.done(state.step, state.elapsed, False),
+        callbacks=[curve],
+        refused=(ValueError,),  # non-finite outputs are refused by the curvature pass
+    )
+    return curve.frame()

@@ -26,34 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from experiments.common.curvature import direction_table, low_rank_ggn
-
-PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
-
-
-def in_precision(
-    model: nn.Module, inputs: Tensor, precision: str
-) -> tuple[nn.Module, Tensor]:
-    """Cast ``model`` (in place) and floating-point ``inputs`` to ``precision``.
-
-    Args:
-        model: The model (a freshly loaded checkpoint; it is changed in place).
-        inputs: Its inputs.
-        precision: ``'float32'`` or ``'float64'``.
-
-    Returns:
-        ``(model, inputs)`` in the requested precision.
-
-    Raises:
-        ValueError: If ``precision`` is not one of :data:`PRECISIONS`.
-
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"Unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}."
-        )
-    dtype = PRECISIONS[precision]
-    return model.to(dtype), inputs.to(dtype)
+from experiments.common.curvature import direction_table, in_precision, low_rank_ggn
 
 
 def noise_table(

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.common import plotting
-from experiments.noise_during_training.summary import THRESHOLDS, spectrum_summary, tag
+from experiments.common.spectrum import THRESHOLDS, spectrum_summary, tag
 
 ROWS = ("|γ_k| vs λ_k", "gradient overlap", "SNR(λ_k)", "SNR(γ_k)")
 #: The threshold (fraction of λ_max) named in the titles.
@@ -19,7 +19,7 @@ def plot_noise(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Plot one figure per (problem, optimizer): rows (a)-(d), columns = checkpoints.
 
     Dotted vertical lines mark the fixed fractions of ``λ_max`` of
-    :data:`~experiments.noise_during_training.summary.THRESHOLDS`; titles give the
+    :data:`~experiments.common.spectrum.THRESHOLDS`; titles give the
     count above ``1e-4 · λ_max`` and annotations the shares at every threshold.
 
     Args:

@@ -10,7 +10,7 @@ minutes on 2 CPU cores.
 
 Outputs in ``--out``: ``noise_during_training.csv`` (one row per direction, columns in
 :mod:`experiments.noise_during_training.compute`), ``noise_during_training_summary.csv``
-(one row per checkpoint, columns in :mod:`experiments.noise_during_training.summary`),
+(one row per checkpoint, columns in :mod:`experiments.common.spectrum`),
 one figure per optimizer; a short summary per checkpoint is printed.
 """
 
@@ -20,8 +20,9 @@ import argparse
 from functools import partial
 
 from experiments.common import cli
+from experiments.common.curvature import PRECISIONS
 from experiments.common.results import combine
-from experiments.noise_during_training.compute import PRECISIONS, noise_table
+from experiments.noise_during_training.compute import noise_table
 from experiments.noise_during_training.plot import plot_noise
 from experiments.noise_during_training.summary import format_summary, summarize
 from experiments.problems import get_problem

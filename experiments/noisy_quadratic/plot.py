@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from experiments.common.plotting import save  # noqa: E402
 from experiments.common.tables import read_table  # noqa: E402
-from experiments.noisy_quadratic.problem import NoisyQuadratic  # noqa: E402
+from experiments.problems.noisy_quadratic import NoisyQuadratic  # noqa: E402
 
 
 def _loss_panel(ax, summary: pd.DataFrame, init_loss: float) -> None:

@@ -18,7 +18,7 @@ and damaged ones are recomputed), ``summary.csv`` (loss and distance statistics 
 optimizer and step), ``final.csv`` (final loss and distance per run) and
 ``noisy_quadratic.png``. A second run on the same ``--out`` is refused while the first
 one writes. The noise model is documented in
-:mod:`experiments.noisy_quadratic.problem`.
+:mod:`experiments.problems.noisy_quadratic`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from experiments.common.plotting import save
 from experiments.common.results import cached_table, write_environment, write_table
 from experiments.noisy_quadratic import plot
-from experiments.noisy_quadratic.problem import (
+from experiments.problems.noisy_quadratic import (
     NOISE_MODELS,
     NoisyQuadratic,
     optimizer_names,

@@ -14,14 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from experiments.common.plotting import save, subplots
-
-PANELS = [
-    ("train_loss", "train loss", "log"),
-    ("test_loss", "test loss", "log"),
-    ("train_accuracy", "train accuracy", "linear"),
-    ("test_accuracy", "test accuracy", "linear"),
-]
+from experiments.common.plotting import CURVE_PANELS, save, subplots
 
 
 def figure(curves: pd.DataFrame) -> Figure:
@@ -36,7 +29,7 @@ def figure(curves: pd.DataFrame) -> Figure:
     fig, axes = subplots(2, 3, width=4.0, height=3.0)
     names = list(dict.fromkeys(curves["optimizer"]))
     colors = {name: f"C{i}" for i, name in enumerate(names)}
-    for (column, label, scale), ax in zip(PANELS, axes[:, :2].T.flatten()):
+    for (column, label, scale), ax in zip(CURVE_PANELS, axes[:, :2].T.flatten()):
         for name in names:
             frame = curves[curves["optimizer"] == name]
             stats = frame.groupby("step")[column].agg(["mean", "min", "max"])

@@ -1,7 +1,8 @@
 """One training run on a classification problem with SGD, Adam or damped Newton.
 
-Mini-batches come from :func:`experiments.common.training.batch_indices` (a pure
-function of seed and step), so all optimizers see the same batches for a seed. Every
+The run is :func:`experiments.common.training.train_loop` with an evaluation
+:class:`~experiments.common.callbacks.Curve`: mini-batches are a pure function of
+seed and step, so all optimizers see the same batches for a seed; every
 ``eval_every`` steps the model is evaluated on the full training and test sets. The
 reported wall time covers forward, backward (with BackPACK for damped Newton) and
 ``step()`` only, not the evaluations.
@@ -10,32 +11,16 @@ reported wall time covers forward, backward (with BackPACK for damped Newton) an
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from backpack import backpack
-from torch import Tensor, nn
 
-from experiments.common.data import ImageData
-from experiments.common.training import batch_indices
-from experiments.problems import Problem, make_extended
-from vivitlib.optim import BootstrapDamping, ConstantDamping, DampedNewton
-
-OPTIMIZERS = (
-    "sgd",
-    "adam",
-    "newton_constant",
-    "newton_bootstrap",
-    "newton_bootstrap_floor",
-    "newton_default",
-)
-
-
-#: A run counts as diverged (and stops) once a mini-batch loss exceeds this multiple
-#: of the initial training loss or is not finite.
-DIVERGED = 100.0
+from experiments.common.callbacks import Curve, every
+from experiments.common.optimizers import OPTIMIZERS, make_optimizer
+from experiments.common.training import LoopState, train_loop
+from experiments.problems import ImageData, Problem, make_seeded
+from vivitlib.optim import DampedNewton
 
 
 @dataclass(frozen=True)
@@ -75,91 +60,32 @@ class RunConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}.")
 
 
-def bootstrap_grid(low: float, high: float = 100.0, per_decade: int = 10) -> Tensor:
-    """Log-spaced bootstrap damping candidates from ``low`` to ``high``, both included.
+class NewtonStats:
+    """Curve column: mean directions (and stepped ones) per step since the last row.
 
-    Args:
-        low: Smallest candidate (> 0).
-        high: Largest candidate. Default: ``100``.
-        per_decade: Candidates per decade. Default: ``10``.
-
-    Returns:
-        The candidates ``[M]``, ascending.
+    NaN for optimizers other than :class:`~vivitlib.optim.DampedNewton`.
     """
-    decades = math.log10(high / low)
-    num = max(round(per_decade * decades), 1) + 1
-    return torch.logspace(math.log10(low), math.log10(high), num)
 
+    def __init__(self) -> None:
+        self.since = 0
 
-def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Create the optimizer of ``config`` for ``model`` (Newton: extended model)."""
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum
+    def __call__(self, state: LoopState) -> dict:
+        """The columns ``directions`` and ``stepped_directions`` of a row."""
+        optimizer = state.optimizer
+        if not isinstance(optimizer, DampedNewton):
+            return {"directions": math.nan, "stepped_directions": math.nan}
+        records = optimizer.damping_history[self.since :]
+        self.since = len(optimizer.damping_history)
+        if not records:
+            return {"directions": math.nan, "stepped_directions": math.nan}
+        total = sum(r.dampings.numel() for r in records)
+        stepped = sum(
+            int(torch.isfinite(r.dampings).sum()) for r in records if r.applied
         )
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr)
-    if config.optimizer == "newton_default":  # untuned, safeguards on
-        return DampedNewton(
-            model.parameters(), mc_samples=config.mc_samples, track_dampings=True
-        )
-    if config.optimizer == "newton_constant":
-        damping = ConstantDamping(config.damping)
-    else:
-        low = config.bootstrap_min
-        if config.optimizer == "newton_bootstrap_floor":
-            low = config.damping
-        grid = bootstrap_grid(low)
-        damping = BootstrapDamping(candidates=grid, generator=config.seed)
-    return DampedNewton(
-        model.parameters(), damping, lr=config.lr, mc_samples=config.mc_samples,
-        track_dampings=True, safeguards=False,
-    )  # fmt: skip
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: nn.Module, data: ImageData) -> dict:
-    """Loss and accuracy on the full training and test sets."""
-    result = {}
-    for split in ("train", "test"):
-        inputs, labels = data.split(split)
-        output = model(inputs)
-        result[f"{split}_loss"] = loss_fn(output, labels).item()
-        result[f"{split}_accuracy"] = (output.argmax(1) == labels).float().mean().item()
-    return result
-
-
-def train_step(model, loss_fn, optimizer, inputs, labels) -> float:
-    """One step on ``(inputs, labels)``; return the mini-batch loss.
-
-    Optimizers exposing BackPACK ``extensions`` and a ``hook`` (``DampedNewton``,
-    ``LanczosDampedNewton``) get their backward pass inside ``with backpack(...)``.
-    """
-    optimizer.zero_grad()
-    if hasattr(optimizer, "extensions") and hasattr(optimizer, "hook"):
-        with backpack(*optimizer.extensions, extension_hook=optimizer.hook):
-            loss = loss_fn(model(inputs), labels)
-            loss.backward()
-    else:
-        loss = loss_fn(model(inputs), labels)
-        loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-def _newton_stats(optimizer: torch.optim.Optimizer, since: int) -> dict:
-    """Mean number of directions and of directions stepped along since a record."""
-    if not isinstance(optimizer, DampedNewton):
-        return {"directions": math.nan, "stepped_directions": math.nan}
-    records = optimizer.damping_history[since:]
-    if not records:
-        return {"directions": math.nan, "stepped_directions": math.nan}
-    total = sum(r.dampings.numel() for r in records)
-    stepped = sum(int(torch.isfinite(r.dampings).sum()) for r in records if r.applied)
-    return {
-        "directions": total / len(records),
-        "stepped_directions": stepped / len(records),
-    }
+        return {
+            "directions": total / len(records),
+            "stepped_directions": stepped / len(records),
+        }
 
 
 def train(problem: Problem, data: ImageData, config: RunConfig) -> pd.DataFrame:
@@ -172,49 +98,31 @@ def train(problem: Problem, data: ImageData, config: RunConfig) -> pd.DataFrame:
 
     Returns:
         One row per evaluation with columns ``step, time_s, step_time_s,
-        train_loss, train_accuracy, test_loss, test_accuracy, batch_loss,
+        batch_loss, train_loss, train_accuracy, test_loss, test_accuracy,
         directions, stepped_directions, diverged``. ``time_s`` is the cumulative
         training time, ``step_time_s`` the mean time per step since the previous
         row, ``batch_loss`` the mean mini-batch loss since then; the direction
         counts are means per step (Newton only, else NaN). A diverged run (see
-        :data:`DIVERGED`) ends with a row flagged ``diverged``.
+        :data:`experiments.common.callbacks.DIVERGED`) ends with a row flagged
+        ``diverged``.
     """
-    if config.optimizer.startswith("newton"):
-        model, loss_fn = make_extended(
-            problem, data.input_shape, data.num_classes, config.seed
-        )
-    else:
-        torch.manual_seed(config.seed)
-        model = problem.make_model(data.input_shape, data.num_classes)
-        loss_fn = problem.make_loss()
+    newton = config.optimizer.startswith("newton")
+    model, loss_fn = make_seeded(
+        problem, data.input_shape, data.num_classes, config.seed, extended=newton
+    )
     torch.manual_seed(config.seed)
-    optimizer = make_optimizer(config, model)
-    rows, elapsed, interval_time, losses, records = [], 0.0, 0.0, [], 0
-    diverged = False
-    for step in range(config.steps + 1):
-        if step % config.eval_every == 0 or step == config.steps or diverged:
-            row = {"step": step, "time_s": elapsed}
-            row["step_time_s"] = interval_time / len(losses) if losses else math.nan
-            row["batch_loss"] = sum(losses) / len(losses) if losses else math.nan
-            row.update(evaluate(model, loss_fn, data))
-            row.update(_newton_stats(optimizer, records))
-            row["diverged"] = diverged
-            rows.append(row)
-            interval_time, losses = 0.0, []
-            if isinstance(optimizer, DampedNewton):
-                records = len(optimizer.damping_history)
-        if step == config.steps or diverged:
-            break
-        idx = batch_indices(len(data.train_y), config.batch_size, step, config.seed)
-        inputs, labels = data.train_x[idx], data.train_y[idx]
-        start = time.perf_counter()
-        try:
-            loss = train_step(model, loss_fn, optimizer, inputs, labels)
-        except ValueError:  # non-finite outputs are refused by the curvature pass
-            loss = math.nan
-        duration = time.perf_counter() - start
-        interval_time += duration
-        elapsed += duration
-        losses.append(loss)
-        diverged = not math.isfinite(loss) or loss > DIVERGED * rows[0]["train_loss"]
-    return pd.DataFrame(rows)
+    optimizer = make_optimizer(
+        config.optimizer, model.parameters(), lr=config.lr,
+        momentum=config.momentum, seed=config.seed, damping=config.damping,
+        bootstrap_min=config.bootstrap_min, mc_samples=config.mc_samples,
+    )  # fmt: skip
+    curve = Curve(every(config.eval_every), extras=[NewtonStats()])
+    train_loop(
+        LoopState(model, loss_fn, optimizer, data),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        until=lambda state: state.step >= config.steps,
+        callbacks=[curve],
+        refused=(ValueError,),  # non-finite outputs are refused by the curvature pass
+    )
+    return curve.frame()

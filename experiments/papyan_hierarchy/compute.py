@@ -35,8 +35,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from experiments.common.curvature import low_rank_ggn
-from experiments.noise_during_training.compute import in_precision
+from experiments.common.curvature import in_precision, low_rank_ggn
 from experiments.papyan_hierarchy.decomposition import (
     PARTS,
     class_mean_gram,

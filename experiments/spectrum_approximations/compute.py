@@ -33,9 +33,8 @@ import torch
 from scipy.stats import wasserstein_distance
 from torch import Tensor, nn
 
-from experiments.common.curvature import eigenvalues, low_rank_ggn
+from experiments.common.curvature import eigenvalues, in_precision, low_rank_ggn
 from experiments.common.spread import spread_columns
-from experiments.noise_during_training.compute import in_precision
 
 #: Eigenvalues below this fraction of the exact λ_max are left out of distances.
 FLOOR = 1e-4

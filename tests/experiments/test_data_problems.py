@@ -5,8 +5,8 @@ import torch
 from backpack import backpack
 from backpack.extensions import SqrtGGNExact
 
-from experiments.common.data import load_data, load_digits
 from experiments.problems import PROBLEMS, get_problem, make_extended
+from experiments.problems.data import load_data, load_digits
 
 
 def test_digits_split_and_normalisation():

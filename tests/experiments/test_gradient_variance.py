@@ -5,13 +5,13 @@ from torch.func import functional_call, hessian, jacrev
 
 import experiments.gradient_variance.run as study
 from experiments.common.curvature import low_rank_ggn
-from experiments.common.data import load_digits
+from experiments.common.spectrum import THRESHOLDS, tag
 from experiments.gradient_variance.compute import (
     ggn_sample_variance,
     hessian_sample_variance,
 )
-from experiments.noise_during_training.summary import THRESHOLDS, tag
 from experiments.problems import get_problem, make_extended, mlp
+from experiments.problems.data import load_digits
 from tests.experiments.utils import assert_finite, assert_resumes
 
 ARGV = [

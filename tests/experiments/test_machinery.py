@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-import experiments.common.training as training
 from experiments.common import cli
-from experiments.common.data import load_digits
 from experiments.common.results import cached_table, config_key, write_environment
-from experiments.common.study import Run, train_and_evaluate
-from experiments.common.training import TrainConfig, batch_indices
+from experiments.common.resumable import TrainConfig
+from experiments.common.study import Run, train_and_evaluate, train_run
+from experiments.common.training import Callback, batch_indices
 from experiments.problems import get_problem
+from experiments.problems.data import load_digits
 
 
 @pytest.fixture(scope="module")
@@ -72,20 +72,18 @@ def test_interrupted_training_resumes_to_same_table(
         Run(problem, digits, config, tmp_path / "ref"), steps, _evaluate, progress=False
     )
 
-    calls = {"count": 0}
-    original = training._train_step
-
-    def interrupting(*args):
-        calls["count"] += 1
-        if calls["count"] > 35:
-            raise KeyboardInterrupt
-        return original(*args)
+    class Interrupt(Callback):
+        def after_step(self, state):
+            if state.step == 35:
+                raise KeyboardInterrupt
 
     run = Run(problem, digits, config, tmp_path / "resumed")
-    monkeypatch.setattr(training, "_train_step", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        train_and_evaluate(run, steps, _evaluate, progress=False)
-    monkeypatch.setattr(training, "_train_step", original)
+        train_run(run, steps, progress=False, callbacks=[Interrupt()])
+    assert sorted(p.name for p in run.checkpoint_dir.iterdir()) == [
+        "step0000000.pt",
+        "step0000020.pt",
+    ]
     resumed = train_and_evaluate(run, steps, _evaluate, progress=False)
 
     pd.testing.assert_frame_equal(reference, resumed)

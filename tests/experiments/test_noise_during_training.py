@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 import experiments.noise_during_training.run as study
-from experiments.noise_during_training.summary import (
+from experiments.common.spectrum import (
     THRESHOLDS,
     TOP_K,
     spectrum_summary,

@@ -6,13 +6,13 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from experiments.common.curvature import low_rank_ggn
-from experiments.common.data import load_digits
 from experiments.papyan_hierarchy.decomposition import (
     class_mean_gram,
     part_gram_sum,
     part_spectra,
 )
 from experiments.problems import make_extended, mlp
+from experiments.problems.data import load_digits
 
 
 class _Tiny:

@@ -16,19 +16,19 @@ import pandas as pd
 import pytest
 import torch
 
-import experiments.common.training as training
-from experiments.common.data import load_digits
-from experiments.common.files import CorruptFileError
-from experiments.common.results import cached_table, table_path
-from experiments.common.study import Run, train_and_evaluate
-from experiments.common.tables import record_path
-from experiments.common.training import (
-    TrainConfig,
+from experiments.common.checkpoints import (
     checkpoint_path,
     read_checkpoint,
     save_checkpoint,
 )
+from experiments.common.files import CorruptFileError
+from experiments.common.results import cached_table, table_path
+from experiments.common.resumable import TrainConfig
+from experiments.common.study import Run, train_and_evaluate, train_run
+from experiments.common.tables import record_path
+from experiments.common.training import Callback
 from experiments.problems import get_problem
+from experiments.problems.data import load_digits
 
 STEPS = [0, 4, 8]
 
@@ -191,18 +191,22 @@ def test_steps_outside_the_run_are_refused(digits, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_more_steps_continue_and_fewer_steps_train_nothing(
-    digits, tmp_path, monkeypatch
-):
+def test_more_steps_continue_and_fewer_steps_train_nothing(digits, tmp_path):
     _table(_run(digits, tmp_path / "out", num_steps=8), [0, 4, 8])
     longer = _table(_run(digits, tmp_path / "out", num_steps=16), [0, 2, 12, 16])
     fresh = _table(_run(digits, tmp_path / "fresh", num_steps=16), [0, 2, 12, 16])
     pd.testing.assert_frame_equal(longer, fresh)
 
-    calls = []
-    monkeypatch.setattr(training, "_train_step", lambda *a: calls.append(a))
-    shorter = _table(_run(digits, tmp_path / "out", num_steps=8), [0, 4, 8])
-    assert not calls
+    class Count(Callback):
+        steps = 0
+
+        def after_step(self, state):
+            self.steps += 1
+
+    counter, shorter_run = Count(), _run(digits, tmp_path / "out", num_steps=8)
+    train_run(shorter_run, [0, 4, 8], progress=False, callbacks=[counter])
+    assert counter.steps == 0
+    shorter = _table(shorter_run, [0, 4, 8])
     assert list(shorter["step"]) == [0, 4, 8]
     log = next((tmp_path / "out" / "logs").glob("*.csv"))
     assert len(pd.read_csv(log)) == 8

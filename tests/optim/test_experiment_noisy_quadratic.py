@@ -6,7 +6,7 @@ import pytest
 
 from experiments.noisy_quadratic import plot
 from experiments.noisy_quadratic import run as nq_run
-from experiments.noisy_quadratic.problem import NoisyQuadratic, run
+from experiments.problems.noisy_quadratic import NoisyQuadratic, run
 from tests.experiments.study_checks import (
     assert_second_run_is_refused,
     assert_truncated_table_is_recomputed,

@@ -21,6 +21,7 @@ from experiments.common.study import (
     default_steps,
     train_and_evaluate,
 )
+from experiments.common.training import HOOK_WARNING
 from experiments.problems import ImageData, Problem, training_defaults
 
 
@@ -69,7 +70,7 @@ def add_training_args(
 
 def setup(args: argparse.Namespace) -> None:
     """Apply the shared options (threads, warning filters) before a study starts."""
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message=HOOK_WARNING)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}.")

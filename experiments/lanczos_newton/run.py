@@ -7,7 +7,7 @@ Usage::
     python -m experiments.lanczos_newton.run --optimizers sgd lanczos_bootstrap
 
 Every optimizer trains the same CNN (default ``digits_small_cnn``, see
-:func:`experiments.lanczos_newton.training.small_cnn`) from the same initialisation on
+:func:`experiments.problems.small_cnn`) from the same initialisation on
 the same mini-batches (batch size 128): first ``--steps`` steps, then on until its
 training wall time reaches ``--time-budget`` seconds (at most ``--max-steps``). The
 five optimizers:
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Run (or resume) the comparison; write tables, summary and figure."""
     args = parse_args(argv)
     setup(args)
-    problem = SMALL_CNN if args.problem == SMALL_CNN.name else get_problem(args.problem)
+    problem = get_problem(args.problem)
     data = problem.load_data(args.data_dir)
     write_environment(args.out, vars(args))
     frames, runs = [], configs(args)

@@ -21,15 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from experiments.problems import models
 from experiments.problems.data import INPUT_SHAPES, ImageData, load_data
-from experiments.problems.models import (
-    cnn_2c2d,
-    cnn_3c3d,
-    logreg,
-    mlp,
-    resnet18,
-    small_cnn,
-)
 
 
 @dataclass(frozen=True)
@@ -76,16 +69,16 @@ class Problem:
 
 
 _PROBLEMS = [
-    Problem("digits_logreg", "digits", logreg),
-    Problem("digits_mlp", "digits", mlp),
-    Problem("digits_2c2d", "digits", cnn_2c2d),
-    Problem("mnist_logreg", "mnist", logreg),
-    Problem("mnist_mlp", "mnist", mlp),
-    Problem("mnist_2c2d", "mnist", cnn_2c2d),
-    Problem("fashion_mnist_2c2d", "fashion_mnist", cnn_2c2d),
-    Problem("cifar10_3c3d", "cifar10", cnn_3c3d),
-    Problem("cifar10_resnet18", "cifar10", resnet18, True, True),
-    Problem("digits_small_cnn", "digits", small_cnn),
+    Problem("digits_logreg", "digits", models.logreg),
+    Problem("digits_mlp", "digits", models.mlp),
+    Problem("digits_2c2d", "digits", models.cnn_2c2d),
+    Problem("mnist_logreg", "mnist", models.logreg),
+    Problem("mnist_mlp", "mnist", models.mlp),
+    Problem("mnist_2c2d", "mnist", models.cnn_2c2d),
+    Problem("fashion_mnist_2c2d", "fashion_mnist", models.cnn_2c2d),
+    Problem("cifar10_3c3d", "cifar10", models.cnn_3c3d),
+    Problem("cifar10_resnet18", "cifar10", models.resnet18, True, True),
+    Problem("digits_small_cnn", "digits", models.small_cnn),
 ]
 PROBLEMS: dict[str, Problem] = {p.name: p for p in _PROBLEMS}
 

@@ -65,3 +65,63 @@ def test_release_touches_no_tensor():
     called = fast_backprop.release_free_heap()
     assert isinstance(called, bool)
     assert torch.equal(x, before)
+
+
+CONVS = {
+    "conv1d-stride-pad": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), (3, 9)),
+    "conv2d-dilated": (lambda: nn.Conv2d(2, 3, (3, 2), padding=(1, 0), dilation=2),
+                       (2, 7, 6)),
+    "conv2d-groups-odd-stride": (lambda: nn.Conv2d(4, 6, 3, stride=3, groups=2),
+                                 (4, 8, 7)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), (2, 4, 5, 3)),
+}  # fmt: skip
+
+
+def _conv_and_factor(name: str, N: int = 4, columns: int = 5):
+    factory, shape = CONVS[name]
+    torch.manual_seed(1)
+    module = extend(factory().double())
+    x = torch.randn(N, *shape, dtype=torch.float64, requires_grad=True)
+    with backpack():
+        out = module(x)
+    return module, torch.randn(columns, *out.shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("subsampling", [None, [3, 0]], ids=["all", "subsampled"])
+@pytest.mark.parametrize("chunk_columns", [1, 2, 5])
+@pytest.mark.parametrize("name", CONVS)
+def test_column_chunked_conv_equals_backpack(
+    monkeypatch, name, chunk_columns, subsampling
+):
+    module, mat = _conv_and_factor(name)
+    if subsampling is not None:
+        mat = mat[:, subsampling]
+    fast = fast_backprop.FAST_CONV_DERIVATIVES[type(module)]
+    stock = fast.__mro__[1]
+    assert stock.__module__.startswith("backpack.")
+    column_bytes = mat.shape[1] * module.input0[0].numel() * mat.element_size()
+    monkeypatch.setattr(fast_backprop, "CONV_CHUNK_BYTES", chunk_columns * column_bytes)
+    args = (module, None, None, mat)
+    out = fast().jac_t_mat_prod(*args, subsampling=subsampling)
+    ref = stock().jac_t_mat_prod(*args, subsampling=subsampling)
+    assert out.shape == ref.shape
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_conv_chunks_bound_the_batch_of_each_transposed_convolution(monkeypatch):
+    module, mat = _conv_and_factor("conv2d-dilated", columns=7)
+    column_bytes = mat.shape[1] * module.input0[0].numel() * mat.element_size()
+    monkeypatch.setattr(fast_backprop, "CONV_CHUNK_BYTES", 3 * column_bytes)
+    batches = []
+    real = torch.nn.functional.conv_transpose2d
+
+    def spy(input, *args, **kwargs):
+        batches.append(input.shape[0])
+        return real(input, *args, **kwargs)
+
+    fast = fast_backprop.FAST_CONV_DERIVATIVES[nn.Conv2d]()
+    monkeypatch.setattr(fast, "conv_transpose_func", spy)
+    fast.jac_t_mat_prod(module, None, None, mat)
+    N = mat.shape[1]
+    assert batches == [3 * N, 3 * N, N]

@@ -3,27 +3,17 @@
 import pandas as pd
 
 import experiments.diagonal_vs_spectrum.run as study
-from tests.experiments.utils import assert_finite, assert_resumes
+from tests.experiments.utils import assert_finite, assert_resumes, tiny_training
 
 DRAWS = 3
 ARGV = [
-    "--problem",
-    "digits_logreg",
-    "--epochs",
-    "0.5",
-    "--batch-size",
-    "64",
-    "--steps",
-    "0,11",
-    "--eval-batch-size",
-    "16",
+    *tiny_training(),
     "--lanczos-iters",
     "10",
     "--lanczos-probes",
     "2",
     "--draws",
     str(DRAWS),
-    "--no-progress",
 ]
 
 

@@ -12,26 +12,16 @@ from experiments.gradient_variance.compute import (
 )
 from experiments.problems import get_problem, make_extended, mlp
 from experiments.problems.data import load_digits
-from tests.experiments.utils import assert_finite, assert_resumes
+from tests.experiments.utils import assert_finite, assert_resumes, tiny_training
 
 ARGV = [
-    "--problem",
-    "digits_logreg",
-    "--epochs",
-    "0.5",
-    "--batch-size",
-    "64",
-    "--steps",
-    "0,11",
-    "--eval-batch-size",
-    "8",
+    *tiny_training(eval_batch=8),
     "--num-batches",
     "2",
     "--top-k",
     "5",
     "--probes",
     "4",
-    "--no-progress",
 ]
 
 

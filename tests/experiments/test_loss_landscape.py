@@ -3,26 +3,16 @@
 import numpy as np
 
 import experiments.loss_landscape.run as study
-from tests.experiments.utils import assert_finite, assert_resumes
+from tests.experiments.utils import assert_finite, assert_resumes, tiny_training
 
 ARGV = [
-    "--problem",
-    "digits_logreg",
-    "--epochs",
-    "0.5",
-    "--batch-size",
-    "64",
-    "--steps",
-    "0,11",
-    "--eval-batch-size",
-    "16",
+    *tiny_training(),
     "--num-points",
     "5",
     "--train-samples",
     "128",
     "--radius",
     "0.5",
-    "--no-progress",
 ]
 
 

@@ -10,21 +10,9 @@ from experiments.common.spectrum import (
     spectrum_summary,
     tag,
 )
-from tests.experiments.utils import assert_finite, assert_resumes
+from tests.experiments.utils import assert_finite, assert_resumes, tiny_training
 
-ARGV = [
-    "--problem",
-    "digits_mlp",
-    "--epochs",
-    "0.5",
-    "--batch-size",
-    "64",
-    "--steps",
-    "0,5,11",
-    "--eval-batch-size",
-    "12",
-    "--no-progress",
-]
+ARGV = tiny_training("digits_mlp", "0,5,11", 12)
 N, C = 12, 10
 
 

@@ -6,23 +6,13 @@ import numpy as np
 import pandas as pd
 
 import experiments.papyan_hierarchy.run as study
-from tests.experiments.utils import assert_finite, assert_resumes
+from tests.experiments.utils import assert_finite, assert_resumes, tiny_training
 
 N, C = 12, 10
 # the Lanczos part needs vivitlib.hessianfree's eigensolvers
 FULL = importlib.util.find_spec("vivitlib.hessianfree.density") is not None
 ARGV = [
-    "--problem",
-    "digits_logreg",
-    "--epochs",
-    "0.5",
-    "--batch-size",
-    "64",
-    "--steps",
-    "0,11",
-    "--eval-batch-size",
-    str(N),
-    "--no-progress",
+    *tiny_training(eval_batch=N),
     "--full-data-samples",
     "40",
     "--lanczos-iters",

@@ -4,24 +4,10 @@ import pandas as pd
 
 import experiments.spectrum_approximations.run as study
 from experiments.spectrum_approximations.compute import QUANTITIES
-from tests.experiments.utils import assert_finite, assert_resumes
+from tests.experiments.utils import assert_finite, assert_resumes, tiny_training
 
 N, C, DRAWS = 16, 10, 3
-ARGV = [
-    "--problem",
-    "digits_mlp",
-    "--epochs",
-    "0.5",
-    "--batch-size",
-    "64",
-    "--steps",
-    "0,11",
-    "--eval-batch-size",
-    str(N),
-    "--draws",
-    str(DRAWS),
-    "--no-progress",
-]
+ARGV = [*tiny_training("digits_mlp", eval_batch=N), "--draws", str(DRAWS)]
 
 
 def test_spectra_table_distances_and_resume(monkeypatch, tmp_path):

@@ -5,6 +5,20 @@ import pandas as pd
 import pytest
 
 
+def tiny_training(
+    problem: str = "digits_logreg", steps: str = "0,11", eval_batch: int = 16
+) -> list[str]:
+    """Command line of the tiny training run the curvature-study tests share.
+
+    Half an epoch of ``problem`` at batch size 64 (11 steps on digits), checkpoints
+    at ``steps``, a held-out batch of ``eval_batch`` samples, no progress bars.
+    """
+    return [
+        *("--problem", problem, "--epochs", "0.5", "--batch-size", "64"),
+        *("--steps", steps, "--eval-batch-size", str(eval_batch), "--no-progress"),
+    ]
+
+
 class Interrupt(Exception):
     """Raised to simulate a killed run."""
 

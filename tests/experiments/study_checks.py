@@ -67,8 +67,11 @@ sys.stdin.read()
 
 
 @contextlib.contextmanager
-def held_by_another_process(folder: Path) -> Iterator[None]:
-    """Hold the write lock of ``folder`` in another process for the ``with`` block."""
+def held_by_another_process(folder: Path) -> Iterator[subprocess.Popen]:
+    """Hold the write lock of ``folder`` in another process for the ``with`` block.
+
+    Yields the holding process; it is killed (and its lock released) at the end.
+    """
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(folder)],
         stdin=subprocess.PIPE,
@@ -77,7 +80,7 @@ def held_by_another_process(folder: Path) -> Iterator[None]:
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        yield
+        yield holder
     finally:
         holder.kill()
         holder.wait()

@@ -28,6 +28,7 @@ from experiments.common.results import (
     write_environment,
 )
 from tests.experiments import tiny_study
+from tests.experiments.study_checks import held_by_another_process
 
 OPTIONS = {
     "--problem": "digits_logreg",
@@ -57,24 +58,8 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
-_HOLDER = """
-import sys
-from experiments.common.locking import claim_folder
-claim_folder(sys.argv[1])
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_second_writer_is_refused_until_the_holder_dies(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(tmp_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(tmp_path) as holder:
         lock = tmp_path / ".lock"
         expected = f"process {holder.pid} .*lock file {lock}.*another --out.*delete"
         with pytest.raises(FolderLockedError, match=expected):
@@ -84,9 +69,6 @@ def test_second_writer_is_refused_until_the_holder_dies(tmp_path):
         with pytest.raises(FolderLockedError):
             atomic_write_bytes(tmp_path / "table.csv", b"x\n")
         assert not (tmp_path / "table.csv").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     assert claim_folder(tmp_path)  # the dead holder's lock is taken over
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     release_folder(tmp_path)

@@ -27,6 +27,15 @@ CURVE_PANELS = [
 ]
 
 
+def label_curve_panel(ax, xlabel: str, ylabel: str, scale: str) -> None:
+    """Label a panel of :data:`CURVE_PANELS` (losses: log axis up to 10; else 0-1)."""
+    ax.set(xlabel=xlabel, ylabel=ylabel, yscale=scale)
+    if scale == "log":
+        ax.set_ylim(top=10.0)
+    else:
+        ax.set_ylim(0.0, 1.02)
+
+
 def subplots(nrows: int, ncols: int, width: float = 3.2, height: float = 2.6, **kwargs):
     """Create a grid of axes, ``width`` x ``height`` inches each, 2-D indexable."""
     fig, axes = plt.subplots(

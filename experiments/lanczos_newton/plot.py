@@ -14,7 +14,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from experiments.common.plotting import CURVE_PANELS, save, subplots
+from experiments.common.plotting import (
+    CURVE_PANELS,
+    label_curve_panel,
+    save,
+    subplots,
+)
 
 
 def _curves(ax, curves, x, column, colors, steps):
@@ -56,11 +61,7 @@ def figure(curves: pd.DataFrame, summary: pd.DataFrame, steps: int) -> Figure:
         ):
             ax = axes[row, col]
             _curves(ax, curves, x, column, colors, steps)
-            ax.set(xlabel=xlabel, ylabel=label, yscale=scale)
-            if scale == "log":
-                ax.set_ylim(top=10.0)
-            else:
-                ax.set_ylim(0.0, 1.02)
+            label_curve_panel(ax, xlabel, label, scale)
     axes[0, 0].legend(fontsize=7)
     _bars(axes[2, 0], summary, "time_per_step_ms", colors, "time per step [ms]")
     axes[2, 0].set_yscale("log")

@@ -14,7 +14,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from experiments.common.plotting import CURVE_PANELS, save, subplots
+from experiments.common.plotting import (
+    CURVE_PANELS,
+    label_curve_panel,
+    save,
+    subplots,
+)
 
 
 def figure(curves: pd.DataFrame) -> Figure:
@@ -39,11 +44,7 @@ def figure(curves: pd.DataFrame) -> Figure:
             ax.fill_between(
                 stats.index, stats["min"], stats["max"], alpha=0.2, color=color
             )
-        ax.set(xlabel="step", ylabel=label, yscale=scale)
-        if scale == "log":
-            ax.set_ylim(top=10.0)
-        else:
-            ax.set_ylim(0.0, 1.02)
+        label_curve_panel(ax, "step", label, scale)
     axes[0, 0].legend(fontsize=7)
     times = curves.groupby("optimizer", sort=False)["step_time_s"].mean() * 1e3
     axes[0, 2].bar(

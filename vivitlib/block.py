@@ -188,22 +188,43 @@ def _index(positions: list[int] | None, device: torch.device) -> Tensor | None:
 
 
 def _gram_of_counted(gram: Tensor, keep: Tensor | None, scale: float) -> Tensor:
-    """``[C, N, C, N]`` accumulator → scaled sample-major ``[N'·C, N'·C]`` Gram.
+    """``[C, N, C, N]`` accumulator → scaled ``[C, N', C, N']`` of counted samples.
 
-    One permuted copy (the only reordering of the pass), scaled in place.
+    Scaled in place; a copy only when samples are dropped.
     """
     if keep is not None:
         gram = gram.index_select(1, keep).index_select(3, keep)
-    c, n = gram.shape[:2]
-    gram = to_public_columns(gram).transpose(2, 3).reshape(n * c, n * c)
     return gram if scale == 1 else gram.mul_(scale)
 
 
+def _rows_to_public(rows: Tensor, num_columns: int) -> Tensor:
+    """Class-major rows ``[C·N, ...]`` → sample-major ``[N·C, ...]`` (a copy)."""
+    shaped = rows.reshape(num_columns, -1, *rows.shape[1:])
+    return to_public_columns(shaped).reshape(rows.shape)
+
+
+#: Entries of ``part`` converted at a time when adding a float32 block into the
+#: float64 sum (a mixed-dtype ``add_`` would convert all of it at once).
+_ADD_CHUNK_ELEMENTS = 2**20
+
+
 def _accumulate(total: Tensor | None, part: Tensor) -> Tensor:
-    """``total + part`` in float64 (a contiguous copy on first use)."""
+    """``total + part`` in float64 (a contiguous copy on first use).
+
+    Adding a lower-precision ``part`` goes slice by slice along the first two
+    axes, so the float64 temporary stays small instead of the size of the
+    ``[C, N, C, N]`` sum.
+    """
     if total is None:
         return part.to(torch.float64).contiguous()
-    return total.add_(part)
+    if part.dtype == total.dtype:
+        return total.add_(part)
+    per_sample = part[0, 0].numel()
+    step = max(1, min(part.shape[1], _ADD_CHUNK_ELEMENTS // max(per_sample, 1)))
+    for c in range(part.shape[0]):
+        for n0 in range(0, part.shape[1], step):
+            total[c, n0 : n0 + step].add_(part[c, n0 : n0 + step])
+    return total
 
 
 class GGNBlock:
@@ -211,7 +232,6 @@ class GGNBlock:
 
     Attributes:
         params: The group's parameters.
-        gram: Gram matrix ``ṼᵀṼ`` (float64), ``[N_c·C, N_c·C]``, sample-major.
         evals: Nontrivial GGN eigenvalues, descending, ``[K]``.
         gram_evecs: Matching Gram eigenvectors ``ẽ_k``, ``[N_c·C, K]`` (``None``
             when only eigenvalues were asked for: then ``eigvalsh`` suffices).
@@ -235,14 +255,24 @@ class GGNBlock:
         self.batch_scale = scaling.batch_scale
         self._num_columns, self._num_factor_samples = acc.gram.shape[:2]
         self._curv_keep = _index(scaling.curv_keep, acc.gram.device)
-        self.gram = _gram_of_counted(acc.gram, self._curv_keep, scaling.factor**2)
-        acc.gram = None  # one N·C × N·C buffer alive from here on
-        self.evals, self.gram_evecs = linalg.gram_eigh(
-            self.gram,
+        # the accumulator itself, class-major: its eigenvalues are the Gram's
+        # (a permutation of rows and columns); the eigenvectors' rows are
+        # reordered once, the public sample-major Gram made only if read
+        gram = _gram_of_counted(acc.gram, self._curv_keep, scaling.factor**2)
+        acc.gram = None
+        size = gram.shape[0] * gram.shape[1]
+        self._class_major_gram = gram.view(size, size)
+        self.evals, gram_evecs = linalg.gram_eigh(
+            self._class_major_gram,
             rtol=rtol,
             dtype=eigh_dtype,
             factor_dtype=acc.factor_dtype,
             eigenvectors=eigenvectors,
+        )
+        self.gram_evecs = (
+            None
+            if gram_evecs is None
+            else _rows_to_public(gram_evecs, self._num_columns)
         )
         self._factors = acc.factors
         self._factor_scale = scaling.factor
@@ -261,6 +291,17 @@ class GGNBlock:
                 * (scaling.num_counted / scaling.num_grad)
                 for p in self.params
             ]
+
+    @cached_property
+    def gram(self) -> Tensor:
+        """Gram matrix ``ṼᵀṼ`` (float64), ``[N_c·C, N_c·C]``, sample-major.
+
+        Made from the internal class-major matrix on first access (one copy).
+        """
+        gram = self._class_major_gram
+        C = self._num_columns
+        shaped = gram.view(C, -1, C, gram.shape[0] // C)
+        return to_public_columns(shaped).transpose(2, 3).reshape(gram.shape)
 
     @property
     def num_directions(self) -> int:

@@ -136,7 +136,25 @@ def _build(problem: Problem, data: ImageData, config: RunConfig):
     return model, loss_fn, optimizer, time.perf_counter() - start
 
 
-def _lanczos(config, model, loss_fn, data) -> LanczosDampedNewton:
+class TimedLanczos(LanczosDampedNewton):
+    """:class:`~vivitlib.optim.LanczosDampedNewton` timing every refresh.
+
+    The seconds of each refresh are appended to :attr:`refresh_times`.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.refresh_times: list[float] = []
+        super().__init__(*args, **kwargs)
+
+    def refresh(self):
+        """Refresh the directions (see the parent class) and time it."""
+        start = time.perf_counter()
+        record = super().refresh()
+        self.refresh_times.append(time.perf_counter() - start)
+        return record
+
+
+def _lanczos(config, model, loss_fn, data) -> TimedLanczos:
     if config.optimizer == "lanczos_constant":
         # Deep Curvature suite: refresh eigenvalues |λ_k| plus a constant damping
         damping, step_curvature = ConstantDamping(config.damping), "refresh"
@@ -144,7 +162,7 @@ def _lanczos(config, model, loss_fn, data) -> LanczosDampedNewton:
         grid = bootstrap_grid(config.damping)
         damping = BootstrapDamping(candidates=grid, generator=config.seed)
         step_curvature = "batch"
-    optimizer = LanczosDampedNewton(
+    optimizer = TimedLanczos(
         model,
         loss_fn,
         curvature_batch(data, config.curvature_batch_size, config.seed),
@@ -163,32 +181,20 @@ def _lanczos(config, model, loss_fn, data) -> LanczosDampedNewton:
     return optimizer
 
 
-def _time_refreshes(optimizer, setup_time: float) -> list[float]:
-    """Record the seconds of every refresh (the set-up's counts as the first)."""
-    times = [setup_time] if isinstance(optimizer, LanczosDampedNewton) else []
-    if times:
-        original = optimizer.refresh
+def _refresh_stats(optimizer, setup_time: float) -> dict:
+    """Curve columns: refreshes so far, their products and time (all cumulative).
 
-        def timed():
-            start = time.perf_counter()
-            record = original()
-            times.append(time.perf_counter() - start)
-            return record
-
-        optimizer.refresh = timed  # step() calls self.refresh()
-    return times
-
-
-def _refresh_stats(optimizer, refresh_times: list[float]) -> dict:
-    """Curve columns: refreshes so far, their products and time (all cumulative)."""
+    The set-up (construction and first refresh) counts as refresh time.
+    """
     history = getattr(optimizer, "refresh_history", [])
     products = sum(r.num_products for r in history)
+    times = getattr(optimizer, "refresh_times", [])
     return {
         "refreshes": len(history),
         "products": products,
         "products_per_refresh": products / len(history) if history else math.nan,
         "unconverged_refreshes": sum(not r.converged for r in history),
-        "refresh_time_s": sum(refresh_times),
+        "refresh_time_s": setup_time + sum(times[1:]) if times else 0,
     }
 
 
@@ -235,11 +241,10 @@ def train(problem: Problem, data: ImageData, config: RunConfig) -> pd.DataFrame:
         :data:`experiments.common.callbacks.DIVERGED`) ends with a flagged row.
     """
     model, loss_fn, optimizer, setup_time = _build(problem, data, config)
-    refresh_times = _time_refreshes(optimizer, setup_time)
     schedule = _Schedule(config)
     curve = Curve(
         lambda state, done: schedule.evaluate(state.step, state.elapsed, done),
-        extras=[lambda state: _refresh_stats(state.optimizer, refresh_times)],
+        extras=[lambda state: _refresh_stats(state.optimizer, setup_time)],
     )
     train_loop(
         LoopState(model, loss_fn, optimizer, data, elapsed=setup_time),

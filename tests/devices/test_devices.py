@@ -43,7 +43,9 @@ def device(request):
 @pytest.fixture(params=PLANS)
 def plan(request):
     """Every computation of the test takes ``plan`` (in several kernel chunks)."""
-    with cost_model(gram_plan=request.param, chunk_elements=50):
+    with cost_model(
+        gram_plan=request.param, chunk_elements=50, materialise_elements=50
+    ):
         yield request.param
 
 

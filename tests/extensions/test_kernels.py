@@ -35,8 +35,11 @@ def _materialised(factor, grads):
 
 
 @pytest.fixture(params=[None, 7], ids=["one-chunk", "small-chunks"])
-def chunk_elements(request):
-    return CostModel.chunk_elements if request.param is None else request.param
+def chunking(request) -> dict:
+    """Cost-model settings: default budgets, or budgets forcing many chunks."""
+    if request.param is None:
+        return {}
+    return dict(chunk_elements=request.param, materialise_elements=request.param)
 
 
 def test_outer_factor_picks_representation_by_positions():
@@ -46,11 +49,13 @@ def test_outer_factor_picks_representation_by_positions():
 
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("T", [1, 4])
-def test_contract_matches_materialised(plan, T, chunk_elements):
+@pytest.mark.parametrize("keep", [True, False])
+def test_contract_matches_materialised(plan, T, keep, chunking):
     factor, grads = _outer(T=T)
     v, g = _materialised(factor, grads)
-    with cost_model(gram_plan=plan, chunk_elements=chunk_elements):
-        gram, vtg, kept = factor.contract(grads, keep=True)
+    with cost_model(gram_plan=plan, **chunking):
+        gram, vtg, kept = factor.contract(grads, keep=keep)
+        kept = factor if kept is None else kept
         lifted = kept.apply(coeffs := torch.randn(*v.shape[:2], 2).double())
         projected = factor.project(d := torch.randn(3, v.shape[-1]).double())
     C, N = v.shape[:2]
@@ -64,12 +69,15 @@ def test_contract_matches_materialised(plan, T, chunk_elements):
 
 
 @pytest.mark.parametrize("plan", PLANS)
-def test_grads_of_other_samples(plan, chunk_elements):
+@pytest.mark.parametrize("dense_grads", [False, True])
+def test_grads_of_other_samples(plan, dense_grads, chunking):
     """``Vᵀ g`` when the gradient samples differ from the curvature samples."""
     factor, _ = _outer(N=5)
     _, grads = _outer(N=3, seed=1)
     v, g = _materialised(factor, grads)
-    with cost_model(gram_plan=plan, chunk_elements=chunk_elements):
+    if dense_grads:
+        grads = grads.dense()
+    with cost_model(gram_plan=plan, **chunking):
         _, vtg, _ = factor.contract(grads)
         direct = factor.times_grads(grads)
     torch.testing.assert_close(vtg, torch.einsum("cnd,md->cnm", v, g))
@@ -138,6 +146,8 @@ def test_cost_model_settings_are_validated_and_scoped():
         CostModel(gram_plan="fast")
     with pytest.raises(ValueError, match="chunk_elements"):
         CostModel(chunk_elements=0)
+    with pytest.raises(ValueError, match="materialise_elements"):
+        CostModel(materialise_elements=True)
     with pytest.raises(TypeError):
         with cost_model(no_such_setting=1):
             pass

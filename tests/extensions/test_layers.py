@@ -49,7 +49,9 @@ def route(request):
     if request.param == "backpack":
         settings = dict(factored=False, chunk_elements=50)
     else:
-        settings = dict(gram_plan=request.param, chunk_elements=50)
+        settings = dict(
+            gram_plan=request.param, chunk_elements=50, materialise_elements=50
+        )
     with cost_model(**settings):
         yield request.param
 

@@ -43,6 +43,10 @@ class CostModel:
             create beyond its outputs; ``2**24`` float32 entries = 64 MiB.
         workspace_elements: Size of the per-sample-pair products the pairwise
             kernel reuses on the CPU (small enough to stay in cache).
+        materialise_elements: Largest slice of a weight-shared layer's dense
+            ``V`` formed at a time by the ``'dense'`` plan when only its Gram
+            block and ``Vᵀg`` are needed; ``2**22`` float32 entries = 16 MiB.
+            The whole ``V`` is formed at once only when it is kept for lifting.
         keep_dense_ratio: Keep the dense ``V`` of a weight-shared layer for
             lifting when it is at most this many times larger than its factors.
         gram_plan: Force ``'dense'`` or ``'pairwise'`` for weight-shared layers
@@ -54,6 +58,7 @@ class CostModel:
 
     chunk_elements: int = 2**24
     workspace_elements: int = 2**21
+    materialise_elements: int = 2**22
     keep_dense_ratio: float = 4.0
     gram_plan: str | None = None
     factored: bool = True
@@ -64,7 +69,7 @@ class CostModel:
                 f"gram_plan must be one of {GRAM_PLANS} or None, "
                 f"got {self.gram_plan!r}."
             )
-        for name in ("chunk_elements", "workspace_elements"):
+        for name in ("chunk_elements", "workspace_elements", "materialise_elements"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")

@@ -28,6 +28,8 @@ function returns the library's one internal column order, class-major
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -46,13 +48,44 @@ def sym_gram(rows: Tensor) -> Tensor:
     Returns:
         ``[M, M]``, symmetric.
     """
+    out = rows.new_empty(rows.shape[0], rows.shape[0])
+    add_sym_gram(rows, out, accumulate=False)
+    return mirror_upper(out)
+
+
+def _row_blocks(M: int) -> range:
+    return range(0, M, -(-M // (8 if M >= 256 else 1)))
+
+
+def add_sym_gram(rows: Tensor, out: Tensor, accumulate: bool = True) -> Tensor:
+    """Add (or write) the blocks of ``R Rᵀ`` on and above the diagonal to ``out``.
+
+    Only the upper block triangle of ``out`` is touched; :func:`mirror_upper`
+    completes the matrix once all parts are in.
+
+    Args:
+        rows: ``[M, D]``.
+        out: ``[M, M]``, row-major.
+        accumulate: Add to ``out`` (else overwrite the touched blocks).
+    """
     M = rows.shape[0]
-    blocks = 8 if M >= 256 else 1
-    step = -(-M // blocks)
-    out = rows.new_empty(M, M)
-    for i0 in range(0, M, step):
+    step = _row_blocks(M).step
+    for i0 in _row_blocks(M):
         i1 = min(M, i0 + step)
-        out[i0:i1, i0:] = rows[i0:i1] @ rows[i0:].T
+        block = out[i0:i1, i0:]
+        if accumulate:
+            block.addmm_(rows[i0:i1], rows[i0:].T)
+        else:
+            torch.mm(rows[i0:i1], rows[i0:].T, out=block)
+    return out
+
+
+def mirror_upper(out: Tensor) -> Tensor:
+    """Copy the upper block triangle written by :func:`add_sym_gram` below it."""
+    M = out.shape[0]
+    step = _row_blocks(M).step
+    for i0 in _row_blocks(M):
+        i1 = min(M, i0 + step)
         out[i1:, i0:i1] = out[i0:i1, i1:].T
     return out
 
@@ -72,6 +105,64 @@ def outer_dense(s: Tensor, a: Tensor) -> Tensor:
     for c in range(C):
         torch.bmm(s[c].transpose(1, 2), a, out=out[c])
     return out.flatten(2)
+
+
+def outer_dense_rows(s: Tensor, a: Tensor) -> Tensor:
+    """``V`` from its outer-product factors as sample-major rows ``[N·C, O·I]``.
+
+    One batched matrix product over samples (``[C·O, T] × [T, I]`` each), after
+    laying ``s`` out once; suited to a slice of the outputs ``O``.
+
+    Args:
+        s: ``[C, N, T, O]``.
+        a: ``[N, T, I]``.
+    """
+    C, N, T, O = s.shape  # noqa: E741
+    s_rows = s.permute(1, 0, 3, 2).reshape(N, C * O, T)
+    return torch.bmm(s_rows, a).view(N * C, O * a.shape[-1])
+
+
+def dense_plan_gram(
+    s: Tensor,
+    a: Tensor,
+    grads: Callable[[int, int], Tensor] | None,
+    *,
+    chunk_elements: int,
+) -> tuple[Tensor, Tensor | None]:
+    """Gram matrix (and ``Vᵀ g``) by forming ``V`` a slice of outputs at a time.
+
+    The same multiply-adds as forming all of ``V`` first, but no slice of it
+    (with the slice of ``s`` laid out to form it) exceeds ``chunk_elements``
+    entries: slice ``[o0, o1)`` of every column is
+    formed (:func:`outer_dense_rows`), its products are added to the Gram
+    matrix's upper block triangle and to ``Vᵀ g``, and it is freed.
+
+    Args:
+        s: ``[C, N, T, O]``.
+        a: ``[N, T, I]``.
+        grads: ``grads(o0, o1)`` gives the per-sample gradients' slice
+            ``[N', (o1 - o0)·I]`` of the same outputs, or ``None``.
+        chunk_elements: Largest slice of ``V`` (entries).
+
+    Returns:
+        ``(gram, vtg)``: ``[C, N, C, N]`` and ``[C, N, N']`` (or ``None``),
+        class-major views of sample-major buffers.
+    """
+    C, N, T, O = s.shape  # noqa: E741
+    # per output: a column slice of V and the copy of s laid out for the product
+    step = _chunk(C * N * (a.shape[-1] + T), O, chunk_elements)
+    gram = s.new_zeros(N * C, N * C)
+    vtg = None
+    for o0 in range(0, O, step):
+        o1 = min(O, o0 + step)
+        rows = outer_dense_rows(s[..., o0:o1], a)
+        add_sym_gram(rows, gram)
+        if grads is not None:
+            part = rows @ grads(o0, o1).T
+            vtg = part if vtg is None else vtg.add_(part)
+        del rows
+    gram = mirror_upper(gram).view(N, C, N, C).permute(1, 0, 3, 2)
+    return gram, None if vtg is None else vtg.view(N, C, -1).transpose(0, 1)
 
 
 def grads_dense(delta: Tensor, a: Tensor) -> Tensor:

@@ -34,9 +34,17 @@ class UnfoldedFactor(OuterFactor):
             if vtg is None and grads is not None:
                 vtg = self.times_grads(grads)
             return gram, vtg, self._kept(None) if keep else None
-        dense = self.dense()
-        gram, vtg, _ = dense.contract(grads)
-        return gram, vtg, self._kept(dense) if keep else None
+        if keep and model.keep_dense(*self.dims):
+            dense = self.dense()  # formed once: for the Gram and for lifting
+            gram, vtg, _ = dense.contract(grads)
+            return gram, vtg, dense
+        gram, vtg = kernels.dense_plan_gram(
+            self.s,
+            self.a,
+            None if grads is None else self._grads_slices(grads),
+            chunk_elements=model.materialise_elements,
+        )
+        return gram, vtg, self if keep else None
 
     def times_grads(self, grads: Grads) -> Tensor:  # noqa: D102
         outer = self._outer_grads(grads)
@@ -52,3 +60,12 @@ class UnfoldedFactor(OuterFactor):
         if not current_cost_model().keep_dense(*self.dims):
             return self
         return self.dense() if dense is None else dense
+
+    def _grads_slices(self, grads: Grads):
+        """``(o0, o1) ->`` the gradients' dense slice of outputs ``[o0, o1)``."""
+        outer = self._outer_grads(grads)
+        if outer is not None:
+            return lambda o0, o1: kernels.grads_dense(outer.delta[..., o0:o1], outer.a)
+        O = self.s.shape[-1]  # noqa: E741
+        g = grads.dense().g
+        return lambda o0, o1: g.view(g.shape[0], O, -1)[:, o0:o1].flatten(1)

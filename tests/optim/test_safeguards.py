@@ -173,7 +173,7 @@ def test_complement_step_matches_dense_projection():
 
 
 def test_step_control_state_round_trip_and_validation():
-    control = StepControl()
+    control = StepControl(trust_solve="scale")  # the floor alone sets the damping
     gammas, evals = torch.tensor([1.0, -2.0]), torch.tensor([4.0, 1e-6])
     plan = control.plan(gammas, evals, torch.zeros(2), lr=1.0)
     # the flat direction's denominator is clamped to μ λ_max

@@ -1,5 +1,6 @@
 """Structure of the optimisers: numeric groups, one Newton coefficient, lazy refresh."""
 
+import copy
 import math
 import warnings
 
@@ -99,7 +100,7 @@ def test_param_groups_hold_no_strategy_objects():
     # a checkpoint loads into a fresh optimiser and reproduces the next step
     _backward(opt, model, loss_fn, X, y)
     opt.step()
-    state = opt.state_dict()
+    state = copy.deepcopy(opt.state_dict())  # torch's state_dict holds live entries
     params = [p.detach().clone() for p in model.parameters()]
     _backward(opt, model, loss_fn, X, y)
     opt.step()

@@ -72,8 +72,9 @@ class DampingRecord:
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
-    """Validate ``lr``, ``weight_decay`` and ``complement_lr`` of a group."""
-    checks = (("lr", True), ("weight_decay", False), ("complement_lr", False))
+    """Validate ``lr``, ``weight_decay``, ``complement_lr``/``_momentum`` of a group."""
+    checks = (("lr", True), ("weight_decay", False), ("complement_lr", False),
+              ("complement_momentum", False))  # fmt: skip
     for name, positive in checks:
         if name not in group:
             continue
@@ -85,6 +86,8 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
             bound = "> 0" if positive else ">= 0"
             raise ValueError(f"{name} must be finite and {bound}, got {value}.")
+        if name == "complement_momentum" and value >= 1:
+            raise ValueError(f"complement_momentum must lie in [0, 1), got {value}.")
 
 
 class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
@@ -129,7 +132,8 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
     eigenspace, which the Newton step never moves in (at most ``N_c · C``
     directions, ``N_c · mc_samples`` with Monte-Carlo curvature). By default it is
     adaptive: ``η = c / λ_1`` with ``c`` starting at 1 and adapted to ``ρ`` like the
-    damping (see :meth:`~vivitlib.optim.safeguards.StepControl.complement_rate`).
+    damping (see :meth:`~vivitlib.optim.safeguards.StepControl.complement_rate`),
+    with heavy-ball momentum ``complement_momentum`` on ``g - P g``.
 
     Usage (the backward pass must run inside ``backpack``, with model and loss
     extended by ``backpack.extend``)::
@@ -177,6 +181,11 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         damping_floor: Smallest ``μ`` (relative to ``λ_1``). Default: ``1e-4``.
         trust_radius: First radius in units of ``‖P g‖ / λ_1``; ``None`` disables
             the trust region. Default: ``10.0``.
+        trust_solve: ``"damping"``: a step beyond the radius gets the common
+            extra damping that puts it on the boundary (the exact trust-region
+            step); ``"scale"``: it is scaled down as a whole (see
+            :class:`~vivitlib.optim.safeguards.StepControl`). Default:
+            ``"damping"``.
         reject_steps: With a closure, undo steps that increase the batch loss.
             Default: ``True``.
         complement_lr: ``η >= 0``, gradient step in the flat complement, or
@@ -184,6 +193,10 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             doubles when ``ρ > 3/4`` up to ``1/μ``, halves when ``ρ < 1/4``); the
             trust region bounds the whole step. Default: ``None``, i.e.
             ``"auto"`` with the safeguards and ``0`` without them.
+        complement_momentum: Heavy-ball momentum ``β`` in ``[0, 1)`` of the
+            complement step (``m ← β m + (g - P g)``, step ``-η m``; restarted
+            after an undone step). Default: ``None``, i.e. ``0.9`` with
+            ``complement_lr="auto"`` and ``0`` otherwise.
         process_group: ``None`` for one process; ``True`` or a
             ``torch.distributed`` group for data parallelism: the curvature is
             the global batch's (see :class:`vivitlib.LowRankGGN`), the
@@ -216,8 +229,10 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         initial_damping: float = 1e-3,
         damping_floor: float = 1e-4,
         trust_radius: float | None = 10.0,
+        trust_solve: str = "damping",
         reject_steps: bool = True,
         complement_lr: float | str | None = None,
+        complement_momentum: float | None = None,
         process_group: Any = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -228,6 +243,9 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         if complement_lr is None:
             complement_lr = "auto" if safeguards is True else 0.0
         defaults["complement_lr"] = complement_lr
+        if complement_momentum is None:
+            complement_momentum = 0.9 if complement_lr == "auto" else 0.0
+        defaults["complement_momentum"] = complement_momentum
         _check_hyperparameters(defaults)
         for name, flag in (
             ("safeguards", safeguards),
@@ -241,6 +259,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             "initial_damping": initial_damping,
             "floor": damping_floor,
             "radius": trust_radius,
+            "trust_solve": trust_solve,
         }
         StepControl(**self._control_options)  # validate before anything is built
         self.safeguards, self.reject_steps = safeguards, reject_steps
@@ -260,6 +279,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self.num_rejected = 0
         self._num_steps = 0
         self._pending: dict[str, float] | None = None
+        self._new_buffers: dict[Tensor, Tensor] = {}
         self._ggn = self._build_ggn()
 
     def _new_control(self) -> StepControl:
@@ -379,6 +399,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             if loss is not None and not _finite_loss(loss):
                 self._warn(None, f"the loss is not finite ({loss_value(loss)})")
                 return loss
+            self._new_buffers: dict[Tensor, Tensor] = {}
             bad = [i for i, b in enumerate(blocks) if not _finite(b.grad)]
             if bad:
                 self._warn(bad[0], "the gradient is not finite")
@@ -409,6 +430,13 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         except BaseException:
             undo()
             raise
+        moved = {id(param) for param, _, _ in moves}
+        for param, buffer in self._new_buffers.items():
+            if kept and id(param) in moved:
+                self.state[param]["complement_buffer"] = buffer
+            else:  # restart the momentum after an undone step
+                self.state[param].pop("complement_buffer", None)
+        self._new_buffers = {}
         for block in blocks:
             for param in block.params:
                 self.state[param]["step"] = self.state[param].get("step", 0) + 1
@@ -446,8 +474,9 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                     rate = control.complement_rate(float(block.evals.max()))
                 if rate > 0:
                     update, plan = self._add_complement(
-                        block, update, plan, rate, control.radius
-                    )
+                        block, update, plan, rate, control.radius,
+                        group["complement_momentum"],
+                    )  # fmt: skip
                 if not all(bool(torch.isfinite(u).all()) for u in update):
                     self._warn(index, "the step is not finite")
                     update, plan = None, None
@@ -466,25 +495,47 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             )
         return None if update is None else (update, plan)
 
-    @staticmethod
-    def _add_complement(block, update, plan, rate, radius):
-        """Add ``-η (g - P g)``, the gradient step in the flat complement.
+    def _add_complement(self, block, update, plan, rate, radius, momentum):
+        """Add ``-η m`` with ``m = β m' + (g - P g)``: a step in the flat complement.
 
-        The complement is orthogonal to the Newton step, so the trust region
-        (``radius``, if any) bounds ``sqrt(‖Newton‖² + η² ‖g - P g‖²)``.
+        ``m`` is the complement gradient ``g - P g`` with heavy-ball momentum
+        ``β`` (``m'``: the previous step's ``m``, kept in the parameter state as
+        ``"complement_buffer"``; ``β = 0``: the plain complement gradient). The
+        complement is (nearly, with momentum) orthogonal to the Newton step, so
+        the trust region (``radius``, if any) bounds
+        ``sqrt(‖Newton‖² + η² ‖m‖²)``; the predicted change gains the linear
+        term ``-η gᵀ m``.
         """
         lam_max = block.evals.max()
         # newton_step with δ_k = λ_1 - λ_k is -Σ_k γ_k / λ_1 e_k = -P g / λ_1
         projected = block.newton_step(lam_max - block.evals)
         perps = [g + float(lam_max) * p for g, p in zip(block.grad, projected)]
+        if momentum > 0:
+            buffers = [  # read without creating state entries (defaultdict)
+                self.state[p].get("complement_buffer") if p in self.state else None
+                for p in block.params
+            ]
+            perps = [
+                q if b is None or b.shape != q.shape else q + momentum * b.to(q)
+                for q, b in zip(perps, buffers)
+            ]
+            self._new_buffers.update(
+                (p, q.detach().clone()) for p, q in zip(block.params, perps)
+            )
         perp_sq = sum(float(p.double().pow(2).sum()) for p in perps)
+        slope = perp_sq  # gᵀ(g - P g) = ‖g - P g‖²; with momentum gᵀ m
+        if momentum > 0:
+            slope = sum(
+                float((g.double() * p.double()).sum())
+                for g, p in zip(block.grad, perps)
+            )
         if radius is not None and perp_sq > 0:
             room = max(radius**2 - plan.step_norm**2, 0.0) ** 0.5
             rate = min(rate, room / perp_sq**0.5)
         out = [u - rate * p for u, p in zip(update, perps)]
         plan = replace(
             plan,
-            predicted=plan.predicted - rate * perp_sq,
+            predicted=plan.predicted - rate * slope,
             step_norm=(plan.step_norm**2 + rate**2 * perp_sq) ** 0.5,
             complement=rate,
         )
@@ -596,7 +647,8 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             index_to_param.update(zip(saved["params"], group["params"]))
             _check_hyperparameters(
                 {k: v for k, v in saved.items() if k in ("lr", "weight_decay",
-                                                         "complement_lr")}
+                                                         "complement_lr",
+                                                         "complement_momentum")}
             )  # fmt: skip
         for key, entry in state_dict["state"].items():
             param = index_to_param.get(key)
@@ -604,14 +656,16 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 raise ValueError(
                     f"state_dict holds state for unknown parameter {key!r}."
                 )
-            step = entry.get("last_step")
-            if step is not None and (
-                not isinstance(step, Tensor) or step.shape != param.shape
-            ):
-                raise ValueError(
-                    f"state_dict's 'last_step' of parameter {key} has shape "
-                    f"{getattr(step, 'shape', None)}, expected {tuple(param.shape)}."
-                )
+            for name in ("last_step", "complement_buffer"):
+                step = entry.get(name)
+                if step is not None and (
+                    not isinstance(step, Tensor) or step.shape != param.shape
+                ):
+                    raise ValueError(
+                        f"state_dict's {name!r} of parameter {key} has shape "
+                        f"{getattr(step, 'shape', None)}, expected "
+                        f"{tuple(param.shape)}."
+                    )
         for name, entries in (("damping", damping_states), ("control", control_states)):
             if entries is not None and len(entries) != len(strategies):
                 raise ValueError(

@@ -120,7 +120,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         safeguards: The step safeguards, configured like those of
             :class:`~vivitlib.optim.DampedNewton` by the keyword arguments
             ``adaptive_damping``, ``initial_damping``, ``damping_floor``,
-            ``trust_radius`` and ``reject_steps``.
+            ``trust_radius``, ``trust_solve`` and ``reject_steps``.
 
     Raises:
         ValueError: On invalid options.
@@ -150,6 +150,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         initial_damping: float = 1e-3,
         damping_floor: float = 1e-4,
         trust_radius: float | None = 10.0,
+        trust_solve: str = "damping",
         reject_steps: bool = True,
     ) -> None:
         if curvature not in _OPERATORS:
@@ -172,7 +173,8 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 raise TypeError(f"{name} must be a bool, got {type(flag)}.")
         self.safeguards, self.reject_steps = safeguards, reject_steps
         options = {"adaptive": adaptive_damping, "initial_damping": initial_damping,
-                   "floor": damping_floor, "radius": trust_radius}  # fmt: skip
+                   "floor": damping_floor, "radius": trust_radius,
+                   "trust_solve": trust_solve}  # fmt: skip
         control = StepControl(**options) if safeguards else StepControl(
             adaptive=False, initial_damping=0.0, floor=0.0, radius=None
         )  # fmt: skip

@@ -107,6 +107,12 @@ class StepControl:
         increase: Factor on ``μ`` when ``ρ < 1/4`` (squared when the loss went
             up). Default: ``3.0``.
         decrease: Factor on ``μ`` when ``ρ > 3/4``. Default: ``0.5``.
+        trust_solve: How a step longer than the radius is brought back:
+            ``"damping"`` adds the smallest common damping ``ν >= 0`` to every
+            direction with ``‖c(ν)‖ = r`` (the exact trust-region step of the
+            quadratic model in the eigenbasis, Moré–Sorensen: flat directions
+            shrink most, stiff ones keep their Newton step); ``"scale"``
+            multiplies the whole step by ``r / ‖c‖``. Default: ``"damping"``.
 
     Raises:
         TypeError, ValueError: On non-numeric or out-of-range settings.
@@ -121,6 +127,7 @@ class StepControl:
         radius: float | None = 10.0,
         increase: float = 3.0,
         decrease: float = 0.5,
+        trust_solve: str = "damping",
     ) -> None:
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {type(adaptive)}.")
@@ -136,6 +143,11 @@ class StepControl:
         self.decrease = _check_number("decrease", decrease, 0.0, allow_low=False)
         if self.decrease >= 1.0:
             raise ValueError(f"decrease must lie in (0, 1), got {decrease}.")
+        if trust_solve not in ("damping", "scale"):
+            raise ValueError(
+                f"trust_solve must be 'damping' or 'scale', got {trust_solve!r}."
+            )
+        self.trust_solve = trust_solve
         self.mu = max(self.initial_damping, self.floor)
         self.radius: float | None = None
         #: Adaptive flat-complement rate in units of ``1 / λ_max`` (first use: 1).
@@ -170,7 +182,14 @@ class StepControl:
         scale, clipped = lr, False
         radius = self._radius(gammas, lam_max)
         if radius is not None and norm > radius:
-            scale, clipped = lr * radius / norm, True
+            clipped = True
+            if self.trust_solve == "damping":
+                effective = effective + _trust_damping(
+                    gammas, evals, effective, radius / lr
+                )
+                newton = newton_coefficients(gammas, evals, effective)
+                norm = float(newton.norm()) * lr
+            scale = lr * min(1.0, radius / norm)
         coefficients = scale * newton
         predicted = float((gammas * coefficients + 0.5 * evals * coefficients**2).sum())
         return StepPlan(
@@ -268,6 +287,26 @@ class StepControl:
         self.radius = None if state["radius"] is None else float(state["radius"])
         complement = state.get("complement")
         self.complement = None if complement is None else float(complement)
+
+
+def _trust_damping(
+    gammas: Tensor, evals: Tensor, dampings: Tensor, radius: float
+) -> float:
+    """Smallest ``ν >= 0`` with ``‖c(ν)‖ <= radius``, ``c_k = -γ_k / (λ_k + δ_k + ν)``.
+
+    ``‖c(ν)‖`` falls monotonically in ``ν`` and is at most ``‖γ‖ / ν``, so the root
+    lies in ``[0, ‖γ‖ / radius]``; bisection (60 halvings) finds it to round-off.
+    """
+    active = torch.isfinite(dampings) & (evals + dampings > 0)
+    gammas, base = gammas[active], (evals + dampings)[active]
+    low, high = 0.0, float(gammas.norm()) / radius
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        if float((gammas / (base + middle)).norm()) > radius:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def agreement(actual: float, predicted: float) -> float:

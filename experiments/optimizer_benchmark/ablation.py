@@ -53,6 +53,9 @@ CONFIGS = {
     "p50_no_trust_region": _config(50.0, trust_radius=None),
     "no_safeguards": _config(safeguards=False),
     "no_complement": _config(complement_lr=0.0),
+    "no_momentum": _config(complement_momentum=0.0),
+    "scaled_trust": _config(trust_solve="scale"),
+    "session2_defaults": _config(trust_solve="scale", complement_momentum=0.0),
     "p25_no_complement": _config(25.0, complement_lr=0.0),
 }
 

@@ -118,6 +118,10 @@ def specs(fine: bool = True) -> dict[str, Spec]:
              _newton(damping=_independent)),
         Spec("newton_no_complement", "", (0.0,), "newton", True,
              _newton(complement_lr=0.0)),
+        Spec("newton_no_momentum", "", (0.0,), "newton", True,
+             _newton(complement_momentum=0.0)),
+        Spec("newton_scaled_trust", "", (0.0,), "newton", True,
+             _newton(trust_solve="scale", complement_momentum=0.0)),
         Spec("newton_complement", "complement_lr", _decades(1e-2, 1.0, lr_per),
              "newton", True, _newton(tune_complement=True)),
     ]  # fmt: skip

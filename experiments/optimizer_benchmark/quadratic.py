@@ -33,15 +33,24 @@ def run_noise_model(noise: str, seed: int, steps: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: Resamples of the seeds for the ratio's confidence interval.
+CI_RESAMPLES = 1000
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Per noise model: best constant, bootstrap variants, their ratios.
+
+    The ratio's 90 % interval comes from resampling the seeds with replacement
+    (the same seeds for both methods; the best constant stays the one chosen on
+    all seeds), so it shows how much the score moves with the seed count.
 
     Args:
         runs: Columns ``noise, seed, method, distance``.
 
     Returns:
         One row per noise model and compared optimizer with the median final
-        distance and its ratio to the best constant damping of the grid.
+        distance, its ratio to the best constant damping of the grid and the
+        ratio's interval (``ratio_low``, ``ratio_high``).
     """
     rows = []
     for noise in [n for n in NOISE_MODELS if n in set(runs["noise"])]:
@@ -49,12 +58,20 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         medians = part.groupby("method", sort=False)["distance"].median()
         constants = medians[[n for n in medians.index if n.startswith("constant_")]]
         best = constants.idxmin()
+        table = part.pivot_table(index="seed", columns="method", values="distance")
+        draws = np.random.default_rng(0).integers(
+            0, len(table), (CI_RESAMPLES, len(table))
+        )
+        reference = np.median(table[best].to_numpy()[draws], axis=1)
         for name in ("SGD", best, "bootstrap", "bootstrap_safeguarded"):
+            ratios = np.median(table[name].to_numpy()[draws], axis=1) / reference
             rows.append({
                 "noise": noise, "method": name,
                 "median_distance": medians[name],
                 "max_distance": part.loc[part["method"] == name, "distance"].max(),
                 "ratio_to_best_constant": medians[name] / constants[best],
+                "ratio_low": float(np.quantile(ratios, 0.05)),
+                "ratio_high": float(np.quantile(ratios, 0.95)),
                 "seeds": int(part["seed"].nunique()),
             })  # fmt: skip
     return pd.DataFrame(rows)

@@ -44,6 +44,7 @@ import argparse
 import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -105,9 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--first-order-factor", type=int, default=3,
         help="steps of the other optimisers = factor x --steps")  # fmt: skip
     add("--workers", type=int, default=1, help="parallel processes (1 thread each)")
-    add("--quadratic-seeds", type=int, default=100)
+    add("--quadratic-seeds", type=int, default=400)
     add("--quadratic-steps", type=int, default=20)
     add("--skip-quadratic", action="store_true")
+    add("--tuned", type=Path, default=None,
+        help="tuning.csv of an earlier run with the same --steps, --eval-every, "
+             "--batch-size, --first-order-factor and --seed: its chosen values are "
+             "reused and those grids not searched again")  # fmt: skip
     args = parser.parse_args(argv)
     args.fine = not args.quick
     if args.quick:
@@ -210,18 +215,64 @@ def final_rows(table: pd.DataFrame, steps: int) -> pd.DataFrame:
 
 
 def tune(args, names: list[str]) -> pd.DataFrame:
-    """Train every grid value on ``--seed``; return the tuning table."""
+    """Train every grid value on ``--seed``; return the tuning table.
+
+    With ``--tuned`` the rows of an earlier tuning table are reused for every
+    (problem, optimiser) they cover, if they were made with this run's settings.
+    """
+    reused = _reused_tuning(args, names)
+    done = set(zip(reused["problem"], reused["optimizer"]))
     jobs = [
         Job(problem, name, value, args.seed, job_steps(args, name), args.eval_every,
             args.batch_size, args.fine)
         for problem in args.problems for name in names
+        if (problem, name) not in done
         for value in specs(args.fine)[name].grid
     ]  # fmt: skip
     tables = run_jobs(args, jobs, "tuning")
-    tuning = final_rows(pd.concat(tables, ignore_index=True), args.steps)
-    tuning["score"] = tuning["train_loss"].where(~tuning["diverged"].astype(bool),
-                                                 math.inf)  # fmt: skip
-    return tuning
+    if tables:
+        tuning = final_rows(pd.concat(tables, ignore_index=True), args.steps)
+        tuning["score"] = tuning["train_loss"].where(
+            ~tuning["diverged"].astype(bool), math.inf
+        )
+        reused = pd.concat([reused, tuning], ignore_index=True)
+    return reused
+
+
+def _reused_tuning(args, names: list[str]) -> pd.DataFrame:
+    """Rows of ``--tuned`` for this run's problems and optimisers (may be empty).
+
+    Raises:
+        SystemExit: If the file is missing, lacks columns or was made with other
+            settings (steps, evaluation interval, batch size, seed).
+    """
+    columns = ["problem", "optimizer", "value", "seed", "steps", "eval_every",
+               "batch_size", "step", "diverged", "score"]  # fmt: skip
+    if args.tuned is None:
+        return pd.DataFrame(columns=columns)
+    try:
+        table = pd.read_csv(args.tuned)
+    except OSError as err:
+        raise SystemExit(f"--tuned: cannot read {args.tuned}: {err}") from err
+    missing = set(columns) - set(table.columns)
+    if missing:
+        raise SystemExit(f"--tuned: {args.tuned} lacks columns {sorted(missing)}; "
+                         "pass the tuning.csv of an earlier run.")  # fmt: skip
+    table = table[table["problem"].isin(args.problems)
+                  & table["optimizer"].isin(names)].copy()  # fmt: skip
+    for name, part in table.groupby("optimizer"):
+        expected = {"seed": args.seed, "eval_every": args.eval_every,
+                    "batch_size": args.batch_size, "step": args.steps,
+                    "steps": job_steps(args, name)}  # fmt: skip
+        for key, value in expected.items():
+            if not (part[key] == value).all():
+                raise SystemExit(
+                    f"--tuned: {args.tuned} tuned {name} with other {key} "
+                    f"({sorted(set(part[key]))}, this run {value}); rerun the grid "
+                    "without --tuned."
+                )
+    table["diverged"] = table["diverged"].astype(bool)
+    return table
 
 
 def best_values(tuning: pd.DataFrame) -> dict[tuple[str, str], float]:

@@ -102,3 +102,18 @@ def test_tiny_ablation_writes_its_tables_atomically(tmp_path, monkeypatch):
     assert np.allclose(summary["geomean_vs_best"], score["geomean_vs_best"])
     assert not list((tmp_path / "ablation").glob(".*.tmp"))
     assert_second_run_is_refused(lambda: ablation.main(argv), tmp_path / "ablation")
+
+
+def test_tuned_values_of_an_earlier_run_are_reused(tmp_path):
+    argv = [*ARGV, "--optimizers", "sgd", "--skip-quadratic"]
+    first = bench.main([*argv, "--out", str(tmp_path / "first")])
+    tuned = str(tmp_path / "first" / "tuning.csv")
+    second = bench.main([*argv, "--out", str(tmp_path / "second"), "--tuned", tuned])
+    assert len(checked_tables(tmp_path / "second" / "tables")) == 1  # no grid
+    pd.testing.assert_frame_equal(
+        first.drop(columns=["time_per_step_ms", "train_loss_equal_time"]),
+        second.drop(columns=["time_per_step_ms", "train_loss_equal_time"]),
+    )
+    with pytest.raises(SystemExit, match="other batch_size"):
+        bench.main([*argv, "--batch-size", "16", "--out", str(tmp_path / "third"),
+                    "--tuned", tuned])  # fmt: skip

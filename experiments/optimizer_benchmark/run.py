@@ -262,7 +262,7 @@ def _reused_tuning(args, names: list[str]) -> pd.DataFrame:
                   & table["optimizer"].isin(names)].copy()  # fmt: skip
     for name, part in table.groupby("optimizer"):
         expected = {"seed": args.seed, "eval_every": args.eval_every,
-                    "batch_size": args.batch_size, "step": args.steps,
+                    "batch_size": args.batch_size,
                     "steps": job_steps(args, name)}  # fmt: skip
         for key, value in expected.items():
             if not (part[key] == value).all():

@@ -122,6 +122,17 @@ def test_conv_chunks_bound_the_batch_of_each_transposed_convolution(monkeypatch)
 
     fast = fast_backprop.FAST_CONV_DERIVATIVES[nn.Conv2d]()
     monkeypatch.setattr(fast, "conv_transpose_func", spy)
+    released = []
+    monkeypatch.setattr(fast_backprop, "release_free_heap", lambda: released.append(1))
     fast.jac_t_mat_prod(module, None, None, mat)
     N = mat.shape[1]
     assert batches == [3 * N, 3 * N, N]
+    assert released == [1]  # once, after the chunks
+
+
+def test_unchunked_conv_does_not_release(monkeypatch, calls):
+    module, mat = _conv_and_factor("conv3d")
+    fast_backprop.FAST_CONV_DERIVATIVES[nn.Conv3d]().jac_t_mat_prod(
+        module, None, None, mat
+    )
+    assert calls == []

@@ -14,26 +14,16 @@ from typing import Any, Protocol
 
 from backpack.extensions import BatchGrad
 from backpack.extensions.backprop_extension import BackpropExtension
-from backpack.extensions.firstorder.batch_grad.conv1d import BatchGradConv1d
-from backpack.extensions.firstorder.batch_grad.conv2d import BatchGradConv2d
-from backpack.extensions.firstorder.batch_grad.conv3d import BatchGradConv3d
-from backpack.extensions.firstorder.batch_grad.linear import BatchGradLinear
 from backpack.extensions.secondorder.hbp import LossHessianStrategy
 from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
-from backpack.extensions.secondorder.sqrt_ggn.convnd import (
-    SqrtGGNConv1d,
-    SqrtGGNConv2d,
-    SqrtGGNConv3d,
-)
-from backpack.extensions.secondorder.sqrt_ggn.linear import SqrtGGNLinear
 from backpack.utils.module_classification import is_loss
 from torch import Tensor
-from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
+from torch.nn import Module
 
 from vivitlib.errors import DisconnectedLossError, UnsupportedError
-from vivitlib.extensions import layers
 from vivitlib.extensions.extra_layers import EXTRA_SQRT
 from vivitlib.extensions.fast_backprop import FAST_SQRT, QuantityLedger
+from vivitlib.extensions.layers import FACTORED_LAYERS
 
 FACTOR_FIELD = "_vivitlib_ggn_factor"
 GRADS_FIELD = "_vivitlib_batch_grads"
@@ -84,18 +74,15 @@ def _factored_grads(base: type, build: Callable) -> type:
     return _FactoredGrads
 
 
-#: Module class -> factored handler, for the GGN factor and per-sample gradients.
+#: Module class -> factored handler, for the GGN factor and per-sample gradients
+#: (built from :data:`vivitlib.extensions.layers.FACTORED_LAYERS`).
 FACTORED_SQRT = {
-    Linear: _factored_sqrt(SqrtGGNLinear, layers.linear_weight_factor),
-    Conv1d: _factored_sqrt(SqrtGGNConv1d, layers.conv_weight_factor),
-    Conv2d: _factored_sqrt(SqrtGGNConv2d, layers.conv_weight_factor),
-    Conv3d: _factored_sqrt(SqrtGGNConv3d, layers.conv_weight_factor),
+    cls: _factored_sqrt(rule.sqrt_handler, rule.weight_factor)
+    for cls, rule in FACTORED_LAYERS.items()
 }
 FACTORED_GRADS = {
-    Linear: _factored_grads(BatchGradLinear, layers.linear_weight_grads),
-    Conv1d: _factored_grads(BatchGradConv1d, layers.conv_weight_grads),
-    Conv2d: _factored_grads(BatchGradConv2d, layers.conv_weight_grads),
-    Conv3d: _factored_grads(BatchGradConv3d, layers.conv_weight_grads),
+    cls: _factored_grads(rule.grads_handler, rule.weight_grads)
+    for cls, rule in FACTORED_LAYERS.items()
 }
 
 

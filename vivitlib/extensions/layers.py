@@ -1,8 +1,10 @@
 """Linear and convolution weights: BackPACK's results handed to `vivitlib.factors`.
 
-A new layer kind is one handler here plus one table line in
-:mod:`vivitlib.extensions.backpack_ext`. Layers not listed use BackPACK's dense
-``[C, N, *param.shape]`` factor for that layer only.
+A layer kind's fast path is all in this file: the two functions building its
+factor and its per-sample gradients from what BackPACK hands over, and one
+line in :data:`FACTORED_LAYERS`. Layers not listed use BackPACK's dense
+``[C, N, *param.shape]`` factor for that layer only, and so does a listed layer
+whenever its function returns ``None``.
 
 Linear and convolution weights (``groups=1``, zero padding) are kept as outer
 products: backpropagated factor ``s`` ``[C, N, T, O]`` and layer input ``a``
@@ -22,7 +24,19 @@ keeps BackPACK's path only where the unfolded input would outweigh ``V`` and
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from backpack.extensions.firstorder.batch_grad.conv1d import BatchGradConv1d
+from backpack.extensions.firstorder.batch_grad.conv2d import BatchGradConv2d
+from backpack.extensions.firstorder.batch_grad.conv3d import BatchGradConv3d
+from backpack.extensions.firstorder.batch_grad.linear import BatchGradLinear
+from backpack.extensions.secondorder.sqrt_ggn.convnd import (
+    SqrtGGNConv1d,
+    SqrtGGNConv2d,
+    SqrtGGNConv3d,
+)
+from backpack.extensions.secondorder.sqrt_ggn.linear import SqrtGGNLinear
 from backpack.utils.conv import unfold_input
 from backpack.utils.subsampling import subsample
 from torch import Tensor
@@ -127,3 +141,33 @@ def conv_weight_grads(
     delta = delta.reshape(N, O, -1).transpose(1, 2)
     a = conv_inputs(module, subsampling)
     return OuterGrads(delta, a, input_source(module, subsampling))
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How one layer kind hands its weight's factor and gradients to ``factors``.
+
+    Attributes:
+        sqrt_handler: BackPACK's square-root-GGN handler of the layer (its bias
+            and the backpropagation to the layer input are kept).
+        grads_handler: BackPACK's per-sample-gradient handler of the layer.
+        weight_factor: ``(module, backproped, subsampling) -> Factor | None``.
+        weight_grads: ``(module, grad_output, subsampling) -> Grads | None``.
+    """
+
+    sqrt_handler: type
+    grads_handler: type
+    weight_factor: Callable
+    weight_grads: Callable
+
+
+_LINEAR = (linear_weight_factor, linear_weight_grads)
+_CONV = (conv_weight_factor, conv_weight_grads)
+
+#: Layer kinds whose weights are kept factored.
+FACTORED_LAYERS: dict[type, LayerRule] = {
+    Linear: LayerRule(SqrtGGNLinear, BatchGradLinear, *_LINEAR),
+    Conv1d: LayerRule(SqrtGGNConv1d, BatchGradConv1d, *_CONV),
+    Conv2d: LayerRule(SqrtGGNConv2d, BatchGradConv2d, *_CONV),
+    Conv3d: LayerRule(SqrtGGNConv3d, BatchGradConv3d, *_CONV),
+}

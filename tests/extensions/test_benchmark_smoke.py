@@ -63,3 +63,20 @@ def test_memory_in_fresh_process():
     result = in_subprocess(job, timeout=120)
     assert result["ok"], result
     assert result["peak_mib"] >= 0
+
+
+def test_memory_trace_names_every_step_and_restores_the_hooks():
+    from backpack.extensions.module_extension import ModuleExtension
+
+    from experiments.benchmarks.ggn import memory_trace
+
+    call = ModuleExtension.__call__
+    rows = memory_trace.trace("digits_mlp", 8, "eigvals")
+    assert ModuleExtension.__call__ is call
+    steps = {(r["module"], r["step"]) for r in rows}
+    assert {("Linear", "extension"), ("Linear", "hook"), ("Tanh", "extension")} <= steps
+    assert rows[-1]["step"] == "pass"
+    assert all(r["peak_after"] >= r["peak_before"] for r in rows)
+    assert rows[-1]["peak_after"] == max(r["peak_after"] for r in rows)
+    with pytest.raises(ValueError, match="config='eigvals'"):
+        memory_trace.trace("digits_mlp", 8, "gradient")

@@ -55,6 +55,11 @@ def test_trust_region_step_is_the_exact_subproblem_solution():
                          trust_solve="scale").plan(gammas, evals, dampings, 1.0)  # fmt: skip
     assert scaled.step_norm == pytest.approx(radius, rel=1e-12)
     assert plan.predicted < scaled.predicted < 0
+    # "auto" (default): the exact step only where the step is checked (closure)
+    unchecked = StepControl(initial_damping=0.0, floor=0.0, radius=0.5).plan(
+        gammas, evals, dampings, 1.0, checked=False
+    )
+    torch.testing.assert_close(unchecked.coefficients, scaled.coefficients)
 
 
 def test_complement_momentum_matches_dense_heavy_ball():

@@ -183,9 +183,11 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             the trust region. Default: ``10.0``.
         trust_solve: ``"damping"``: a step beyond the radius gets the common
             extra damping that puts it on the boundary (the exact trust-region
-            step); ``"scale"``: it is scaled down as a whole (see
+            step); ``"scale"``: it is scaled down as a whole; ``"auto"``:
+            ``"damping"`` in ``step(closure)`` (the step is checked and undone
+            if it fails), ``"scale"`` without a closure (see
             :class:`~vivitlib.optim.safeguards.StepControl`). Default:
-            ``"damping"``.
+            ``"auto"``.
         reject_steps: With a closure, undo steps that increase the batch loss.
             Default: ``True``.
         complement_lr: ``η >= 0``, gradient step in the flat complement, or
@@ -229,7 +231,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         initial_damping: float = 1e-3,
         damping_floor: float = 1e-4,
         trust_radius: float | None = 10.0,
-        trust_solve: str = "damping",
+        trust_solve: str = "auto",
         reject_steps: bool = True,
         complement_lr: float | str | None = None,
         complement_momentum: float | None = None,
@@ -408,7 +410,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 [(p, p.grad) for b in blocks for p in b.params if p.grad is not None]
             )
             plans = [
-                self._group_update(index, group, block, control)
+                self._group_update(index, group, block, control, closure is not None)
                 for index, (group, block, control) in enumerate(
                     zip(self.param_groups, blocks, self._controls)
                 )
@@ -448,7 +450,12 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         return loss
 
     def _group_update(
-        self, index: int, group: dict[str, Any], block: Any, control: StepControl
+        self,
+        index: int,
+        group: dict[str, Any],
+        block: Any,
+        control: StepControl,
+        checked: bool,
     ) -> tuple[list[Tensor], StepPlan] | None:
         """Compute a group's step (lr and safeguards included), or ``None``."""
         plan, update = None, None
@@ -466,7 +473,10 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             if not bool(torch.isfinite(dampings).any()):
                 self._warn(index, "the damping strategy rejected every direction")
             else:
-                plan = control.plan(gammas.mean(0), block.evals, dampings, group["lr"])
+                plan = control.plan(
+                    gammas.mean(0), block.evals, dampings, group["lr"],
+                    checked=checked,
+                )  # fmt: skip
                 dampings = plan.dampings
                 update = [u * plan.scale for u in block.newton_step(plan.dampings)]
                 rate = group["complement_lr"]

@@ -150,7 +150,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         initial_damping: float = 1e-3,
         damping_floor: float = 1e-4,
         trust_radius: float | None = 10.0,
-        trust_solve: str = "damping",
+        trust_solve: str = "auto",
         reject_steps: bool = True,
     ) -> None:
         if curvature not in _OPERATORS:
@@ -375,8 +375,9 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             plan = None
             if bool(torch.isfinite(dampings).any()):
                 plan = self._controls[0].plan(
-                    gammas.mean(0), curv.clamp(min=0), dampings, group["lr"]
-                )
+                    gammas.mean(0), curv.clamp(min=0), dampings, group["lr"],
+                    checked=closure is not None,
+                )  # fmt: skip
         except BaseException:
             self._controls[0].load_state_dict(saved)
             self._pending = saved_pending

@@ -112,7 +112,13 @@ class StepControl:
             direction with ``‖c(ν)‖ = r`` (the exact trust-region step of the
             quadratic model in the eigenbasis, Moré–Sorensen: flat directions
             shrink most, stiff ones keep their Newton step); ``"scale"``
-            multiplies the whole step by ``r / ‖c‖``. Default: ``"damping"``.
+            multiplies the whole step by ``r / ‖c‖``; ``"auto"``: ``"damping"``
+            for a step that is checked (:meth:`plan` with ``checked=True``: the
+            loss is re-evaluated and a failed step undone), ``"scale"``
+            otherwise. Without that check the exact step, which leans towards
+            the gradient direction when ``ν`` is large, diverged on the digits
+            CNN in 2 of 5 seeds where the scaled step did not. Default:
+            ``"auto"``.
 
     Raises:
         TypeError, ValueError: On non-numeric or out-of-range settings.
@@ -127,7 +133,7 @@ class StepControl:
         radius: float | None = 10.0,
         increase: float = 3.0,
         decrease: float = 0.5,
-        trust_solve: str = "damping",
+        trust_solve: str = "auto",
     ) -> None:
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {type(adaptive)}.")
@@ -143,9 +149,10 @@ class StepControl:
         self.decrease = _check_number("decrease", decrease, 0.0, allow_low=False)
         if self.decrease >= 1.0:
             raise ValueError(f"decrease must lie in (0, 1), got {decrease}.")
-        if trust_solve not in ("damping", "scale"):
+        if trust_solve not in ("auto", "damping", "scale"):
             raise ValueError(
-                f"trust_solve must be 'damping' or 'scale', got {trust_solve!r}."
+                "trust_solve must be 'auto', 'damping' or 'scale', got "
+                f"{trust_solve!r}."
             )
         self.trust_solve = trust_solve
         self.mu = max(self.initial_damping, self.floor)
@@ -154,7 +161,13 @@ class StepControl:
         self.complement: float | None = None
 
     def plan(
-        self, gammas: Tensor, evals: Tensor, dampings: Tensor, lr: float
+        self,
+        gammas: Tensor,
+        evals: Tensor,
+        dampings: Tensor,
+        lr: float,
+        *,
+        checked: bool = True,
     ) -> StepPlan:
         """Combine a strategy's dampings with the safeguards into a step.
 
@@ -163,6 +176,9 @@ class StepControl:
             evals: Batch curvatures ``λ_k > 0``, ``[K]``.
             dampings: The strategy's dampings ``δ_k >= 0`` (``inf``: skip), ``[K]``.
             lr: Learning rate.
+            checked: Whether the step's actual loss change is measured before
+                it is kept (a closure); selects the ``"auto"`` trust-region
+                solve. Default: ``True``.
 
         Returns:
             The step; nothing is changed until :meth:`update`.
@@ -183,7 +199,10 @@ class StepControl:
         radius = self._radius(gammas, lam_max)
         if radius is not None and norm > radius:
             clipped = True
-            if self.trust_solve == "damping":
+            exact = self.trust_solve == "damping" or (
+                self.trust_solve == "auto" and checked
+            )
+            if exact:
                 effective = effective + _trust_damping(
                     gammas, evals, effective, radius / lr
                 )

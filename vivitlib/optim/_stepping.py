@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from backpack import backpack
 from torch import Tensor
 
 from vivitlib.distributed import mean_over_ranks
@@ -36,6 +37,30 @@ def check_loss(loss: Any) -> None:
             f"The closure returned {what}; it must compute the loss, call "
             "loss.backward() and return the scalar loss."
         )
+
+
+def curvature_closure(closure: Callable[[], Any], collector: Any) -> Any:
+    """Run ``closure`` inside BackPACK for ``collector``; return its checked loss.
+
+    Args:
+        closure: Computes the loss and calls ``backward()`` on it.
+        collector: Owner of the BackPACK ``extensions`` and ``hook`` (reset if
+            the closure fails, so no half-collected pass survives).
+
+    Raises:
+        TypeError: If the closure does not return a scalar loss.
+    """
+    try:
+        with (
+            torch.enable_grad(),
+            backpack(*collector.extensions, extension_hook=collector.hook),
+        ):
+            loss = closure()
+        check_loss(loss)
+    except BaseException:
+        collector.reset()
+        raise
+    return loss
 
 
 def restore(params: Sequence[Tensor], values: Sequence[Tensor], grads) -> None:

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from backpack import backpack
 from torch import Tensor
 
 from vivitlib.distributed import broadcast_from_first, resolve_group
 from vivitlib.ggn import LowRankGGN
 from vivitlib.optim._stepping import (
     SafeguardedStepping,
-    check_loss,
+    curvature_closure,
     load_pending,
     loss_value,
 )
@@ -368,16 +367,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         """
         loss = None
         if closure is not None:
-            try:
-                with (
-                    torch.enable_grad(),
-                    backpack(*self.extensions, extension_hook=self.hook),
-                ):
-                    loss = closure()
-                check_loss(loss)
-            except BaseException:
-                self._ggn.reset()
-                raise
+            loss = curvature_closure(closure, self._ggn)
         try:
             blocks = self._ggn.blocks
         except RuntimeError as err:

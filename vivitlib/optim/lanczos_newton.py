@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from backpack import backpack
 from torch import Tensor, nn
 
 from vivitlib import hessianfree
 from vivitlib.directional import DirectionalDerivatives
 from vivitlib.optim._stepping import (
     SafeguardedStepping,
-    check_loss,
+    curvature_closure,
     load_pending,
     loss_value,
 )
@@ -326,17 +325,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         """
         loss = None
         if closure is not None:
-            collector = self._ensure_directions()
-            try:
-                with (
-                    torch.enable_grad(),
-                    backpack(*collector.extensions, extension_hook=collector.hook),
-                ):
-                    loss = closure()
-                check_loss(loss)
-            except BaseException:
-                collector.reset()
-                raise
+            loss = curvature_closure(closure, self._ensure_directions())
         try:
             if self._evecs is None:
                 raise RuntimeError("no directions yet")

@@ -1,6 +1,6 @@
 """The noisy-quadratic part of the benchmark: every noise model, many seeds.
 
-Uses :mod:`experiments.noisy_quadratic.problem` (SGD, constant damping on a fine
+Uses :mod:`experiments.problems.noisy_quadratic` (SGD, constant damping on a fine
 grid, untuned bootstrap with and without the optimiser's safeguards). The score
 is the median final distance to the minimum over seeds.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from experiments.noisy_quadratic.problem import (
+from experiments.problems.noisy_quadratic import (
     NOISE_MODELS,
     NoisyQuadratic,
     optimizer_names,

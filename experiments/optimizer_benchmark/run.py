@@ -58,11 +58,11 @@ from experiments.common.results import (
     write_environment,
     write_table,
 )
-from experiments.noisy_quadratic.problem import NOISE_MODELS
 from experiments.optimizer_benchmark import plot, quadratic
 from experiments.optimizer_benchmark.optimizers import PEERS, peers_available, specs
 from experiments.optimizer_benchmark.training import train
 from experiments.problems import get_problem
+from experiments.problems.noisy_quadratic import NOISE_MODELS
 
 STUDY = "optimizer_benchmark"
 DEFAULT_PROBLEMS = ["digits_logreg", "digits_mlp", "digits_2c2d"]

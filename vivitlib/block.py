@@ -199,7 +199,7 @@ def _gram_of_counted(gram: Tensor, keep: Tensor | None, scale: float) -> Tensor:
 
 def _rows_to_public(rows: Tensor, num_columns: int) -> Tensor:
     """Class-major rows ``[C·N, ...]`` → sample-major ``[N·C, ...]`` (a copy)."""
-    shaped = rows.reshape(num_columns, -1, *rows.shape[1:])
+    shaped = rows.reshape(num_columns, rows.shape[0] // num_columns, *rows.shape[1:])
     return to_public_columns(shaped).reshape(rows.shape)
 
 

@@ -10,13 +10,13 @@ from backpack import backpack, extend
 from torch import nn
 
 from tests.reference import dense_curvature
+from vivitlib.linalg.newton import newton_step_sizes
 from vivitlib.optim import (
     BootstrapDamping,
     ConstantDamping,
     DampedNewton,
     LanczosDampedNewton,
 )
-from vivitlib.optim.coefficients import newton_coefficients
 
 
 def _problem(seed=0):
@@ -38,7 +38,7 @@ def _flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_newton_coefficients_against_elementwise_reference():
+def test_newton_step_sizes_against_elementwise_reference():
     gen = torch.Generator().manual_seed(0)
     gammas = torch.randn(6, generator=gen, dtype=torch.float64)
     curvatures = torch.tensor([2.0, 1.0, 0.0, -1.0, 3.0, 0.5], dtype=torch.float64)
@@ -52,10 +52,10 @@ def test_newton_coefficients_against_elementwise_reference():
         ],
         dtype=torch.float64,
     )
-    got = newton_coefficients(gammas, curvatures, dampings)
+    got = newton_step_sizes(gammas, curvatures, dampings)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     # a candidate table [C, K] broadcasts like the bootstrap's
-    table = newton_coefficients(gammas, curvatures, dampings.new_tensor([[0.5], [2.0]]))
+    table = newton_step_sizes(gammas, curvatures, dampings.new_tensor([[0.5], [2.0]]))
     assert table.shape == (2, 6)
     torch.testing.assert_close(table[1, 0], -gammas[0] / 4.0)
 
@@ -67,7 +67,7 @@ def test_constant_step_equals_dense_solve_through_shared_coefficient():
     keep = evals > 1e-10 * evals.max()
     evals, evecs = evals[keep], evecs[:, keep]
     gammas = evecs.T @ dense.grad
-    expected = _flat(model) + evecs @ newton_coefficients(
+    expected = _flat(model) + evecs @ newton_step_sizes(
         gammas, evals, torch.full_like(evals, 0.3)
     )
     opt = DampedNewton(model.parameters(), 0.3, mc_samples=0, safeguards=False)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vivitlib.optim.coefficients import newton_coefficients
+from vivitlib.linalg.newton import newton_step_sizes
 
 __all__ = ["DampingStrategy", "ConstantDamping", "BootstrapDamping"]
 
@@ -454,7 +454,7 @@ class BootstrapDamping(DampingStrategy):
         deltas = self.candidates.to(dtype=gammas.dtype, device=gammas.device)
         curvatures = step_c.mean(0)
         valid = curvatures + deltas[:, None] > 0  # [C, K]
-        steps = newton_coefficients(step_g.mean(0), curvatures, deltas[:, None])
+        steps = newton_step_sizes(step_g.mean(0), curvatures, deltas[:, None])
 
         reductions = (
             -steps * gamma_boot[:, None, :] - 0.5 * steps**2 * (lambda_boot[:, None, :])

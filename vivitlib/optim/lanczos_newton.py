@@ -35,13 +35,13 @@ from torch import Tensor, nn
 
 from vivitlib import hessianfree
 from vivitlib.directional import DirectionalDerivatives
+from vivitlib.linalg.newton import newton_step_sizes
 from vivitlib.optim._stepping import (
     SafeguardedStepping,
     curvature_closure,
     load_pending,
     loss_value,
 )
-from vivitlib.optim.coefficients import newton_coefficients
 from vivitlib.optim.damped_newton import _check_hyperparameters
 from vivitlib.optim.damping import (
     BootstrapDamping,
@@ -403,7 +403,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
 
         Zero where ``δ_k = inf`` or ``λ_k + δ_k ≤ 0`` (no step along ``d_k``).
         """
-        return newton_coefficients(
+        return newton_step_sizes(
             gammas.mean(0), lambdas.mean(0), dampings.to(lambdas.dtype)
         )
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vivitlib.optim.coefficients import newton_coefficients
+from vivitlib.linalg.newton import newton_step_sizes
 
 __all__ = ["StepControl", "StepPlan"]
 
@@ -193,7 +193,7 @@ class StepControl:
         # along directions flatter than that (none on a well-conditioned problem)
         global_damping = max(self.mu, self.floor) * lam_max
         effective = torch.maximum(dampings, (global_damping - evals).clamp(min=0))
-        newton = newton_coefficients(gammas, evals, effective)
+        newton = newton_step_sizes(gammas, evals, effective)
         norm = float(newton.norm()) * lr
         scale, clipped = lr, False
         radius = self._radius(gammas, lam_max)
@@ -206,7 +206,7 @@ class StepControl:
                 effective = effective + _trust_damping(
                     gammas, evals, effective, radius / lr
                 )
-                newton = newton_coefficients(gammas, evals, effective)
+                newton = newton_step_sizes(gammas, evals, effective)
                 norm = float(newton.norm()) * lr
             scale = lr * min(1.0, radius / norm)
         coefficients = scale * newton

@@ -19,6 +19,25 @@ from vivitlib.optim.safeguards import StepControl, StepPlan, agreement
 Move = tuple[Tensor, Tensor, float]
 
 
+def check_hyperparameters(group: dict[str, Any]) -> None:
+    """Validate ``lr``, ``weight_decay``, ``complement_lr``/``_momentum`` of a group."""
+    checks = (("lr", True), ("weight_decay", False), ("complement_lr", False),
+              ("complement_momentum", False))  # fmt: skip
+    for name, positive in checks:
+        if name not in group:
+            continue
+        value = group[name]
+        if name == "complement_lr" and value == "auto":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a float, got {type(value)}.")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bound = "> 0" if positive else ">= 0"
+            raise ValueError(f"{name} must be finite and {bound}, got {value}.")
+        if name == "complement_momentum" and value >= 1:
+            raise ValueError(f"complement_momentum must lie in [0, 1), got {value}.")
+
+
 def loss_value(loss: Any) -> float:
     """The loss as a Python float (sum for a non-scalar tensor)."""
     if isinstance(loss, Tensor):

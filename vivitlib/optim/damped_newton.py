@@ -22,6 +22,7 @@ from vivitlib.distributed import broadcast_from_first, resolve_group
 from vivitlib.ggn import LowRankGGN
 from vivitlib.optim._stepping import (
     SafeguardedStepping,
+    check_hyperparameters,
     curvature_closure,
     load_pending,
     loss_value,
@@ -68,25 +69,6 @@ class DampingRecord:
     applied: bool
     scale: float = math.nan
     predicted: float = math.nan
-
-
-def _check_hyperparameters(group: dict[str, Any]) -> None:
-    """Validate ``lr``, ``weight_decay``, ``complement_lr``/``_momentum`` of a group."""
-    checks = (("lr", True), ("weight_decay", False), ("complement_lr", False),
-              ("complement_momentum", False))  # fmt: skip
-    for name, positive in checks:
-        if name not in group:
-            continue
-        value = group[name]
-        if name == "complement_lr" and value == "auto":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"{name} must be a float, got {type(value)}.")
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            bound = "> 0" if positive else ">= 0"
-            raise ValueError(f"{name} must be finite and {bound}, got {value}.")
-        if name == "complement_momentum" and value >= 1:
-            raise ValueError(f"complement_momentum must lie in [0, 1), got {value}.")
 
 
 class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
@@ -247,7 +229,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         if complement_momentum is None:
             complement_momentum = 0.9 if complement_lr == "auto" else 0.0
         defaults["complement_momentum"] = complement_momentum
-        _check_hyperparameters(defaults)
+        check_hyperparameters(defaults)
         for name, flag in (
             ("safeguards", safeguards),
             ("reject_steps", reject_steps),
@@ -306,7 +288,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group)}.")
         param_group = dict(param_group)
         strategy = as_strategy(param_group.pop("damping", self._default_strategy))
-        _check_hyperparameters(param_group)
+        check_hyperparameters(param_group)
         num_groups = len(self.param_groups)
         super().add_param_group(param_group)
         if hasattr(self, "_ggn"):
@@ -645,7 +627,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                     f"parameters, the state_dict's {len(saved.get('params', []))}."
                 )
             index_to_param.update(zip(saved["params"], group["params"]))
-            _check_hyperparameters(
+            check_hyperparameters(
                 {k: v for k, v in saved.items() if k in ("lr", "weight_decay",
                                                          "complement_lr",
                                                          "complement_momentum")}

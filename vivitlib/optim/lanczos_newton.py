@@ -38,11 +38,11 @@ from vivitlib.directional import DirectionalDerivatives
 from vivitlib.linalg.newton import newton_step_sizes
 from vivitlib.optim._stepping import (
     SafeguardedStepping,
+    check_hyperparameters,
     curvature_closure,
     load_pending,
     loss_value,
 )
-from vivitlib.optim.damped_newton import _check_hyperparameters
 from vivitlib.optim.damping import (
     BootstrapDamping,
     as_strategy,
@@ -166,7 +166,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         damping = BootstrapDamping() if damping is None else damping
-        _check_hyperparameters({"lr": lr})
+        check_hyperparameters({"lr": lr})
         for name, flag in (("safeguards", safeguards), ("reject_steps", reject_steps)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag)}.")
@@ -472,7 +472,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 f"state_dict's group has {len(groups[0].get('params', []))} "
                 f"parameters, this optimizer {len(self.params)}."
             )
-        _check_hyperparameters({"lr": groups[0].get("lr")})
+        check_hyperparameters({"lr": groups[0].get("lr")})
         strategy = self._group_strategy(0)
         if hasattr(strategy, "check_state"):
             strategy.check_state(damping_state)

@@ -8,12 +8,6 @@ import experiments
 ROOT = Path(experiments.__file__).parent
 LAYERS = ("common", "problems")
 
-#: Imports around the layers still to be moved by their owners; each names the file.
-KNOWN = {
-    # optimizer_benchmark/{run,quadratic}.py: use experiments.problems.noisy_quadratic
-    ("optimizer_benchmark", "noisy_quadratic"),
-}
-
 
 def _owner(module: str) -> str | None:
     """The experiments package a dotted module belongs to (``None`` if outside)."""
@@ -53,7 +47,7 @@ def test_studies_import_only_common_and_problems():
         for source, target in _imports()
         if source not in LAYERS and target not in LAYERS
     }
-    assert around <= KNOWN, f"studies importing other studies: {around - KNOWN}"
+    assert not around, f"studies importing other studies: {around}"
 
 
 def test_common_builds_on_problems_only():

@@ -136,20 +136,3 @@ def test_unchunked_conv_does_not_release(monkeypatch, calls):
         module, None, None, mat
     )
     assert calls == []
-
-
-def test_huge_page_advice_changes_no_value():
-    x = torch.empty(2 * 2**21 // 8 + 5, dtype=torch.float64)  # holds an aligned 2 MiB
-    advised = fast_backprop.advise_huge_pages(x)
-    assert advised is (fast_backprop._madvise() is not None)
-    x.zero_()
-    assert torch.count_nonzero(x) == 0
-
-
-def test_small_tensor_gets_no_huge_page_advice():
-    assert fast_backprop.advise_huge_pages(torch.empty(10)) is False
-
-
-def test_huge_page_advice_is_a_no_op_without_madvise(monkeypatch):
-    monkeypatch.setattr(fast_backprop, "_madvise", lambda: None)
-    assert fast_backprop.advise_huge_pages(torch.empty(2**22)) is False

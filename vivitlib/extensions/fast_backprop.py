@@ -23,9 +23,10 @@ threshold (up to 32 MiB) in the heap, while a block above it is mapped afresh,
 so without the release the retained free heap and the new buffer add up in the
 resident memory (3C3D: full compute at ``N = 64`` peaks at 406 instead of
 451 MiB, eigenvalues at ``N = 256`` at 1180 instead of 1250 MiB); it costs a
-few milliseconds per call. Such an output is also backed by transparent huge
-pages (:func:`advise_huge_pages`): first touching it then takes a 512th of the
-page faults (max pooling on 3C3D, ``N = 64``: 0.070 instead of 0.104 s).
+few milliseconds per call. (Backing such an output by transparent huge pages
+halves its zero-filling in isolation, but with the kernel's default
+``defrag=madvise`` the faults then compact memory: the whole pass became
+0.1-0.8 s slower and erratic on 3C3D at ``N = 64``, so it is not done.)
 
 On the CPU most of the time of a large backpropagated factor goes into
 touching freshly allocated memory, so the activation rules multiply **in
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import sys
 import weakref
 from math import prod
 from typing import Any
@@ -154,58 +154,13 @@ def release_free_heap() -> bool:
     return True
 
 
-#: Linux ``madvise`` advice asking for transparent huge pages.
-_MADV_HUGEPAGE = 14
-_HUGE_PAGE = 2**21
-
-
-@functools.cache
-def _madvise():
-    """The C library's ``madvise`` (Linux), or ``None``."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        madvise = ctypes.CDLL(None).madvise
-    except (AttributeError, OSError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise
-
-
-def advise_huge_pages(tensor: Tensor) -> bool:
-    """Ask Linux to back a fresh, untouched CPU tensor with 2 MiB pages.
-
-    First touching a large buffer costs one page fault per 4 KiB page, which on
-    the CPU dominates writing a large backpropagated factor (3C3D, ``N = 64``:
-    zero-filling max pooling's 122 MiB output takes 0.08 s, 0.03 s with huge
-    pages). Only whole 2 MiB-aligned stretches are advised; a hint without
-    effect on the values (the kernel falls back to small pages if it must).
-
-    Returns:
-        Whether ``madvise`` was called.
-    """
-    madvise = _madvise()
-    if madvise is None or tensor.device.type != "cpu":
-        return False
-    ptr = tensor.data_ptr()
-    start = -(-ptr // _HUGE_PAGE) * _HUGE_PAGE
-    end = (ptr + tensor.numel() * tensor.element_size()) // _HUGE_PAGE * _HUGE_PAGE
-    if end <= start:
-        return False
-    madvise(start, end - start, _MADV_HUGEPAGE)
-    return True
-
-
 def _new_zeros(like: Tensor, *shape: int) -> Tensor:
-    """``like.new_zeros(shape)``; if large (CPU): free heap released, huge pages."""
-    if like.device.type != "cpu" or prod(shape) * like.element_size() < (
+    """``like.new_zeros(shape)``, releasing free heap first if it is large (CPU)."""
+    if like.device.type == "cpu" and prod(shape) * like.element_size() >= (
         RELEASE_HEAP_BYTES
     ):
-        return like.new_zeros(shape)
-    release_free_heap()
-    out = like.new_empty(shape)
-    advise_huge_pages(out)
-    return out.zero_()
+        release_free_heap()
+    return like.new_zeros(shape)
 
 
 def may_overwrite(ext: Any, mat: Any) -> bool:

@@ -110,7 +110,7 @@ def hessian_norms(
 
     op = hf.HessianOperator(plain, loss_fn, [(inputs, labels)])
     generator = torch.Generator().manual_seed(seed)
-    top = hf.topk_eigh(op, 1, tol=1e-6, generator=generator).eigenvalues
+    top = hf.topk_eigh(op, 1, tol=1e-6, generator=generator).evals
     probes = torch.randint(
         0, 2, (op.shape[0], num_probes), generator=generator, dtype=torch.float64
     )

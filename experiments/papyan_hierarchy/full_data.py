@@ -81,7 +81,7 @@ def full_data_table(
             kernel_var=kernel_var,
             generator=torch.Generator().manual_seed(seed),
         )
-        evals = _numpy(top.eigenvalues)
+        evals = _numpy(top.evals)
         frames.append(
             pd.DataFrame({"operator": name, "kind": "top", "x": evals, "y": np.nan})
         )

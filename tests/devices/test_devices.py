@@ -125,7 +125,7 @@ def test_hessianfree_product_and_topk(device):
     res = hf.topk_eigh(op, 3, tol=1e-8, generator=_gen())
     assert res.converged
     exact = torch.linalg.eigvalsh(dense).flip(0)[:3]
-    torch.testing.assert_close(res.eigenvalues.cpu(), exact, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(res.evals.cpu(), exact, rtol=1e-7, atol=1e-10)
     V = res.flat_evecs.cpu()
     torch.testing.assert_close(dense @ V, V * exact, atol=1e-5, rtol=0)
 

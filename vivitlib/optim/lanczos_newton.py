@@ -291,14 +291,14 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             self._model.train(was_training)
         record = RefreshRecord(
             step=self._num_steps,
-            evals=result.eigenvalues.detach().cpu(),
+            evals=result.evals.detach().cpu(),
             num_products=result.num_products,
             converged=result.converged,
         )
         self.refresh_history.append(record)
         self._set_directions(
-            [e.detach().to(p.dtype) for e, p in zip(result.eigenvectors, self.params)],
-            result.eigenvalues.detach().to(torch.float64).abs(),
+            [e.detach().to(p.dtype) for e, p in zip(result.evecs, self.params)],
+            result.evals.detach().to(torch.float64).abs(),
         )
         return record
 

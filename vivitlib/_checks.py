@@ -72,16 +72,6 @@ def check_finite(tensor: Tensor, what: str, fix: str) -> None:
         raise ValueError(f"{what} contains NaN or Inf. {fix}")
 
 
-def check_positive_int(value: int, name: str, allow_zero: bool = False) -> int:
-    """Validate an integer hyper-parameter."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}.")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {value}.")
-    return value
-
-
 def check_int_at_least(value: object, name: str, minimum: int) -> int:
     """Return ``value`` as ``int`` if it is an integer of at least ``minimum``.
 

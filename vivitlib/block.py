@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from vivitlib import linalg
-from vivitlib._checks import check_positive_int
+from vivitlib._checks import check_int_at_least
 from vivitlib.factors import Factor, Grads, as_factor, as_grads
 
 
@@ -320,7 +320,7 @@ class GGNBlock:
         """
         self._require_factors()
         if k is not None:
-            check_positive_int(k, "k", allow_zero=True)
+            check_int_at_least(k, "k", 0)
         k = self.num_directions if k is None else min(k, self.num_directions)
         coeffs = self.gram_evecs[:, :k] / self.evals[:k].sqrt()
         return self._apply(coeffs * self._factor_scale)

@@ -78,9 +78,7 @@ class BackpackCollector:
             )
         self.generator = generator
         self.process_group = resolve_group(process_group)
-        self.mc_samples = _checks.check_positive_int(
-            mc_samples, "mc_samples", allow_zero=True
-        )
+        self.mc_samples = _checks.check_int_at_least(mc_samples, "mc_samples", 0)
         self.subsampling = _checks.check_indices(subsampling, "subsampling")
         self.grad_subsampling = _checks.check_indices(
             grad_subsampling, "grad_subsampling"

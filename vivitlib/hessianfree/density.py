@@ -36,7 +36,7 @@ from vivitlib._checks import (
     check_positive_float,
 )
 from vivitlib.hessianfree._inputs import check_at_most_dim
-from vivitlib.hessianfree._linalg import MatMat, random_unit
+from vivitlib.hessianfree._krylov import MatMat, random_unit
 from vivitlib.hessianfree.lanczos import _lanczos
 from vivitlib.hessianfree.top_eigenpairs import _thick_restart
 

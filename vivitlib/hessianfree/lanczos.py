@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vivitlib._checks import check_generator, check_int_at_least
 from vivitlib.hessianfree._inputs import check_at_most_dim, check_vector
-from vivitlib.hessianfree._linalg import MatMat, orthogonalize, rademacher, tridiagonal
+from vivitlib.hessianfree._krylov import MatMat, orthogonalize, rademacher, tridiagonal
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from vivitlib._checks import check_generator, check_int_at_least, check_positive_float
+from vivitlib._warnings import DeprecatedAlias
 from vivitlib.hessianfree._base import CurvatureOperator
-from vivitlib.hessianfree._deprecated import DeprecatedAlias
 from vivitlib.hessianfree._inputs import check_at_most_dim, check_vector, check_which
-from vivitlib.hessianfree._linalg import MatMat, orthogonalize, random_unit
+from vivitlib.hessianfree._krylov import MatMat, orthogonalize, random_unit
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from vivitlib._checks import check_generator, check_int_at_least, check_positive_float
-from vivitlib.hessianfree._deprecated import DeprecatedAlias
+from vivitlib._warnings import DeprecatedAlias
 from vivitlib.hessianfree._inputs import check_at_most_dim
-from vivitlib.hessianfree._linalg import MatMat, orthogonalize, rademacher
+from vivitlib.hessianfree._krylov import MatMat, orthogonalize, rademacher
 from vivitlib.hessianfree.lanczos import _lanczos
 
 METHODS = ("krylov", "hutch++", "hutchinson")

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from vivitlib import hessianfree
+from vivitlib._warnings import DeprecatedAlias
 from vivitlib.directional import DirectionalDerivatives
 from vivitlib.linalg.newton import newton_step_sizes
 from vivitlib.optim._stepping import (
@@ -70,11 +71,7 @@ class RefreshRecord:
     num_products: int
     converged: bool
 
-    @property
-    def eigenvalues(self) -> Tensor:
-        """Deprecated alias of :attr:`evals`."""
-        _deprecated("RefreshRecord.eigenvalues", "RefreshRecord.evals")
-        return self.evals
+    eigenvalues = DeprecatedAlias("evals")
 
 
 class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
@@ -240,17 +237,8 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._ensure_directions()
         return self._evals
 
-    @property
-    def directions(self) -> list[Tensor]:
-        """Deprecated alias of :attr:`evecs`."""
-        _deprecated("LanczosDampedNewton.directions", "LanczosDampedNewton.evecs")
-        return self.evecs
-
-    @property
-    def eigenvalues(self) -> Tensor:
-        """Deprecated alias of :attr:`evals`."""
-        _deprecated("LanczosDampedNewton.eigenvalues", "LanczosDampedNewton.evals")
-        return self.evals
+    directions = DeprecatedAlias("evecs")
+    eigenvalues = DeprecatedAlias("evals")
 
     def _ensure_directions(self) -> DirectionalDerivatives:
         """The derivative collector, after the first refresh if none ran yet."""
@@ -519,11 +507,3 @@ def _check_counters(num_steps: Any, num_rejected: Any) -> None:
     for name, value in (("num_steps", num_steps), ("num_rejected", num_rejected)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"state_dict {name!r} must be an int >= 0, got {value!r}.")
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(
-        f"{old} is deprecated; use {new} (the library's name).",
-        DeprecationWarning,
-        stacklevel=3,
-    )

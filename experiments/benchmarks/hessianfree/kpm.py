@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from vivitlib import hessianfree as hf
-from vivitlib.hessianfree._linalg import MatMat, rademacher
+from vivitlib.hessianfree._krylov import MatMat, rademacher
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def bench_topk(ctx, seeds, ks=(1, 5, 20)):
     rows = []
     for k in ks:
         for seed in seeds:
-            v0 = hf._linalg.rademacher(H.shape[0], 1, gen(seed), "cpu")[:, 0].numpy()
+            v0 = hf._krylov.rademacher(H.shape[0], 1, gen(seed), "cpu")[:, 0].numpy()
             runs = [
                 ("vivitlib topk_eigh", ours, partial(_topk_vivitlib, H, k, seed)),
                 (

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: env demo test docs bench lint clean
+.PHONY: env demo test test-all docs bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,10 @@ env: $(STAMP)
 demo: $(STAMP)
 	MPLBACKEND=agg $(PY) -m experiments.noise_during_training.run --quick
 
-test: $(STAMP)
+test: $(STAMP)  # the fast subset for development: everything but `slow`
+	OMP_NUM_THREADS=1 MPLBACKEND=agg $(PY) -m pytest -n 2 -q -m "not slow"
+
+test-all: $(STAMP)  # the full suite, what CI runs (README's test command)
 	OMP_NUM_THREADS=1 MPLBACKEND=agg $(PY) -m pytest -n 2 -q
 
 docs: $(STAMP)

@@ -257,6 +257,7 @@ def test_a_failing_rank_makes_the_others_raise_within_the_timeout(world_results)
     assert elapsed < 30
 
 
+@pytest.mark.slow  # end to end; runs in the full suite (CI), not in `make test`
 def test_torchrun_example_runs(tmp_path):
     import subprocess
     import sys

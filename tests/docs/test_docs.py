@@ -142,6 +142,7 @@ def test_parameter_and_loss_rows_are_consistent(tables):
         )
 
 
+@pytest.mark.slow  # end to end; runs in the full suite (CI), not in `make test`
 @pytest.mark.skipif(
     importlib.util.find_spec("sphinx") is None, reason="Sphinx is not installed"
 )

@@ -1,6 +1,7 @@
 """Study 5 end to end in a tiny configuration, and its resume."""
 
 import pandas as pd
+import pytest
 
 import experiments.diagonal_vs_spectrum.run as study
 from tests.experiments.utils import assert_finite, assert_resumes, tiny_training
@@ -17,6 +18,7 @@ ARGV = [
 ]
 
 
+@pytest.mark.slow  # end to end; runs in the full suite (CI), not in `make test`
 def test_diagonal_study_table_and_resume(monkeypatch, tmp_path):
     table = assert_resumes(
         monkeypatch, study.main, ARGV, tmp_path, study, "diagonal_table", call=2

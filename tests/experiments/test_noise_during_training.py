@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import experiments.noise_during_training.run as study
 from experiments.common.spectrum import (
@@ -16,6 +17,7 @@ ARGV = tiny_training("digits_mlp", "0,5,11", 12)
 N, C = 12, 10
 
 
+@pytest.mark.slow  # end to end; runs in the full suite (CI), not in `make test`
 def test_noise_study_table_and_resume(monkeypatch, tmp_path, capsys):
     table = assert_resumes(
         monkeypatch, study.main, ARGV, tmp_path, study, "noise_table", call=3

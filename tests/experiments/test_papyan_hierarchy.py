@@ -4,6 +4,7 @@ import importlib.util
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import experiments.papyan_hierarchy.run as study
 from tests.experiments.utils import assert_finite, assert_resumes, tiny_training
@@ -22,6 +23,7 @@ ARGV = [
 ]
 
 
+@pytest.mark.slow  # end to end; runs in the full suite (CI), not in `make test`
 def test_papyan_study_tables_and_resume(monkeypatch, tmp_path, capsys):
     table = assert_resumes(
         monkeypatch, study.main, ARGV, tmp_path, study, "full_data_table", call=2

@@ -18,7 +18,7 @@ from experiments.benchmarks.hessianfree.problem import (  # noqa: E402
 from tests.experiments.study_checks import assert_second_run_is_refused  # noqa: E402
 
 
-@pytest.mark.slow  # ~11 s: the whole benchmark with its peers (run: pytest -m slow)
+@pytest.mark.slow  # ~11 s: the whole benchmark with its peers (full suite only, not `make test`)
 def test_benchmark_runs_end_to_end(tmp_path):
     # 64-8-10 MLP on 60 digits: D = 610, dense reference in well under a second
     size = ["--num-data", "60", "--hidden", "8", "--steps", "5"]

@@ -38,10 +38,15 @@ class PassOwner(Protocol):
         """Validate ``module``, run ``call``, roll back on failure."""
 
 
-def _factored_sqrt(base: type, build: Callable) -> type:
+def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> type:
     """BackPACK's factor handler ``base``; the weight's factor from ``build``."""
 
     class _FactoredSqrt(base):
+        def __init__(self):
+            super().__init__()
+            if derivatives is not None:
+                self.derivatives = derivatives()
+
         def weight(self, ext, module, g_inp, g_out, backproped: Tensor):  # noqa: D102
             subsampling = ext.get_subsampling()
             factor = build(module, backproped, subsampling)
@@ -77,7 +82,7 @@ def _factored_grads(base: type, build: Callable) -> type:
 #: Module class -> factored handler, for the GGN factor and per-sample gradients
 #: (built from :data:`vivitlib.extensions.layers.FACTORED_LAYERS`).
 FACTORED_SQRT = {
-    cls: _factored_sqrt(rule.sqrt_handler, rule.weight_factor)
+    cls: _factored_sqrt(rule.sqrt_handler, rule.weight_factor, rule.derivatives)
     for cls, rule in FACTORED_LAYERS.items()
 }
 FACTORED_GRADS = {

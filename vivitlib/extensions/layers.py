@@ -42,6 +42,7 @@ from backpack.utils.subsampling import subsample
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
+from vivitlib.extensions.fast_backprop import FAST_CONV_DERIVATIVES
 from vivitlib.factors import OuterFactor, OuterGrads, current_cost_model, outer_factor
 
 _ConvNd = Conv1d | Conv2d | Conv3d
@@ -153,21 +154,30 @@ class LayerRule:
         grads_handler: BackPACK's per-sample-gradient handler of the layer.
         weight_factor: ``(module, backproped, subsampling) -> Factor | None``.
         weight_grads: ``(module, grad_output, subsampling) -> Grads | None``.
+        derivatives: Derivatives replacing BackPACK's in the square-root
+            handler (same arithmetic, less memory), or ``None``.
     """
 
     sqrt_handler: type
     grads_handler: type
     weight_factor: Callable
     weight_grads: Callable
+    derivatives: type | None = None
 
 
 _LINEAR = (linear_weight_factor, linear_weight_grads)
 _CONV = (conv_weight_factor, conv_weight_grads)
 
-#: Layer kinds whose weights are kept factored.
+#: Layer kinds whose weights are kept factored (convolutions backpropagate the
+#: factor to their input on column chunks, :data:`FAST_CONV_DERIVATIVES`).
 FACTORED_LAYERS: dict[type, LayerRule] = {
     Linear: LayerRule(SqrtGGNLinear, BatchGradLinear, *_LINEAR),
-    Conv1d: LayerRule(SqrtGGNConv1d, BatchGradConv1d, *_CONV),
-    Conv2d: LayerRule(SqrtGGNConv2d, BatchGradConv2d, *_CONV),
-    Conv3d: LayerRule(SqrtGGNConv3d, BatchGradConv3d, *_CONV),
+    **{
+        conv: LayerRule(sqrt, grads, *_CONV, FAST_CONV_DERIVATIVES[conv])
+        for conv, sqrt, grads in (
+            (Conv1d, SqrtGGNConv1d, BatchGradConv1d),
+            (Conv2d, SqrtGGNConv2d, BatchGradConv2d),
+            (Conv3d, SqrtGGNConv3d, BatchGradConv3d),
+        )
+    },
 }

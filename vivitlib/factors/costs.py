@@ -45,7 +45,7 @@ class CostModel:
             kernel reuses on the CPU (small enough to stay in cache).
         materialise_elements: Largest slice of a weight-shared layer's dense
             ``V`` formed at a time by the ``'dense'`` plan when only its Gram
-            block and ``Vᵀg`` are needed; ``2**22`` float32 entries = 16 MiB.
+            block and ``Vᵀg`` are needed; ``2**23`` float32 entries = 32 MiB.
             The whole ``V`` is formed at once only when it is kept for lifting.
         keep_dense_ratio: Keep the dense ``V`` of a weight-shared layer for
             lifting when it is at most this many times larger than its factors.
@@ -58,7 +58,7 @@ class CostModel:
 
     chunk_elements: int = 2**24
     workspace_elements: int = 2**21
-    materialise_elements: int = 2**22
+    materialise_elements: int = 2**23
     keep_dense_ratio: float = 4.0
     gram_plan: str | None = None
     factored: bool = True

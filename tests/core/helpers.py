@@ -33,3 +33,22 @@ def assert_eigenpairs(block, dense_ggn, rtol=1e-6):
         Q = evecs[:, start:stop] @ evecs[:, start:stop].T
         torch.testing.assert_close(P, Q, atol=1e-6, rtol=0)
         start = stop
+
+
+def assert_block_matches_dense(block, dense, damping: float = 0.1) -> None:
+    """Eigenpairs, per-sample γ and λ and the damped Newton step vs the reference.
+
+    ``dense`` is :meth:`tests.core.cases.Problem.dense` (float64, ``torch.func``).
+    """
+    assert_eigenpairs(block, dense.ggn)
+    E = flat_evecs(block)
+    gammas = dense.per_sample_grads @ E.T
+    lambdas = torch.einsum("kd,nde,ke->nk", E, dense.per_sample_ggn, E)
+    tol = 1e-9 * gammas.abs().max()
+    torch.testing.assert_close(block.gammas, gammas, atol=tol, rtol=1e-7)
+    tol = 1e-9 * block.evals[0]
+    torch.testing.assert_close(block.lambdas, lambdas, atol=tol, rtol=1e-7)
+    step = torch.cat([s.flatten() for s in block.newton_step(damping)])
+    expected = -E.T @ ((E @ dense.grad) / (block.evals + damping))
+    tol = 1e-9 * expected.abs().max()
+    torch.testing.assert_close(step, expected, rtol=1e-6, atol=tol)

@@ -12,7 +12,7 @@ from backpack import backpack
 
 import vivitlib
 from tests.core.cases import CASES, Problem, make_problem
-from tests.core.helpers import assert_eigenpairs, flat_evecs
+from tests.core.helpers import assert_block_matches_dense
 from tests.hessianfree import cases as hf_cases
 from vivitlib import hessianfree as hf
 from vivitlib.factors import cost_model
@@ -59,19 +59,7 @@ def test_low_rank_ggn(device, case_id, plan):
     problem.run(ggn)
     block = _OnCpu(ggn.blocks[0])
     assert ggn.blocks[0].evals.device.type == device
-    assert_eigenpairs(block, dense.ggn)
-    E = flat_evecs(block)
-    gammas = dense.per_sample_grads @ E.T
-    lambdas = torch.einsum("kd,nde,ke->nk", E, dense.per_sample_ggn, E)
-    tol = 1e-9 * gammas.abs().max()
-    torch.testing.assert_close(block.gammas, gammas, atol=tol, rtol=1e-7)
-    tol = 1e-9 * block.evals[0]
-    torch.testing.assert_close(block.lambdas, lambdas, atol=tol, rtol=1e-7)
-    damping = 0.1
-    step = torch.cat([s.flatten() for s in block.newton_step(damping)])
-    expected = -E.T @ ((E @ dense.grad) / (block.evals + damping))
-    tol = 1e-9 * expected.abs().max()
-    torch.testing.assert_close(step, expected, rtol=1e-6, atol=tol)
+    assert_block_matches_dense(block, dense)
 
 
 class _OnCpu:

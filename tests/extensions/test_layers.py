@@ -12,7 +12,7 @@ from torch import nn
 
 import vivitlib
 from tests.core.cases import make_problem
-from tests.core.helpers import assert_eigenpairs, flat_evecs
+from tests.core.helpers import assert_block_matches_dense, flat_evecs
 from vivitlib.extensions import layers
 from vivitlib.factors import cost_model
 
@@ -61,22 +61,10 @@ def test_all_quantities_match_dense(layer_problem, route):
     ggn = vivitlib.LowRankGGN(problem.params)
     problem.run(ggn)
     block, dense = ggn.blocks[0], problem.dense()
-    assert_eigenpairs(block, dense.ggn)
     torch.testing.assert_close(
         block.gram.trace(), dense.ggn.trace(), rtol=1e-10, atol=0
     )
-    E = flat_evecs(block)
-    gammas = dense.per_sample_grads @ E.T
-    lambdas = torch.einsum("kd,nde,ke->nk", E, dense.per_sample_ggn, E)
-    tol = 1e-9 * gammas.abs().max()
-    torch.testing.assert_close(block.gammas, gammas, atol=tol, rtol=1e-7)
-    tol = 1e-9 * block.evals[0]
-    torch.testing.assert_close(block.lambdas, lambdas, atol=tol, rtol=1e-7)
-    damping = 0.1
-    step = torch.cat([s.flatten() for s in block.newton_step(damping)])
-    expected = -E.T @ ((E @ dense.grad) / (block.evals + damping))
-    tol = 1e-9 * expected.abs().max()
-    torch.testing.assert_close(step, expected, rtol=1e-6, atol=tol)
+    assert_block_matches_dense(block, dense)
 
 
 def test_grad_subsampling_and_layerwise(layer_problem, route):

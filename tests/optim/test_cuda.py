@@ -7,6 +7,7 @@ import torch
 from backpack import backpack, extend
 from torch import nn
 
+from tests.optim.helpers import make_closure
 from vivitlib.optim import BootstrapDamping, DampedNewton, LanczosDampedNewton
 
 pytestmark = [
@@ -22,16 +23,6 @@ def problem(device, seed=0):
     y = torch.randint(0, 4, (32,))
     return (extend(net.to(device)), extend(nn.CrossEntropyLoss()), X.to(device),
             y.to(device))  # fmt: skip
-
-
-def closure_for(opt, model, loss_fn, X, y):
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model(X), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 @pytest.mark.parametrize(
@@ -54,7 +45,7 @@ def test_cuda_steps_match_cpu(options):
             kwargs["damping"] = BootstrapDamping(generator=0, independent=True)
         opt = DampedNewton(model.parameters(), **kwargs)
         for _ in range(3):
-            opt.step(closure_for(opt, model, loss_fn, X, y))
+            opt.step(make_closure(opt, model, loss_fn, X, y))
         params[device] = torch.cat(
             [p.detach().cpu().flatten() for p in model.parameters()]
         )
@@ -75,5 +66,5 @@ def test_cuda_defaults_without_closure_and_lanczos():
     opt.load_state_dict(state)
     lanczos = LanczosDampedNewton(model, loss_fn, (X, y), k=3, refresh_every=2)
     for _ in range(4):
-        lanczos.step(closure_for(lanczos, model, loss_fn, X, y))
+        lanczos.step(make_closure(lanczos, model, loss_fn, X, y))
     assert all(torch.isfinite(p).all() for p in model.parameters())

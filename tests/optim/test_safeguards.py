@@ -12,6 +12,7 @@ import torch
 from backpack import backpack, extend
 from torch import nn
 
+from tests.optim.helpers import make_closure
 from tests.reference import dense_curvature
 from vivitlib.optim import BootstrapDamping, DampedNewton, LanczosDampedNewton
 from vivitlib.optim.safeguards import StepControl
@@ -21,16 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 def flat(params):
     return torch.cat([p.detach().flatten() for p in params])
-
-
-def make_closure(opt, model, loss_fn, X, y):
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model(X), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def test_quadratic_with_exact_undamped_step_gets_no_damping():

@@ -40,6 +40,7 @@ from vivitlib.extensions import (
 from vivitlib.extensions.losses import loss_weighting
 from vivitlib.factors import as_factor, as_grads
 from vivitlib.groups import normalize_groups
+from vivitlib.memory import MemoryBudget, memory_budget, parse_memory
 
 _REDUCTIONS = ("mean", "sum")
 _INSTANCE_TAGS = itertools.count()
@@ -58,6 +59,9 @@ class BackpackCollector:
         subsampling: Curvature sample indices (``None``: all).
         grad_subsampling: Per-sample-gradient indices (``None``: all).
         needs_grads: Whether per-sample gradients are collected.
+        max_memory: Working-memory budget of the pass in bytes, or a string
+            such as ``"512MiB"`` (``None``: the defaults); see
+            :mod:`vivitlib.memory`.
     """
 
     def __init__(
@@ -70,7 +74,11 @@ class BackpackCollector:
         needs_grads: bool = True,
         process_group: Any = None,
         generator: torch.Generator | None = None,
+        max_memory: int | str | None = None,
     ):
+        self.max_memory = parse_memory(max_memory)
+        self._budget = MemoryBudget.split(self.max_memory)
+        self._itemsize = 4
         self.param_groups = normalize_groups(params)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
@@ -165,11 +173,15 @@ class BackpackCollector:
         """
         try:
             self.enter_module(module, g_out)
-            with self.random_state(module):
+            with self.random_state(module), self.memory_scope():
                 call(module, g_inp, g_out)
         except Exception:
             self._abort()
             raise
+
+    def memory_scope(self) -> contextlib.AbstractContextManager:
+        """Apply this object's memory budget (``max_memory``) inside a block."""
+        return memory_budget(self._budget, self._itemsize)
 
     def random_state(self, module: Module) -> contextlib.AbstractContextManager:
         """Where Monte-Carlo draws at the loss come from.
@@ -211,8 +223,9 @@ class BackpackCollector:
         if self._pass is None or self._pass.finished or is_loss(module):
             return
         try:
-            for param in module.parameters(recurse=False):
-                self._collect(param)
+            with self.memory_scope():
+                for param in module.parameters(recurse=False):
+                    self._collect(param)
         except Exception:
             self._abort()
             raise
@@ -235,6 +248,7 @@ class BackpackCollector:
                 "supported; use reduction='mean' or 'sum'."
             )
         batch_size = loss_module.input0.shape[0]
+        self._itemsize = loss_module.input0.element_size()
         if batch_size == 0 or loss_module.input0.numel() == 0:
             raise ValueError(
                 "The mini-batch is empty (model output of shape "

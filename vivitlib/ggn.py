@@ -126,6 +126,19 @@ class LowRankGGN(BackpackCollector):
             ``[0, 1)``). Default ``None``: the round-off cut-off of the
             precision the computation had (see
             :func:`vivitlib.linalg.eigenvalue_cutoff`).
+        max_memory: Working-memory budget of the pass, trading time for memory:
+            bytes as an int, or a string such as ``"512MiB"`` or ``"2GB"``.
+            It bounds what the pass holds beyond a plain backward pass (model,
+            activations, ``.grad``) and its results (the ``NC × NC`` Gram):
+            backpropagated factors larger than a quarter of it stay lazy and
+            are formed a few columns at a time, and the contraction kernels
+            work in slices of an eighth of it. Numbers are the same under
+            every budget. A layer that cannot fit (one column of its factor
+            is larger) runs with its smallest working set and emits a
+            :class:`vivitlib.memory.MemoryBudgetWarning` naming the budget
+            that would have been honoured. Default ``None``: factors above
+            32 MiB stay lazy, kernels use their default chunks. See
+            :mod:`vivitlib.memory`.
 
     Raises:
         TypeError, ValueError: On malformed groups, indices or options.
@@ -143,6 +156,7 @@ class LowRankGGN(BackpackCollector):
         rtol: float | None = None,
         process_group: Any = None,
         generator: torch.Generator | None = None,
+        max_memory: int | str | None = None,
     ):
         self.compute = _check_compute(compute)
         choose_eigh_dtype(eigh_dtype, 1, None)  # validates
@@ -157,6 +171,7 @@ class LowRankGGN(BackpackCollector):
             needs_grads=bool(_NEEDS_GRADS & set(self.compute)),
             process_group=process_group,
             generator=generator,
+            max_memory=max_memory,
         )
 
     @property

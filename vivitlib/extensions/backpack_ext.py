@@ -22,8 +22,15 @@ from torch.nn import Module
 
 from vivitlib.errors import DisconnectedLossError, UnsupportedError
 from vivitlib.extensions.extra_layers import EXTRA_SQRT
-from vivitlib.extensions.fast_backprop import FAST_SQRT, QuantityLedger
-from vivitlib.extensions.layers import FACTORED_LAYERS
+from vivitlib.extensions.fast_backprop import (
+    FAST_SQRT,
+    QuantityLedger,
+    lazy_backpropagate,
+)
+from vivitlib.extensions.layers import FACTORED_LAYERS, conv_inputs, conv_unfoldable
+from vivitlib.extensions.lazy import LazyColumns
+from vivitlib.extensions.lazy_layers import conv_step, prefers_chunks
+from vivitlib.memory import current_budget
 
 FACTOR_FIELD = "_vivitlib_ggn_factor"
 GRADS_FIELD = "_vivitlib_batch_grads"
@@ -39,15 +46,44 @@ class PassOwner(Protocol):
 
 
 def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> type:
-    """BackPACK's factor handler ``base``; the weight's factor from ``build``."""
+    """BackPACK's factor handler ``base``; the weight's factor from ``build``.
+
+    With ``derivatives`` that keep factors lazy (convolutions), a lazy factor
+    reaching the layer is handled column chunk by column chunk
+    (:mod:`.lazy_layers`), and a large factor backpropagated to the input stays
+    lazy.
+    """
+    lazy_aware = derivatives is not None and hasattr(derivatives, "column_op")
 
     class _FactoredSqrt(base):
         def __init__(self):
             super().__init__()
             if derivatives is not None:
                 self.derivatives = derivatives()
+            self._dense_bias = self._make_param_function("bias")
+            self._chunked: dict[str, Any] = {}
 
-        def weight(self, ext, module, g_inp, g_out, backproped: Tensor):  # noqa: D102
+        def accepts_lazy(self, module, quantity: LazyColumns) -> bool:
+            """Whether this step handles ``quantity`` in column chunks."""
+            return lazy_aware and prefers_chunks(module, quantity)
+
+        def _from_chunks(self, ext, module, backproped, name: str):
+            if not self._chunked:
+                sub = ext.get_subsampling()
+                unfolded = conv_inputs(module, sub) if conv_unfoldable(module) else None
+                self._chunked = conv_step(
+                    self.derivatives, module, backproped, sub, unfolded
+                )
+            return self._chunked.pop(name)
+
+        def bias(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
+            if isinstance(backproped, LazyColumns):
+                return self._from_chunks(ext, module, backproped, "bias")
+            return self._dense_bias(ext, module, g_inp, g_out, backproped)
+
+        def weight(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
+            if isinstance(backproped, LazyColumns):
+                return self._from_chunks(ext, module, backproped, "weight")
             subsampling = ext.get_subsampling()
             factor = build(module, backproped, subsampling)
             if factor is not None:
@@ -56,6 +92,17 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
                 "weight", module, g_inp, g_out, backproped,
                 sum_batch=False, subsampling=subsampling,
             )  # fmt: skip
+
+        def backpropagate(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
+            if isinstance(backproped, LazyColumns):
+                return self._from_chunks(ext, module, backproped, "input")
+            if lazy_aware:
+                lazy = lazy_backpropagate(
+                    self.derivatives, module, backproped, ext.get_subsampling()
+                )
+                if lazy is not None:
+                    return lazy
+            return super().backpropagate(ext, module, g_inp, g_out, backproped)
 
     _FactoredSqrt.__name__ = f"Factored{base.__name__}"
     return _FactoredSqrt
@@ -102,12 +149,14 @@ class _KnowsItsLayers(BackpropExtension):
 
     def __init__(self, savefield: str, module_exts: dict, *args, **kwargs):
         self.supported_layers: set[type] = set(module_exts)
+        self.handlers: dict[type, Any] = dict(module_exts)
         super().__init__(savefield, module_exts, *args, **kwargs)
 
     def set_module_extension(self, module, extension, overwrite: bool = False):
         """Register ``extension`` for ``module`` (BackPACK's API), and record it."""
         super().set_module_extension(module, extension, overwrite=overwrite)
         self.supported_layers.add(module)
+        self.handlers[module] = extension
 
 
 class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
@@ -155,10 +204,31 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             # a pass starts: quantities left by an aborted one (keyed by memory
             # addresses that new tensors may reuse) must not be accumulated onto
             self.saved_quantities.clear()
-        elif any(p.requires_grad for p in module.parameters(recurse=False)):
-            # its factors may keep the quantity: never overwrite it in place
-            self.saved_quantities.pin(module.output.data_ptr())
+        else:
+            self._form_lazy_unless_accepted(module)
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                # its factors may keep the quantity: never overwrite it in place
+                self.saved_quantities.pin(module.output.data_ptr())
         super().__call__(module, g_inp, g_out)
+
+    def _form_lazy_unless_accepted(self, module: Module) -> None:
+        """Form a lazy factor at ``module``'s output unless its rule takes it lazy."""
+        key = module.output.data_ptr()
+        quantity = self.saved_quantities.retrieve_quantity(key, delete_old=False)
+        if not isinstance(quantity, LazyColumns):
+            if isinstance(quantity, Tensor):
+                current_budget().note_excess(
+                    f"the factor reaching {type(module).__name__}",
+                    quantity.numel() * quantity.element_size(),
+                )
+            return
+        accepts = getattr(self.handlers.get(type(module)), "accepts_lazy", None)
+        if accepts is None or not accepts(module, quantity):
+            current_budget().note_excess(
+                f"{type(module).__name__} (it needs its factor whole)",
+                quantity.numel() * quantity.element_size(),
+            )
+            self.saved_quantities.materialise(key)
 
     def check_reachable(self, module: Module) -> None:
         """Raise if BackPACK has no rule for ``module`` or no signal reached it.

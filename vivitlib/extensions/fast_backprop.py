@@ -55,6 +55,7 @@ from backpack.core.derivatives.conv2d import Conv2DDerivatives
 from backpack.core.derivatives.conv3d import Conv3DDerivatives
 from backpack.core.derivatives.dropout import DropoutDerivatives
 from backpack.core.derivatives.elu import ELUDerivatives
+from backpack.core.derivatives.flatten import FlattenDerivatives
 from backpack.core.derivatives.leakyrelu import LeakyReLUDerivatives
 from backpack.core.derivatives.logsigmoid import LogSigmoidDerivatives
 from backpack.core.derivatives.maxpool1d import MaxPool1DDerivatives
@@ -68,6 +69,9 @@ from backpack.extensions.saved_quantities import SavedQuantities
 from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
+
+from vivitlib.extensions.lazy import LazyColumns, PendingOp, materialised
+from vivitlib.memory import current_budget
 
 
 class QuantityLedger(SavedQuantities):
@@ -83,10 +87,20 @@ class QuantityLedger(SavedQuantities):
         self._pins: dict[int, weakref.ref] = {}
 
     def save_quantity(self, key: int, quantity, accumulation_function) -> None:
-        """Store ``quantity`` under ``key``, accumulating onto an existing one."""
+        """Store ``quantity`` under ``key``, accumulating onto an existing one.
+
+        A lazy factor meeting another quantity (a residual sum) is formed first.
+        """
         if key in self._quantities:
-            quantity = accumulation_function(self._quantities.pop(key), quantity)
+            existing = materialised(self._quantities.pop(key))
+            quantity = accumulation_function(existing, materialised(quantity))
         self._quantities[key] = quantity
+
+    def materialise(self, key: int) -> None:
+        """Form the lazy factor stored under ``key`` (for a rule needing it whole)."""
+        quantity = self._quantities.get(key)
+        if isinstance(quantity, LazyColumns):
+            self._quantities[key] = quantity.materialise()
 
     def retrieve_quantity(self, key: int, delete_old: bool):
         """The quantity stored under ``key`` (removed if ``delete_old``), or None."""
@@ -120,6 +134,8 @@ class QuantityLedger(SavedQuantities):
 def _tensors(quantity) -> list[Tensor]:
     if isinstance(quantity, Tensor):
         return [quantity]
+    if isinstance(quantity, LazyColumns):
+        return [quantity.source]
     if isinstance(quantity, (list, tuple)):
         return [t for t in quantity if isinstance(t, Tensor)]
     return []
@@ -175,6 +191,15 @@ def may_overwrite(ext: Any, mat: Any) -> bool:
     )
 
 
+def _scale_op(factor: Tensor) -> PendingOp:
+    """Pending ``x * factor`` (``factor`` ``[N, *features]``), in place when fresh."""
+
+    def scale(x: Tensor, fresh: bool) -> Tensor:
+        return x.mul_(factor) if fresh else x * factor
+
+    return PendingOp(scale, tuple(factor.shape), fresh=True)
+
+
 def _elementwise(base: type) -> type:
     """``base`` with ``Jᵀ mat = mat * f'(x)`` instead of an einsum."""
 
@@ -185,6 +210,10 @@ def _elementwise(base: type) -> type:
         def jac_t_mat_prod_(self, module, mat: Tensor, subsampling=None) -> Tensor:
             """The same product written into ``mat``."""
             return mat.mul_(self.df(module, None, None, subsampling=subsampling))
+
+        def column_op(self, module, subsampling=None) -> PendingOp | None:
+            """The product as a pending map on a lazy factor's columns."""
+            return _scale_op(self.df(module, None, None, subsampling=subsampling))
 
     _Fast.__name__ = f"Fast{base.__name__}"
     return _Fast
@@ -199,6 +228,10 @@ class FastReLUDerivatives(ReLUDerivatives):
     def jac_t_mat_prod_(self, module, mat: Tensor, subsampling=None) -> Tensor:
         """The same product written into ``mat``."""
         return mat.mul_(subsample(module.input0, subsampling=subsampling) > 0)
+
+    def column_op(self, module, subsampling=None) -> PendingOp | None:
+        """The product as a pending map on a lazy factor's columns."""
+        return _scale_op(subsample(module.input0, subsampling=subsampling) > 0)
 
 
 class FastDropoutDerivatives(_elementwise(DropoutDerivatives)):
@@ -217,19 +250,54 @@ class FastDropoutDerivatives(_elementwise(DropoutDerivatives)):
             return mat
         return super().jac_t_mat_prod_(module, mat, subsampling=subsampling)
 
+    def column_op(self, module, subsampling=None) -> PendingOp | None:
+        """The product as a pending map (``None``: the identity)."""
+        if not module.training or module.p == 0:
+            return None
+        return super().column_op(module, subsampling=subsampling)
+
+
+class FastFlattenDerivatives(FlattenDerivatives):
+    """Flatten: BackPACK's view; on a lazy factor a pending reshape."""
+
+    def column_op(self, module, subsampling=None) -> PendingOp | None:
+        """The reshape as a pending map on a lazy factor's columns."""
+        shape = list(module.input0.shape)
+        if subsampling is not None:
+            shape[0] = len(subsampling)
+
+        def unflatten(x: Tensor, fresh: bool) -> Tensor:
+            return x.reshape(x.shape[0], *shape)
+
+        return PendingOp(unflatten, tuple(shape), fresh=False)
+
 
 def _max_pool(base: type) -> type:
     """``base`` with one scatter over flattened pixels, indices expanded not copied."""
 
     class _Fast(base):
+        #: The output is larger than the input: worth keeping lazy.
+        grows = True
+
         def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
+            return self.column_op(module, subsampling).fn(mat, False)
+
+        def column_op(self, module, subsampling=None) -> PendingOp:
+            """The scatter as a pending map (captures the pooling indices)."""
             index = self.get_pooling_idx(module, subsampling=subsampling)
-            V, N, channels = mat.shape[:3]
-            in_shape = module.input0.shape[2:]
-            out = _new_zeros(mat, V, N * channels, prod(in_shape))
-            index = index.reshape(1, N * channels, -1).expand(V, -1, -1)
-            out.scatter_add_(2, index, mat.reshape(V, N * channels, -1))
-            return out.view(V, N, channels, *in_shape)
+            N, channels = index.shape[:2]
+            in_shape = tuple(module.input0.shape[2:])
+            index = index.reshape(1, N * channels, -1)
+
+            def unpool(x: Tensor, fresh: bool) -> Tensor:
+                V = x.shape[0]
+                out = _new_zeros(x, V, N * channels, prod(in_shape))
+                out.scatter_add_(
+                    2, index.expand(V, -1, -1), x.reshape(V, N * channels, -1)
+                )
+                return out.view(V, N, channels, *in_shape)
+
+            return PendingOp(unpool, (N, channels, *in_shape), fresh=True)
 
     _Fast.__name__ = f"Fast{base.__name__}"
     return _Fast
@@ -238,6 +306,20 @@ def _max_pool(base: type) -> type:
 #: A convolution's transposed Jacobian runs on column chunks of at most this
 #: many output bytes (``conv_transpose`` needs scratch proportional to its batch).
 CONV_CHUNK_BYTES = 8 * 2**20
+
+
+class _ConvSnapshot:
+    """What BackPACK's convolution ``Jᵀ`` reads from a module, kept past its step.
+
+    The input is a shape only (a zero-stride view of one zero), the weight is
+    detached; BackPACK frees the module's stored input after its step.
+    """
+
+    def __init__(self, module: nn.Module):
+        for name in ("stride", "padding", "kernel_size", "dilation", "groups"):
+            setattr(self, name, getattr(module, name))
+        self.weight = module.weight.detach()
+        self.input0 = module.input0.new_zeros(()).expand(module.input0.shape)
 
 
 def _column_chunked(base: type) -> type:
@@ -251,6 +333,9 @@ def _column_chunked(base: type) -> type:
     """
 
     class _Fast(base):
+        #: The output is usually larger than the input: worth keeping lazy.
+        grows = True
+
         def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
             V = mat.shape[0]
             column_bytes = mat.shape[1] * module.input0[0].numel() * mat.element_size()
@@ -269,6 +354,19 @@ def _column_chunked(base: type) -> type:
             if out.device.type == "cpu":  # the chunks' scratch went back to the heap
                 release_free_heap()
             return out
+
+        def column_op(self, module, subsampling=None) -> PendingOp:
+            """``Jᵀ`` as a pending map (BackPACK's product on a module snapshot)."""
+            snapshot = _ConvSnapshot(module)
+            shape = list(module.input0.shape)
+            if subsampling is not None:
+                shape[0] = len(subsampling)
+            jac_t = super()._jac_t_mat_prod
+
+            def transpose_conv(x: Tensor, fresh: bool) -> Tensor:
+                return jac_t(snapshot, None, None, x, subsampling)
+
+            return PendingOp(transpose_conv, tuple(shape), fresh=True)
 
     _Fast.__name__ = f"Chunked{base.__name__}"
     return _Fast
@@ -295,6 +393,7 @@ FAST_DERIVATIVES: dict[type[nn.Module], type] = {
     nn.MaxPool1d: _max_pool(MaxPool1DDerivatives),
     nn.MaxPool2d: _max_pool(MaxPool2DDerivatives),
     nn.MaxPool3d: _max_pool(MaxPool3DDerivatives),
+    nn.Flatten: FastFlattenDerivatives,
 }
 
 
@@ -303,14 +402,46 @@ def _sqrt_rule(derivatives_cls: type) -> type:
         def __init__(self):
             super().__init__(derivatives_cls())
 
+        def accepts_lazy(self, module, quantity: LazyColumns) -> bool:
+            """Every rule here appends its map to a lazy factor."""
+            return True
+
         def backpropagate(self, ext, module, g_inp, g_out, backproped):
+            subsampling = ext.get_subsampling()
+            lazy = lazy_backpropagate(self.derivatives, module, backproped, subsampling)
+            if lazy is not None:
+                return lazy
             in_place = getattr(self.derivatives, "jac_t_mat_prod_", None)
             if in_place is not None and may_overwrite(ext, backproped):
-                return in_place(module, backproped, subsampling=ext.get_subsampling())
+                return in_place(module, backproped, subsampling=subsampling)
             return super().backpropagate(ext, module, g_inp, g_out, backproped)
 
     _Rule.__name__ = f"SqrtGGN{derivatives_cls.__name__}"
     return _Rule
+
+
+def lazy_backpropagate(
+    derivatives: Any, module: nn.Module, mat: Any, subsampling: list[int] | None
+) -> LazyColumns | None:
+    """``Jᵀ mat`` kept lazy, or ``None`` to compute it as usual.
+
+    A lazy ``mat`` gets the layer's map appended (``column_op``); a formed one
+    becomes lazy where the layer's output grows beyond the budget's
+    :attr:`~vivitlib.memory.MemoryBudget.lazy_bytes`.
+    """
+    if isinstance(mat, LazyColumns):
+        op = derivatives.column_op(module, subsampling=subsampling)
+        return mat if op is None else mat.then(op.fn, op.shape, op.fresh)
+    if not getattr(derivatives, "grows", False) or not isinstance(mat, Tensor):
+        return None
+    shape = list(module.input0.shape)
+    if subsampling is not None:
+        shape[0] = len(subsampling)
+    out_bytes = mat.shape[0] * prod(shape) * mat.element_size()
+    if out_bytes <= current_budget().lazy_bytes:
+        return None
+    op = derivatives.column_op(module, subsampling=subsampling)
+    return LazyColumns(mat).then(op.fn, op.shape, op.fresh)
 
 
 #: Module class -> square-root-GGN rule replacing BackPACK's.

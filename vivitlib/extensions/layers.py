@@ -48,7 +48,8 @@ from vivitlib.factors import OuterFactor, OuterGrads, current_cost_model, outer_
 _ConvNd = Conv1d | Conv2d | Conv3d
 
 
-def _conv_unfoldable(module: _ConvNd) -> bool:
+def conv_unfoldable(module: _ConvNd) -> bool:
+    """Whether the factored path applies (``groups=1``, zero padding, no string)."""
     return (
         module.groups == 1
         and module.padding_mode == "zeros"
@@ -107,7 +108,7 @@ def conv_weight_factor(
     module: _ConvNd, backproped: Tensor, subsampling: list[int] | None
 ) -> OuterFactor | None:
     """Outer-product factor of a convolution weight, or ``None`` for BackPACK's."""
-    if not _conv_unfoldable(module):
+    if not conv_unfoldable(module):
         return None
     C, N, O = backproped.shape[:3]  # noqa: E741
     T = backproped[0, 0, 0].numel()
@@ -135,7 +136,7 @@ def conv_weight_grads(
     module: _ConvNd, grad_output: Tensor, subsampling: list[int] | None
 ) -> OuterGrads | None:
     """Outer-product per-sample gradients of a convolution weight (or ``None``)."""
-    if not _conv_unfoldable(module) or not current_cost_model().factored:
+    if not conv_unfoldable(module) or not current_cost_model().factored:
         return None
     delta = subsample(grad_output, subsampling=subsampling)
     N, O = delta.shape[:2]  # noqa: E741

@@ -1,0 +1,175 @@
+"""``max_memory=``: same numbers under every budget, clear errors (issue 13)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import vivitlib
+from tests.core.cases import CASES, make_problem
+from tests.core.helpers import assert_block_matches_dense, flat_evecs
+from vivitlib.extensions.lazy import LazyColumns
+from vivitlib.memory import MemoryBudget, MemoryBudgetWarning, parse_memory
+
+
+class _ResidualConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return x + self.act(self.conv(x))
+
+
+def _pool_net():
+    """conv → ReLU → max pool → conv → dropout(eval) → pool → flatten → linear."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+        nn.Conv2d(4, 3, 2), nn.Sigmoid(), nn.Dropout(0.3), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 3),
+    ).eval()  # fmt: skip
+
+
+def _batchnorm_conv():
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 2, 2), nn.ELU(), nn.Flatten(), nn.Linear(2, 3),
+    )  # fmt: skip
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def _residual_conv():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), _ResidualConv(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 3),
+    )  # fmt: skip
+
+
+def _targets(n):
+    return torch.randint(0, 3, (n,))
+
+
+NETS = {
+    "pool-net": dict(model=_pool_net, loss=nn.CrossEntropyLoss, x=(4, 2, 11, 11),
+                     y=_targets),
+    "batchnorm-conv": dict(model=_batchnorm_conv, loss=nn.CrossEntropyLoss,
+                           x=(4, 2, 7, 7), y=_targets),
+    "residual-conv": dict(model=_residual_conv, loss=nn.CrossEntropyLoss,
+                          x=(3, 2, 6, 6), y=_targets, converter=True),
+}  # fmt: skip
+#: 1 byte: every factor lazy, one column per chunk, one-entry kernel chunks;
+#: 3000 bytes: some factors lazy, a few columns per chunk.
+BUDGETS = (1, 3000)
+
+
+def _quiet_run(problem, ggn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryBudgetWarning)
+        problem.run(ggn)
+        return ggn.blocks
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("name", NETS)
+def test_budgeted_pass_matches_dense(name, budget):
+    problem = make_problem(NETS[name])
+    ggn = vivitlib.LowRankGGN(problem.params, max_memory=budget)
+    (block,) = _quiet_run(problem, ggn)
+    assert_block_matches_dense(block, problem.dense())
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c["id"] in ("cnn-ce", "conv3d-avgpool-ce-sum",
+                                     "grouped-dilated-conv-ce", "conv1d-mse",
+                                     "adaptive-pool-cnn-ce")],
+    ids=lambda c: c["id"],
+)  # fmt: skip
+def test_budgeted_cases_match_dense(case):
+    problem = make_problem(case)
+    (block,) = _quiet_run(problem, vivitlib.LowRankGGN(problem.params, max_memory=1))
+    assert_block_matches_dense(block, problem.dense())
+
+
+def _results(name, **kwargs):
+    problem = make_problem(NETS[name])
+    ggn = vivitlib.LowRankGGN(
+        vivitlib.layerwise_groups(problem.model),
+        generator=torch.Generator().manual_seed(3),
+        **kwargs,
+    )
+    blocks = _quiet_run(problem, ggn)
+    return [(b.evals, b.gammas, b.lambdas, flat_evecs(b)) for b in blocks]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_monte_carlo_and_subsampling_unchanged_by_budget(budget):
+    options = dict(mc_samples=2, subsampling=[3, 0, 2], grad_subsampling=[1, 2])
+    reference = _results("pool-net", **options)
+    budgeted = _results("pool-net", max_memory=budget, **options)
+    for ref, got in zip(reference, budgeted):
+        for a, b in zip(ref, got):
+            # eigenvectors up to sign
+            if a.dim() == 2 and a.shape == b.shape and a is ref[3]:
+                b = b * torch.sign((a * b).sum(1, keepdim=True))
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_tiny_budget_keeps_factors_lazy(monkeypatch):
+    """With a tiny budget the large factors are never formed whole."""
+    problem = make_problem(NETS["pool-net"])
+    created = []
+    real = LazyColumns.__init__
+
+    def spy(self, *args, **kwargs):
+        created.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LazyColumns, "__init__", spy)
+    _quiet_run(problem, vivitlib.LowRankGGN(problem.params, max_memory=1))
+    assert created
+
+
+def test_budget_below_a_layers_needs_warns_with_the_minimum():
+    problem = make_problem(NETS["pool-net"])
+    ggn = vivitlib.LowRankGGN(problem.params, max_memory=1)
+    with pytest.warns(MemoryBudgetWarning, match="Raise max_memory to at least"):
+        problem.run(ggn)
+    assert ggn.blocks[0].evals.numel() > 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1024, 1024), ("512MiB", 512 * 2**20), ("1.5 GB", 1_500_000_000),
+     ("2gib", 2 * 2**30), ("100", 100), ("64 kB", 64_000)],
+)  # fmt: skip
+def test_parse_memory(value, expected):
+    assert parse_memory(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [(0, ValueError, "must be positive"), (-5, ValueError, "must be positive"),
+     ("0MiB", ValueError, "must be positive"), ("lots", ValueError, "not a memory size"),
+     ("12 parsecs", ValueError, "not a memory size"), (1.5e9, TypeError, "float"),
+     (True, TypeError, "int"), ([1], TypeError, "int")],
+)  # fmt: skip
+def test_bad_budgets_raise_before_anything_runs(value, error, match):
+    problem = make_problem(NETS["pool-net"])
+    for p in problem.params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(error, match=match):
+        vivitlib.LowRankGGN(problem.params, max_memory=value)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in problem.params)
+
+
+def test_budget_shares():
+    budget = MemoryBudget.split(2**20)
+    assert budget.lazy_bytes == 2**18
+    assert budget.column_bytes == 2**17
+    assert budget.cost_settings(4)["materialise_elements"] == 2**15
+    assert MemoryBudget.split(None).cost_settings(4) == {}

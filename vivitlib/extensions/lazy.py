@@ -1,0 +1,129 @@
+"""A backpropagated factor kept as its source plus pending per-column operations.
+
+Backpropagating the GGN factor ``[C, N, *features]`` through a network applies
+the same linear map to every column ``c``. Where a layer's output factor would
+be large (max pooling's is several times its input; a convolution's transposed
+Jacobian grows the features), it need not be formed at all:
+:class:`LazyColumns` holds the last formed tensor (the *source*) and the maps
+still to apply, and its consumers form a few columns at a time
+(:meth:`LazyColumns.columns`). Each column is still computed once per
+consumer, so a chain with one consumer (the usual case: the next layer with
+parameters) costs no extra time, and memory holds the small source, one chunk
+and the consumer's result instead of the large factor.
+
+The maps capture what they need when they are appended (a mask, pooling
+indices, a weight), because BackPACK frees a module's stored input after its
+step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from math import prod
+
+import torch
+from torch import Tensor
+
+#: ``op(x, fresh) -> y`` for ``x`` ``[k, N, *in]``: the layer's transposed
+#: Jacobian on ``k`` columns; it may overwrite ``x`` only when ``fresh`` (``x``
+#: is a buffer no one else holds).
+ColumnOp = Callable[[Tensor, bool], Tensor]
+
+
+@dataclass(frozen=True)
+class PendingOp:
+    """One pending map: the function and the per-column shape it produces.
+
+    Attributes:
+        fn: The map (see :data:`ColumnOp`).
+        shape: Per-column output shape ``[N, *features]``.
+        fresh: Whether ``fn`` returns a new buffer (not a view of its input).
+    """
+
+    fn: ColumnOp
+    shape: tuple[int, ...]
+    fresh: bool
+
+
+class LazyColumns:
+    """``[C, N, *features]`` as ``source`` followed by pending per-column maps.
+
+    Immutable: :meth:`then` returns a new object, so one lazy quantity handed to
+    several module inputs (a residual branch) is never changed under another.
+
+    Args:
+        source: The last formed factor, ``[C, N, *in]``.
+        ops: Maps to apply in order.
+    """
+
+    def __init__(self, source: Tensor, ops: tuple[PendingOp, ...] = ()):
+        self.source = source
+        self.ops = ops
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the factor this stands for."""
+        per_column = self.ops[-1].shape if self.ops else self.source.shape[1:]
+        return torch.Size((self.source.shape[0], *per_column))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the factor."""
+        return self.source.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the factor."""
+        return self.source.device
+
+    def element_size(self) -> int:
+        """Bytes per entry."""
+        return self.source.element_size()
+
+    def numel(self) -> int:
+        """Entries of the factor if it were formed."""
+        return prod(self.shape)
+
+    def column_bytes(self) -> int:
+        """Largest per-column tensor formed while forming one column (bytes)."""
+        sizes = [prod(self.source.shape[1:])] + [prod(op.shape) for op in self.ops]
+        return max(sizes) * self.element_size()
+
+    def then(self, fn: ColumnOp, shape: tuple[int, ...], fresh: bool) -> LazyColumns:
+        """This factor followed by one more map with per-column output ``shape``."""
+        return LazyColumns(self.source, (*self.ops, PendingOp(fn, tuple(shape), fresh)))
+
+    def columns(self, c0: int, c1: int) -> Tensor:
+        """Columns ``c0:c1`` of the factor, ``[c1 - c0, N, *features]``."""
+        x, fresh = self.source[c0:c1], False
+        for op in self.ops:
+            x = op.fn(x, fresh)
+            fresh = fresh or op.fresh
+        return x
+
+    def materialise(self) -> Tensor:
+        """The whole factor, formed a few columns at a time into one buffer."""
+        from vivitlib.memory import current_budget
+
+        C = self.shape[0]
+        step = current_budget().columns_per_chunk(self.column_bytes(), C)
+        if step >= C:
+            return self.columns(0, C)
+        out = self.source.new_empty(self.shape)
+        for c0 in range(0, C, step):
+            out[c0 : c0 + step] = self.columns(c0, min(C, c0 + step))
+        return out
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """Column ranges of the budget's chunk size, covering all columns."""
+        from vivitlib.memory import current_budget
+
+        C = self.shape[0]
+        step = current_budget().columns_per_chunk(self.column_bytes(), C)
+        return [(c0, min(C, c0 + step)) for c0 in range(0, C, step)]
+
+
+def materialised(quantity):
+    """``quantity`` with a lazy factor formed (anything else is returned as is)."""
+    return quantity.materialise() if isinstance(quantity, LazyColumns) else quantity

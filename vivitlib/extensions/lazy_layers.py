@@ -1,0 +1,114 @@
+"""A convolution reached by a lazy factor: its factors from column chunks.
+
+When the factor backpropagated to a convolution's output is lazy
+(:class:`~vivitlib.extensions.lazy.LazyColumns`), the layer's step forms it a
+few columns at a time and, from each chunk, the columns of the bias factor
+``[C, N, O]``, of the weight's dense factor ``[C, N, *weight.shape]`` and --
+where it is small enough to form -- of the factor backpropagated to the
+layer's input. A large one stays lazy instead (the convolution's ``Jᵀ``
+appended to the chain). Memory then holds the lazy source, one chunk and the
+results, never the factor at the layer's output.
+
+This pays where the weight's dense factor is smaller than the factor at the
+output (the first convolution of a network after max pooling: 3C3D's first
+layer at ``N = 64`` has a 12 MiB ``V`` and a 122 MiB output factor);
+otherwise (:func:`prefers_chunks` false) the lazy factor is formed and the
+layer takes its usual factored path.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from vivitlib.extensions.lazy import LazyColumns
+from vivitlib.memory import current_budget
+
+
+def _wants(module: Module, name: str) -> bool:
+    param = getattr(module, name, None)
+    return param is not None and param.requires_grad
+
+
+def prefers_chunks(module: Module, quantity: LazyColumns) -> bool:
+    """Whether the weight's dense factor is smaller than the factor at the output."""
+    if not _wants(module, "weight"):
+        return True
+    C, N = quantity.shape[:2]
+    return C * N * module.weight.numel() < quantity.numel()
+
+
+def conv_step(
+    derivatives: Any,
+    module: Module,
+    quantity: LazyColumns,
+    subsampling: list[int] | None,
+    unfolded: Tensor | None,
+) -> dict[str, Any]:
+    """Bias and weight factors and the input's factor, from column chunks.
+
+    Args:
+        derivatives: The layer's derivatives (BackPACK's, with ``column_op``).
+        module: The convolution, during its BackPACK step.
+        quantity: Lazy factor at the output ``[C, N, O, *out]``.
+        subsampling: Samples of the factor (``None``: all).
+        unfolded: The unfolded input ``[N, T, I]`` (``groups=1`` and zero
+            padding), or ``None`` for BackPACK's weight product per chunk.
+
+    Returns:
+        ``{"bias": [C, N, O], "weight": [C, N, *weight.shape], "input": ...}``
+        for the parameters that need a factor and, if the input needs one, its
+        factor (formed, or lazy when larger than the budget allows).
+    """
+    C, N, O = quantity.shape[:3]  # noqa: E741
+    results: dict[str, Any] = {}
+    if _wants(module, "bias"):
+        results["bias"] = quantity.source.new_empty(C, N, O)
+    if _wants(module, "weight"):
+        results["weight"] = quantity.source.new_empty(C, N, *module.weight.shape)
+    form_input = None
+    if module.input0.requires_grad:
+        op = derivatives.column_op(module, subsampling=subsampling)
+        in_bytes = C * prod(op.shape) * quantity.element_size()
+        if in_bytes > current_budget().lazy_bytes:
+            results["input"] = quantity.then(op.fn, op.shape, op.fresh)
+        else:
+            form_input = op
+            results["input"] = quantity.source.new_empty(C, *op.shape)
+    held = [t for t in results.values() if isinstance(t, Tensor)]
+    current_budget().note_excess(
+        f"{type(module).__name__} (one column of its factor and its results)",
+        quantity.source.numel() * quantity.element_size()
+        + quantity.column_bytes()
+        + sum(t.numel() * t.element_size() for t in held),
+    )
+    for c0, c1 in quantity.chunks():
+        s = quantity.columns(c0, c1)  # [k, N, O, *out]
+        if "bias" in results:
+            results["bias"][c0:c1] = s.flatten(3).sum(3)
+        if "weight" in results:
+            out = results["weight"][c0:c1]
+            _weight_columns(derivatives, module, s, subsampling, unfolded, out)
+        if form_input is not None:
+            results["input"][c0:c1] = form_input.fn(s, False)
+        del s
+    return results
+
+
+def _weight_columns(derivatives, module, s, subsampling, unfolded, out) -> None:
+    """Write the weight factor of columns ``s`` ``[k, N, O, *out]`` into ``out``."""
+    k, N, O = s.shape[:3]  # noqa: E741
+    if unfolded is None:
+        out.copy_(
+            derivatives.param_mjp(
+                "weight", module, None, None, s, sum_batch=False,
+                subsampling=subsampling,
+            )
+        )  # fmt: skip
+        return
+    for c in range(k):  # Σ_t s[n, o, t] a[n, t, i], one batched product per column
+        torch.bmm(s[c].reshape(N, O, -1), unfolded, out=out[c].view(N, O, -1))

@@ -173,8 +173,8 @@ class MemoryBudget:
         self._warned.append(where)
         warnings.warn(
             f"max_memory={self.total_bytes} bytes is below what {where} needs at "
-            f"least ({needed_bytes} bytes, {needed_bytes / 2**20:.1f} MiB); the "
-            "pass used that much there. Numbers are unaffected. Raise max_memory "
+            f"least ({needed_bytes} bytes, {needed_bytes / 2**20:.1f} MiB), so the "
+            "pass used more there (the numbers are unaffected). Raise max_memory "
             f"to at least {needed_bytes} bytes to stay within it.",
             MemoryBudgetWarning,
             stacklevel=2,

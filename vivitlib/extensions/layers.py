@@ -44,6 +44,7 @@ from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from vivitlib.extensions.fast_backprop import FAST_CONV_DERIVATIVES
 from vivitlib.factors import OuterFactor, OuterGrads, current_cost_model, outer_factor
+from vivitlib.memory import current_budget
 
 _ConvNd = Conv1d | Conv2d | Conv3d
 
@@ -117,6 +118,10 @@ def conv_weight_factor(
         return None
     s = backproped.reshape(C, N, O, T).transpose(2, 3)
     a = conv_inputs(module, subsampling)
+    current_budget().note_excess(
+        f"{type(module).__name__} (its output factor and unfolded input)",
+        (s.numel() + a.numel()) * s.element_size(),
+    )
     return outer_factor(s, a, input_source(module, subsampling))
 
 

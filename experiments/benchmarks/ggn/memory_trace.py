@@ -1,7 +1,7 @@
 """Where a pass's peak memory arises: resident memory per BackPACK module step.
 
 ``python -m experiments.benchmarks.ggn.memory_trace [--problem 3c3d]
-[--batch-size 64] [--config eigvals]``
+[--batch-size 64] [--config eigvals] [--max-memory 64MiB]``
 
 Runs one pass of a benchmark configuration (fresh process, as the benchmark's
 memory figures) and prints, for every module BackPACK visits, the resident
@@ -19,14 +19,17 @@ the threshold so that the trace follows live memory more closely.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from backpack.extensions.module_extension import ModuleExtension
 
+import vivitlib
 from experiments.benchmarks.ggn.problems import make_problem
 from experiments.benchmarks.ggn.runners import CONFIGS, make_runner
 from vivitlib.collector import BackpackCollector
@@ -71,13 +74,33 @@ class _Tracer:
         return lambda: setattr(owner, name, original)
 
 
-def trace(problem: str, batch_size: int, config: str) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def budgeted(max_memory: int | str | None) -> Iterator[None]:
+    """Inside the block, the runners' ``LowRankGGN`` gets ``max_memory``.
+
+    (The benchmark runners build ``vivitlib.LowRankGGN`` without a budget.)
+    """
+    if max_memory is None:
+        yield
+        return
+    original = vivitlib.LowRankGGN
+    vivitlib.LowRankGGN = functools.partial(original, max_memory=max_memory)
+    try:
+        yield
+    finally:
+        vivitlib.LowRankGGN = original
+
+
+def trace(
+    problem: str, batch_size: int, config: str, max_memory: int | str | None = None
+) -> list[dict[str, Any]]:
     """One pass of ``config`` with per-step memory rows (MiB above set-up).
 
     Args:
         problem: A benchmark problem name.
         batch_size: ``N``.
         config: A configuration of :data:`~.runners.CONFIGS` (not ``gradient``).
+        max_memory: ``LowRankGGN``'s budget (``None``: the default).
 
     Returns:
         One dict per step: ``module``, ``step`` (``extension`` or ``hook``),
@@ -98,7 +121,8 @@ def trace(problem: str, batch_size: int, config: str) -> list[dict[str, Any]]:
         tracer.wrap(BackpackCollector, "hook", "hook"),
     ]
     try:
-        run()
+        with budgeted(max_memory):
+            run()
     finally:
         for restore in undo:
             restore()
@@ -115,9 +139,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--config", default="eigvals", choices=CONFIGS)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-memory", default=None, help="e.g. 64MiB")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = trace(args.problem, args.batch_size, args.config)
+    rows = trace(args.problem, args.batch_size, args.config, args.max_memory)
     print(f"{'module':18s} {'step':9s} {'MiB before':>10s} {'after':>8s} "
           f"{'peak before':>11s} {'peak after':>10s}")  # fmt: skip
     for r in rows:

@@ -215,11 +215,181 @@ def _linear_percentile(values: Tensor, percentile: float) -> Tensor:
     return lower + frac * (upper - lower)
 
 
-class BootstrapDamping(DampingStrategy):
-    r"""Noise-aware directional damping chosen by a bootstrap lower bound.
+def _bootstrap_moments(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Means over samples and the ideal bootstrap variance of those means.
 
-    For direction ``k`` and candidate damping ``δ`` the step along ``e_k`` computed
-    from the mini-batch means ``γ̄_k = mean_n γ_nk`` and ``λ̄_k = mean_n λ_nk`` is
+    The ideal bootstrap (infinitely many resamples) gives the variance of a
+    resample mean in closed form: ``Σ_n (x_n - x̄)² / N²``.
+
+    Args:
+        values: Per-sample values, shape ``[N, K]``.
+
+    Returns:
+        Means and variances of the means, each of shape ``[K]``.
+
+    """
+    mean = values.mean(0)
+    return mean, (values - mean).square().mean(0) / values.shape[0]
+
+
+#: Keys of the shrinkage rule's per-direction state (tensors of shape ``[K]``).
+_FILTER_KEYS = ("prior", "curv_sum", "curv_weight", "curv_var", "secant",
+                "last_gamma", "last_noise", "last_step")  # fmt: skip
+
+
+class _ShrinkageFilter:
+    r"""Per-direction state and update of :class:`BootstrapDamping`'s shrinkage rule.
+
+    Directions are matched between calls by their position ``k`` (the optimisers
+    order them by curvature); see :class:`BootstrapDamping` for the maths.
+    Entries of the state are ``NaN`` for directions without history.
+    """
+
+    #: A power above ``SURPRISE · (prior + noise)`` replaces the prior.
+    SURPRISE = 30.0
+    #: Noise margin (in standard errors) of the secant curvature bound.
+    SECANT_MARGIN = 3.0
+    #: Factor by which the secant bound fades per call.
+    SECANT_DECAY = 0.95
+
+    def __init__(self, memory: float, history: bool) -> None:
+        self.memory, self.history = memory, history
+        self.state: dict[str, Tensor] = {}
+
+    def _past(self, num: int, like: Tensor) -> dict[str, Tensor]:
+        """The state for ``num`` directions (``NaN`` beyond the stored ones)."""
+        past = {}
+        for key in _FILTER_KEYS:
+            fresh = like.new_full((num,), math.nan)
+            if self.history and key in self.state:
+                stored = self.state[key].to(like)[:num]
+                fresh[: stored.numel()] = stored
+            past[key] = fresh
+        return past
+
+    def _curvature(
+        self, lam: Tensor, lam_var: Tensor, gamma: Tensor, noise: Tensor, past: dict
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Pooled curvature (raised to the secant bound), its variance, new state."""
+        known = ~torch.isnan(past["prior"])
+        m = self.memory
+        new = {
+            "curv_sum": torch.where(known, m * past["curv_sum"], 0.0) + lam,
+            "curv_weight": torch.where(known, m * past["curv_weight"], 0.0) + 1.0,
+            "curv_var": torch.where(known, m**2 * past["curv_var"], 0.0) + lam_var,
+        }
+        weight = new["curv_weight"]
+        rise = (
+            gamma.abs()
+            - past["last_gamma"]
+            - self.SECANT_MARGIN * (noise.sqrt() + past["last_noise"])
+        )
+        moved = known & (past["last_step"] > 0)
+        bound = torch.where(moved, rise / past["last_step"], 0.0).clamp(min=0.0)
+        faded = torch.where(known, self.SECANT_DECAY * past["secant"], 0.0)
+        new["secant"] = torch.maximum(faded, bound)
+        curvature = torch.maximum(new["curv_sum"] / weight, new["secant"])
+        return curvature, new["curv_var"] / weight**2, new
+
+    def _power(self, gamma: Tensor, noise: Tensor, past: dict) -> Tensor:
+        """Estimate of ``γ_k²``: the predicted power unless the batch refutes it."""
+        observed = gamma.square() - noise
+        prior = past["prior"]
+        surprise = torch.isnan(prior) | (observed > self.SURPRISE * (prior + noise))
+        return torch.where(surprise, observed, prior).clamp(min=0.0)
+
+    def __call__(self, gammas: Tensor, lambdas: Tensor, floor: float) -> Tensor:
+        """Dampings ``δ_k`` for one batch, updating the state (see the class)."""
+        gamma, noise = _bootstrap_moments(gammas)
+        lam, lam_var = _bootstrap_moments(lambdas)
+        past = self._past(gamma.numel(), gamma)
+        curvature, curv_var, new = self._curvature(lam, lam_var, gamma, noise, past)
+        power = self._power(gamma, noise, past)
+        signal = torch.where(power > 0, power / (power + noise), 0.0)
+        ratio = curv_var / curvature.square()
+        shrink = signal * (1 + ratio) / (1 + 3 * ratio)
+        ok = (shrink > 0) & (curvature > 0)
+        wanted = curvature / torch.where(ok, shrink, 1.0) - lam
+        dampings = torch.where(ok, wanted.clamp(min=floor), torch.inf)
+        step = newton_step_sizes(gamma, lam, dampings)
+        mean_next = signal * gamma + torch.where(ok, curvature, 0.0) * step
+        prior = mean_next.square() + signal * noise + curv_var * step.square()
+        new.update(prior=prior, last_gamma=gamma.abs(), last_noise=noise.sqrt(),
+                   last_step=step.abs())  # fmt: skip
+        self.state = new
+        return dampings
+
+    @staticmethod
+    def check(state: Any) -> None:
+        """Raise ``TypeError``/``ValueError`` unless ``state`` is a saved state."""
+        if not isinstance(state, dict):
+            raise TypeError(f"filter_state must be a dict, got {type(state)}.")
+        if state and set(state) != set(_FILTER_KEYS):
+            raise ValueError(
+                f"filter_state must be empty or hold exactly the keys {_FILTER_KEYS}, "
+                f"got {sorted(state)}; pass the dict returned by state_dict()."
+            )
+        for key, value in state.items():
+            if not isinstance(value, Tensor) or value.ndim != 1:
+                raise TypeError(
+                    f"filter_state[{key!r}] must be a 1-d tensor, got {value!r}."
+                )
+        if len({value.numel() for value in state.values()}) > 1:
+            raise ValueError("filter_state tensors must all have the same length.")
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        """Restore a state saved from :attr:`state` (checked first)."""
+        self.check(state)
+        self.state = {key: value.clone() for key, value in state.items()}
+
+
+class BootstrapDamping(DampingStrategy):
+    r"""Noise-aware directional damping from the bootstrap statistics of the batch.
+
+    Two rules; ``rule="shrinkage"`` (default) carries information across steps,
+    ``rule="percentile"`` is the ViViT paper's per-step bootstrap.
+
+    **Shrinkage** (default). Let ``γ̄_k, λ̄_k`` be the batch means of ``γ_nk`` and
+    ``λ_nk`` and ``σ²_k, ν²_k`` the ideal bootstrap variances of those means
+    (``Σ_n (x_n - x̄)² / N²``: the limit of infinitely many resamples). If the true
+    directional gradient is ``γ_k`` and the curvature ``λ_k``, the step
+    ``-a γ̄_k / λ_k`` that minimises the expected quadratic model has the
+    mean-squared-error shrinkage
+
+    .. math::
+        a_k = \frac{γ_k^2}{γ_k^2 + σ_k^2} \cdot \frac{1 + r_k}{1 + 3 r_k},
+        \qquad r_k = \frac{\operatorname{var} \hat λ_k}{\hat λ_k^2},
+
+    whose second factor accounts for the noise of the curvature estimate
+    ``\hat λ_k`` (to second order). The rule returns ``δ_k = \hat λ_k / a_k - λ̄_k``
+    (clipped below at the smallest candidate), so the step
+    ``-γ̄_k / (λ̄_k + δ_k)`` is that shrunk step; ``inf`` (no step) where
+    ``a_k = 0`` or ``\hat λ_k <= 0``. The unknowns are estimated across steps,
+    matching directions by their position ``k``:
+
+    * ``γ_k²``: a single batch gives only ``γ̄_k² - σ_k²`` (noisy, clipped at 0).
+      After a step the rule predicts the next power from the posterior of a
+      zero-mean prior of that power, ``E[γ'²] = (a γ̄ + \hat λ c)² + a σ² +
+      \operatorname{var}\hat λ \, c²`` for the step ``c`` it asked for, and uses
+      the prediction unless the new batch refutes it (``γ̄_k² - σ_k² > 30 ·
+      (prediction + σ_k²)``). Near a minimum this anneals the step like the
+      ``1/t`` Robbins--Monro rate, which a constant damping cannot.
+    * ``λ_k``: the batch means averaged with weights ``memory^age``, raised to a
+      secant lower bound ``(|γ̄'| - |γ̄| - 3(σ' + σ)) / |c|`` (from how much the
+      gradient grew over the last step; it fades by ``0.95`` per step). Averaging
+      over steps is what protects the flattest directions from batches with
+      skewed curvature samples (a batch mean ``λ̄_k`` near zero).
+
+    The state assumes the step it asked for was taken; if an optimiser undoes
+    or shrinks the step, the next gradient is larger than predicted, which the
+    rule treats conservatively (more damping, or a refuted prediction). When the
+    number of directions changes, the first ``min(K_old, K_new)`` directions keep
+    their history and new ones start fresh. The state is checkpointed with
+    :meth:`state_dict`. ``history=False`` forgets everything between calls (the
+    per-step estimates only).
+
+    **Percentile** (``rule="percentile"``). For direction ``k`` and candidate
+    damping ``δ`` the step from the batch means is
 
     .. math::
         s_k(δ) = -\frac{\bar γ_k}{\bar λ_k + δ} .
@@ -242,69 +412,133 @@ class BootstrapDamping(DampingStrategy):
     otherwise the two sets are resampled independently (first ``gammas``, then
     ``lambdas``). Each resample draws its indices with
     ``torch.randint(N, (num_resamples, N), generator=generator)``, on the CPU.
-
     All directions, candidates and resamples are evaluated at once; memory is
-    ``O(num_resamples · len(candidates) · K)``.
+    ``O(num_resamples · len(candidates) · K)``. This rule decides step by step:
+    it cannot average noise over steps, and it cannot see curvature the batch
+    missed (heavy-tailed ``λ_nk`` with few samples can make ``λ̄_k`` and all its
+    resamples too small).
 
-    The bootstrap only sees the batch: it guards against sampling noise, not
-    against curvature the batch missed (heavy-tailed ``λ_nk`` with few samples can
-    make ``λ̄_k`` and all its resamples too small) nor against the quadratic model
-    failing far from ``θ`` (on networks, combine it with a damping floor via
-    ``candidates``).
+    Neither rule guards against the quadratic model failing far from ``θ``; the
+    optimisers' safeguards do.
 
     Args:
-        candidates: Damping candidates. Default: 61 log-spaced values
+        candidates: Damping candidates of the percentile rule; the smallest one
+            is the shrinkage rule's damping floor. Default: 61 log-spaced values
             ``10**linspace(-4, 2, 61)``.
-        percentile: Lower percentile in ``(0, 100)`` used as bound. Default: ``5.0``.
-        num_resamples: Number of bootstrap resamples. Default: ``100``.
+        percentile: Lower percentile in ``(0, 100)`` used as bound (percentile
+            rule). Default: ``None`` (``5.0``).
+        num_resamples: Number of bootstrap resamples (percentile rule). Default:
+            ``None`` (``100``).
         generator: A CPU ``torch.Generator``, an ``int`` seed, or ``None``. ``None``
             creates a private generator seeded from torch's global generator, so
             ``torch.manual_seed`` makes runs reproducible. Default: ``None``.
-        paired: Resample gammas and lambdas with shared indices. ``None`` pairs them
-            exactly when they have the same number of samples. Default: ``None``.
+        paired: Resample gammas and lambdas with shared indices (percentile
+            rule). ``None`` pairs them exactly when they have the same number of
+            samples. Default: ``None``.
         independent: Take the steps ``s_k(δ)`` from one random half of the
-            samples and bootstrap their reduction on the other half, so that
-            ``δ`` is judged on samples the step did not see (the ViViT paper
-            notes that the derivatives should ideally come from other samples
-            than the step's). The chosen ``δ`` is then used with the full-batch
-            step. Needs ``>= 2`` samples. Default: ``False``.
+            samples and bootstrap their reduction on the other half (percentile
+            rule; the chosen ``δ`` is used with the full-batch step). Needs ``>= 2``
+            samples. Default: ``None`` (``False``).
+        rule: ``"shrinkage"`` or ``"percentile"``. ``None`` picks ``"percentile"``
+            when one of ``percentile``, ``num_resamples``, ``paired`` or
+            ``independent`` is given, else ``"shrinkage"``. Default: ``None``.
+        memory: Weight ``[0, 1]`` of the previous steps' curvature in the
+            shrinkage rule's average (``0``: this batch only). Default: ``0.95``.
+        history: Carry the shrinkage rule's estimates across calls. Default:
+            ``True``.
 
     Raises:
-        TypeError: If ``generator`` has the wrong type.
+        TypeError: If ``generator`` or another setting has the wrong type.
         ValueError: If a candidate is negative or not finite, the grid is empty,
-            ``percentile`` is outside ``(0, 100)`` or ``num_resamples < 1``.
+            ``percentile`` is outside ``(0, 100)``, ``num_resamples < 1``,
+            ``memory`` is outside ``[0, 1]``, the rule is unknown, or options of
+            the percentile rule are given with ``rule="shrinkage"``.
 
     Example:
         >>> import torch
-        >>> strategy = BootstrapDamping(candidates=[0.1, 1.0], generator=0)
+        >>> strategy = BootstrapDamping(candidates=[0.1, 1.0], rule="percentile",
+        ...                             generator=0)
         >>> gammas = torch.ones(8, 2)          # noise-free gradient
         >>> lambdas = torch.ones(8, 2)
         >>> strategy(gammas, lambdas)          # smallest candidate is best
         tensor([0.1000, 0.1000])
+        >>> BootstrapDamping(candidates=[0.1])(gammas, lambdas)  # shrinkage: floor
+        tensor([0.1000, 0.1000])
 
     """
+
+    #: The damping rules.
+    RULES = ("shrinkage", "percentile")
 
     def __init__(
         self,
         candidates: Sequence[float] | Tensor | None = None,
-        percentile: float = 5.0,
-        num_resamples: int = 100,
+        percentile: float | None = None,
+        num_resamples: int | None = None,
         generator: torch.Generator | int | None = None,
         paired: bool | None = None,
-        independent: bool = False,
+        independent: bool | None = None,
+        rule: str | None = None,
+        memory: float = 0.95,
+        history: bool = True,
     ) -> None:
         if candidates is None:
             candidates = 10.0 ** torch.linspace(-4, 2, 61, dtype=torch.float64)
+        given = {
+            name: value
+            for name, value in (
+                ("percentile", percentile),
+                ("num_resamples", num_resamples),
+                ("paired", paired),
+                ("independent", independent),
+            )  # fmt: skip
+            if value is not None
+        }
+        self.rule = self._check_rule(rule, given)
         self.candidates, self.percentile, self.num_resamples = self._check_settings(
-            candidates, percentile, num_resamples
+            candidates,
+            5.0 if percentile is None else percentile,
+            100 if num_resamples is None else num_resamples,
         )
         if paired is not None and not isinstance(paired, bool):
             raise TypeError(f"paired must be a bool or None, got {type(paired)}.")
-        if not isinstance(independent, bool):
+        if independent is not None and not isinstance(independent, bool):
             raise TypeError(f"independent must be a bool, got {type(independent)}.")
+        self.memory, history = self._check_filter_settings(memory, history)
         self.paired = paired
-        self.independent = independent
+        self.independent = bool(independent)
         self.generator = self._make_generator(generator)
+        self._filter = _ShrinkageFilter(self.memory, history)
+
+    @classmethod
+    def _check_rule(cls, rule: Any, given: dict[str, Any]) -> str:
+        """The rule to use, checked against the options given for it."""
+        if rule is None:
+            return "percentile" if given else "shrinkage"
+        if rule not in cls.RULES:
+            raise ValueError(f"rule must be one of {cls.RULES}, got {rule!r}.")
+        if rule == "shrinkage" and given:
+            raise ValueError(
+                f"{sorted(given)} apply to rule='percentile' only; drop them or "
+                "pass rule='percentile'."
+            )
+        return rule
+
+    @staticmethod
+    def _check_filter_settings(memory: Any, history: Any) -> tuple[float, bool]:
+        """Validate ``memory`` and ``history`` of the shrinkage rule."""
+        if isinstance(memory, bool) or not isinstance(memory, int | float):
+            raise TypeError(f"memory must be a float, got {type(memory)}.")
+        if not 0.0 <= memory <= 1.0:
+            raise ValueError(f"memory must lie in [0, 1], got {memory}.")
+        if not isinstance(history, bool):
+            raise TypeError(f"history must be a bool, got {type(history)}.")
+        return float(memory), history
+
+    @property
+    def history(self) -> bool:
+        """Whether the shrinkage rule carries its estimates across calls."""
+        return self._filter.history
 
     @staticmethod
     def _check_settings(
@@ -463,20 +697,23 @@ class BootstrapDamping(DampingStrategy):
         return torch.where(valid, bounds, -torch.inf)
 
     def __call__(self, gammas: Tensor, lambdas: Tensor) -> Tensor:
-        """Pick the damping with the largest bootstrap lower bound per direction.
+        """Dampings by the strategy's rule (see the class docstring).
 
         Args:
             gammas: Per-sample directional gradients ``γ_nk``, shape ``[N_g, K]``.
             lambdas: Per-sample directional curvatures ``λ_nk``, shape ``[N_c, K]``.
 
         Returns:
-            Dampings ``δ_k``, shape ``[K]``; ``inf`` where no candidate has a
-            positive bound.
+            Dampings ``δ_k``, shape ``[K]``; ``inf`` where no step should be taken
+            (percentile rule: no candidate has a positive bound; shrinkage rule:
+            no signal or no positive curvature).
 
         """
         _check_derivatives(gammas, lambdas)
         if gammas.shape[1] == 0:
             return gammas.new_zeros(0)
+        if self.rule == "shrinkage":
+            return self._filter(gammas, lambdas, float(self.candidates[0]))
         bounds = self.lower_bounds(gammas, lambdas)  # [C, K]
         best, choice = bounds.max(dim=0)
         deltas = self.candidates.to(dtype=gammas.dtype, device=gammas.device)
@@ -484,11 +721,12 @@ class BootstrapDamping(DampingStrategy):
         return torch.where(best > 0, chosen, torch.inf)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the generator state and the settings.
+        """Return the generator state, the settings and the shrinkage rule's state.
 
         Returns:
             Dictionary with keys ``generator_state``, ``candidates``,
-            ``percentile`` and ``num_resamples``.
+            ``percentile``, ``num_resamples``, ``independent``, ``rule``,
+            ``memory``, ``history`` and ``filter_state`` (per-direction tensors).
 
         """
         return {
@@ -497,6 +735,10 @@ class BootstrapDamping(DampingStrategy):
             "percentile": self.percentile,
             "num_resamples": self.num_resamples,
             "independent": self.independent,
+            "rule": self.rule,
+            "memory": self.memory,
+            "history": self.history,
+            "filter_state": {k: v.clone() for k, v in self._filter.state.items()},
         }
 
     @classmethod
@@ -504,7 +746,8 @@ class BootstrapDamping(DampingStrategy):
         """Raise ``TypeError``/``ValueError`` unless ``state_dict`` is loadable.
 
         The settings are checked as by the constructor, the generator state must
-        be a ``uint8`` tensor a CPU generator accepts.
+        be a ``uint8`` tensor a CPU generator accepts. States saved before the
+        shrinkage rule existed (no ``rule`` key) load with the current rule.
         """
         keys = {"generator_state", "candidates", "percentile", "num_resamples"}
         _check_keys(state_dict, keys, cls.__name__)
@@ -513,6 +756,12 @@ class BootstrapDamping(DampingStrategy):
             state_dict["percentile"],
             state_dict["num_resamples"],
         )
+        if "rule" in state_dict:
+            cls._check_rule(state_dict["rule"], {})
+        cls._check_filter_settings(
+            state_dict.get("memory", 0.0), state_dict.get("history", True)
+        )
+        _ShrinkageFilter.check(state_dict.get("filter_state", {}))
         state = state_dict["generator_state"]
         if not isinstance(state, Tensor) or state.dtype != torch.uint8:
             raise TypeError(
@@ -544,12 +793,24 @@ class BootstrapDamping(DampingStrategy):
         self.candidates, self.percentile = grid, percentile
         self.num_resamples = num_resamples
         self.independent = bool(state_dict.get("independent", self.independent))
+        self.rule = state_dict.get("rule", self.rule)
+        self.memory = self._filter.memory = float(state_dict.get("memory", self.memory))
+        self._filter.history = bool(state_dict.get("history", self.history))
+        self._filter.load(state_dict.get("filter_state", {}))
 
     def __repr__(self) -> str:  # noqa: D105
+        grid = (
+            f"candidates=<{self.candidates.numel()} in "
+            f"[{self.candidates.min().item():.1e}, {self.candidates.max().item():.1e}]>"
+        )
+        if self.rule == "shrinkage":
+            return (
+                f"BootstrapDamping(rule='shrinkage', {grid}, memory={self.memory}, "
+                f"history={self.history})"
+            )
         return (
-            f"BootstrapDamping(candidates=<{self.candidates.numel()} in "
-            f"[{self.candidates.min().item():.1e}, {self.candidates.max().item():.1e}]"
-            f">, percentile={self.percentile}, num_resamples={self.num_resamples})"
+            f"BootstrapDamping(rule='percentile', {grid}, percentile="
+            f"{self.percentile}, num_resamples={self.num_resamples})"
         )
 
 

@@ -33,6 +33,9 @@ Optimizers (all update along the unit directions):
 * damped Newton: ``θ_k ← θ_k - lr · γ̄_k / (λ̄_k + δ_k)`` with ``δ_k`` from a
   :class:`~vivitlib.optim.ConstantDamping` or :class:`~vivitlib.optim.BootstrapDamping`
   strategy (``δ_k = inf``: no step), ``γ̄_k, λ̄_k`` the means over the ``N`` samples.
+  One strategy object serves a whole run, so strategies that carry estimates
+  across steps (the default bootstrap rule) see the directions in the same order
+  at every step.
 """
 
 from __future__ import annotations
@@ -152,12 +155,20 @@ def optimizer_names(constant_dampings: list[float]) -> list[str]:
     return ["SGD", *constants, "bootstrap", "bootstrap_safeguarded"]
 
 
+#: Variants of :class:`~vivitlib.optim.BootstrapDamping` by optimizer name.
+BOOTSTRAP_VARIANTS = {
+    "bootstrap": {},  # the default rule (shrinkage, estimates carried over steps)
+    "bootstrap_safeguarded": {},
+    "bootstrap_percentile": {"rule": "percentile"},  # the ViViT paper's rule
+    "bootstrap_no_history": {"history": False},  # shrinkage from each batch alone
+}
+
+
 def make_damping(name: str, seed: int, num_candidates: int):
     """Damping strategy for an optimizer name (``None`` for SGD).
 
     Args:
-        name: ``"SGD"``, ``"constant_<δ>"``, ``"bootstrap"`` or
-            ``"bootstrap_safeguarded"``.
+        name: ``"SGD"``, ``"constant_<δ>"`` or a key of :data:`BOOTSTRAP_VARIANTS`.
         seed: Seed of the bootstrap generator.
         num_candidates: Size of the bootstrap grid ``10**linspace(-4, 2, ·)``.
 
@@ -172,10 +183,15 @@ def make_damping(name: str, seed: int, num_candidates: int):
         return None
     if name.startswith("constant_"):
         return ConstantDamping(float(name.removeprefix("constant_")))
-    if name.startswith("bootstrap"):
+    if name in BOOTSTRAP_VARIANTS:
         grid = 10.0 ** torch.linspace(-4, 2, num_candidates, dtype=torch.float64)
-        return BootstrapDamping(candidates=grid, generator=seed)
-    raise ValueError(f"unknown optimizer {name!r}.")
+        return BootstrapDamping(
+            candidates=grid, generator=seed, **BOOTSTRAP_VARIANTS[name]
+        )
+    raise ValueError(
+        f"unknown optimizer {name!r}: use 'SGD', 'constant_<delta>' or one of "
+        f"{sorted(BOOTSTRAP_VARIANTS)}."
+    )
 
 
 def run(

@@ -124,6 +124,15 @@ def specs(fine: bool = True) -> dict[str, Spec]:
              _newton(trust_solve="scale", complement_momentum=0.0)),
         Spec("newton_complement", "complement_lr", _decades(1e-2, 1.0, lr_per),
              "newton", True, _newton(tune_complement=True)),
+        # ablations of the session-4 defaults (exact curvature on the first 32
+        # samples with a closure, relative damping floor 0.1)
+        Spec("newton_mc1_floor", "", (0.0,), "newton", True,
+             _newton(curvature_samples=None)),
+        Spec("newton_sub32_lowfloor", "", (0.0,), "newton", True,
+             _newton(initial_damping=1e-3, damping_floor=1e-4)),
+        Spec("newton_session3", "", (0.0,), "newton", True,
+             _newton(curvature_samples=None, initial_damping=1e-3,
+                     damping_floor=1e-4)),
     ]  # fmt: skip
     return {spec.name: spec for spec in table}
 

@@ -32,16 +32,24 @@ def test_quadratic_with_exact_undamped_step_gets_no_damping():
         torch.randn(20, 3, dtype=torch.float64),
         torch.randn(20, 2, dtype=torch.float64),
     )
-    opt = DampedNewton(model.parameters(), 0.0, mc_samples=0, track_dampings=True)
-    mu = opt.controls[0].mu
-    opt.step(make_closure(opt, model, loss_fn, X, y))
-    (record,) = opt.damping_history
-    assert torch.equal(record.dampings, torch.zeros_like(record.dampings))
-    assert record.scale == 1.0 and record.applied
+    start = [p.detach().clone() for p in model.parameters()]
     design = torch.cat([X, torch.ones(20, 1, dtype=X.dtype)], dim=1)
     solution = torch.linalg.lstsq(design, y).solution
-    torch.testing.assert_close(model.weight, solution[:-1].T, rtol=0, atol=1e-10)
-    assert opt.controls[0].mu < mu  # ρ = 1: the global damping went down
+    # defaults: curvatures within 1/damping_floor = 10 of λ_1 get no damping;
+    # the batch (20 samples) is smaller than curvature_samples: all are used
+    for options in ({}, {"initial_damping": 1e-3, "damping_floor": 1e-4}):
+        with torch.no_grad():
+            for param, value in zip(model.parameters(), start):
+                param.copy_(value)
+        opt = DampedNewton(model.parameters(), 0.0, track_dampings=True, **options)
+        mu = opt.controls[0].mu
+        opt.step(make_closure(opt, model, loss_fn, X, y))
+        (record,) = opt.damping_history
+        assert torch.equal(record.dampings, torch.zeros_like(record.dampings))
+        assert record.scale == 1.0 and record.applied
+        torch.testing.assert_close(model.weight, solution[:-1].T, rtol=0, atol=1e-10)
+        # ρ = 1: the global damping goes down (or stays at the floor)
+        assert opt.controls[0].mu == max(0.5 * mu, opt.controls[0].floor)
 
 
 def saturating_problem(theta=3.0):
@@ -78,7 +86,8 @@ def test_without_closure_the_ratio_comes_one_step_late_by_the_secant_rule():
     loss_fn = extend(nn.MSELoss())
     X = torch.randn(20, 3, dtype=torch.float64)
     y = torch.randn(20, 2, dtype=torch.float64)
-    opt = DampedNewton(model.parameters(), 0.5, mc_samples=0)
+    opt = DampedNewton(model.parameters(), 0.5, mc_samples=0,
+                       initial_damping=1e-3, damping_floor=1e-4)  # fmt: skip
     mus = [opt.controls[0].mu]
     for _ in range(2):
         opt.zero_grad()

@@ -278,7 +278,7 @@ def test_second_closure_call_that_raises_restores_parameters():
     assert torch.equal(flat(model.parameters()), params)
     state = opt.state_dict()
     assert state["num_steps"] == 0 and state["state"] == {}
-    assert state["control_states"] == [{"mu": 1e-3, "radius": None, "complement": None}]
+    assert state["control_states"] == [{"mu": 0.1, "radius": None, "complement": None}]
 
 
 def test_bad_strategy_leaves_safeguard_state_untouched():
@@ -383,4 +383,4 @@ def test_closure_without_return_value_raises_clearly(second_call_only):
     assert torch.equal(flat(model.parameters()), params)
     state = opt.state_dict()
     assert state["num_steps"] == 0 and state["state"] == {}
-    assert state["control_states"] == [{"mu": 1e-3, "radius": None, "complement": None}]
+    assert state["control_states"] == [{"mu": 0.1, "radius": None, "complement": None}]

@@ -146,9 +146,10 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             :class:`~vivitlib.optim.BootstrapDamping`.
         lr: Learning rate, ``> 0``. Default: ``1.0``.
         mc_samples: ``0`` for the exact GGN, ``m > 0`` for ``m`` Monte-Carlo samples
-            of the loss Hessian factor per sample. Default: ``1``.
+            of the loss Hessian factor per sample. Default: ``None``, i.e. ``1``
+            (without a closure; with one see ``curvature_samples``).
         subsampling: Indices of the mini-batch samples used for curvature.
-            Default: ``None`` (all).
+            Default: ``None`` (all; with a closure see ``curvature_samples``).
         grad_subsampling: Indices of the samples used for the directional
             gradients; may differ from ``subsampling``. Default: ``None`` (all).
         weight_decay: Decoupled weight decay ``wd >= 0``. Default: ``0.0``.
@@ -158,8 +159,16 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             trust region. ``False`` gives the plain damped Newton step
             ``θ ← θ - lr Σ_k γ_k / (λ_k + δ_k) e_k``. Default: ``True``.
         adaptive_damping: Adapt ``μ`` and the radius from ``ρ``. Default: ``True``.
-        initial_damping: Initial ``μ`` (relative to ``λ_1``). Default: ``1e-3``.
-        damping_floor: Smallest ``μ`` (relative to ``λ_1``). Default: ``1e-4``.
+        initial_damping: Initial ``μ`` (relative to ``λ_1``). Default: ``0.1``.
+        damping_floor: Smallest ``μ`` (relative to ``λ_1``). Default: ``0.1``:
+            no direction is trusted with a curvature below a tenth of the
+            stiffest. A mini-batch cannot resolve flatter ones: the batch GGN
+            differs from the expected one by about ``λ_1 / √N`` (``≈ 0.18 λ_1``
+            for 32 samples), and the Levenberg–Marquardt ratio, measured on the
+            same batch, does not see that error. On the digits benchmark
+            (100 steps, 5 seeds) ``1e-4`` (the session-3 default) left the
+            MLP's training loss at 0.10 instead of 0.008, ``0.03`` and ``0.3``
+            did not beat ``0.1`` (docs/optimizers.rst).
         trust_radius: First radius in units of ``‖P g‖ / λ_1``; ``None`` disables
             the trust region. Default: ``10.0``.
         trust_solve: ``"damping"``: a step beyond the radius gets the common
@@ -180,6 +189,21 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             complement step (``m ← β m + (g - P g)``, step ``-η m``; restarted
             after an undone step). Default: ``None``, i.e. ``0.9`` with
             ``complement_lr="auto"`` and ``0`` otherwise.
+        curvature_samples: With a closure, the curvature of each step is the
+            exact GGN (``mc_samples=0``) of the batch's first
+            ``curvature_samples`` samples (all of them when the batch is
+            smaller); the directional gradients still use the whole batch.
+            ``N_c · C`` directions (288 for 32 samples and 10 classes) instead
+            of at most ``N`` with one Monte-Carlo sample, at a Gram matrix of
+            size ``N_c · C`` (``32 · C``: keep it small for many classes).
+            ``"auto"``: ``32`` unless ``mc_samples`` or ``subsampling`` is
+            given; ``None``: ``mc_samples`` and ``subsampling`` apply with a
+            closure too. Without a closure the extensions are handed out
+            before the batch size is known, so ``mc_samples`` and
+            ``subsampling`` always apply there; with ``process_group`` they
+            apply too. Default: ``"auto"``. On the digits benchmark (5
+            seeds) it lowered the MLP's loss at step 100 from 0.10 (one
+            Monte-Carlo sample, same floor) to 0.008.
         process_group: ``None`` for one process; ``True`` or a
             ``torch.distributed`` group for data parallelism: the curvature is
             the global batch's (see :class:`vivitlib.LowRankGGN`), the
@@ -190,10 +214,13 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         generator: Source of the Monte-Carlo draws of the curvature factor.
 
     Raises:
-        TypeError: If ``damping`` is neither callable nor a number, or a
-            hyperparameter is not a number.
-        ValueError: On a non-positive ``lr``, negative ``weight_decay`` or options
-            that :class:`vivitlib.LowRankGGN` rejects.
+        TypeError: If ``damping`` is neither callable nor a number, a
+            hyperparameter is not a number, or ``curvature_samples`` is neither
+            an int, ``"auto"`` nor ``None``.
+        ValueError: On a non-positive ``lr``, negative ``weight_decay``,
+            ``curvature_samples < 1``, an int ``curvature_samples`` together with
+            ``mc_samples`` or ``subsampling``, or options that
+            :class:`vivitlib.LowRankGGN` rejects.
     """
 
     def __init__(
@@ -202,20 +229,21 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         damping: Callable[[Tensor, Tensor], Tensor] | float | None = None,
         lr: float = 1.0,
         *,
-        mc_samples: int = 1,
+        mc_samples: int | None = None,
         subsampling: Sequence[int] | Tensor | None = None,
         grad_subsampling: Sequence[int] | Tensor | None = None,
         weight_decay: float = 0.0,
         track_dampings: bool = False,
         safeguards: bool = True,
         adaptive_damping: bool = True,
-        initial_damping: float = 1e-3,
-        damping_floor: float = 1e-4,
+        initial_damping: float = 0.1,
+        damping_floor: float = 0.1,
         trust_radius: float | None = 10.0,
         trust_solve: str = "auto",
         reject_steps: bool = True,
         complement_lr: float | str | None = None,
         complement_momentum: float | None = None,
+        curvature_samples: int | str | None = "auto",
         process_group: Any = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -246,8 +274,11 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         }
         StepControl(**self._control_options)  # validate before anything is built
         self.safeguards, self.reject_steps = safeguards, reject_steps
+        self._curvature_samples = _check_curvature_samples(
+            curvature_samples, mc_samples, subsampling
+        )
         self._ggn_options = {
-            "mc_samples": mc_samples,
+            "mc_samples": 1 if mc_samples is None else mc_samples,
             "subsampling": subsampling,
             "grad_subsampling": grad_subsampling,
             "compute": _COMPUTE,
@@ -264,15 +295,41 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._pending: dict[str, float] | None = None
         self._new_buffers: dict[Tensor, Tensor] = {}
         self._ggn = self._build_ggn()
+        # the closure path's collectors (first n samples, exact; all of a
+        # smaller batch), built at the first step(closure)
+        self._closure_ggns: dict[str, LowRankGGN] = {}
 
     def _new_control(self) -> StepControl:
         if self.safeguards:
             return StepControl(**self._control_options)
         return StepControl(adaptive=False, initial_damping=0.0, floor=0.0, radius=None)
 
-    def _build_ggn(self) -> LowRankGGN:
+    def _build_ggn(self, **overrides: Any) -> LowRankGGN:
         groups = [{"params": group["params"]} for group in self.param_groups]
-        return LowRankGGN(groups, **self._ggn_options)
+        return LowRankGGN(groups, **{**self._ggn_options, **overrides})
+
+    def _collect(self, closure: Callable[[], Any]) -> tuple[Any, LowRankGGN]:
+        """Run ``closure`` for the curvature; return its loss and the collector.
+
+        With ``curvature_samples=n`` (and one process) the curvature is the exact
+        GGN of the batch's first ``n`` samples; a batch of fewer than ``n``
+        samples takes all of them (the closure runs again with a collector
+        without sub-sampling, kept for later small batches).
+        """
+        n = self._curvature_samples
+        if n is None or self._process_group is not None:
+            return curvature_closure(closure, self._ggn), self._ggn
+        ggns = self._closure_ggns
+        if "first" not in ggns:
+            ggns["first"] = self._build_ggn(mc_samples=0, subsampling=list(range(n)))
+        try:
+            return curvature_closure(closure, ggns["first"]), ggns["first"]
+        except ValueError as err:
+            if not str(err).startswith("subsampling holds index"):
+                raise
+        if "all" not in ggns:
+            ggns["all"] = self._build_ggn(mc_samples=0, subsampling=None)
+        return curvature_closure(closure, ggns["all"]), ggns["all"]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group (re-read :attr:`extensions` and :attr:`hook` after).
@@ -297,6 +354,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             except Exception:
                 del self.param_groups[num_groups:]
                 raise
+            self._closure_ggns = {}
         self._controls.append(self._new_control())
         self._strategies.append(strategy)
         self._pending = None
@@ -347,11 +405,11 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             ValueError: If a damping strategy returns a wrong shape or NaN/negative
                 values.
         """
-        loss = None
+        loss, ggn = None, self._ggn
         if closure is not None:
-            loss = curvature_closure(closure, self._ggn)
+            loss, ggn = self._collect(closure)
         try:
-            blocks = self._ggn.blocks
+            blocks = ggn.blocks
         except RuntimeError as err:
             if str(err).startswith("No curvature"):
                 raise RuntimeError(
@@ -391,7 +449,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             undo()
             raise
         finally:
-            self._ggn.reset()
+            ggn.reset()
         moves, group_plans = [], []
         for group, block, plan in zip(self.param_groups, blocks, plans):
             group_plans.append(None if plan is None else plan[1])
@@ -663,6 +721,43 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 )
         for saved in control_states or []:
             StepControl.check_state(saved)
+
+
+#: Curvature samples of ``curvature_samples="auto"``.
+AUTO_CURVATURE_SAMPLES = 32
+
+
+def _check_curvature_samples(
+    value: Any, mc_samples: Any, subsampling: Any
+) -> int | None:
+    """The closure path's number of exact curvature samples, or ``None``.
+
+    ``"auto"``: :data:`AUTO_CURVATURE_SAMPLES` unless ``mc_samples`` or
+    ``subsampling`` is given (then they choose the curvature).
+
+    Raises:
+        TypeError: If it is neither an int, ``"auto"`` nor ``None``.
+        ValueError: If it is ``< 1`` or an int given together with
+            ``mc_samples`` or ``subsampling``.
+    """
+    given = mc_samples is not None or subsampling is not None
+    if value is None or (value == "auto" and given):
+        return None
+    if value == "auto":
+        return AUTO_CURVATURE_SAMPLES
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"curvature_samples must be an int, 'auto' or None, got {value!r}."
+        )
+    if value < 1:
+        raise ValueError(f"curvature_samples must be >= 1 or None, got {value}.")
+    if given:
+        raise ValueError(
+            "curvature_samples and mc_samples/subsampling both choose the "
+            "curvature; pass curvature_samples=None to use mc_samples and "
+            "subsampling."
+        )
+    return value
 
 
 def _finite(tensors: list[Tensor]) -> bool:

@@ -1,0 +1,101 @@
+"""``curvature_samples``: exact curvature on the batch's first samples (issue 12)."""
+
+import pytest
+import torch
+from backpack import backpack, extend
+from torch import nn
+
+from tests.optim.helpers import make_closure
+from tests.reference import dense_curvature
+from vivitlib.optim import ConstantDamping, DampedNewton
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+DELTA = 0.3
+
+
+def _problem(seed=0):
+    """Tanh MLP, D = 31 parameters, 3 classes."""
+    torch.manual_seed(seed)
+    model = extend(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double())
+    return model, extend(nn.CrossEntropyLoss())
+
+
+def _batch(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    return X, torch.randint(0, 3, (n,), generator=gen)
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _dense_step(model, loss_fn, X, y, curv):
+    """``-Σ_k γ_k / (λ_k + δ) e_k``: GGN of the samples ``curv``, full-batch ``g``."""
+    grad = dense_curvature(model, loss_fn, X, y).grad
+    ggn = dense_curvature(model, loss_fn, X[curv], y[curv]).ggn
+    evals, evecs = torch.linalg.eigh(ggn)
+    keep = evals > 1e-10 * evals.max()
+    evals, evecs = evals[keep], evecs[:, keep]
+    return -evecs @ ((evecs.T @ grad) / (evals + DELTA))
+
+
+@pytest.mark.parametrize(
+    ("batches", "options"),
+    [
+        ([10, 3, 10], {"curvature_samples": 4}),  # 3 < 4: all of that batch
+        ([6], {}),  # "auto" = 32 > 6: all samples, exact
+        ([6], {"mc_samples": 0}),  # "auto" with mc_samples given: all, exact
+    ],
+)
+def test_closure_step_uses_exact_curvature_of_the_first_samples(batches, options):
+    model, loss_fn = _problem()
+    opt = DampedNewton(model.parameters(), ConstantDamping(DELTA), safeguards=False,
+                       **options)  # fmt: skip
+    first = options.get("curvature_samples", 32)
+    for seed, n in enumerate(batches):
+        X, y = _batch(n, seed)
+        expected = _flat(model) + _dense_step(model, loss_fn, X, y, slice(0, first))
+        opt.step(make_closure(opt, model, loss_fn, X, y))
+        torch.testing.assert_close(_flat(model), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_without_closure_mc_samples_and_subsampling_apply():
+    """The extensions exist before the batch: one MC sample on all (default)."""
+    model, loss_fn = _problem()
+    opt = DampedNewton(model.parameters())
+    assert opt.ggn.mc_samples == 1 and opt.ggn.subsampling is None
+    X, y = _batch(5, 0)  # fewer samples than curvature_samples: no error
+    opt.zero_grad()
+    with backpack(*opt.extensions, extension_hook=opt.hook):
+        loss_fn(model(X), y).backward()
+    opt.step()
+    exact = DampedNewton(model.parameters(), ConstantDamping(DELTA), mc_samples=0,
+                         subsampling=[0, 1], safeguards=False)  # fmt: skip
+    X, y = _batch(5, 1)
+    expected = _flat(model) + _dense_step(model, loss_fn, X, y, slice(0, 2))
+    exact.step(make_closure(exact, model, loss_fn, X, y))  # given: they apply
+    torch.testing.assert_close(_flat(model), expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"curvature_samples": 0}, ValueError, "curvature_samples must be >= 1"),
+        ({"curvature_samples": 2.5}, TypeError, "curvature_samples must be an int"),
+        ({"curvature_samples": True}, TypeError, "curvature_samples must be an int"),
+        ({"curvature_samples": "all"}, TypeError, "'auto' or None"),
+        ({"curvature_samples": 8, "subsampling": [0]}, ValueError,
+         "pass curvature_samples=None"),
+        ({"curvature_samples": 8, "mc_samples": 1}, ValueError,
+         "pass curvature_samples=None"),
+    ],
+)  # fmt: skip
+def test_bad_curvature_samples_raise_before_anything_changes(options, error, match):
+    model, _ = _problem()
+    before = _flat(model)
+    with pytest.raises(error, match=match):
+        DampedNewton(model.parameters(), **options)
+    assert torch.equal(_flat(model), before)
+    assert all(p.grad is None for p in model.parameters())

@@ -1,7 +1,10 @@
-"""The physical floor of an eigenvalue pass, measured like a library (issue 13).
+"""The physical floor of a curvature pass, measured like a library (issue 13).
 
 ``floor = plain gradient + C output directions backpropagated by autograd VJPs
-+ the Gram matrix's minimum multiply-adds at big-GEMM speed + eigvalsh``:
++ the Gram matrix's minimum multiply-adds at big-GEMM speed + eigvalsh``
+(eigenvalues); the **full floor** (eigenpairs, directional derivatives and a
+Newton step, the ``newton`` configuration) replaces ``eigvalsh`` by ``eigh``
+and adds the minimum work of the Newton step:
 
 * gradient: forward and backward of the plain (BackPACK-inactive) model;
 * VJPs: ``C`` vector-Jacobian products from the model output to the output of
@@ -13,7 +16,12 @@
   unfoldable convolution weights, ``(C·N)²·D_p / 2`` for any other parameter),
   executed as square float32 GEMMs of the same total work, i.e. at big-GEMM
   speed on the same device in the same run;
-* eigvalsh of an ``NC × NC`` float64 symmetric matrix.
+* eigvalsh of an ``NC × NC`` float64 symmetric matrix;
+* full floor only: ``eigh`` (with eigenvectors) instead, and the
+  multiply-adds of one application of ``Vᵀ`` (the batch gradient's ``Vᵀg``)
+  and one of ``V`` (lifting the step) given factored layers, again at
+  big-GEMM speed (:func:`lift_macs`; the ``M × K`` products with the Gram
+  eigenvectors are left out, they are below 1 % of the Gram's work).
 
 :func:`floor_runner` returns a zero-argument callable like the libraries'
 runners; its ``components`` attribute holds the last call's seconds per part.
@@ -63,14 +71,40 @@ def _module_cost(module: nn.Module, inp: Tensor, out: Tensor, C: int) -> int:
     return total
 
 
-def gram_macs(problem: Problem) -> int:
-    """Minimum multiply-adds of the Gram matrix, from one forward pass's shapes."""
+def _module_lift_cost(module: nn.Module, inp: Tensor, out: Tensor, C: int) -> int:
+    """Multiply-adds of ``V c`` (one vector) for one module's own parameters.
+
+    An outer-product weight (``T`` positions) combines the coefficients with
+    its factor (``C·N·T·O``) and the result with its input (``N·T·O·I``); any
+    other parameter applies its dense factor (``C·N·D_p``).
+    """
+    N = inp.shape[0]
+    params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    weight = getattr(module, "weight", None)
+    total = 0
+    if (
+        weight is not None
+        and weight in params
+        and isinstance(module, (nn.Linear, *_CONV))
+    ):
+        O, I = weight.shape[0], weight[0].numel()  # noqa: E741
+        if isinstance(module, nn.Linear):
+            T = inp[0].numel() // module.in_features
+        else:
+            T = out[0, 0].numel()
+        total += C * N * T * O + N * T * O * I
+        params = [p for p in params if p is not weight]
+    return total + sum(C * N * p.numel() for p in params)
+
+
+def _sum_over_modules(problem: Problem, cost) -> int:
+    """``cost(module, input, output, C)`` summed over modules with parameters."""
     total = 0
     handles = []
 
     def hook(module, inputs, output):
         nonlocal total
-        total += _module_cost(module, inputs[0], output, num_columns)
+        total += cost(module, inputs[0], output, num_columns)
 
     with torch.no_grad():
         num_columns = problem.model(problem.X[:1]).shape[-1]
@@ -83,6 +117,16 @@ def gram_macs(problem: Problem) -> int:
             for handle in handles:
                 handle.remove()
     return total
+
+
+def gram_macs(problem: Problem) -> int:
+    """Minimum multiply-adds of the Gram matrix, from one forward pass's shapes."""
+    return _sum_over_modules(problem, _module_cost)
+
+
+def lift_macs(problem: Problem) -> int:
+    """Multiply-adds of one application of ``V`` (or ``Vᵀ``) to a vector."""
+    return _sum_over_modules(problem, _module_lift_cost)
 
 
 def _first_with_params(model: nn.Module) -> nn.Module:
@@ -117,18 +161,32 @@ def _faster_vjps(call: Callable[[bool], None], device: torch.device) -> bool:
     return best[True] < best[False]
 
 
-def floor_runner(problem: Problem) -> Callable[[], Any]:
-    """A callable doing the floor's work once; ``.components`` per call (seconds)."""
+def _gemm_repeats(macs: int, device: torch.device) -> tuple[int, int]:
+    """Square GEMM size and count doing ``macs`` multiply-adds (rounded)."""
+    size = 2048 if device.type == "cuda" else 1024
+    while size > 64 and macs < 8 * size**3:
+        size //= 2
+    return size, max(1, round(macs / size**3))
+
+
+def floor_runner(problem: Problem, full: bool = False) -> Callable[[], Any]:
+    """A callable doing the floor's work once; ``.components`` per call (seconds).
+
+    Args:
+        problem: The problem.
+        full: The full-compute floor (``eigh`` and the Newton step's minimum
+            work, components ``grad, vjp, gram, newton, eigh``) instead of the
+            eigenvalue floor (``grad, vjp, gram, eigvalsh``).
+    """
     X, model = problem.X, problem.model
     device = X.device
     with torch.no_grad():
         out_shape = model(X).shape
     C, N = out_shape[-1], X.shape[0]
     macs = gram_macs(problem)
-    size = 2048 if device.type == "cuda" else 1024
-    while size > 64 and macs < 8 * size**3:
-        size //= 2
-    repeats = max(1, round(macs / size**3))
+    size, repeats = _gemm_repeats(macs, device)
+    lift = 2 * lift_macs(problem) if full else 0
+    lift_size, lift_repeats = _gemm_repeats(lift, device) if full else (1, 0)
     gen = torch.Generator(device=device).manual_seed(0)
     A = torch.randn(size, size, generator=gen, device=device)
     B = torch.randn(size, size, generator=gen, device=device)
@@ -136,6 +194,10 @@ def floor_runner(problem: Problem) -> Callable[[], Any]:
     R = torch.randn(N * C, N * C, generator=gen, device=device, dtype=torch.float64)
     sym = R @ R.T
     seeds = torch.randn(C, *out_shape, generator=gen, device=device, dtype=X.dtype)
+    A_lift, B_lift, prod_lift = (
+        torch.randn(lift_size, lift_size, generator=gen, device=device)
+        for _ in range(3)
+    )
     first = _first_with_params(model)
     captured: dict[str, Tensor] = {}
     handle = first.register_forward_hook(lambda m, i, o: captured.update(out=o))
@@ -170,13 +232,21 @@ def floor_runner(problem: Problem) -> Callable[[], Any]:
         for _ in range(repeats):
             torch.mm(A, B, out=prod)
         lap("gram")
-        torch.linalg.eigvalsh(sym)
-        lap("eigvalsh")
+        if full:
+            for _ in range(lift_repeats):
+                torch.mm(A_lift, B_lift, out=prod_lift)
+            lap("newton")
+            torch.linalg.eigh(sym)
+            lap("eigh")
+        else:
+            torch.linalg.eigvalsh(sym)
+            lap("eigvalsh")
         run.components = times
         return times
 
     run.components = {}
     run.batched_vjps = batched
     run.gram_macs = macs
+    run.lift_macs = lift
     run.handle = handle
     return run

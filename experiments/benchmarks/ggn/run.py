@@ -17,7 +17,10 @@ process (:mod:`.crosscheck`): ``vivit_rel_diff`` is their relative difference.
 The ``eigvals`` rows also time the **floor** (:mod:`.floor`: plain gradient +
 C autograd VJPs + the Gram's minimum multiply-adds at big-GEMM speed +
 eigvalsh) interleaved with the libraries; every row of the same problem and
-``N`` reports ``x_floor`` = time / floor. With ``--device cuda`` runs are
+``N`` reports ``x_floor`` = time / floor. The ``newton`` rows also time the
+**full floor** (``eigh`` instead of ``eigvalsh``, plus one application of ``V``
+and of ``Vᵀ`` at big-GEMM speed) and report ``x_floor_full``. With
+``--device cuda`` runs are
 synchronised and memory is the peak allocated device memory of a pass
 (``torch.cuda.max_memory_allocated``) in the timing process.
 """
@@ -52,6 +55,15 @@ VIVIT_MAX_N = {
 }
 
 
+#: The floor timed in a configuration's row (:mod:`.floor`).
+FLOOR_OF = {"eigvals": "floor", "newton": "floor_full"}
+#: Each floor's components, in order.
+FLOOR_PARTS = {
+    "floor": ("grad", "vjp", "gram", "eigvalsh"),
+    "floor_full": ("grad", "vjp", "gram", "newton", "eigh"),
+}
+
+
 def _cached(path: Path, job: dict[str, Any], force: bool) -> dict[str, Any]:
     if path.exists() and not force:
         return json.loads(path.read_text())
@@ -61,13 +73,15 @@ def _cached(path: Path, job: dict[str, Any], force: bool) -> dict[str, Any]:
 
 
 def _row_libraries(args, problem: str, n: int, config: str) -> list[str]:
-    """Libraries timed in one row: the floor joins the eigenvalue rows."""
+    """Libraries timed in one row; a floor joins the rows of :data:`FLOOR_OF`."""
     if config == "gradient":
         return ["torch"]
     limit = VIVIT_MAX_N.get(args.device, {}).get(problem)
     libs = [lib for lib in args.libraries if lib != "vivit" or limit is None
             or n <= limit]  # fmt: skip
-    return libs + (["floor"] if config == "eigvals" and not args.no_floor else [])
+    if args.no_floor or config not in FLOOR_OF:
+        return libs
+    return libs + [FLOOR_OF[config]]
 
 
 def measure_row(args, raw: Path, problem: str, n: int, config: str) -> dict[str, Any]:
@@ -91,9 +105,9 @@ def measure_row(args, raw: Path, problem: str, n: int, config: str) -> dict[str,
         row[f"{key}_s"] = result.get("median_s", float("nan"))
         if "error" in result:
             row[f"{key}_error"] = result["error"]
-        if lib == "floor":
-            for part in ("grad", "vjp", "gram", "eigvalsh"):
-                row[f"floor_{part}_s"] = result.get(f"{part}_s", float("nan"))
+        if lib in FLOOR_PARTS:
+            for part in FLOOR_PARTS[lib]:
+                row[f"{lib}_{part}_s"] = result.get(f"{part}_s", float("nan"))
             continue
         if args.device != "cpu":
             row[f"{key}_MiB"] = result.get("peak_mib", float("nan"))
@@ -126,6 +140,9 @@ def summarise(rows: list[dict[str, Any]], libraries: list[str]) -> pd.DataFrame:
         df["floor_s"] = floors.reindex(idx).to_numpy()
         for lib in libraries:
             df[f"{lib}_x_floor"] = df[f"{lib}_s"] / df["floor_s"]
+    if "floor_full_s" in df:  # only the rows that timed it (full compute)
+        for lib in libraries:
+            df[f"{lib}_x_floor_full"] = df[f"{lib}_s"] / df["floor_full_s"]
     return df
 
 
@@ -143,11 +160,12 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 def _markdown(df: pd.DataFrame, critical: dict[str, int], args) -> str:
     cols = ["problem", "N", "config", "grad_s", "grad_MiB"]
-    cols += [c for c in ("floor_s",) if c in df]
+    cols += [c for c in ("floor_s", "floor_full_s") if c in df]
     for lib in args.libraries:
         cols += [f"{lib}_s", f"{lib}_MiB"]
     cols += [c for c in ("ratio_s", "ratio_MiB", "vivit_rel_diff") if c in df]
-    cols += [f"{lib}_x_floor" for lib in args.libraries if f"{lib}_x_floor" in df]
+    cols += [f"{lib}_x_{floor}" for floor in FLOOR_PARTS for lib in args.libraries
+             if f"{lib}_x_{floor}" in df]  # fmt: skip
     cols += [f"{lib}_x_grad_{u}" for lib in args.libraries for u in ("s", "MiB")]
     memory = (
         "MiB = peak RSS above the post-set-up mark, one fresh process per measurement"
@@ -166,15 +184,18 @@ def _markdown(df: pd.DataFrame, critical: dict[str, int], args) -> str:
         "vivitlib's and vivit's outputs in the same process (crosscheck.py); "
         "floor = plain gradient + C autograd VJPs + the Gram's "
         "minimum multiply-adds at big-GEMM speed + eigvalsh (timed in the eigvals "
-        "rows); x_floor = time / floor.",
+        "rows); x_floor = time / floor; floor_full = the same with eigh instead of "
+        "eigvalsh plus one application of V and of Vᵀ at big-GEMM speed (timed in "
+        "the newton rows); x_floor_full = time / floor_full.",
         "",
         to_markdown(df[cols]),
     ]
-    parts = [c for c in df if c.startswith("floor_") and c != "floor_s"]
-    if parts:
-        floor_rows = df[df.config == "eigvals"]
-        lines += ["", "Floor components (s):", "",
-                  to_markdown(floor_rows[["problem", "N", *parts]])]  # fmt: skip
+    for floor, config in (("floor", "eigvals"), ("floor_full", "newton")):
+        parts = [f"{floor}_{p}_s" for p in FLOOR_PARTS[floor] if f"{floor}_{p}_s" in df]
+        if parts:
+            floor_rows = df[df.config == config]
+            lines += ["", f"{floor} components (s):", "",
+                      to_markdown(floor_rows[["problem", "N", *parts]])]  # fmt: skip
     errors = [c for c in df if c.endswith("_error")]
     for col in errors:
         for _, row in df[df[col].notna()].iterrows():

@@ -29,7 +29,7 @@ CONFIGS = (
     "dirderiv_top10",
     "newton",
 )
-LIBRARIES = ("vivitlib", "vivit", "floor")
+LIBRARIES = ("vivitlib", "vivit", "floor", "floor_full")
 TOP_K = 10
 DAMPING = 1e-3
 #: Directions with ``λ ≤ RTOL · λ_max`` are left out (vivit's criterion).
@@ -171,8 +171,9 @@ def make_runner(library: str, config: str, problem: Problem) -> Callable[[], Any
 
     Args:
         library: ``'vivitlib'``, ``'vivit'``, ``'floor'`` (the eigenvalue pass's
-            floor, :mod:`.floor`, whatever ``config``) or ``'torch'`` (plain
-            gradient only).
+            floor, :mod:`.floor`, whatever ``config``), ``'floor_full'`` (the
+            full-compute floor: eigenpairs and Newton step) or ``'torch'``
+            (plain gradient only).
         config: One of :data:`CONFIGS`.
         problem: The problem to run on.
 
@@ -186,10 +187,10 @@ def make_runner(library: str, config: str, problem: Problem) -> Callable[[], Any
         raise ValueError(f"Unknown config {config!r}; choose one of {CONFIGS}.")
     if config == "gradient":
         return _gradient_runner(problem)
-    if library == "floor":
+    if library in ("floor", "floor_full"):
         from experiments.benchmarks.ggn.floor import floor_runner
 
-        return floor_runner(problem)
+        return floor_runner(problem, full=library == "floor_full")
     if library == "vivitlib":
         return _vivitlib_runner(problem, config)
     if library == "vivit":

@@ -9,6 +9,7 @@ from torch import nn
 import vivitlib
 from tests.core.cases import CASES, make_problem
 from tests.core.helpers import assert_block_matches_dense, flat_evecs
+from vivitlib.extensions import fast_backprop
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.memory import MemoryBudget, MemoryBudgetWarning, parse_memory
 
@@ -173,3 +174,49 @@ def test_budget_shares():
     assert budget.column_bytes == 2**17
     assert budget.cost_settings(4)["materialise_elements"] == 2**15
     assert MemoryBudget.split(None).cost_settings(4) == {}
+
+
+def _wide_conv_net():
+    """A convolution whose dense V outweighs its output factor, after max pooling."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3), nn.ReLU(), nn.MaxPool2d(2, padding=1),
+        nn.Conv2d(6, 5, 1), nn.Tanh(), nn.Flatten(), nn.Linear(20, 3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("compute", [("eigenvalues",), vivitlib.QUANTITIES])
+@pytest.mark.parametrize("plan", ["dense", "pairwise"])
+def test_channel_slices_match_dense(monkeypatch, plan, compute):
+    """The second convolution's factor is formed a channel slice at a time."""
+    from vivitlib.extensions import lazy_factor
+    from vivitlib.factors import cost_model
+
+    problem = make_problem(dict(model=_wide_conv_net, loss=nn.CrossEntropyLoss,
+                                x=(4, 2, 10, 10), y=_targets))  # fmt: skip
+    made = []
+    real = lazy_factor.ChannelSlicedFactor.__init__
+    monkeypatch.setattr(
+        lazy_factor.ChannelSlicedFactor,
+        "__init__",
+        lambda self, *a, **k: made.append(1) or real(self, *a, **k),
+    )
+    narrowed = []
+    real_narrowed = fast_backprop._ConvSnapshot.narrowed
+    monkeypatch.setattr(
+        fast_backprop._ConvSnapshot,
+        "narrowed",
+        lambda self, *a: narrowed.append(1) or real_narrowed(self, *a),
+    )
+    ggn = vivitlib.LowRankGGN(problem.params, compute=compute, max_memory=1)
+    with cost_model(gram_plan=plan):
+        (block,) = _quiet_run(problem, ggn)
+        if compute == ("eigenvalues",):
+            reference = vivitlib.LowRankGGN(problem.params, compute=compute)
+            (ref,) = _quiet_run(problem, reference)
+            torch.testing.assert_close(block.evals, ref.evals, rtol=1e-10, atol=0)
+        else:
+            assert_block_matches_dense(block, problem.dense())
+    assert bool(made) == (plan == "dense")
+    # the channels of the second convolution's factor come through the third's Jᵀ
+    assert bool(narrowed) == (plan == "dense")

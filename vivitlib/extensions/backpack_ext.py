@@ -29,7 +29,7 @@ from vivitlib.extensions.fast_backprop import (
 )
 from vivitlib.extensions.layers import FACTORED_LAYERS, conv_inputs, conv_unfoldable
 from vivitlib.extensions.lazy import LazyColumns
-from vivitlib.extensions.lazy_layers import conv_step, prefers_chunks
+from vivitlib.extensions.lazy_layers import channel_step, conv_step, lazy_plan
 from vivitlib.memory import current_budget
 
 FACTOR_FIELD = "_vivitlib_ggn_factor"
@@ -61,20 +61,29 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
             if derivatives is not None:
                 self.derivatives = derivatives()
             self._dense_bias = self._make_param_function("bias")
-            self._chunked: dict[str, Any] = {}
+            self._chunked: tuple[Any, dict[str, Any]] = (None, {})
 
         def accepts_lazy(self, module, quantity: LazyColumns) -> bool:
-            """Whether this step handles ``quantity`` in column chunks."""
-            return lazy_aware and prefers_chunks(module, quantity)
+            """Whether this step handles ``quantity`` in chunks (:func:`lazy_plan`)."""
+            if not lazy_aware:
+                return False
+            return lazy_plan(module, quantity, conv_unfoldable(module)) is not None
 
         def _from_chunks(self, ext, module, backproped, name: str):
-            if not self._chunked:
+            """Result ``name`` of the step on ``backproped`` (computed on first ask)."""
+            if self._chunked[0] is not backproped:
                 sub = ext.get_subsampling()
-                unfolded = conv_inputs(module, sub) if conv_unfoldable(module) else None
-                self._chunked = conv_step(
-                    self.derivatives, module, backproped, sub, unfolded
-                )
-            return self._chunked.pop(name)
+                unfoldable = conv_unfoldable(module)
+                unfolded = conv_inputs(module, sub) if unfoldable else None
+                plan = lazy_plan(module, backproped, unfoldable)
+                step = channel_step if plan == "channels" else conv_step
+                results = step(self.derivatives, module, backproped, sub, unfolded)
+                self._chunked = (backproped, results)
+            results = self._chunked[1]
+            value = results.pop(name)
+            if not results:
+                self._chunked = (None, {})
+            return value
 
         def bias(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
             if isinstance(backproped, LazyColumns):

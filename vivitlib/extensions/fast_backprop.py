@@ -43,6 +43,7 @@ extension through BackPACK's ``set_module_extension``.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import weakref
@@ -191,13 +192,20 @@ def may_overwrite(ext: Any, mat: Any) -> bool:
     )
 
 
-def _scale_op(factor: Tensor) -> PendingOp:
-    """Pending ``x * factor`` (``factor`` ``[N, *features]``), in place when fresh."""
-
+def _scaling(factor: Tensor):
     def scale(x: Tensor, fresh: bool) -> Tensor:
         return x.mul_(factor) if fresh else x * factor
 
-    return PendingOp(scale, tuple(factor.shape), fresh=True)
+    return scale
+
+
+def _scale_op(factor: Tensor) -> PendingOp:
+    """Pending ``x * factor`` (``factor`` ``[N, *features]``), in place when fresh."""
+
+    def narrow(o0: int, o1: int):
+        return _scaling(factor[:, o0:o1]), (o0, o1)
+
+    return PendingOp(_scaling(factor), tuple(factor.shape), fresh=True, narrow=narrow)
 
 
 def _elementwise(base: type) -> type:
@@ -269,7 +277,14 @@ class FastFlattenDerivatives(FlattenDerivatives):
         def unflatten(x: Tensor, fresh: bool) -> Tensor:
             return x.reshape(x.shape[0], *shape)
 
-        return PendingOp(unflatten, tuple(shape), fresh=False)
+        def narrow(o0: int, o1: int):
+            def part(x: Tensor, fresh: bool) -> Tensor:
+                return x.reshape(x.shape[0], shape[0], o1 - o0, *shape[2:])
+
+            per_channel = prod(shape[2:])
+            return part, (o0 * per_channel, o1 * per_channel)
+
+        return PendingOp(unflatten, tuple(shape), fresh=False, narrow=narrow)
 
 
 def _max_pool(base: type) -> type:
@@ -287,20 +302,34 @@ def _max_pool(base: type) -> type:
             index = self.get_pooling_idx(module, subsampling=subsampling)
             N, channels = index.shape[:2]
             in_shape = tuple(module.input0.shape[2:])
-            index = index.reshape(1, N * channels, -1)
+            index = index.reshape(N, channels, -1)
 
-            def unpool(x: Tensor, fresh: bool) -> Tensor:
-                V = x.shape[0]
-                out = _new_zeros(x, V, N * channels, prod(in_shape))
-                out.scatter_add_(
-                    2, index.expand(V, -1, -1), x.reshape(V, N * channels, -1)
-                )
-                return out.view(V, N, channels, *in_shape)
+            def narrow(o0: int, o1: int):
+                return _unpooling(index[:, o0:o1], in_shape), (o0, o1)
 
-            return PendingOp(unpool, (N, channels, *in_shape), fresh=True)
+            return PendingOp(
+                _unpooling(index, in_shape),
+                (N, channels, *in_shape),
+                fresh=True,
+                narrow=narrow,
+            )
 
     _Fast.__name__ = f"Fast{base.__name__}"
     return _Fast
+
+
+def _unpooling(index: Tensor, in_shape: tuple[int, ...]):
+    """Max pooling's ``Jᵀ`` for pooling indices ``[N, channels, out pixels]``."""
+    N, channels = index.shape[:2]
+    flat = index.reshape(1, N * channels, -1)
+
+    def unpool(x: Tensor, fresh: bool) -> Tensor:
+        V = x.shape[0]
+        out = _new_zeros(x, V, N * channels, prod(in_shape))
+        out.scatter_add_(2, flat.expand(V, -1, -1), x.reshape(V, N * channels, -1))
+        return out.view(V, N, channels, *in_shape)
+
+    return unpool
 
 
 #: A convolution's transposed Jacobian runs on column chunks of at most this
@@ -315,11 +344,22 @@ class _ConvSnapshot:
     detached; BackPACK frees the module's stored input after its step.
     """
 
-    def __init__(self, module: nn.Module):
-        for name in ("stride", "padding", "kernel_size", "dilation", "groups"):
+    _FIELDS = ("stride", "padding", "kernel_size", "dilation", "groups")
+
+    def __init__(self, module: Any):
+        for name in self._FIELDS:
             setattr(self, name, getattr(module, name))
         self.weight = module.weight.detach()
         self.input0 = module.input0.new_zeros(()).expand(module.input0.shape)
+
+    def narrowed(self, o0: int, o1: int) -> _ConvSnapshot:
+        """The same layer restricted to input channels ``o0:o1`` (``groups=1``)."""
+        part = copy.copy(self)
+        part.weight = self.weight[:, o0:o1]
+        shape = list(self.input0.shape)
+        shape[1] = o1 - o0
+        part.input0 = self.input0[:1, :1].expand(shape)
+        return part
 
 
 def _column_chunked(base: type) -> type:
@@ -357,16 +397,27 @@ def _column_chunked(base: type) -> type:
 
         def column_op(self, module, subsampling=None) -> PendingOp:
             """``Jᵀ`` as a pending map (BackPACK's product on a module snapshot)."""
-            snapshot = _ConvSnapshot(module)
             shape = list(module.input0.shape)
             if subsampling is not None:
                 shape[0] = len(subsampling)
             jac_t = super()._jac_t_mat_prod
+            whole = _ConvSnapshot(module)
 
-            def transpose_conv(x: Tensor, fresh: bool) -> Tensor:
-                return jac_t(snapshot, None, None, x, subsampling)
+            def transposed(snapshot: _ConvSnapshot):
+                def transpose_conv(x: Tensor, fresh: bool) -> Tensor:
+                    return jac_t(snapshot, None, None, x, subsampling)
 
-            return PendingOp(transpose_conv, tuple(shape), fresh=True)
+                return transpose_conv
+
+            def narrow(o0: int, o1: int):
+                return transposed(whole.narrowed(o0, o1)), None
+
+            return PendingOp(
+                transposed(whole),
+                tuple(shape),
+                fresh=True,
+                narrow=narrow if module.groups == 1 else None,
+            )
 
     _Fast.__name__ = f"Chunked{base.__name__}"
     return _Fast
@@ -431,7 +482,7 @@ def lazy_backpropagate(
     """
     if isinstance(mat, LazyColumns):
         op = derivatives.column_op(module, subsampling=subsampling)
-        return mat if op is None else mat.then(op.fn, op.shape, op.fresh)
+        return mat if op is None else mat.then(op)
     if not getattr(derivatives, "grows", False) or not isinstance(mat, Tensor):
         return None
     shape = list(module.input0.shape)
@@ -441,7 +492,7 @@ def lazy_backpropagate(
     if out_bytes <= current_budget().lazy_bytes:
         return None
     op = derivatives.column_op(module, subsampling=subsampling)
-    return LazyColumns(mat).then(op.fn, op.shape, op.fresh)
+    return LazyColumns(mat).then(op)
 
 
 #: Module class -> square-root-GGN rule replacing BackPACK's.

@@ -30,6 +30,11 @@ from torch import Tensor
 #: is a buffer no one else holds).
 ColumnOp = Callable[[Tensor, bool], Tensor]
 
+#: ``narrow(o0, o1) -> (op, needed)``: the map restricted to output channels
+#: (axis 2 of ``[k, N, channels, ...]``) ``o0:o1``, and the input channels it
+#: needs (``None``: all of them).
+Narrowing = Callable[[int, int], tuple[ColumnOp, "tuple[int, int] | None"]]
+
 
 @dataclass(frozen=True)
 class PendingOp:
@@ -39,11 +44,14 @@ class PendingOp:
         fn: The map (see :data:`ColumnOp`).
         shape: Per-column output shape ``[N, *features]``.
         fresh: Whether ``fn`` returns a new buffer (not a view of its input).
+        narrow: The map restricted to some output channels (``None``: the
+            layer cannot compute a subset of its output channels alone).
     """
 
     fn: ColumnOp
     shape: tuple[int, ...]
     fresh: bool
+    narrow: Narrowing | None = None
 
 
 class LazyColumns:
@@ -90,9 +98,9 @@ class LazyColumns:
         sizes = [prod(self.source.shape[1:])] + [prod(op.shape) for op in self.ops]
         return max(sizes) * self.element_size()
 
-    def then(self, fn: ColumnOp, shape: tuple[int, ...], fresh: bool) -> LazyColumns:
-        """This factor followed by one more map with per-column output ``shape``."""
-        return LazyColumns(self.source, (*self.ops, PendingOp(fn, tuple(shape), fresh)))
+    def then(self, op: PendingOp) -> LazyColumns:
+        """This factor followed by one more map."""
+        return LazyColumns(self.source, (*self.ops, op))
 
     def columns(self, c0: int, c1: int) -> Tensor:
         """Columns ``c0:c1`` of the factor, ``[c1 - c0, N, *features]``."""
@@ -101,6 +109,43 @@ class LazyColumns:
             x = op.fn(x, fresh)
             fresh = fresh or op.fresh
         return x
+
+    @property
+    def narrowable(self) -> bool:
+        """Whether output channels can be formed alone (every map allows it)."""
+        return bool(self.ops) and all(op.narrow is not None for op in self.ops)
+
+    def channels(self, o0: int, o1: int) -> Tensor:
+        """Output channels ``o0:o1`` of every column, ``[C, N, o1 - o0, ...]``.
+
+        Each map is restricted to the channels the next one needs; before a map
+        that needs all its input channels (a convolution's ``Jᵀ``), the maps
+        run whole. Formed a column chunk at a time.
+        """
+        maps, needed = [], (o0, o1)
+        for op in reversed(self.ops):
+            if needed is None:
+                maps.append((op.fn, op.fresh))
+                continue
+            fn, needed_in = op.narrow(*needed)
+            maps.append((fn, op.fresh))
+            needed = needed_in
+        maps.reverse()
+        C = self.shape[0]
+        out = None
+        for c0, c1 in self.chunks():
+            x, fresh = self.source[c0:c1], False
+            if needed is not None:
+                x = x[:, :, needed[0] : needed[1]]
+            for fn, makes_fresh in maps:
+                x = fn(x, fresh)
+                fresh = fresh or makes_fresh
+            if c1 - c0 == C:
+                return x
+            if out is None:
+                out = x.new_empty(C, *x.shape[1:])
+            out[c0:c1] = x
+        return out
 
     def materialise(self) -> Tensor:
         """The whole factor, formed a few columns at a time into one buffer."""

@@ -11,9 +11,11 @@ results, never the factor at the layer's output.
 
 This pays where the weight's dense factor is smaller than the factor at the
 output (the first convolution of a network after max pooling: 3C3D's first
-layer at ``N = 64`` has a 12 MiB ``V`` and a 122 MiB output factor);
-otherwise (:func:`prefers_chunks` false) the lazy factor is formed and the
-layer takes its usual factored path.
+layer at ``N = 64`` has a 12 MiB ``V`` and a 122 MiB output factor). Where it
+is larger, the output factor is formed a slice of channels at a time instead
+(:func:`channel_step`, for the ``'dense'`` Gram plan); otherwise
+(:func:`lazy_plan` ``None``) it is formed whole and the layer takes its usual
+factored path.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from vivitlib.extensions.layers import input_source
 from vivitlib.extensions.lazy import LazyColumns
+from vivitlib.extensions.lazy_factor import ChannelSlicedFactor
+from vivitlib.factors import current_cost_model
 from vivitlib.memory import current_budget
 
 
@@ -34,12 +39,67 @@ def _wants(module: Module, name: str) -> bool:
     return param is not None and param.requires_grad
 
 
-def prefers_chunks(module: Module, quantity: LazyColumns) -> bool:
-    """Whether the weight's dense factor is smaller than the factor at the output."""
-    if not _wants(module, "weight"):
-        return True
-    C, N = quantity.shape[:2]
-    return C * N * module.weight.numel() < quantity.numel()
+def lazy_plan(module: Module, quantity: LazyColumns, unfoldable: bool) -> str | None:
+    """How a convolution handles a lazy output factor, or ``None`` to form it.
+
+    * ``'columns'``: the weight's dense factor is smaller than the output
+      factor: both factors from column chunks (:func:`conv_step`);
+    * ``'channels'``: the ``'dense'`` Gram plan applies and every pending map
+      can form output channels alone: the weight's factor stays lazy
+      (:class:`~vivitlib.extensions.lazy_factor.ChannelSlicedFactor`), the
+      bias factor from channel slices (:func:`channel_step`).
+    """
+    C, N, O = quantity.shape[:3]  # noqa: E741
+    if not _wants(module, "weight") or C * N * module.weight.numel() < quantity.numel():
+        return "columns"
+    if not (unfoldable and quantity.narrowable):
+        return None
+    T, I = prod(quantity.shape[3:]), module.weight[0].numel()  # noqa: E741
+    model = current_cost_model()
+    if not model.prefer_factored(C, N, T, O, I):
+        return None
+    return "channels" if model.gram_plan_for(C, N, T, O, I) == "dense" else None
+
+
+def channel_step(
+    derivatives: Any,
+    module: Module,
+    quantity: LazyColumns,
+    subsampling: list[int] | None,
+    unfolded: Tensor,
+) -> dict[str, Any]:
+    """Like :func:`conv_step`, the output factor formed a slice of channels at a time.
+
+    The weight's factor is a
+    :class:`~vivitlib.extensions.lazy_factor.ChannelSlicedFactor`; the bias
+    factor is summed from channel slices; the input's factor stays lazy (the
+    convolution's ``Jᵀ`` appended) unless it is small enough to form.
+    """
+    C, N, O = quantity.shape[:3]  # noqa: E741
+    results: dict[str, Any] = {
+        "weight": ChannelSlicedFactor(
+            quantity, unfolded, input_source(module, subsampling)
+        )
+    }
+    budget = current_budget()
+    if _wants(module, "bias"):
+        bias = quantity.source.new_empty(C, N, O)
+        channel_bytes = quantity.numel() // O * quantity.element_size()
+        step = budget.columns_per_chunk(channel_bytes, O)
+        for o0 in range(0, O, step):
+            o1 = min(O, o0 + step)
+            bias[:, :, o0:o1] = quantity.channels(o0, o1).flatten(3).sum(3)
+        results["bias"] = bias
+    if module.input0.requires_grad:
+        op = derivatives.column_op(module, subsampling=subsampling)
+        lazy = quantity.then(op)
+        in_bytes = C * prod(op.shape) * quantity.element_size()
+        results["input"] = lazy if in_bytes > budget.lazy_bytes else lazy.materialise()
+    budget.note_excess(
+        f"{type(module).__name__} (its unfolded input and the lazy source)",
+        (unfolded.numel() + quantity.source.numel()) * quantity.element_size(),
+    )
+    return results
 
 
 def conv_step(
@@ -75,7 +135,7 @@ def conv_step(
         op = derivatives.column_op(module, subsampling=subsampling)
         in_bytes = C * prod(op.shape) * quantity.element_size()
         if in_bytes > current_budget().lazy_bytes:
-            results["input"] = quantity.then(op.fn, op.shape, op.fresh)
+            results["input"] = quantity.then(op)
         else:
             form_input = op
             results["input"] = quantity.source.new_empty(C, *op.shape)

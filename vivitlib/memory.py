@@ -11,12 +11,21 @@ pass is about the plain backward's plus ``max_memory``.
 
 The budget is spent in fixed shares (:meth:`MemoryBudget.split`):
 
-* a backpropagated factor larger than :attr:`~MemoryBudget.lazy_bytes` is not
-  formed: it stays **lazy**, its source plus the pending per-column operations
-  (:class:`vivitlib.extensions.lazy.LazyColumns`), and its consumers form a few
-  columns at a time (:attr:`~MemoryBudget.column_bytes` each);
+* a backpropagated factor larger than :attr:`~MemoryBudget.lazy_bytes` (a
+  quarter) is not formed: it stays **lazy**, its source plus the pending
+  per-column operations (:class:`vivitlib.extensions.lazy.LazyColumns`), and
+  its consumers form a few columns (:attr:`~MemoryBudget.column_bytes`, an
+  eighth) or a slice of channels at a time -- a convolution with a small dense
+  ``V`` by columns, one with a large ``V`` by output channels for its
+  ``'dense'`` Gram plan;
 * the kernels' slices and chunks (:class:`vivitlib.factors.CostModel`'s
-  ``materialise_elements``, ``chunk_elements``, ``workspace_elements``).
+  ``materialise_elements``, ``chunk_elements``, ``workspace_elements``: an
+  eighth each).
+
+What a layer cannot split -- a convolution's unfolded input, the lazy source,
+the copies the ``'pairwise'`` Gram plan makes of its output factor, results
+kept for lifting (``compute`` with eigenvectors or Newton steps) -- sets the
+smallest budget a network allows.
 
 Without a budget (``max_memory=None``) the defaults apply: the cost model as
 it is, and factors above :data:`DEFAULT_LAZY_BYTES` kept lazy (which costs no

@@ -13,8 +13,18 @@ arithmetic with plain broadcasting:
 * max pooling: one ``scatter_add_`` into ``[C, N·channels, input pixels]``
   with the pooling indices expanded (not copied) over the ``C`` columns.
 
-(``Flatten`` needs nothing: BackPACK's rule already returns a view.) The
-per-sample-gradient extension backpropagates nothing through these layers.
+(``Flatten`` keeps BackPACK's rule, a view.) The per-sample-gradient
+extension backpropagates nothing through these layers.
+
+**Lazy factors** (``max_memory=``, :mod:`vivitlib.memory`): every rule here
+and the convolutions' ``Jᵀ`` also exist as a pending per-column map
+(``column_op``, which captures the mask, pooling indices or weight it needs).
+A factor that reaches a rule lazy (:class:`~vivitlib.extensions.lazy.LazyColumns`)
+gets the map appended instead of being formed, and max pooling and
+convolutions, whose outputs grow, start a lazy factor where their output
+would exceed the budget's ``lazy_bytes`` (:func:`lazy_backpropagate`). The
+maps can be narrowed to a range of output channels (``groups=1`` for
+convolutions), so a consumer may also form a slice of channels alone.
 
 Before a rule allocates a large CPU output (max pooling's is several times its
 input), it hands the C heap's free pages back to the operating system

@@ -100,6 +100,48 @@ def test_per_sample_maps_and_scaling(T):
     assert factor.stored_numel() == factor.s.numel() + factor.a.numel()
 
 
+def _backpack_strided(C, N, T, O, I, seed=0):  # noqa: E741
+    """Factor and gradients with BackPACK's convolution strides (``T`` fastest)."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(C, N, O, T, generator=gen, dtype=torch.float64).transpose(2, 3)
+    a = torch.randn(N, I, T, generator=gen, dtype=torch.float64).transpose(1, 2)
+    delta = torch.randn(N, O, T, generator=gen, dtype=torch.float64).transpose(1, 2)
+    return outer_factor(s, a, "in"), OuterGrads(delta, a, "in")
+
+
+@pytest.mark.parametrize("per_class", [True, False], ids=["per-class", "per-sample"])
+@pytest.mark.parametrize(
+    "budget", [None, 3 * 17 * (6 + 4) * 2], ids=["whole", "slices"]
+)
+def test_dense_plan_forms_slices_either_way(monkeypatch, per_class, budget):
+    """Both ways of forming ``V``'s output slices give the materialised Gram."""
+    monkeypatch.setattr(kernels, "PER_CLASS_MIN_OUTPUTS", 1 if per_class else 10**9)
+    factor, grads = _backpack_strided(C=3, N=17, T=4, O=5, I=6)
+    v, g = _materialised(factor, grads)
+    settings = {} if budget is None else {"materialise_elements": budget}
+    with cost_model(gram_plan="dense", **settings):
+        gram, vtg, _ = factor.contract(grads)
+    flat = v.reshape(-1, v.shape[-1])
+    torch.testing.assert_close(gram.reshape(flat.shape[0], -1), flat @ flat.T)
+    torch.testing.assert_close(vtg, torch.einsum("cnd,md->cnm", v, g))
+
+
+@pytest.mark.parametrize("budget", [None, 7, 4 * 4 * 3], ids=["one", "tiny", "some"])
+def test_pairwise_plan_with_backpack_strides(budget):
+    """The pairwise kernel (kernel chunks, row workspaces, ``Δ`` as an extra row)."""
+    factor, grads = _backpack_strided(C=3, N=17, T=4, O=5, I=6, seed=1)
+    v, g = _materialised(factor, grads)
+    settings = {} if budget is None else dict(chunk_elements=budget)
+    with cost_model(gram_plan="pairwise", workspace_elements=4 * 5 * 4 * 3, **settings):
+        gram, vtg, _ = factor.contract(grads)
+        alone, none, _ = factor.contract(None)
+    flat = v.reshape(-1, v.shape[-1])
+    torch.testing.assert_close(gram.reshape(flat.shape[0], -1), flat @ flat.T)
+    torch.testing.assert_close(alone, gram)
+    torch.testing.assert_close(vtg, torch.einsum("cnd,md->cnm", v, g))
+    assert none is None
+
+
 @pytest.mark.parametrize("M", [7, 300])
 def test_sym_gram(M):
     rows = torch.randn(M, 5, dtype=torch.float64)

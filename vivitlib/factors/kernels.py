@@ -122,6 +122,48 @@ def outer_dense_rows(s: Tensor, a: Tensor) -> Tensor:
     return torch.bmm(s_rows, a).view(N * C, O * a.shape[-1])
 
 
+#: Rows (outputs of one column) from which the ``'dense'`` plan forms a slice of
+#: ``V`` class by class, straight from BackPACK's class-major ``s`` (one batched
+#: product per class); slices with fewer outputs are formed sample by sample
+#: from a sample-major copy of ``s`` (``C`` times more rows per product).
+PER_CLASS_MIN_OUTPUTS = 32
+
+
+def _slice_former(s: Tensor, a: Tensor, budget: int):
+    """``(step, form)``: ``form(o0, o1)`` gives ``V``'s output slice as rows.
+
+    The rows are ``[C·N, (o1 - o0)·I]``; ``class_major`` says their order. Every
+    slice is written into one workspace (no allocation per slice).
+    """
+    C, N, T, O = s.shape  # noqa: E741
+    I = a.shape[-1]  # noqa: E741
+    step = _chunk(C * N * I, O, budget)
+    if step >= min(O, PER_CLASS_MIN_OUTPUTS):
+        space = s.new_empty(C * N * step * I)
+
+        def form(o0: int, o1: int) -> Tensor:
+            out = space[: C * N * (o1 - o0) * I].view(C, N, o1 - o0, I)
+            for c in range(C):
+                torch.bmm(s[c, :, :, o0:o1].transpose(1, 2), a, out=out[c])
+            return out.view(C * N, -1)
+
+        return step, form, True
+    # per output: a column slice of V and the copy of s laid out for the product
+    step = _chunk(C * N * (I + T), O, budget)
+    space = s.new_empty(C * N * step * I)
+    copy = s.new_empty(C * N * step * T)
+
+    def form(o0: int, o1: int) -> Tensor:
+        w = o1 - o0
+        s_rows = copy[: C * N * w * T].view(N, C, w, T)
+        s_rows.copy_(s[..., o0:o1].permute(1, 0, 3, 2))
+        out = space[: C * N * w * I].view(N, C * w, I)
+        torch.bmm(s_rows.view(N, C * w, T), a, out=out)
+        return out.view(N * C, w * I)
+
+    return step, form, False
+
+
 def dense_plan_gram(
     s: Tensor,
     a: Tensor,
@@ -133,9 +175,11 @@ def dense_plan_gram(
 
     The same multiply-adds as forming all of ``V`` first, but no slice of it
     (with the slice of ``s`` laid out to form it) exceeds ``chunk_elements``
-    entries: slice ``[o0, o1)`` of every column is
-    formed (:func:`outer_dense_rows`), its products are added to the Gram
-    matrix's upper block triangle and to ``Vᵀ g``, and it is freed.
+    entries: slice ``[o0, o1)`` of every column is formed into a workspace
+    (class by class when the slice has at least
+    :data:`PER_CLASS_MIN_OUTPUTS` outputs, else sample by sample), its
+    products are added to the Gram matrix's upper block triangle and to
+    ``Vᵀ g``.
 
     Args:
         s: ``[C, N, T, O]``.
@@ -146,22 +190,23 @@ def dense_plan_gram(
 
     Returns:
         ``(gram, vtg)``: ``[C, N, C, N]`` and ``[C, N, N']`` (or ``None``),
-        class-major views of sample-major buffers.
+        class-major (possibly as views of sample-major buffers).
     """
     C, N, T, O = s.shape  # noqa: E741
-    # per output: a column slice of V and the copy of s laid out for the product
-    step = _chunk(C * N * (a.shape[-1] + T), O, chunk_elements)
+    step, form, class_major = _slice_former(s, a, chunk_elements)
     gram = s.new_zeros(N * C, N * C)
     vtg = None
     for o0 in range(0, O, step):
         o1 = min(O, o0 + step)
-        rows = outer_dense_rows(s[..., o0:o1], a)
+        rows = form(o0, o1)
         add_sym_gram(rows, gram)
         if grads is not None:
             part = rows @ grads(o0, o1).T
             vtg = part if vtg is None else vtg.add_(part)
-        del rows
-    gram = mirror_upper(gram).view(N, C, N, C).permute(1, 0, 3, 2)
+    gram = mirror_upper(gram)
+    if class_major:
+        return gram.view(C, N, C, N), None if vtg is None else vtg.view(C, N, -1)
+    gram = gram.view(N, C, N, C).permute(1, 0, 3, 2)
     return gram, None if vtg is None else vtg.view(N, C, -1).transpose(0, 1)
 
 
@@ -192,9 +237,9 @@ def pairwise_gram(
     per ``m``, ``P_m = K[:, m] [S_m, Δ_m]`` (``[(n, t), (o, d)]``, one GEMM,
     ``Δ_m`` the output gradients appended as an extra column) and
     ``gram[n, :, m, :] = S_n P_m[n]`` (one batched GEMM over ``n``). ``Vᵀ g``
-    comes from the same ``P_m``: its ``Δ`` column gives ``⟨v_cn, g_m⟩`` and
-    ``Δ_n P_m[n]`` gives ``⟨v_dm, g_n⟩``, so the kernel's upper half is never
-    needed.
+    comes from the same products, ``Δ`` appended to ``S_n`` as an extra row:
+    the ``Δ`` column gives ``⟨v_cn, g_m⟩`` and the ``Δ`` row ``⟨v_dm, g_n⟩``,
+    so the kernel's upper half is never needed.
 
     Args:
         s: Backpropagated factor ``[C, N, T, O]``.
@@ -208,15 +253,16 @@ def pairwise_gram(
         ``delta``), class-major views of sample-major buffers.
     """
     C, N, T, O = s.shape  # noqa: E741
-    s_rows = _sample_rows(s)  # [N, C, T·O]
     cols = s if delta is None else torch.cat([s, delta[None]])
     C1 = cols.shape[0]
+    s_rows = _sample_rows(cols)  # [N, C1, T·O]
     s_cols = cols.permute(1, 2, 3, 0).reshape(N, T, O * C1)  # [N, T, O·C1]
     a_rows = a.reshape(N * T, a.shape[-1])
     gram = s.new_empty(N, C, N, C)
     vtg = None if delta is None else s.new_empty(N, C, N)
-    d_rows = None if delta is None else delta.reshape(N, 1, T * O)
-    step = _chunk(N * T * T, N, chunk_elements)
+    # kernel rows n >= m0 for columns [m0, m1): at least 8 chunks, so that the
+    # kernel's work is about 9/16 of the full N·T × N·T product, not all of it
+    step = min(_chunk(N * T * T, N, chunk_elements), -(-N // 8))
     # the CPU reuses a small workspace from cache; accelerators prefer fewer launches
     workspace = chunk_elements
     if s.device.type == "cpu":
@@ -237,11 +283,12 @@ def pairwise_gram(
                 p = p_space[: (n1 - n0) * T * O * C1].view((n1 - n0) * T, O * C1)
                 torch.mm(k_m[(n0 - m0) * T : (n1 - m0) * T], s_cols[m], out=p)
                 p = p.view(n1 - n0, T * O, C1)
-                block = torch.bmm(s_rows[n0:n1], p)  # [n, c, d] (+ [n, c, Δ])
-                gram[n0:n1, :, m] = block[..., :C]
+                # [n, c, d]; with Δ as row and column C also ⟨v_cn, g_m⟩, ⟨g_n, v_dm⟩
+                block = torch.bmm(s_rows[n0:n1], p)
+                gram[n0:n1, :, m] = block[:, :C, :C]
                 if delta is not None:
-                    vtg[n0:n1, :, m] = block[..., C]
-                    vtg[m, :, n0:n1] = torch.bmm(d_rows[n0:n1], p[..., :C])[:, 0].T
+                    vtg[n0:n1, :, m] = block[:, :C, C]
+                    vtg[m, :, n0:n1] = block[:, C, :C].T
             gram[m, :, m + 1 :] = gram[m + 1 :, :, m].permute(2, 0, 1)
     gram = gram.permute(1, 0, 3, 2)
     return gram, None if vtg is None else vtg.transpose(0, 1)

@@ -16,7 +16,10 @@ same way, ``DampedNewton`` with constant damping on a grid of 4 values per decad
 (``safeguards=False``: the classic method), and the untuned defaults
 ``DampedNewton(params)`` with a closure (``newton_default``), without a closure,
 without safeguards (the old default), with the independent-sample bootstrap,
-without the (default, adaptive) flat-complement step and with a tuned one.
+without the (default, adaptive) flat-complement step and with a tuned one, and
+the session-4 ablations: one Monte-Carlo sample on the whole batch instead of
+the exact curvature of 32 samples (``newton_mc1_floor``), the session-3
+damping floor (``newton_sub32_lowfloor``) and both (``newton_session3``).
 
 Protocol: every grid value trains on seed ``--seed`` for ``--steps`` steps; the
 value with the lowest final training loss (diverged runs last) is the tuned one;

@@ -42,23 +42,43 @@ def _dense_step(model, loss_fn, X, y, curv):
 
 
 @pytest.mark.parametrize(
-    ("batches", "options"),
+    ("batches", "curvature", "options"),
     [
-        ([10, 3, 10], {"curvature_samples": 4}),  # 3 < 4: all of that batch
-        ([6], {}),  # "auto" = 32 > 6: all samples, exact
-        ([6], {"mc_samples": 0}),  # "auto" with mc_samples given: all, exact
+        # 3 < 4: all samples of that batch
+        ([10, 3, 10], [4, 3, 4], {"curvature_samples": 4}),
+        # "auto": 32 (all 10) at first, then half the previous batch
+        ([10, 10, 4], [10, 5, 4], {}),
+        # "auto" with mc_samples given: exact on all samples
+        ([6], [6], {"mc_samples": 0}),
     ],
 )
-def test_closure_step_uses_exact_curvature_of_the_first_samples(batches, options):
+def test_closure_step_uses_exact_curvature_of_the_first_samples(
+    batches, curvature, options
+):
     model, loss_fn = _problem()
     opt = DampedNewton(model.parameters(), ConstantDamping(DELTA), safeguards=False,
                        **options)  # fmt: skip
-    first = options.get("curvature_samples", 32)
-    for seed, n in enumerate(batches):
+    for seed, (n, first) in enumerate(zip(batches, curvature)):
         X, y = _batch(n, seed)
         expected = _flat(model) + _dense_step(model, loss_fn, X, y, slice(0, first))
         opt.step(make_closure(opt, model, loss_fn, X, y))
         torch.testing.assert_close(_flat(model), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_auto_curvature_samples_survive_a_checkpoint():
+    model, loss_fn = _problem()
+    opt = DampedNewton(model.parameters(), ConstantDamping(DELTA), safeguards=False)
+    opt.step(make_closure(opt, model, loss_fn, *_batch(10, 0)))
+    state = opt.state_dict()
+    assert state["last_batch_size"] == 10
+    fresh = DampedNewton(model.parameters(), ConstantDamping(DELTA), safeguards=False)
+    fresh.load_state_dict(state)
+    X, y = _batch(10, 1)
+    expected = _flat(model) + _dense_step(model, loss_fn, X, y, slice(0, 5))
+    fresh.step(make_closure(fresh, model, loss_fn, X, y))
+    torch.testing.assert_close(_flat(model), expected, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="'last_batch_size' must be an int"):
+        fresh.load_state_dict({**fresh.state_dict(), "last_batch_size": 0})
 
 
 def test_without_closure_mc_samples_and_subsampling_apply():

@@ -5,6 +5,7 @@ import torch
 from backpack import backpack, extend
 from torch import nn
 
+from tests.optim.helpers import make_closure
 from tests.reference import dense_curvature, per_sample_hessians
 from vivitlib.optim import ConstantDamping, DampedNewton, LanczosDampedNewton
 
@@ -109,3 +110,62 @@ def test_errors():
     opt = LanczosDampedNewton(model, loss_fn, (X, y), k=2)
     with pytest.raises(RuntimeError, match="no directional derivatives"):
         opt.step()
+
+
+def test_complement_step_matches_dense_heavy_ball():
+    """``-Σ_k γ_k/(λ_k+δ) d_k - η m``, ``m ← β m + (g - D Dᵀ g)`` (dense, float64)."""
+    model, loss_fn, X, y = _quadratic_problem()
+    eta, beta, delta = 0.2, 0.5, 0.3
+    opt = LanczosDampedNewton(model, loss_fn, (X, y), k=3, tol=1e-12,
+                              refresh_every=100, damping=ConstantDamping(delta),
+                              safeguards=False, complement_lr=eta,
+                              complement_momentum=beta)  # fmt: skip
+    dirs = torch.cat([d.flatten(1) for d in opt.evecs], dim=1).T  # [D, 3]
+    buffer = None
+    for _ in range(2):
+        dense = dense_curvature(model, loss_fn, X, y)
+        gammas = dirs.T @ dense.grad
+        curvs = torch.einsum("dk,de,ek->k", dirs, dense.ggn, dirs)
+        perp = dense.grad - dirs @ gammas
+        buffer = perp if buffer is None else perp + beta * buffer
+        expected = _flat(model) - dirs @ (gammas / (curvs + delta)) - eta * buffer
+        _run(opt, model, loss_fn, X, y)
+        torch.testing.assert_close(_flat(model), expected, rtol=1e-7, atol=1e-9)
+    assert all("complement_buffer" in opt.state[p] for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"complement_lr": -1.0}, ValueError, "complement_lr must be finite"),
+        ({"complement_lr": "fast"}, TypeError, "complement_lr must be a float"),
+        ({"complement_lr": "auto", "safeguards": False}, ValueError,
+         "pass a number or safeguards=True"),
+        ({"complement_lr": 0.1, "complement_momentum": 1.0}, ValueError,
+         "complement_momentum must lie in"),
+    ],
+)  # fmt: skip
+def test_bad_complement_options_raise_before_anything_changes(options, error, match):
+    model, loss_fn, X, y = _quadratic_problem()
+    before = _flat(model)
+    with pytest.raises(error, match=match):
+        LanczosDampedNewton(model, loss_fn, (X, y), k=2, **options)
+    assert torch.equal(_flat(model), before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_auto_complement_keeps_the_closure_loss_from_rising():
+    """With a closure the batch loss never rises; the complement lowers it more."""
+    final = []
+    for rate in ("auto", 0.0):
+        model, loss_fn, X, y = _quadratic_problem()
+        opt = LanczosDampedNewton(model, loss_fn, (X, y), k=2, damping=0.0,
+                                  complement_lr=rate)  # fmt: skip
+        closure = make_closure(opt, model, loss_fn, X, y)
+        losses = [loss_fn(model(X), y).item()]
+        for _ in range(10):
+            opt.step(closure)
+            losses.append(loss_fn(model(X), y).item())
+        assert all(b <= a for a, b in zip(losses, losses[1:]))
+        final.append(losses[-1])
+    assert final[0] < 0.9 * final[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -80,6 +81,64 @@ def curvature_closure(closure: Callable[[], Any], collector: Any) -> Any:
         collector.reset()
         raise
     return loss
+
+
+def add_complement(
+    update: Sequence[Tensor],
+    plan: StepPlan,
+    grads: Sequence[Tensor],
+    perps: Sequence[Tensor],
+    rate: float,
+    radius: float | None,
+    momentum: float,
+    buffers: Sequence[Tensor | None],
+) -> tuple[list[Tensor], StepPlan, list[Tensor] | None]:
+    """Add ``-η m``, ``m = β m' + (g - P g)``: a step in the flat complement.
+
+    ``m`` is the complement gradient ``g - P g`` (``perps``) with heavy-ball
+    momentum ``β`` (``m'``: the previous step's ``m`` from ``buffers``, ``None``
+    where there is none; ``β = 0``: the plain complement gradient). The
+    complement is (nearly, with momentum) orthogonal to the Newton step, so the
+    trust region (``radius``, if any) bounds ``sqrt(‖Newton‖² + η² ‖m‖²)``; the
+    predicted change gains the linear term ``-η gᵀ m``.
+
+    Args:
+        update: The Newton step, one tensor per parameter.
+        plan: Its plan.
+        grads: The batch gradient ``g``, one tensor per parameter.
+        perps: ``g - P g``, one tensor per parameter.
+        rate: ``η > 0``.
+        radius: Trust radius or ``None``.
+        momentum: ``β`` in ``[0, 1)``.
+        buffers: ``m'`` per parameter (``None``: none yet).
+
+    Returns:
+        The combined step, its plan and the new buffers (``None`` for ``β = 0``).
+    """
+    new_buffers = None
+    if momentum > 0:
+        perps = [
+            q if b is None or b.shape != q.shape else q + momentum * b.to(q)
+            for q, b in zip(perps, buffers)
+        ]
+        new_buffers = [q.detach().clone() for q in perps]
+    perp_sq = sum(float(q.double().pow(2).sum()) for q in perps)
+    slope = perp_sq  # gᵀ(g - P g) = ‖g - P g‖²; with momentum gᵀ m
+    if momentum > 0:
+        slope = sum(
+            float((g.double() * q.double()).sum()) for g, q in zip(grads, perps)
+        )
+    if radius is not None and perp_sq > 0:
+        room = max(radius**2 - plan.step_norm**2, 0.0) ** 0.5
+        rate = min(rate, room / perp_sq**0.5)
+    out = [u - rate * q for u, q in zip(update, perps)]
+    plan = replace(
+        plan,
+        predicted=plan.predicted - rate * slope,
+        step_norm=(plan.step_norm**2 + rate**2 * perp_sq) ** 0.5,
+        complement=rate,
+    )
+    return out, plan, new_buffers
 
 
 def restore(params: Sequence[Tensor], values: Sequence[Tensor], grads) -> None:

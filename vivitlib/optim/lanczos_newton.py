@@ -39,6 +39,7 @@ from vivitlib.directional import DirectionalDerivatives
 from vivitlib.linalg.newton import newton_step_sizes
 from vivitlib.optim._stepping import (
     SafeguardedStepping,
+    add_complement,
     check_hyperparameters,
     curvature_closure,
     load_pending,
@@ -117,6 +118,14 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             :class:`~vivitlib.optim.DampedNewton` by the keyword arguments
             ``adaptive_damping``, ``initial_damping``, ``damping_floor``,
             ``trust_radius``, ``trust_solve`` and ``reject_steps``.
+        complement_lr: ``η >= 0``: a gradient step ``-η m`` in the complement of
+            the ``k`` directions, ``m ← β m + (g - Σ_k γ_k d_k)``, or
+            ``"auto"`` (needs the safeguards): ``η = c / λ_1`` with ``c``
+            adapted to ``ρ`` as in :class:`~vivitlib.optim.DampedNewton`; the
+            trust region bounds the whole step. Default: ``0.0`` (the
+            directions only, as before; not yet measured on the benchmark).
+        complement_momentum: ``β`` in ``[0, 1)`` (restarted after an undone
+            step). Default: ``None``, i.e. ``0.9`` with ``"auto"``, else ``0``.
 
     Raises:
         ValueError: On invalid options.
@@ -148,6 +157,8 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         trust_radius: float | None = 10.0,
         trust_solve: str = "auto",
         reject_steps: bool = True,
+        complement_lr: float | str = 0.0,
+        complement_momentum: float | None = None,
     ) -> None:
         if curvature not in _OPERATORS:
             raise ValueError(
@@ -163,7 +174,16 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         damping = BootstrapDamping() if damping is None else damping
-        check_hyperparameters({"lr": lr})
+        if complement_momentum is None:
+            complement_momentum = 0.9 if complement_lr == "auto" else 0.0
+        defaults = {"lr": lr, "complement_lr": complement_lr,
+                    "complement_momentum": complement_momentum}  # fmt: skip
+        check_hyperparameters(defaults)
+        if complement_lr == "auto" and not safeguards:
+            raise ValueError(
+                "complement_lr='auto' adapts to the safeguards' ratio; pass a "
+                "number or safeguards=True."
+            )
         for name, flag in (("safeguards", safeguards), ("reject_steps", reject_steps)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag)}.")
@@ -178,7 +198,7 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._pending = None
         self.num_rejected = 0
         self._strategies = [as_strategy(damping)]
-        super().__init__(list(params), {"lr": lr})
+        super().__init__(list(params), defaults)
         if len(self.param_groups) != 1:
             raise ValueError("LanczosDampedNewton optimises one parameter group.")
         self._model, self._loss_fn, self._data = model, loss_fn, curvature_data
@@ -359,23 +379,56 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             self._controls[0].load_state_dict(saved)
             self._pending = saved_pending
             raise
-        moves = []
+        moves, buffers = [], None
         if plan is not None:
-            for param, direction in zip(self.params, self._evecs):
-                update = torch.tensordot(
-                    plan.coefficients.to(param.dtype), direction, dims=1
+            update = [
+                torch.tensordot(plan.coefficients.to(p.dtype), d, dims=1)
+                for p, d in zip(self.params, self._evecs)
+            ]
+            rate = group.get("complement_lr", 0.0)  # absent in older states
+            if rate == "auto":
+                rate = self._controls[0].complement_rate(float(curv.max()))
+            if rate > 0:
+                momentum = group.get("complement_momentum", 0.0)
+                update, plan, buffers = self._add_complement(
+                    update, plan, gammas.mean(0), rate, momentum
                 )
-                moves.append((param, update, 1.0))
+            moves = [(p, u, 1.0) for p, u in zip(self.params, update)]
         try:
-            self._commit(moves, [plan], closure, loss, self.params)
+            kept = self._commit(moves, [plan], closure, loss, self.params)
         except BaseException:
             self._controls[0].load_state_dict(saved)
             self._pending = saved_pending
             raise
+        for number, param in enumerate(self.params):
+            if kept and buffers is not None:
+                self.state[param]["complement_buffer"] = buffers[number]
+            elif param in self.state:  # restart the momentum after an undone step
+                self.state[param].pop("complement_buffer", None)
         self._num_steps += 1
         if self._num_steps % self.refresh_every == 0:
             self.refresh()
         return loss
+
+    def _add_complement(self, update, plan, gamma_means, rate, momentum):
+        """Add the flat-complement step (:func:`~._stepping.add_complement`).
+
+        ``g - P g = g - Σ_k γ_k d_k`` with the directions ``d_k``
+        (orthonormal to the Lanczos tolerance) and the batch gradient ``g``.
+        """
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        perps = [
+            g - torch.tensordot(gamma_means.to(g.dtype), d, dims=1)
+            for g, d in zip(grads, self._evecs)
+        ]
+        buffers = [  # read without creating state entries (defaultdict)
+            self.state[p].get("complement_buffer") if p in self.state else None
+            for p in self.params
+        ]
+        radius = self._controls[0].radius
+        return add_complement(
+            update, plan, grads, perps, rate, radius, momentum, buffers
+        )
 
     def _warn(self, reason: str) -> None:
         warnings.warn(
@@ -460,7 +513,8 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                 f"state_dict's group has {len(groups[0].get('params', []))} "
                 f"parameters, this optimizer {len(self.params)}."
             )
-        check_hyperparameters({"lr": groups[0].get("lr")})
+        saved_group = {k: v for k, v in groups[0].items() if k != "params"}
+        check_hyperparameters({**saved_group, "lr": groups[0].get("lr")})
         strategy = self._group_strategy(0)
         if hasattr(strategy, "check_state"):
             strategy.check_state(damping_state)

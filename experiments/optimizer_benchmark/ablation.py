@@ -28,9 +28,12 @@ from experiments.problems import get_problem
 from vivitlib.optim import BootstrapDamping, DampedNewton
 
 
-def _config(percentile=5.0, **options):
+def _config(percentile=None, **options):
+    """``percentile=None``: the shipped bootstrap rule; a number: the percentile."""
+
     def make(params, value, seed):
-        damping = BootstrapDamping(percentile=percentile, generator=seed)
+        rule = {} if percentile is None else {"percentile": percentile}
+        damping = BootstrapDamping(generator=seed, **rule)
         return DampedNewton(params, damping, **options)
 
     return make

@@ -131,8 +131,9 @@ class LowRankGGN(BackpackCollector):
             It bounds what the pass holds beyond a plain backward pass (model,
             activations, ``.grad``) and its results (the ``NC × NC`` Gram):
             backpropagated factors larger than a quarter of it stay lazy and
-            are formed a few columns at a time, and the contraction kernels
-            work in slices of an eighth of it. Numbers are the same under
+            are formed a few columns (or channels) at a time, and the
+            contraction kernels work in slices of a quarter to an eighth of
+            it. Numbers are the same under
             every budget. A layer that cannot fit (one column of its factor
             is larger) runs with its smallest working set and emits a
             :class:`vivitlib.memory.MemoryBudgetWarning` naming the budget

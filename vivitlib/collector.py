@@ -107,6 +107,7 @@ class BackpackCollector:
                 self.mc_samples,
                 self.subsampling if local else None,
                 savefield=factor_field,
+                params=[p for group in self.param_groups for p in group["params"]],
             )
         ]
         if needs_grads:

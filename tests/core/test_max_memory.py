@@ -4,12 +4,13 @@ import warnings
 
 import pytest
 import torch
+from backpack import backpack, extend
 from torch import nn
 
 import vivitlib
 from tests.core.cases import CASES, make_problem
 from tests.core.helpers import assert_block_matches_dense, flat_evecs
-from vivitlib.extensions import fast_backprop
+from vivitlib.extensions import GGNFactorExtension, fast_backprop
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.memory import MemoryBudget, MemoryBudgetWarning, parse_memory
 
@@ -221,3 +222,43 @@ def test_channel_slices_match_dense(monkeypatch, plan, compute):
     assert bool(made) == (plan == "dense")
     # the channels of the second convolution's factor come through the third's Jᵀ
     assert bool(narrowed) == (plan == "dense")
+
+
+def _spy_rules(monkeypatch) -> list:
+    """Record the module classes whose square-root-GGN rule runs."""
+    from backpack.extensions.module_extension import ModuleExtension
+
+    seen = []
+    real = ModuleExtension.__call__
+
+    def spy(self, ext, module, g_inp, g_out):
+        if isinstance(ext, GGNFactorExtension):
+            seen.append(type(module))
+        return real(self, ext, module, g_inp, g_out)
+
+    monkeypatch.setattr(ModuleExtension, "__call__", spy)
+    return seen
+
+
+def test_backprop_stops_below_the_last_grouped_parameter(monkeypatch):
+    """Curvature of the last layers only: the convolutions are never reached."""
+    problem = make_problem(NETS["pool-net"])
+    head = list(problem.model[-3].parameters()) + list(problem.model[-1].parameters())
+    seen = _spy_rules(monkeypatch)
+    ggn = vivitlib.LowRankGGN(head)
+    problem.run(ggn)
+    assert nn.Conv2d not in seen and nn.MaxPool2d not in seen
+    assert_block_matches_dense(ggn.blocks[0], problem.dense(head))
+
+
+def test_tied_weights_keep_the_whole_backprop(monkeypatch):
+    """A parameter used twice must be reached twice: no early stop (and an error)."""
+    shared = nn.Linear(4, 4).double()
+    model = extend(nn.Sequential(nn.Linear(3, 4).double(), shared, nn.Tanh(), shared,
+                                 nn.Linear(4, 3).double()))  # fmt: skip
+    loss_fn = extend(nn.CrossEntropyLoss())
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    ggn = vivitlib.LowRankGGN(list(shared.parameters()), compute="eigenvalues")
+    with pytest.raises(Exception, match="twice|tied"):
+        with backpack(*ggn.extensions, extension_hook=ggn.hook):
+            loss_fn(model(X), y).backward()

@@ -106,6 +106,14 @@ def _stock_factor(model: nn.Module, loss_fn, X, y, params) -> torch.Tensor:
     return V.transpose(0, 1).flatten(end_dim=1)
 
 
+def _shape_keeping_layer(shape: tuple[int, ...]) -> nn.Module:
+    """A layer with parameters mapping ``shape`` to itself (1×1 convolution)."""
+    if len(shape) == 1:
+        return nn.Linear(shape[0], shape[0])
+    conv = {2: nn.Conv1d, 3: nn.Conv2d, 4: nn.Conv3d}[len(shape)]
+    return conv(shape[0], shape[0], 1)
+
+
 @pytest.mark.parametrize("name", LAYERS)
 def test_a_pass_runs_the_fast_rule_and_gives_backpacks_gram(name):
     """The factor extension backpropagates through the fast rule, same numbers."""
@@ -113,7 +121,12 @@ def test_a_pass_runs_the_fast_rule_and_gives_backpacks_gram(name):
     torch.manual_seed(0)
     layer = factory()
     features = layer(torch.zeros(1, *shape)).numel()
-    model = extend(nn.Sequential(layer, nn.Flatten(), nn.Linear(features, 3)).double())
+    # a first layer with parameters: the factor must reach it through ``layer``
+    # (below the lowest parameter the factor extension stops)
+    first = _shape_keeping_layer(shape)
+    model = extend(
+        nn.Sequential(first, layer, nn.Flatten(), nn.Linear(features, 3)).double()
+    )
     loss_fn = extend(nn.CrossEntropyLoss())
     X = torch.randn(4, *shape, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 2, 1, 2])

@@ -9,7 +9,7 @@ the pass and roll back on failure.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from backpack.extensions import BatchGrad
@@ -30,6 +30,7 @@ from vivitlib.extensions.fast_backprop import (
 from vivitlib.extensions.layers import FACTORED_LAYERS, conv_inputs, conv_unfoldable
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.extensions.lazy_layers import channel_step, conv_step, lazy_plan
+from vivitlib.extensions.reach import RemainingParams
 from vivitlib.memory import current_budget
 
 FACTOR_FIELD = "_vivitlib_ggn_factor"
@@ -63,11 +64,12 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
             self._dense_bias = self._make_param_function("bias")
             self._chunked: tuple[Any, dict[str, Any]] = (None, {})
 
-        def accepts_lazy(self, module, quantity: LazyColumns) -> bool:
+        def accepts_lazy(self, ext, module, quantity: LazyColumns) -> bool:
             """Whether this step handles ``quantity`` in chunks (:func:`lazy_plan`)."""
             if not lazy_aware:
                 return False
-            return lazy_plan(module, quantity, conv_unfoldable(module)) is not None
+            plan = lazy_plan(module, quantity, conv_unfoldable(module), _wants(ext))
+            return plan is not None
 
         def _from_chunks(self, ext, module, backproped, name: str):
             """Result ``name`` of the step on ``backproped`` (computed on first ask)."""
@@ -75,9 +77,12 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
                 sub = ext.get_subsampling()
                 unfoldable = conv_unfoldable(module)
                 unfolded = conv_inputs(module, sub) if unfoldable else None
-                plan = lazy_plan(module, backproped, unfoldable)
+                wants = _wants(ext)
+                plan = lazy_plan(module, backproped, unfoldable, wants)
                 step = channel_step if plan == "channels" else conv_step
-                results = step(self.derivatives, module, backproped, sub, unfolded)
+                results = step(
+                    self.derivatives, module, backproped, sub, unfolded, wants
+                )
                 self._chunked = (backproped, results)
             results = self._chunked[1]
             value = results.pop(name)
@@ -86,11 +91,15 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
             return value
 
         def bias(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
+            if not _wanted(ext, module.bias):
+                return None
             if isinstance(backproped, LazyColumns):
                 return self._from_chunks(ext, module, backproped, "bias")
             return self._dense_bias(ext, module, g_inp, g_out, backproped)
 
         def weight(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
+            if not _wanted(ext, module.weight):
+                return None
             if isinstance(backproped, LazyColumns):
                 return self._from_chunks(ext, module, backproped, "weight")
             subsampling = ext.get_subsampling()
@@ -115,6 +124,17 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
 
     _FactoredSqrt.__name__ = f"Factored{base.__name__}"
     return _FactoredSqrt
+
+
+def _wanted(ext: Any, param: Tensor) -> bool:
+    """Whether ``ext`` needs ``param``'s factor (extensions without a set: all)."""
+    wants = getattr(ext, "wants", None)
+    return wants is None or wants(param)
+
+
+def _wants(ext: Any) -> Callable[[Tensor], bool]:
+    """``param -> bool``: whether ``ext`` needs a factor for ``param``."""
+    return lambda param: param.requires_grad and _wanted(ext, param)
 
 
 def _factored_grads(base: type, build: Callable) -> type:
@@ -178,6 +198,10 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         subsampling: Sample indices whose columns are kept (``None``: all).
         savefield: Attribute of each parameter the factor is stored under
             (private per collector, so several can share one pass).
+        params: The parameters whose factors are needed (``None``: every
+            parameter reached). Factors of others are not formed, and the
+            backpropagation stops once all of these have theirs
+            (:class:`~vivitlib.extensions.reach.RemainingParams`).
     """
 
     def __init__(
@@ -186,6 +210,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         mc_samples: int,
         subsampling: list[int] | None,
         savefield: str = FACTOR_FIELD,
+        params: Iterable[Tensor] | None = None,
     ):
         strategy = (
             LossHessianStrategy.EXACT
@@ -199,12 +224,21 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         for module_cls, handler in rules.items():
             self.set_module_extension(module_cls, handler(), overwrite=True)
         self.saved_quantities = QuantityLedger()
+        self._wanted = None if params is None else {id(p) for p in params}
+        self._remaining: RemainingParams | None = None
+
+    def wants(self, param: Tensor | None) -> bool:
+        """Whether ``param``'s factor is needed."""
+        return param is not None and (self._wanted is None or id(param) in self._wanted)
 
     def get_num_mc_samples(self) -> int:
         """Number of Monte-Carlo samples of the loss Hessian factor."""
         return self._mc_samples
 
     def __call__(self, module: Module, g_inp, g_out) -> None:  # noqa: D102
+        remaining = self._remaining
+        if remaining is not None and remaining.done and not is_loss(module):
+            return  # every wanted parameter has its factor: nothing left to do
         self._owner.run_extension(self._call, module, g_inp, g_out)
 
     def _call(self, module: Module, g_inp, g_out) -> None:
@@ -213,12 +247,17 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             # a pass starts: quantities left by an aborted one (keyed by memory
             # addresses that new tensors may reuse) must not be accumulated onto
             self.saved_quantities.clear()
+            self._remaining = None
+            if self._wanted is not None:
+                self._remaining = RemainingParams.start(self._wanted, module.input0)
         else:
             self._form_lazy_unless_accepted(module)
             if any(p.requires_grad for p in module.parameters(recurse=False)):
                 # its factors may keep the quantity: never overwrite it in place
                 self.saved_quantities.pin(module.output.data_ptr())
         super().__call__(module, g_inp, g_out)
+        if self._remaining is not None and self._remaining.visit(module):
+            self.saved_quantities.clear()  # free what would travel further
 
     def _form_lazy_unless_accepted(self, module: Module) -> None:
         """Form a lazy factor at ``module``'s output unless its rule takes it lazy."""
@@ -232,7 +271,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
                 )
             return
         accepts = getattr(self.handlers.get(type(module)), "accepts_lazy", None)
-        if accepts is None or not accepts(module, quantity):
+        if accepts is None or not accepts(self, module, quantity):
             current_budget().note_excess(
                 f"{type(module).__name__} (it needs its factor whole)",
                 quantity.numel() * quantity.element_size(),

@@ -463,7 +463,7 @@ def _sqrt_rule(derivatives_cls: type) -> type:
         def __init__(self):
             super().__init__(derivatives_cls())
 
-        def accepts_lazy(self, module, quantity: LazyColumns) -> bool:
+        def accepts_lazy(self, ext, module, quantity: LazyColumns) -> bool:
             """Every rule here appends its map to a lazy factor."""
             return True
 

@@ -20,6 +20,7 @@ factored path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from math import prod
 from typing import Any
 
@@ -34,12 +35,21 @@ from vivitlib.factors import current_cost_model
 from vivitlib.memory import current_budget
 
 
-def _wants(module: Module, name: str) -> bool:
+def _requires_grad(param: Tensor) -> bool:
+    return param.requires_grad
+
+
+def _wants(module: Module, name: str, wants: Callable[[Tensor], bool]) -> bool:
     param = getattr(module, name, None)
-    return param is not None and param.requires_grad
+    return param is not None and wants(param)
 
 
-def lazy_plan(module: Module, quantity: LazyColumns, unfoldable: bool) -> str | None:
+def lazy_plan(
+    module: Module,
+    quantity: LazyColumns,
+    unfoldable: bool,
+    wants: Callable[[Tensor], bool] = _requires_grad,
+) -> str | None:
     """How a convolution handles a lazy output factor, or ``None`` to form it.
 
     * ``'columns'``: the weight's dense factor is smaller than the output
@@ -50,7 +60,8 @@ def lazy_plan(module: Module, quantity: LazyColumns, unfoldable: bool) -> str | 
       bias factor from channel slices (:func:`channel_step`).
     """
     C, N, O = quantity.shape[:3]  # noqa: E741
-    if not _wants(module, "weight") or C * N * module.weight.numel() < quantity.numel():
+    small = C * N * module.weight.numel() < quantity.numel()
+    if small or not _wants(module, "weight", wants):
         return "columns"
     if not (unfoldable and quantity.narrowable):
         return None
@@ -67,6 +78,7 @@ def channel_step(
     quantity: LazyColumns,
     subsampling: list[int] | None,
     unfolded: Tensor,
+    wants: Callable[[Tensor], bool] = _requires_grad,
 ) -> dict[str, Any]:
     """Like :func:`conv_step`, the output factor formed a slice of channels at a time.
 
@@ -82,7 +94,7 @@ def channel_step(
         )
     }
     budget = current_budget()
-    if _wants(module, "bias"):
+    if _wants(module, "bias", wants):
         bias = quantity.source.new_empty(C, N, O)
         channel_bytes = quantity.numel() // O * quantity.element_size()
         step = budget.columns_per_chunk(channel_bytes, O)
@@ -108,6 +120,7 @@ def conv_step(
     quantity: LazyColumns,
     subsampling: list[int] | None,
     unfolded: Tensor | None,
+    wants: Callable[[Tensor], bool] = _requires_grad,
 ) -> dict[str, Any]:
     """Bias and weight factors and the input's factor, from column chunks.
 
@@ -118,6 +131,7 @@ def conv_step(
         subsampling: Samples of the factor (``None``: all).
         unfolded: The unfolded input ``[N, T, I]`` (``groups=1`` and zero
             padding), or ``None`` for BackPACK's weight product per chunk.
+        wants: ``param -> bool``: whether a parameter needs its factor.
 
     Returns:
         ``{"bias": [C, N, O], "weight": [C, N, *weight.shape], "input": ...}``
@@ -126,9 +140,9 @@ def conv_step(
     """
     C, N, O = quantity.shape[:3]  # noqa: E741
     results: dict[str, Any] = {}
-    if _wants(module, "bias"):
+    if _wants(module, "bias", wants):
         results["bias"] = quantity.source.new_empty(C, N, O)
-    if _wants(module, "weight"):
+    if _wants(module, "weight", wants):
         results["weight"] = quantity.source.new_empty(C, N, *module.weight.shape)
     form_input = None
     if module.input0.requires_grad:

@@ -73,6 +73,7 @@ FAMILY = (
     Member("dim=50", NoisyQuadratic(dim=50)),
     Member("batch=32", NoisyQuadratic(batch_size=32)),
     Member("init=10", NoisyQuadratic(init=10.0)),
+    Member("init=1", NoisyQuadratic(init=1.0)),
     Member("steps=50", NoisyQuadratic(), steps=50),
     Member(
         "heavy_tailed,tail=1.5,batch=64",

@@ -30,9 +30,12 @@ class ReferenceShrinkage:
         noise = np.sum((g_n - g) ** 2) / n_g**2  # ideal bootstrap variance
         lam_var = np.sum((l_n - lam) ** 2) / n_c**2
         old = self.past.get(k)
+        still = (0.0, 0.0, 0.0)  # signed sum, noise sum, count since the last step
         if old is None:
             c_sum, c_weight, c_var, secant, power = lam, 1.0, lam_var, 0.0, None
         else:
+            if old["step"] == 0:
+                still = old["still"]
             m = self.memory
             c_sum = m * old["sum"] + lam
             c_weight = m * old["weight"] + 1.0
@@ -50,6 +53,9 @@ class ReferenceShrinkage:
         observed = g**2 - noise
         if power is None or observed > 30.0 * (power + noise):
             power = observed
+        still = (still[0] + g, still[1] + noise, still[2] + 1.0)
+        if old is not None and old["step"] == 0:  # same gradient seen again
+            power = max(power, (still[0] / still[2]) ** 2 - still[1] / still[2] ** 2)
         power = max(power, 0.0)
         curvature = max(c_sum / c_weight, secant)
         curv_var = c_var / c_weight**2
@@ -65,7 +71,7 @@ class ReferenceShrinkage:
         prior = mean_next**2 + signal * noise + curv_var * step**2
         new_past[k] = {"sum": c_sum, "weight": c_weight, "var": c_var,
                        "secant": secant, "prior": prior, "g": g, "noise": noise,
-                       "step": abs(step)}  # fmt: skip
+                       "step": abs(step), "still": still}  # fmt: skip
         return delta
 
 
@@ -88,6 +94,7 @@ def batches(num_steps, n_g=16, n_c=12, k=4, seed=0):
 def test_matches_reference_over_steps():
     strategy, reference = BootstrapDamping(), ReferenceShrinkage()
     seen_inf = seen_finite = False
+    longest_still = 0.0
     for gammas, lambdas in batches(6):
         got = strategy(gammas, lambdas)
         expected = torch.from_numpy(reference(gammas.numpy(), lambdas.numpy()))
@@ -96,7 +103,11 @@ def test_matches_reference_over_steps():
         torch.testing.assert_close(got[finite], expected[finite], rtol=1e-10, atol=0)
         seen_inf |= bool((~finite).any())
         seen_finite |= bool(finite.any())
+        longest_still = max(
+            longest_still, *(p["still"][2] for p in reference.past.values())
+        )
     assert seen_inf and seen_finite  # both branches were exercised
+    assert longest_still >= 2  # the evidence of an unmoved direction was pooled
     assert reference.past[0]["secant"] > 0  # the secant bound was exercised
 
 
@@ -124,6 +135,20 @@ def test_pure_noise_takes_no_step():
     gammas = gammas - gammas.mean(0)  # mean exactly zero: no signal
     lambdas = torch.ones(64, 3, dtype=torch.float64)
     assert torch.isinf(BootstrapDamping()(gammas, lambdas)).all()
+
+
+def test_direction_judged_flat_is_taken_up_again():
+    """Repeated evidence along a direction without a step adds up."""
+    base = torch.tensor([-1.0, 1.0] * 8, dtype=torch.float64)[:, None]
+    sd = 0.25  # ideal bootstrap standard error of the mean: sqrt(16 / 16**2)
+    lambdas = torch.ones(16, 1, dtype=torch.float64)
+    weak, stronger = base + 0.5 * sd, base + 0.9 * sd  # each alone: no evidence
+    assert torch.isinf(BootstrapDamping()(stronger, lambdas)).all()
+    strategy = BootstrapDamping()
+    assert torch.isinf(strategy(weak, lambdas)).all()
+    # pooled means 0.7 sd with noise sd²/2: still nothing; then 0.77 sd vs sd²/3
+    assert torch.isinf(strategy(stronger, lambdas)).all()
+    assert bool(torch.isfinite(strategy(stronger, lambdas)).all())
 
 
 def test_noisier_direction_gets_larger_damping():

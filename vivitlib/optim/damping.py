@@ -234,7 +234,8 @@ def _bootstrap_moments(values: Tensor) -> tuple[Tensor, Tensor]:
 
 #: Keys of the shrinkage rule's per-direction state (tensors of shape ``[K]``).
 _FILTER_KEYS = ("prior", "curv_sum", "curv_weight", "curv_var", "secant",
-                "last_gamma", "last_noise", "last_step")  # fmt: skip
+                "last_gamma", "last_noise", "last_step", "still_sum", "still_noise",
+                "still_count")  # fmt: skip
 
 
 class _ShrinkageFilter:
@@ -251,6 +252,8 @@ class _ShrinkageFilter:
     SECANT_MARGIN = 3.0
     #: Factor by which the secant bound fades per call.
     SECANT_DECAY = 0.95
+    #: Noise multiple subtracted from an observed power (``γ̄² - EVIDENCE σ²``).
+    EVIDENCE = 1.0
 
     def __init__(self, memory: float, history: bool) -> None:
         self.memory, self.history = memory, history
@@ -291,12 +294,28 @@ class _ShrinkageFilter:
         curvature = torch.maximum(new["curv_sum"] / weight, new["secant"])
         return curvature, new["curv_var"] / weight**2, new
 
-    def _power(self, gamma: Tensor, noise: Tensor, past: dict) -> Tensor:
-        """Estimate of ``γ_k²``: the predicted power unless the batch refutes it."""
-        observed = gamma.square() - noise
+    def _power(
+        self, gamma: Tensor, noise: Tensor, past: dict
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Estimate of ``γ_k²`` and the running evidence of unmoved directions.
+
+        The predicted power is used unless the batch refutes it. Along a
+        direction that took no step, the batch observes the same gradient again:
+        the signed means since the last step are averaged, and their power (if
+        larger) is used, so a direction wrongly judged flat is taken up again.
+        """
+        observed = gamma.square() - self.EVIDENCE * noise
         prior = past["prior"]
         surprise = torch.isnan(prior) | (observed > self.SURPRISE * (prior + noise))
-        return torch.where(surprise, observed, prior).clamp(min=0.0)
+        power = torch.where(surprise, observed, prior)
+        still = past["last_step"] == 0  # False where unknown (NaN)
+        still_sum = torch.where(still, past["still_sum"], 0.0) + gamma
+        still_noise = torch.where(still, past["still_noise"], 0.0) + noise
+        count = torch.where(still, past["still_count"], 0.0) + 1.0
+        pooled = (still_sum / count).square() - self.EVIDENCE * still_noise / count**2
+        power = torch.maximum(power, torch.where(still, pooled, 0.0))
+        new = {"still_sum": still_sum, "still_noise": still_noise, "still_count": count}
+        return power.clamp(min=0.0), new
 
     def __call__(self, gammas: Tensor, lambdas: Tensor, floor: float) -> Tensor:
         """Dampings ``δ_k`` for one batch, updating the state (see the class)."""
@@ -304,7 +323,7 @@ class _ShrinkageFilter:
         lam, lam_var = _bootstrap_moments(lambdas)
         past = self._past(gamma.numel(), gamma)
         curvature, curv_var, new = self._curvature(lam, lam_var, gamma, noise, past)
-        power = self._power(gamma, noise, past)
+        power, still = self._power(gamma, noise, past)
         signal = torch.where(power > 0, power / (power + noise), 0.0)
         ratio = curv_var / curvature.square()
         shrink = signal * (1 + ratio) / (1 + 3 * ratio)
@@ -315,7 +334,7 @@ class _ShrinkageFilter:
         mean_next = signal * gamma + torch.where(ok, curvature, 0.0) * step
         prior = mean_next.square() + signal * noise + curv_var * step.square()
         new.update(prior=prior, last_gamma=gamma.abs(), last_noise=noise.sqrt(),
-                   last_step=step.abs())  # fmt: skip
+                   last_step=step.abs(), **still)  # fmt: skip
         self.state = new
         return dampings
 
@@ -373,7 +392,10 @@ class BootstrapDamping(DampingStrategy):
       \operatorname{var}\hat λ \, c²`` for the step ``c`` it asked for, and uses
       the prediction unless the new batch refutes it (``γ̄_k² - σ_k² > 30 ·
       (prediction + σ_k²)``). Near a minimum this anneals the step like the
-      ``1/t`` Robbins--Monro rate, which a constant damping cannot.
+      ``1/t`` Robbins--Monro rate, which a constant damping cannot. Along a
+      direction that took no step the batch sees the same gradient again, so
+      the signed means since the last step are pooled (``(Σγ̄/n)² - Σσ²/n²``),
+      and a direction wrongly judged flat is taken up again.
     * ``λ_k``: the batch means averaged with weights ``memory^age``, raised to a
       secant lower bound ``(|γ̄'| - |γ̄| - 3(σ' + σ)) / |c|`` (from how much the
       gradient grew over the last step; it fades by ``0.95`` per step). Averaging

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from vivitlib import linalg
 from vivitlib._checks import check_int_at_least
-from vivitlib.factors import Factor, Grads, as_factor, as_grads
+from vivitlib.factors import Factor, Grads, KroneckerFactor, as_factor, as_grads
 
 
 @dataclass
@@ -125,19 +125,47 @@ class GroupAccumulator:
     factors: dict[int, Factor] = field(default_factory=dict)
     visited: set[int] = field(default_factory=set)
     factor_dtype: torch.dtype | None = None
+    # the latest linear weight's factor and ⟨s_cn, s_dm⟩, until the next add:
+    # the same layer's bias (factor s itself) reuses it
+    _outer: tuple[KroneckerFactor, Tensor, int] | None = None
 
     def add(self, param: Tensor, factor: Factor | Tensor, grads: Grads | Tensor | None):
         """Add one parameter's share of every contraction."""
         factor, grads = as_factor(factor), as_grads(grads)
         self.factor_dtype = factor.dtype
-        gram, vtg, kept = factor.contract(grads, keep=self.keep_factors)
-        self.gram = _accumulate(self.gram, gram)
+        gram, vtg, kept = self._contract(factor, grads)
+        if gram is not None:
+            self.gram = _accumulate(self.gram, gram)
         if grads is not None:
             self.vt_grads = _accumulate(self.vt_grads, vtg)
             self.grad_totals[id(param)] = grads.total()
         if self.keep_factors:
             self.factors[id(param)] = kept
         self.visited.add(id(param))
+
+    def _contract(
+        self, factor: Factor, grads: Grads | None
+    ) -> tuple[Tensor | None, Tensor | None, Factor | None]:
+        """``factor.contract``, sharing a linear layer's ``S Sᵀ`` with its bias.
+
+        A linear weight's Gram block ``⟨s_cn, s_dm⟩ ⟨a_n, a_m⟩`` is added to
+        the sum here as one fused product (returned Gram ``None``), and
+        ``⟨s_cn, s_dm⟩`` is kept until the next parameter: if that is the same
+        layer's bias (its factor is ``s``, same memory), it is its Gram block.
+        """
+        outer, self._outer = self._outer, None
+        keep = self.keep_factors
+        if outer is not None and outer[0].is_bias_factor(factor, outer[2]):
+            vtg = None if grads is None else factor.times_grads(grads)
+            return outer[1], vtg, factor if keep else None
+        if not isinstance(factor, KroneckerFactor):
+            return factor.contract(grads, keep=keep)
+        version = factor.version
+        ss, aa = factor.gram_parts()
+        self.gram = _accumulate(self.gram, ss, times=aa)
+        self._outer = (factor, ss, version)
+        vtg = None if grads is None else factor.times_grads(grads)
+        return None, vtg, factor if keep else None
 
     def missing(self) -> list[Tensor]:
         """Parameters of the group that received no factor in this pass."""
@@ -208,22 +236,35 @@ def _rows_to_public(rows: Tensor, num_columns: int) -> Tensor:
 _ADD_CHUNK_ELEMENTS = 2**20
 
 
-def _accumulate(total: Tensor | None, part: Tensor) -> Tensor:
-    """``total + part`` in float64 (a contiguous copy on first use).
+def _accumulate(
+    total: Tensor | None, part: Tensor, times: Tensor | None = None
+) -> Tensor:
+    """``total + part`` (``⊙ times``) in float64 (a contiguous copy on first use).
 
-    Adding a lower-precision ``part`` goes slice by slice along the first two
-    axes, so the float64 temporary stays small instead of the size of the
-    ``[C, N, C, N]`` sum.
+    ``times`` ``[N, N]`` multiplies ``part[c, n, d, m]`` by ``times[n, m]``
+    on the fly (the Gram block of a linear weight). Adding a lower-precision
+    ``part`` goes slice by slice along the first two axes, so the float64
+    temporary stays small instead of the size of the ``[C, N, C, N]`` sum.
+    ``part`` and ``times`` are left unchanged.
     """
     if total is None:
-        return part.to(torch.float64).contiguous()
-    if part.dtype == total.dtype:
+        total = part.to(torch.float64).contiguous()
+        if times is None:
+            return total
+        if total.data_ptr() == part.data_ptr():
+            total = total.clone()
+        return total.mul_(times[None, :, None, :])
+    if part.dtype == total.dtype and times is None:
         return total.add_(part)
     per_sample = part[0, 0].numel()
     step = max(1, min(part.shape[1], _ADD_CHUNK_ELEMENTS // max(per_sample, 1)))
     for c in range(part.shape[0]):
         for n0 in range(0, part.shape[1], step):
-            total[c, n0 : n0 + step].add_(part[c, n0 : n0 + step])
+            block = total[c, n0 : n0 + step]
+            if times is None:
+                block.add_(part[c, n0 : n0 + step])
+            else:
+                block.addcmul_(part[c, n0 : n0 + step], times[n0 : n0 + step, None])
     return total
 
 
@@ -259,7 +300,7 @@ class GGNBlock:
         # (a permutation of rows and columns); the eigenvectors' rows are
         # reordered once, the public sample-major Gram made only if read
         gram = _gram_of_counted(acc.gram, self._curv_keep, scaling.factor**2)
-        acc.gram = None
+        acc.gram = acc._outer = None
         size = gram.shape[0] * gram.shape[1]
         self._class_major_gram = gram.view(size, size)
         self.evals, gram_evecs = linalg.gram_eigh(

@@ -198,3 +198,45 @@ def test_cost_model_settings_are_validated_and_scoped():
     from vivitlib.factors import current_cost_model
 
     assert current_cost_model() == CostModel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("same_memory", [True, False])
+def test_linear_bias_reuses_the_weights_s_gram(dtype, same_memory):
+    """A bias factor stored in the weight's ``s`` reuses ``⟨s, s⟩``; exact either way."""
+    from vivitlib.block import GroupAccumulator
+
+    factor, grads = _outer(C=3, N=4, T=1, O=5, I=6)
+    s = factor.s.to(dtype)
+    factor = outer_factor(s, factor.a.to(dtype), "in")
+    bias = s[:, :, 0] if same_memory else s[:, :, 0].clone()
+    assert factor.is_bias_factor(DenseFactor(bias)) == same_memory
+    weight, b = torch.empty(5, 6), torch.empty(5)
+    acc = GroupAccumulator(params=[weight, b], keep_factors=True)
+    acc.add(weight, factor, None)
+    acc.add(b, bias, None)
+    v, _ = _materialised(factor, grads)
+    full = torch.cat([v, bias[..., None, :].flatten(2)], -1).double().flatten(0, 1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(acc.gram.flatten(0, 1).flatten(1), full @ full.T, **tol)
+    assert acc._outer is None and set(acc.factors) == {id(weight), id(b)}
+
+
+def test_bias_factor_changed_in_place_is_not_reused():
+    """``⟨s, s⟩`` is not reused once ``s`` changed after the weight's contraction."""
+    from vivitlib.block import GroupAccumulator
+
+    factor, _ = _outer(C=2, N=3, T=1, O=4, I=2)
+    bias = factor.s[:, :, 0]
+    assert not factor.is_bias_factor(DenseFactor(factor.s[:, :2, 0]))
+    weight, b = torch.empty(4, 2), torch.empty(4)
+    acc = GroupAccumulator(params=[weight, b], keep_factors=False)
+    acc.add(weight, factor, None)
+    weight_gram = acc.gram.clone()
+    bias.mul_(2.0)  # same memory, new values
+    acc.add(b, bias, None)
+    rows = bias.reshape(-1, 4)
+    torch.testing.assert_close(
+        acc.gram.flatten(0, 1).flatten(1) - weight_gram.flatten(0, 1).flatten(1),
+        rows @ rows.T,
+    )

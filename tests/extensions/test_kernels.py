@@ -115,7 +115,7 @@ def _backpack_strided(C, N, T, O, I, seed=0):  # noqa: E741
 )
 def test_dense_plan_forms_slices_either_way(monkeypatch, per_class, budget):
     """Both ways of forming ``V``'s output slices give the materialised Gram."""
-    monkeypatch.setattr(kernels, "PER_CLASS_MIN_OUTPUTS", 1 if per_class else 10**9)
+    monkeypatch.setattr(kernels, "_per_class", lambda *args: per_class)
     factor, grads = _backpack_strided(C=3, N=17, T=4, O=5, I=6)
     v, g = _materialised(factor, grads)
     settings = {} if budget is None else {"materialise_elements": budget}
@@ -171,6 +171,17 @@ def test_kept_form_is_the_smaller_one(plan):
         assert isinstance(small_dense.contract(None, keep=True)[2], DenseFactor)
         large_dense, _ = _outer(C=2, N=3, T=2, O=20, I=40)  # dense 4800 vs outer 480
         assert isinstance(large_dense.contract(None, keep=True)[2], OuterFactor)
+
+
+def test_dense_plan_forms_thin_slices_class_by_class():
+    # 3C3D's conv1 (T = 784 > I = 75) at N = 64, 256: the copy of s would leave
+    # 15 / 3 outputs per 32 MiB slice; conv2 (I = 576) and ResNet-18's 64-channel
+    # convolutions keep the sample-major products
+    budget = CostModel().materialise_elements
+    assert kernels._per_class(10, 64, 784, 64, 75, budget)
+    assert kernels._per_class(10, 256, 784, 64, 75, budget)
+    assert not kernels._per_class(10, 64, 144, 96, 576, budget)
+    assert not kernels._per_class(10, 32, 1024, 64, 576, budget)
 
 
 def test_gram_plan_prefers_pairwise_for_few_positions():

@@ -122,23 +122,38 @@ def outer_dense_rows(s: Tensor, a: Tensor) -> Tensor:
     return torch.bmm(s_rows, a).view(N * C, O * a.shape[-1])
 
 
-#: Rows (outputs of one column) from which the ``'dense'`` plan forms a slice of
-#: ``V`` class by class, straight from BackPACK's class-major ``s`` (one batched
-#: product per class); slices with fewer outputs are formed sample by sample
-#: from a sample-major copy of ``s`` (``C`` times more rows per product).
-PER_CLASS_MIN_OUTPUTS = 32
+#: Inner dimension (outputs × inputs per slice) below which a slice's Gram
+#: product runs far below GEMM speed (measured: 3C3D's first convolution).
+MIN_GRAM_INNER = 2048
+
+
+def _per_class(C: int, N: int, T: int, O: int, I: int, budget: int) -> bool:  # noqa: E741
+    """Whether to form ``V``'s output slices class by class (see :func:`_slice_former`).
+
+    Sample by sample needs a sample-major copy of ``s``'s slice, which with
+    many positions (``T > I``) takes most of the budget; class by class
+    needs no copy (more outputs per slice) but its products have ``C`` times
+    fewer rows. It is used only where the copy would leave slices too thin for
+    a fast Gram product (fewer than :data:`MIN_GRAM_INNER` inner entries).
+    """
+    sample_step = _chunk(C * N * (I + T), O, budget)
+    class_step = _chunk(C * N * I, O, budget)
+    return sample_step * I < MIN_GRAM_INNER and class_step > sample_step
 
 
 def _slice_former(s: Tensor, a: Tensor, budget: int):
-    """``(step, form)``: ``form(o0, o1)`` gives ``V``'s output slice as rows.
+    """``(step, form, class_major)``: ``form(o0, o1)`` gives ``V``'s output slice.
 
-    The rows are ``[C·N, (o1 - o0)·I]``; ``class_major`` says their order. Every
-    slice is written into one workspace (no allocation per slice).
+    The rows are ``[C·N, (o1 - o0)·I]``, class-major (class by class, straight
+    from BackPACK's class-major ``s``, one batched product per class) or
+    sample-major (one batched product over samples from a sample-major copy
+    of the slice of ``s``), chosen by :func:`_per_class`. Every slice is
+    written into one workspace (no allocation per slice).
     """
     C, N, T, O = s.shape  # noqa: E741
     I = a.shape[-1]  # noqa: E741
-    step = _chunk(C * N * I, O, budget)
-    if step >= min(O, PER_CLASS_MIN_OUTPUTS):
+    if _per_class(C, N, T, O, I, budget):
+        step = _chunk(C * N * I, O, budget)
         space = s.new_empty(C * N * step * I)
 
         def form(o0: int, o1: int) -> Tensor:
@@ -176,9 +191,8 @@ def dense_plan_gram(
     The same multiply-adds as forming all of ``V`` first, but no slice of it
     (with the slice of ``s`` laid out to form it) exceeds ``chunk_elements``
     entries: slice ``[o0, o1)`` of every column is formed into a workspace
-    (class by class when the slice has at least
-    :data:`PER_CLASS_MIN_OUTPUTS` outputs, else sample by sample), its
-    products are added to the Gram matrix's upper block triangle and to
+    (class by class or sample by sample, :func:`_per_class`), its products
+    are added to the Gram matrix's upper block triangle and to
     ``Vᵀ g``.
 
     Args:

@@ -24,6 +24,11 @@ class ReferenceShrinkage:
         self.past = past
         return np.array(dampings)
 
+    def rejected(self):
+        """The last step was undone: the observed gradient is still there."""
+        for past in self.past.values():
+            past["prior"], past["step"] = past["rejected"], 0.0
+
     def _direction(self, g_n, l_n, k, new_past):
         n_g, n_c = len(g_n), len(l_n)
         g, lam = g_n.mean(), l_n.mean()
@@ -71,7 +76,8 @@ class ReferenceShrinkage:
         prior = mean_next**2 + signal * noise + curv_var * step**2
         new_past[k] = {"sum": c_sum, "weight": c_weight, "var": c_var,
                        "secant": secant, "prior": prior, "g": g, "noise": noise,
-                       "step": abs(step), "still": still}  # fmt: skip
+                       "step": abs(step), "still": still,
+                       "rejected": signal**2 * g**2 + signal * noise}  # fmt: skip
         return delta
 
 
@@ -109,6 +115,25 @@ def test_matches_reference_over_steps():
     assert seen_inf and seen_finite  # both branches were exercised
     assert longest_still >= 2  # the evidence of an unmoved direction was pooled
     assert reference.past[0]["secant"] > 0  # the secant bound was exercised
+
+
+def test_rejected_step_keeps_the_gradient():
+    data = batches(4, seed=6)
+    strategy, reference = BootstrapDamping(), ReferenceShrinkage()
+    strategy.step_rejected()  # before any call: nothing to correct
+    for i, (gammas, lambdas) in enumerate(data):
+        got = strategy(gammas, lambdas)
+        expected = torch.from_numpy(reference(gammas.numpy(), lambdas.numpy()))
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
+        if i in (1, 2):
+            strategy.step_rejected()
+            strategy.step_rejected()  # twice: the same
+            reference.rejected()
+    # a rejected step is not the same as a taken one
+    taken = BootstrapDamping()
+    for gammas, lambdas in data:
+        last = taken(gammas, lambdas)
+    assert not torch.equal(last, got)
 
 
 def test_memory_and_floor_are_used():

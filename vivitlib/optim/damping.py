@@ -258,6 +258,7 @@ class _ShrinkageFilter:
     def __init__(self, memory: float, history: bool) -> None:
         self.memory, self.history = memory, history
         self.state: dict[str, Tensor] = {}
+        self._rejected: dict[str, Tensor] | None = None
 
     def _past(self, num: int, like: Tensor) -> dict[str, Tensor]:
         """The state for ``num`` directions (``NaN`` beyond the stored ones)."""
@@ -336,7 +337,17 @@ class _ShrinkageFilter:
         new.update(prior=prior, last_gamma=gamma.abs(), last_noise=noise.sqrt(),
                    last_step=step.abs(), **still)  # fmt: skip
         self.state = new
+        # if the step is undone, the gradient is still there: the posterior power
+        self._rejected = {"prior": signal * (signal * gamma.square() + noise)}
         return dampings
+
+    def step_rejected(self) -> None:
+        """Record that the last call's step was not taken (see BootstrapDamping)."""
+        if self.state and self._rejected is not None:
+            prior = self._rejected["prior"].to(self.state["prior"])
+            self.state["prior"] = prior
+            self.state["last_step"] = torch.zeros_like(prior)
+        self._rejected = None
 
     @staticmethod
     def check(state: Any) -> None:
@@ -360,6 +371,7 @@ class _ShrinkageFilter:
         """Restore a state saved from :attr:`state` (checked first)."""
         self.check(state)
         self.state = {key: value.clone() for key, value in state.items()}
+        self._rejected = None
 
 
 class BootstrapDamping(DampingStrategy):
@@ -402,9 +414,10 @@ class BootstrapDamping(DampingStrategy):
       over steps is what protects the flattest directions from batches with
       skewed curvature samples (a batch mean ``λ̄_k`` near zero).
 
-    The state assumes the step it asked for was taken; if an optimiser undoes
-    or shrinks the step, the next gradient is larger than predicted, which the
-    rule treats conservatively (more damping, or a refuted prediction). When the
+    The state assumes the step it asked for was taken; if an optimiser shrinks
+    the step, the next gradient is larger than predicted, which the rule treats
+    conservatively (more damping, or a refuted prediction). An optimiser that
+    undoes a step should call :meth:`step_rejected`. When the
     number of directions changes, the first ``min(K_old, K_new)`` directions keep
     their history and new ones start fresh. The state is checkpointed with
     :meth:`state_dict`. ``history=False`` forgets everything between calls (the
@@ -741,6 +754,16 @@ class BootstrapDamping(DampingStrategy):
         deltas = self.candidates.to(dtype=gammas.dtype, device=gammas.device)
         chosen = deltas[choice]
         return torch.where(best > 0, chosen, torch.inf)
+
+    def step_rejected(self) -> None:
+        """Tell the strategy that the step of its last call was not taken.
+
+        An optimiser that undoes a step may call this. The shrinkage rule then
+        keeps the gradient it observed (instead of predicting that the step
+        removed it) and pools the next batch with it; the percentile rule has no
+        state to correct. Calling it twice, or before any call, does nothing.
+        """
+        self._filter.step_rejected()
 
     def state_dict(self) -> dict[str, Any]:
         """Return the generator state, the settings and the shrinkage rule's state.

@@ -70,15 +70,32 @@ def test_auto_curvature_samples_survive_a_checkpoint():
     opt = DampedNewton(model.parameters(), ConstantDamping(DELTA), safeguards=False)
     opt.step(make_closure(opt, model, loss_fn, *_batch(10, 0)))
     state = opt.state_dict()
-    assert state["last_batch_size"] == 10
+    assert state["last_batch_size"] == [10, 3]  # N, C
     fresh = DampedNewton(model.parameters(), ConstantDamping(DELTA), safeguards=False)
     fresh.load_state_dict(state)
     X, y = _batch(10, 1)
     expected = _flat(model) + _dense_step(model, loss_fn, X, y, slice(0, 5))
     fresh.step(make_closure(fresh, model, loss_fn, X, y))
     torch.testing.assert_close(_flat(model), expected, rtol=1e-7, atol=1e-9)
-    with pytest.raises(ValueError, match="'last_batch_size' must be an int"):
-        fresh.load_state_dict({**fresh.state_dict(), "last_batch_size": 0})
+    for bad in (0, [10], [10, 0], [10, True]):
+        with pytest.raises(ValueError, match="'last_batch_size' must be None or"):
+            fresh.load_state_dict({**fresh.state_dict(), "last_batch_size": bad})
+    assert fresh.state_dict()["last_batch_size"] == [10, 3]
+
+
+def test_auto_curvature_samples_keep_the_gram_matrix_small_for_many_outputs():
+    """40 classes: 512 // 40 = 12 samples after the first step (32 at first)."""
+    torch.manual_seed(0)
+    model = extend(nn.Linear(3, 40).double())
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt = DampedNewton(model.parameters(), ConstantDamping(DELTA), safeguards=False)
+    for seed, first in enumerate([32, 12]):
+        gen = torch.Generator().manual_seed(seed)
+        X = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 40, (40,), generator=gen)
+        expected = _flat(model) + _dense_step(model, loss_fn, X, y, slice(0, first))
+        opt.step(make_closure(opt, model, loss_fn, X, y))
+        torch.testing.assert_close(_flat(model), expected, rtol=1e-7, atol=1e-9)
 
 
 def test_without_closure_mc_samples_and_subsampling_apply():

@@ -10,7 +10,7 @@ from torch import nn
 import vivitlib
 from tests.core.cases import CASES, make_problem
 from tests.core.helpers import assert_block_matches_dense, flat_evecs
-from vivitlib.extensions import GGNFactorExtension, fast_backprop
+from vivitlib.extensions import GGNFactorExtension, conv_backprop
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.memory import MemoryBudget, MemoryBudgetWarning, parse_memory
 
@@ -204,9 +204,9 @@ def test_channel_slices_match_dense(monkeypatch, plan, compute):
         lambda self, *a, **k: made.append(1) or real(self, *a, **k),
     )
     narrowed = []
-    real_narrowed = fast_backprop._ConvSnapshot.narrowed
+    real_narrowed = conv_backprop._ConvSnapshot.narrowed
     monkeypatch.setattr(
-        fast_backprop._ConvSnapshot,
+        conv_backprop._ConvSnapshot,
         "narrowed",
         lambda self, *a: narrowed.append(1) or real_narrowed(self, *a),
     )

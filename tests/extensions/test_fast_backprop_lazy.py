@@ -9,7 +9,8 @@ from backpack.core.derivatives.maxpool2d import MaxPool2DDerivatives
 from backpack.core.derivatives.relu import ReLUDerivatives
 from torch import nn
 
-from vivitlib.extensions.fast_backprop import FAST_CONV_DERIVATIVES, FAST_DERIVATIVES
+from vivitlib.extensions.conv_backprop import FAST_CONV_DERIVATIVES
+from vivitlib.extensions.fast_backprop import FAST_DERIVATIVES
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.memory import MemoryBudget, memory_budget
 

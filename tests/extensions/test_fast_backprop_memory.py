@@ -6,7 +6,7 @@ from backpack import backpack, extend
 from backpack.core.derivatives.maxpool2d import MaxPool2DDerivatives
 from torch import nn
 
-from vivitlib.extensions import fast_backprop
+from vivitlib.extensions import conv_backprop, fast_backprop
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -96,11 +96,11 @@ def test_column_chunked_conv_equals_backpack(
     module, mat = _conv_and_factor(name)
     if subsampling is not None:
         mat = mat[:, subsampling]
-    fast = fast_backprop.FAST_CONV_DERIVATIVES[type(module)]
+    fast = conv_backprop.FAST_CONV_DERIVATIVES[type(module)]
     stock = fast.__mro__[1]
     assert stock.__module__.startswith("backpack.")
     column_bytes = mat.shape[1] * module.input0[0].numel() * mat.element_size()
-    monkeypatch.setattr(fast_backprop, "CONV_CHUNK_BYTES", chunk_columns * column_bytes)
+    monkeypatch.setattr(conv_backprop, "CONV_CHUNK_BYTES", chunk_columns * column_bytes)
     args = (module, None, None, mat)
     out = fast().jac_t_mat_prod(*args, subsampling=subsampling)
     ref = stock().jac_t_mat_prod(*args, subsampling=subsampling)
@@ -112,7 +112,7 @@ def test_column_chunked_conv_equals_backpack(
 def test_conv_chunks_bound_the_batch_of_each_transposed_convolution(monkeypatch):
     module, mat = _conv_and_factor("conv2d-dilated", columns=7)
     column_bytes = mat.shape[1] * module.input0[0].numel() * mat.element_size()
-    monkeypatch.setattr(fast_backprop, "CONV_CHUNK_BYTES", 3 * column_bytes)
+    monkeypatch.setattr(conv_backprop, "CONV_CHUNK_BYTES", 3 * column_bytes)
     batches = []
     real = torch.nn.functional.conv_transpose2d
 
@@ -120,7 +120,7 @@ def test_conv_chunks_bound_the_batch_of_each_transposed_convolution(monkeypatch)
         batches.append(input.shape[0])
         return real(input, *args, **kwargs)
 
-    fast = fast_backprop.FAST_CONV_DERIVATIVES[nn.Conv2d]()
+    fast = conv_backprop.FAST_CONV_DERIVATIVES[nn.Conv2d]()
     monkeypatch.setattr(fast, "conv_transpose_func", spy)
     released = []
     monkeypatch.setattr(fast_backprop, "release_free_heap", lambda: released.append(1))
@@ -132,7 +132,7 @@ def test_conv_chunks_bound_the_batch_of_each_transposed_convolution(monkeypatch)
 
 def test_unchunked_conv_does_not_release(monkeypatch, calls):
     module, mat = _conv_and_factor("conv3d")
-    fast_backprop.FAST_CONV_DERIVATIVES[nn.Conv3d]().jac_t_mat_prod(
+    conv_backprop.FAST_CONV_DERIVATIVES[nn.Conv3d]().jac_t_mat_prod(
         module, None, None, mat
     )
     assert calls == []

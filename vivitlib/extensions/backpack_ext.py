@@ -22,14 +22,11 @@ from torch.nn import Module
 
 from vivitlib.errors import DisconnectedLossError, UnsupportedError
 from vivitlib.extensions.extra_layers import EXTRA_SQRT
-from vivitlib.extensions.fast_backprop import (
-    FAST_SQRT,
-    QuantityLedger,
-    lazy_backpropagate,
-)
+from vivitlib.extensions.fast_backprop import FAST_SQRT, lazy_backpropagate
 from vivitlib.extensions.layers import FACTORED_LAYERS, conv_inputs, conv_unfoldable
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.extensions.lazy_layers import channel_step, conv_step, lazy_plan
+from vivitlib.extensions.ledger import QuantityLedger
 from vivitlib.extensions.reach import RemainingParams
 from vivitlib.memory import current_budget
 

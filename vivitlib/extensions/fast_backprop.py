@@ -17,8 +17,9 @@ arithmetic with plain broadcasting:
 extension backpropagates nothing through these layers.
 
 **Lazy factors** (``max_memory=``, :mod:`vivitlib.memory`): every rule here
-and the convolutions' ``Jᵀ`` also exist as a pending per-column map
-(``column_op``, which captures the mask, pooling indices or weight it needs).
+and the convolutions' ``Jᵀ`` (:mod:`.conv_backprop`) also exist as a pending
+per-column map (``column_op``, which captures the mask, pooling indices or
+weight it needs).
 A factor that reaches a rule lazy (:class:`~vivitlib.extensions.lazy.LazyColumns`)
 gets the map appended instead of being formed, and max pooling and
 convolutions, whose outputs grow, start a lazy factor where their output
@@ -40,11 +41,12 @@ halves its zero-filling in isolation, but with the kernel's default
 
 On the CPU most of the time of a large backpropagated factor goes into
 touching freshly allocated memory, so the activation rules multiply **in
-place** when nothing else can see the factor: the extension's
-:class:`QuantityLedger` (BackPACK's store of backpropagated quantities, plus a
-record of the quantities a parameter's factor may keep) confirms that no other
-stored or kept tensor shares its memory (e.g. a residual sum hands one tensor
-to both branches), and the tensor is contiguous and outside autograd.
+place** when nothing else can see the factor: the extension's ledger
+(:class:`~vivitlib.extensions.ledger.QuantityLedger`, BackPACK's store of
+backpropagated quantities, plus a record of the quantities a parameter's
+factor may keep) confirms that no other stored or kept tensor shares its
+memory (e.g. a residual sum hands one tensor to both branches), and the
+tensor is contiguous and outside autograd.
 Otherwise they compute out of place. Either way the numbers are BackPACK's.
 
 :data:`FAST_SQRT` maps module classes to rules registered on the factor
@@ -53,17 +55,12 @@ extension through BackPACK's ``set_module_extension``.
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import functools
-import weakref
 from math import prod
 from typing import Any
 
 import torch
-from backpack.core.derivatives.conv1d import Conv1DDerivatives
-from backpack.core.derivatives.conv2d import Conv2DDerivatives
-from backpack.core.derivatives.conv3d import Conv3DDerivatives
 from backpack.core.derivatives.dropout import DropoutDerivatives
 from backpack.core.derivatives.elu import ELUDerivatives
 from backpack.core.derivatives.flatten import FlattenDerivatives
@@ -76,81 +73,13 @@ from backpack.core.derivatives.relu import ReLUDerivatives
 from backpack.core.derivatives.selu import SELUDerivatives
 from backpack.core.derivatives.sigmoid import SigmoidDerivatives
 from backpack.core.derivatives.tanh import TanhDerivatives
-from backpack.extensions.saved_quantities import SavedQuantities
 from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 
-from vivitlib.extensions.lazy import LazyColumns, PendingOp, materialised
+from vivitlib.extensions.lazy import LazyColumns, PendingOp
+from vivitlib.extensions.ledger import may_overwrite
 from vivitlib.memory import current_budget
-
-
-class QuantityLedger(SavedQuantities):
-    """BackPACK's store of backpropagated quantities, aware of who else holds them.
-
-    Besides the stored quantities it keeps weak references to *pinned* tensors:
-    quantities a parameter's factor may keep (a view or the tensor itself).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._quantities: dict[int, Any] = {}
-        self._pins: dict[int, weakref.ref] = {}
-
-    def save_quantity(self, key: int, quantity, accumulation_function) -> None:
-        """Store ``quantity`` under ``key``, accumulating onto an existing one.
-
-        A lazy factor meeting another quantity (a residual sum) is formed first.
-        """
-        if key in self._quantities:
-            existing = materialised(self._quantities.pop(key))
-            quantity = accumulation_function(existing, materialised(quantity))
-        self._quantities[key] = quantity
-
-    def materialise(self, key: int) -> None:
-        """Form the lazy factor stored under ``key`` (for a rule needing it whole)."""
-        quantity = self._quantities.get(key)
-        if isinstance(quantity, LazyColumns):
-            self._quantities[key] = quantity.materialise()
-
-    def retrieve_quantity(self, key: int, delete_old: bool):
-        """The quantity stored under ``key`` (removed if ``delete_old``), or None."""
-        if delete_old:
-            return self._quantities.pop(key, None)
-        return self._quantities.get(key, None)
-
-    def __len__(self) -> int:
-        return len(self._quantities)
-
-    def clear(self) -> None:
-        """Drop every stored quantity and pin (e.g. leftovers of an aborted pass)."""
-        self._quantities.clear()
-        self._pins.clear()
-
-    def pin(self, key: int) -> None:
-        """Record that the quantity stored under ``key`` may be kept elsewhere."""
-        for tensor in _tensors(self._quantities.get(key)):
-            self._pins[id(tensor)] = weakref.ref(tensor)
-
-    def is_exclusive(self, tensor: Tensor) -> bool:
-        """Whether no stored or pinned tensor shares ``tensor``'s memory."""
-        ptr = tensor.untyped_storage().data_ptr()
-        self._pins = {k: r for k, r in self._pins.items() if r() is not None}
-        held = [r() for r in self._pins.values()]
-        for quantity in self._quantities.values():
-            held.extend(_tensors(quantity))
-        return all(t.untyped_storage().data_ptr() != ptr for t in held)
-
-
-def _tensors(quantity) -> list[Tensor]:
-    if isinstance(quantity, Tensor):
-        return [quantity]
-    if isinstance(quantity, LazyColumns):
-        return [quantity.source]
-    if isinstance(quantity, (list, tuple)):
-        return [t for t in quantity if isinstance(t, Tensor)]
-    return []
-
 
 #: Outputs of at least this many bytes are allocated after :func:`release_free_heap`.
 RELEASE_HEAP_BYTES = 32 * 2**20
@@ -188,18 +117,6 @@ def _new_zeros(like: Tensor, *shape: int) -> Tensor:
     ):
         release_free_heap()
     return like.new_zeros(shape)
-
-
-def may_overwrite(ext: Any, mat: Any) -> bool:
-    """Whether ``ext``'s backpropagated ``mat`` may be modified in place."""
-    ledger = getattr(ext, "saved_quantities", None)
-    return (
-        isinstance(ledger, QuantityLedger)
-        and isinstance(mat, Tensor)
-        and not mat.requires_grad
-        and mat.is_contiguous()
-        and ledger.is_exclusive(mat)
-    )
 
 
 def _scaling(factor: Tensor):
@@ -341,105 +258,6 @@ def _unpooling(index: Tensor, in_shape: tuple[int, ...]):
 
     return unpool
 
-
-#: A convolution's transposed Jacobian runs on column chunks of at most this
-#: many output bytes (``conv_transpose`` needs scratch proportional to its batch).
-CONV_CHUNK_BYTES = 8 * 2**20
-
-
-class _ConvSnapshot:
-    """What BackPACK's convolution ``Jᵀ`` reads from a module, kept past its step.
-
-    The input is a shape only (a zero-stride view of one zero), the weight is
-    detached; BackPACK frees the module's stored input after its step.
-    """
-
-    _FIELDS = ("stride", "padding", "kernel_size", "dilation", "groups")
-
-    def __init__(self, module: Any):
-        for name in self._FIELDS:
-            setattr(self, name, getattr(module, name))
-        self.weight = module.weight.detach()
-        self.input0 = module.input0.new_zeros(()).expand(module.input0.shape)
-
-    def narrowed(self, o0: int, o1: int) -> _ConvSnapshot:
-        """The same layer restricted to input channels ``o0:o1`` (``groups=1``)."""
-        part = copy.copy(self)
-        part.weight = self.weight[:, o0:o1]
-        shape = list(self.input0.shape)
-        shape[1] = o1 - o0
-        part.input0 = self.input0[:1, :1].expand(shape)
-        return part
-
-
-def _column_chunked(base: type) -> type:
-    """``base`` (a convolution) with ``Jᵀ mat`` computed a few columns at a time.
-
-    BackPACK runs one ``conv_transpose`` on all ``V·N`` columns and samples at
-    once, whose scratch is about as large as its output; in chunks of columns it
-    stays a few MiB (3C3D, ``N = 64``: 34 instead of 65 MiB above the input for
-    the second convolution, same time), and the free heap is released after the
-    chunks (see the module doc). Every chunk is BackPACK's own product.
-    """
-
-    class _Fast(base):
-        #: The output is usually larger than the input: worth keeping lazy.
-        grows = True
-
-        def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
-            V = mat.shape[0]
-            column_bytes = mat.shape[1] * module.input0[0].numel() * mat.element_size()
-            step = max(1, CONV_CHUNK_BYTES // max(column_bytes, 1))
-            if step >= V:
-                return super()._jac_t_mat_prod(module, g_inp, g_out, mat, subsampling)
-            out = None
-            for c0 in range(0, V, step):
-                part = super()._jac_t_mat_prod(
-                    module, g_inp, g_out, mat[c0 : c0 + step], subsampling
-                )
-                if out is None:
-                    out = part.new_empty(V, *part.shape[1:])
-                out[c0 : c0 + step] = part
-            del part
-            if out.device.type == "cpu":  # the chunks' scratch went back to the heap
-                release_free_heap()
-            return out
-
-        def column_op(self, module, subsampling=None) -> PendingOp:
-            """``Jᵀ`` as a pending map (BackPACK's product on a module snapshot)."""
-            shape = list(module.input0.shape)
-            if subsampling is not None:
-                shape[0] = len(subsampling)
-            jac_t = super()._jac_t_mat_prod
-            whole = _ConvSnapshot(module)
-
-            def transposed(snapshot: _ConvSnapshot):
-                def transpose_conv(x: Tensor, fresh: bool) -> Tensor:
-                    return jac_t(snapshot, None, None, x, subsampling)
-
-                return transpose_conv
-
-            def narrow(o0: int, o1: int):
-                return transposed(whole.narrowed(o0, o1)), None
-
-            return PendingOp(
-                transposed(whole),
-                tuple(shape),
-                fresh=True,
-                narrow=narrow if module.groups == 1 else None,
-            )
-
-    _Fast.__name__ = f"Chunked{base.__name__}"
-    return _Fast
-
-
-#: Convolution class -> derivatives whose ``Jᵀ`` runs on column chunks; for the
-#: factored convolution handlers (which keep BackPACK's for the weight).
-FAST_CONV_DERIVATIVES: dict[type[nn.Module], type] = {
-    nn.Conv1d: _column_chunked(Conv1DDerivatives),
-    nn.Conv2d: _column_chunked(Conv2DDerivatives),
-    nn.Conv3d: _column_chunked(Conv3DDerivatives),
-}
 
 #: Module class -> fast derivatives (same arithmetic as BackPACK's).
 FAST_DERIVATIVES: dict[type[nn.Module], type] = {

@@ -42,7 +42,7 @@ from backpack.utils.subsampling import subsample
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
-from vivitlib.extensions.fast_backprop import FAST_CONV_DERIVATIVES
+from vivitlib.extensions.conv_backprop import FAST_CONV_DERIVATIVES
 from vivitlib.factors import OuterFactor, OuterGrads, current_cost_model, outer_factor
 from vivitlib.memory import current_budget
 

@@ -262,3 +262,46 @@ def test_adaptive_complement_step_is_orthogonal_and_inside_the_trust_region():
     torch.testing.assert_close(step, newton - perp / lam.max(), rtol=1e-7, atol=1e-10)
     plain = DampedNewton(model.parameters(), 0.5, safeguards=False)
     assert plain.param_groups[0]["complement_lr"] == 0.0
+
+
+class _RecordingStrategy:
+    """No damping; counts ``step_rejected()`` calls (the strategy hook)."""
+
+    def __init__(self):
+        self.rejected = 0
+
+    def __call__(self, gammas, lambdas):
+        return torch.zeros(gammas.shape[1], dtype=gammas.dtype)
+
+    def step_rejected(self):
+        self.rejected += 1
+
+
+@pytest.mark.parametrize("lanczos", [False, True])
+def test_undone_step_is_reported_to_the_strategy(lanczos):
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double())
+    loss_fn = extend(nn.MSELoss())
+    X, y = (
+        torch.randn(8, 3, dtype=torch.float64),
+        torch.randn(8, 2, dtype=torch.float64),
+    )
+    strategy = _RecordingStrategy()
+    if lanczos:
+        opt = LanczosDampedNewton(model, loss_fn, (X, y), k=2, damping=strategy)
+    else:
+        opt = DampedNewton(model.parameters(), strategy)
+    before = flat(model.parameters())
+
+    def closure():  # anywhere but at the start the loss is higher
+        opt.zero_grad()
+        moved = not torch.equal(flat(model.parameters()), before)
+        loss = loss_fn(model(X), y) + (10.0 if moved else 0.0)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.num_rejected == 1 and strategy.rejected == 1
+    assert torch.equal(flat(model.parameters()), before)
+    opt.step(make_closure(opt, model, loss_fn, X, y))  # kept: no report
+    assert opt.num_rejected == 1 and strategy.rejected == 1

@@ -209,6 +209,18 @@ class SafeguardedStepping:
             )
         ]
 
+    def _tell_rejected(self) -> None:
+        """Tell every group's strategy that its last step was undone.
+
+        Strategies that carry state across steps (the shrinkage rule of
+        :class:`~vivitlib.optim.BootstrapDamping`) offer ``step_rejected()``;
+        the others are left alone.
+        """
+        for strategy in self._strategies:
+            hook = getattr(strategy, "step_rejected", None)
+            if callable(hook):
+                hook()
+
     def _across_ranks(self, value: float) -> float:
         """A loss change or slope, averaged over the ranks (so ``ρ`` agrees)."""
         return mean_over_ranks(value, self._process_group)

@@ -493,6 +493,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             for param in block.params:
                 self.state[param]["step"] = self.state[param].get("step", 0) + 1
         if not kept:
+            self._tell_rejected()
             history = self.damping_history
             for i in range(num_records, len(history)):
                 history[i] = replace(history[i], applied=False)

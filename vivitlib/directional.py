@@ -66,6 +66,9 @@ class DirectionalDerivatives(BackpackCollector):
         subsampling: Samples for the curvatures ``λ_nk`` (default all).
         grad_subsampling: Samples for the gradients ``γ_nk`` (default all).
         generator: Source of the Monte-Carlo draws (default torch's global one).
+        max_memory: Working-memory budget of the pass (bytes or a string such
+            as ``"256MiB"``; see :class:`~vivitlib.LowRankGGN`). Default
+            ``None``: no budget.
 
     Raises:
         ValueError: If the directions do not match the parameters.
@@ -84,6 +87,7 @@ class DirectionalDerivatives(BackpackCollector):
         subsampling: Sequence[int] | Tensor | None = None,
         grad_subsampling: Sequence[int] | Tensor | None = None,
         generator: torch.Generator | None = None,
+        max_memory: int | str | None = None,
     ):
         super().__init__(
             params,
@@ -91,6 +95,7 @@ class DirectionalDerivatives(BackpackCollector):
             subsampling=subsampling,
             grad_subsampling=grad_subsampling,
             generator=generator,
+            max_memory=max_memory,
         )
         if len(self.param_groups) != 1:
             raise ValueError("DirectionalDerivatives takes one group of parameters.")

@@ -34,13 +34,21 @@ class _SharedOwner:
 
     def __init__(self, members: list[BackpackCollector]):
         self.members = members
+        # the tightest memory budget of the members governs the shared work
+        budgets = [m for m in members if m.max_memory is not None]
+        self._budget_owner = min(
+            budgets, key=lambda m: m.max_memory, default=members[0]
+        )
 
     def run_extension(self, call, module: Module, g_inp: Any, g_out: Any) -> None:
         """Enter ``module`` for every member, run the extension once."""
         try:
             for member in self.members:
                 member.enter_module(module, g_out)
-            with self.members[0].random_state(module):
+            with (
+                self.members[0].random_state(module),
+                self._budget_owner.memory_scope(),
+            ):
                 call(module, g_inp, g_out)
         except Exception:
             for member in self.members:
@@ -74,6 +82,7 @@ def _shared_extensions(collectors: list[BackpackCollector]):
             leader.mc_samples,
             leader.subsampling,
             savefield=leader.savefields[0],
+            params=[p for c in group for g in c.param_groups for p in g["params"]],
         )
         extensions.append(ext)
         copies.append((leader.savefields[0], [c.savefields[0] for c in group[1:]]))

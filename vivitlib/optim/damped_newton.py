@@ -220,6 +220,9 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             step and the parameters stay identical. Averaging ``.grad`` stays
             DDP's job.
         generator: Source of the Monte-Carlo draws of the curvature factor.
+        max_memory: Working-memory budget of each curvature pass (bytes or a
+            string such as ``"256MiB"``), trading time for memory; see
+            :class:`vivitlib.LowRankGGN`. Default ``None``: no budget.
 
     Raises:
         TypeError: If ``damping`` is neither callable nor a number, a
@@ -254,6 +257,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         curvature_samples: int | str | None = "auto",
         process_group: Any = None,
         generator: torch.Generator | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
         damping = BootstrapDamping() if damping is None else damping
         self._process_group = resolve_group(process_group)
@@ -292,6 +296,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             "compute": _COMPUTE,
             "process_group": self._process_group,
             "generator": generator,
+            "max_memory": max_memory,
         }
         self._controls: list[StepControl] = []
         self._strategies: list[Any] = []

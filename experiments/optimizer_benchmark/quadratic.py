@@ -173,6 +173,10 @@ def family_runs(members: list[Member], seeds: int, out: Path, progress: bool):
     return pd.concat(frames, ignore_index=True)
 
 
+#: Ratio range shown by :func:`figure` (larger ratios are drawn at the edge).
+SHOWN = (0.2, 10.0)
+
+
 def figure(summary: pd.DataFrame):
     """Ratio to the best constant (median, 90 % seed interval) per member."""
     import matplotlib.pyplot as plt  # noqa: PLC0415 - only for the figure
@@ -182,16 +186,23 @@ def figure(summary: pd.DataFrame):
     for i, name in enumerate([*RULES, "bootstrap_no_history"]):
         rows = summary[summary["method"] == name].set_index("member").loc[members]
         y = np.arange(len(members)) + 0.18 * (i - 1.5)
-        err = [rows["ratio_to_best_constant"] - rows["ratio_low"],
-               rows["ratio_high"] - rows["ratio_to_best_constant"]]  # fmt: skip
-        ax.errorbar(rows["ratio_to_best_constant"], y, xerr=err, fmt="o", ms=3,
-                    label=name, capsize=2)  # fmt: skip
+        columns = ["ratio_to_best_constant", "ratio_low", "ratio_high"]
+        mid, low, high = np.clip(rows[columns].to_numpy().T, *SHOWN)
+        line = ax.errorbar(mid, y, xerr=[mid - low, high - mid], fmt="o", ms=3,
+                           label=name, capsize=2)  # fmt: skip
+        for value, at in zip(rows["ratio_to_best_constant"], y):
+            if value > SHOWN[1]:
+                ax.annotate(f"{value:.2g}", (SHOWN[1], at), xytext=(-4, 0),
+                            textcoords="offset points", ha="right", va="center",
+                            fontsize=6, color=line[0].get_color())  # fmt: skip
     ax.axvline(1.0, color="k", lw=0.8)
     ax.axvline(1.2, color="k", lw=0.8, ls="--")
     ax.set_xscale("log")
+    ax.set_xlim(*SHOWN)
     ax.set_yticks(np.arange(len(members)), members, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("median final distance / best constant damping (90 % seed CI)")
+    ax.set_xlabel("median final distance / best constant damping (90 % seed CI; "
+                  "dashed: 1.2)", fontsize=8)  # fmt: skip
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig

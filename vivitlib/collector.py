@@ -56,7 +56,10 @@ class BackpackCollector:
     Args:
         params: Parameters (one group) or a list of ``{"params": [...]}`` dicts.
         mc_samples: ``0`` exact loss-Hessian factor, ``m > 0`` Monte-Carlo samples.
-        subsampling: Curvature sample indices (``None``: all).
+        subsampling: Curvature sample indices (``None``: all), or a rule
+            ``rule(batch_size, outputs) -> indices | None`` called at the start of
+            every pass with the batch size and the number of model outputs per
+            sample (one process only).
         grad_subsampling: Per-sample-gradient indices (``None``: all).
         needs_grads: Whether per-sample gradients are collected.
         max_memory: Working-memory budget of the pass in bytes, or a string
@@ -69,7 +72,7 @@ class BackpackCollector:
         params: Iterable[Any],
         *,
         mc_samples: int = 0,
-        subsampling: Sequence[int] | Tensor | None = None,
+        subsampling: Sequence[int] | Tensor | Callable | None = None,
         grad_subsampling: Sequence[int] | Tensor | None = None,
         needs_grads: bool = True,
         process_group: Any = None,
@@ -85,6 +88,14 @@ class BackpackCollector:
                 f"generator must be a torch.Generator or None, got {generator!r}."
             )
         self.generator = generator
+        self._subsampling_rule = subsampling if callable(subsampling) else None
+        if self._subsampling_rule is not None:
+            if process_group is not None and process_group is not False:
+                raise ValueError(
+                    "A sub-sampling rule needs the local batch; with process_group "
+                    "pass global indices (or None)."
+                )
+            subsampling = None
         self.process_group = resolve_group(process_group)
         self.mc_samples = _checks.check_int_at_least(mc_samples, "mc_samples", 0)
         self.subsampling = _checks.check_indices(subsampling, "subsampling")
@@ -214,8 +225,14 @@ class BackpackCollector:
         """Restore ``.grad`` and drop the partial pass (after a failure)."""
         self._abort()
 
-    def share_settings(self) -> tuple:
-        """What two collectors must agree on to share one factor backpropagation."""
+    def share_settings(self) -> tuple | None:
+        """What two collectors must agree on to share one factor backpropagation.
+
+        ``None``: this collector cannot share (its curvature samples are chosen
+        per pass by a rule).
+        """
+        if self._subsampling_rule is not None:
+            return None
         sub = None if self.subsampling is None else tuple(self.subsampling)
         return (self.mc_samples, sub, self.process_group is None)
 
@@ -283,6 +300,8 @@ class BackpackCollector:
         if self.process_group is not None:
             exchange = FactorExchange.start(self.process_group, weighting, reduction)
             weighting, batch_size = exchange.weighting, exchange.batch_size
+        if self._subsampling_rule is not None:
+            self._apply_subsampling_rule(loss_module.input0)
         _checks.check_indices_in_range(self.subsampling, batch_size, "subsampling")
         _checks.check_indices_in_range(
             self.grad_subsampling, batch_size, "grad_subsampling"
@@ -295,6 +314,14 @@ class BackpackCollector:
             exchange,
         )
         _quiet_backward_hook_warning(self._pass, self._end_of_backward)
+
+    def _apply_subsampling_rule(self, output: Tensor) -> None:
+        """Choose this pass's curvature samples with the rule (before BackPACK does)."""
+        chosen = self._subsampling_rule(output.shape[0], output[0].numel())
+        self.subsampling = _checks.check_indices(
+            chosen, "subsampling (returned by the rule)"
+        )
+        self._extensions[0].set_subsampling(self.subsampling)
 
     def _collect(self, param: Tensor) -> None:
         factor = param.__dict__.pop(self._fields[0], None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -100,7 +100,12 @@ class LowRankGGN(BackpackCollector):
             (one block each), e.g. :func:`vivitlib.layerwise_groups`.
         mc_samples: ``0`` for the exact loss-Hessian factor (``C`` columns per
             sample), ``m > 0`` for ``m`` Monte-Carlo samples (``m`` columns).
-        subsampling: Indices of the samples used for curvature (default all).
+        subsampling: Indices of the samples used for curvature (default all),
+            or a rule ``rule(batch_size, outputs) -> indices | None`` called
+            when each pass reaches the loss, with the batch size and the
+            number of model outputs per sample (e.g. ``lambda n, c: list(range(
+            min(16, n)))``; one process only; such a collector keeps its own
+            factor pass under :func:`vivitlib.combine`).
         grad_subsampling: Indices of the samples used for per-sample gradients
             (default all); may differ from ``subsampling``.
         compute: Subset of ``("eigenvalues", "eigenvectors",
@@ -150,7 +155,7 @@ class LowRankGGN(BackpackCollector):
         params: Iterable[Any],
         *,
         mc_samples: int = 0,
-        subsampling: Sequence[int] | Tensor | None = None,
+        subsampling: Sequence[int] | Tensor | Callable | None = None,
         grad_subsampling: Sequence[int] | Tensor | None = None,
         compute: Sequence[str] = QUANTITIES,
         eigh_dtype: torch.dtype | str = torch.float64,

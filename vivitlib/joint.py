@@ -109,6 +109,9 @@ def combine(*collectors: Any) -> JointPass:
     Collectors with the same ``mc_samples`` and curvature sub-sample share one
     backpropagation of the factor; those with the same gradient sub-sample share
     the per-sample gradients. Each still accumulates its own results.
+    Collectors whose curvature samples are chosen per pass (a ``subsampling``
+    rule, e.g. :class:`~vivitlib.optim.DampedNewton`'s default) run their own
+    extensions in the same pass.
 
     Args:
         collectors: Objects with ``extensions`` and ``hook`` (e.g.
@@ -120,7 +123,11 @@ def combine(*collectors: Any) -> JointPass:
     """
     units = [getattr(c, "curvature_collector", c) for c in collectors]
     local = [
-        u for u in units if isinstance(u, BackpackCollector) and u.process_group is None
+        u
+        for u in units
+        if isinstance(u, BackpackCollector)
+        and u.process_group is None
+        and u.share_settings() is not None
     ]
     others = [u for u in units if not any(u is c for c in local)]
     extensions, copies = _shared_extensions(local)

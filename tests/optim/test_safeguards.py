@@ -37,7 +37,10 @@ def test_quadratic_with_exact_undamped_step_gets_no_damping():
     solution = torch.linalg.lstsq(design, y).solution
     # defaults: curvatures within 1/damping_floor = 10 of λ_1 get no damping;
     # the batch (20 samples) is smaller than curvature_samples: all are used
-    for options in ({}, {"initial_damping": 1e-3, "damping_floor": 1e-4}):
+    for options in (
+        {"curvature_samples": 32},
+        {"curvature_samples": 32, "initial_damping": 1e-3, "damping_floor": 1e-4},
+    ):
         with torch.no_grad():
             for param, value in zip(model.parameters(), start):
                 param.copy_(value)

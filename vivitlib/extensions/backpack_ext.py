@@ -232,6 +232,10 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         """Number of Monte-Carlo samples of the loss Hessian factor."""
         return self._mc_samples
 
+    def set_subsampling(self, subsampling: list[int] | None) -> None:
+        """Keep the columns of these samples from the next pass on (``None``: all)."""
+        self._subsampling = subsampling
+
     def __call__(self, module: Module, g_inp, g_out) -> None:  # noqa: D102
         remaining = self._remaining
         if remaining is not None and remaining.done and not is_loss(module):

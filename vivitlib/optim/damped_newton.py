@@ -147,10 +147,11 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             :class:`~vivitlib.optim.BootstrapDamping`.
         lr: Learning rate, ``> 0``. Default: ``1.0``.
         mc_samples: ``0`` for the exact GGN, ``m > 0`` for ``m`` Monte-Carlo samples
-            of the loss Hessian factor per sample. Default: ``None``, i.e. ``1``
-            (without a closure; with one see ``curvature_samples``).
+            of the loss Hessian factor per sample. Default: ``None``: see
+            ``curvature_samples`` (``1`` where that does not apply).
         subsampling: Indices of the mini-batch samples used for curvature.
-            Default: ``None`` (all; with a closure see ``curvature_samples``).
+            Default: ``None``: see ``curvature_samples`` (all where that does
+            not apply).
         grad_subsampling: Indices of the samples used for the directional
             gradients; may differ from ``subsampling``. Default: ``None`` (all).
         weight_decay: Decoupled weight decay ``wd >= 0``. Default: ``0.0``.
@@ -190,28 +191,27 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             complement step (``m ← β m + (g - P g)``, step ``-η m``; restarted
             after an undone step). Default: ``None``, i.e. ``0.9`` with
             ``complement_lr="auto"`` and ``0`` otherwise.
-        curvature_samples: With a closure, the curvature of each step is the
+        curvature_samples: The curvature of each step is the
             exact GGN (``mc_samples=0``) of the batch's first
             ``curvature_samples`` samples (all of them when the batch is
             smaller); the directional gradients still use the whole batch.
             ``N_c · C`` directions (288 for 32 samples and 10 classes) instead
             of at most ``N`` with one Monte-Carlo sample, at a Gram matrix of
             size ``N_c · C`` (``32 · C``: keep it small for many classes).
-            ``"auto"``: ``min(32, N / 2, 512 / C)`` for batches of ``N``
-            samples and ``C`` outputs (of the previous step; 32 at the
-            first; the cap keeps the Gram matrix at most 512, whose
-            eigendecomposition then costs well under a second), unless
-            ``mc_samples`` or
-            ``subsampling`` is given; ``None``: ``mc_samples`` and
-            ``subsampling`` apply with a closure too. Curvature from the very
+            ``"auto"``: ``max(1, min(32, N / 2, 512 / C))`` for a batch of
+            ``N`` samples with ``C`` outputs each, chosen when the backward
+            pass reaches the loss (the cap keeps the Gram matrix at most 512,
+            whose eigendecomposition then costs well under a second), unless
+            ``mc_samples`` or ``subsampling`` is given; ``None``:
+            ``mc_samples`` and ``subsampling`` apply. Curvature from the very
             samples of the step is worse: on the digits MLP with batch 32
             (3 seeds) the training loss at step 100 was 0.60 with all 32
-            samples and 0.12 with 16. Without a closure the extensions are handed out
-            before the batch size is known, so ``mc_samples`` and
-            ``subsampling`` always apply there; with ``process_group`` they
-            apply too. Default: ``"auto"``. On the digits benchmark (5
-            seeds) it lowered the MLP's loss at step 100 from 0.10 (one
-            Monte-Carlo sample, same floor) to 0.008.
+            samples and 0.12 with 16. The same applies with and without a
+            closure; with ``process_group`` (indices are global there)
+            ``mc_samples`` and ``subsampling`` apply. Default: ``"auto"``.
+            On the digits benchmark (5 seeds, with a closure) it lowered the
+            MLP's loss at step 100 from 0.10 (one Monte-Carlo sample, same
+            floor) to 0.008.
         process_group: ``None`` for one process; ``True`` or a
             ``torch.distributed`` group for data parallelism: the curvature is
             the global batch's (see :class:`vivitlib.LowRankGGN`), the
@@ -289,6 +289,10 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._curvature_samples = _check_curvature_samples(
             curvature_samples, mc_samples, subsampling
         )
+        self._auto_curvature = curvature_samples == "auto"
+        if self._curvature_samples is not None and self._process_group is None:
+            # exact curvature of the batch's first n samples, chosen per pass
+            mc_samples, subsampling = 0, self._curvature_sample_rule
         self._ggn_options = {
             "mc_samples": 1 if mc_samples is None else mc_samples,
             "subsampling": subsampling,
@@ -308,12 +312,6 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._pending: dict[str, float] | None = None
         self._new_buffers: dict[Tensor, Tensor] = {}
         self._ggn = self._build_ggn()
-        # the closure path's collectors (first n samples, exact; all of a
-        # smaller batch), built at the first step(closure)
-        self._closure_ggns: dict[int | None, LowRankGGN] = {}
-        self._auto_curvature = curvature_samples == "auto"
-        #: ``(N, C)`` of the previous closure step (``"auto"`` curvature samples)
-        self._last_batch_size: tuple[int, int] | None = None
 
     def _new_control(self) -> StepControl:
         if self.safeguards:
@@ -324,34 +322,17 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         groups = [{"params": group["params"]} for group in self.param_groups]
         return LowRankGGN(groups, **{**self._ggn_options, **overrides})
 
-    def _collect(self, closure: Callable[[], Any]) -> tuple[Any, LowRankGGN]:
-        """Run ``closure`` for the curvature; return its loss and the collector.
+    def _curvature_sample_rule(self, batch_size: int, outputs: int) -> list[int] | None:
+        """The curvature samples of a batch: its first ``n`` (``None``: all).
 
-        With ``curvature_samples`` (and one process) the curvature is the exact
-        GGN of the batch's first ``n`` samples (``"auto"``:
-        ``n = min(32, N/2, 512/C)`` with the previous step's batch size ``N``
-        and number of outputs ``C``, 32 at the first); a
-        batch of fewer than ``n`` samples takes all of them (the closure runs
-        again with a collector without sub-sampling). Collectors are kept per
-        ``n``.
+        ``n = curvature_samples``, or with ``"auto"``
+        ``n = max(1, min(32, N / 2, 512 / C))`` for a batch of ``N`` samples
+        with ``C`` outputs each; a batch of at most ``n`` samples uses all.
         """
         n = self._curvature_samples
-        if n is None or self._process_group is not None:
-            return curvature_closure(closure, self._ggn), self._ggn
-        if self._auto_curvature and self._last_batch_size is not None:
-            batch, outputs = self._last_batch_size
-            n = max(1, min(n, batch // 2, AUTO_GRAM_COLUMNS // outputs))
-        ggns = self._closure_ggns
-        if n not in ggns:
-            ggns[n] = self._build_ggn(mc_samples=0, subsampling=list(range(n)))
-        try:
-            return curvature_closure(closure, ggns[n]), ggns[n]
-        except ValueError as err:
-            if not str(err).startswith("subsampling holds index"):
-                raise
-        if None not in ggns:
-            ggns[None] = self._build_ggn(mc_samples=0, subsampling=None)
-        return curvature_closure(closure, ggns[None]), ggns[None]
+        if self._auto_curvature:
+            n = max(1, min(n, batch_size // 2, AUTO_GRAM_COLUMNS // max(outputs, 1)))
+        return None if n >= batch_size else list(range(n))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group (re-read :attr:`extensions` and :attr:`hook` after).
@@ -376,7 +357,6 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             except Exception:
                 del self.param_groups[num_groups:]
                 raise
-            self._closure_ggns = {}
         self._controls.append(self._new_control())
         self._strategies.append(strategy)
         self._pending = None
@@ -429,7 +409,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         """
         loss, ggn = None, self._ggn
         if closure is not None:
-            loss, ggn = self._collect(closure)
+            loss = curvature_closure(closure, ggn)
         try:
             blocks = ggn.blocks
         except RuntimeError as err:
@@ -472,9 +452,6 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             raise
         finally:
             ggn.reset()
-        if closure is not None and blocks and blocks[0].num_curv_samples > 0:
-            outputs = blocks[0].gram_evecs.shape[0] // blocks[0].num_curv_samples
-            self._last_batch_size = (blocks[0].num_grad_samples, max(outputs, 1))
         moves, group_plans = [], []
         for group, block, plan in zip(self.param_groups, blocks, plans):
             group_plans.append(None if plan is None else plan[1])
@@ -612,8 +589,6 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         state["pending"] = self._pending_state()
         state["num_steps"] = self._num_steps
         state["num_rejected"] = self.num_rejected
-        last = self._last_batch_size
-        state["last_batch_size"] = None if last is None else list(last)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -637,19 +612,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         pending = state_dict.pop("pending", None)
         num_steps = state_dict.pop("num_steps", self._num_steps)
         num_rejected = state_dict.pop("num_rejected", self.num_rejected)
-        last_batch = state_dict.pop("last_batch_size", None)
-        if last_batch is not None:
-            ok = isinstance(last_batch, list | tuple) and len(last_batch) == 2
-            ok = ok and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                for v in last_batch
-            )
-            if not ok:
-                raise ValueError(
-                    "state_dict 'last_batch_size' must be None or [N, C] with "
-                    f"ints >= 1, got {last_batch!r}."
-                )
-            last_batch = tuple(last_batch)
+        state_dict.pop("last_batch_size", None)  # written by earlier versions
         strategies = [self._group_strategy(i) for i in range(len(self.param_groups))]
         self._check_state(state_dict, damping_states, control_states, strategies)
         pending = load_pending(pending, len(self.param_groups))
@@ -677,7 +640,6 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._pending = pending
         self._num_steps = int(num_steps)
         self.num_rejected = int(num_rejected)
-        self._last_batch_size = last_batch
 
     def _check_state(self, state_dict, damping_states, control_states, strategies):
         """Raise before anything changes if ``state_dict`` does not fit."""

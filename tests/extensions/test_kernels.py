@@ -126,6 +126,30 @@ def test_dense_plan_forms_slices_either_way(monkeypatch, per_class, budget):
     torch.testing.assert_close(vtg, torch.einsum("cnd,md->cnm", v, g))
 
 
+@pytest.mark.parametrize("per_class", [True, False], ids=["per-class", "per-sample"])
+def test_dense_plan_from_output_slices(monkeypatch, per_class):
+    """``s`` handed over slice by slice (a lazy factor) gives the same Gram, and
+    every output is asked for exactly once."""
+    monkeypatch.setattr(kernels, "_per_class", lambda *args: per_class)
+    factor, grads = _backpack_strided(C=3, N=17, T=4, O=5, I=6, seed=2)
+    v, g = _materialised(factor, grads)
+    asked = []
+
+    def take(o0, o1):
+        asked.extend(range(o0, o1))
+        return factor.s[..., o0:o1].clone()
+
+    slices = kernels.OutputSlices(tuple(factor.s.shape), take)
+    g_slices = lambda o0, o1: kernels.grads_dense(grads.delta[..., o0:o1], grads.a)  # noqa: E731
+    gram, vtg = kernels.dense_plan_gram(
+        slices, factor.a, g_slices, chunk_elements=3 * 17 * (6 + 4) * 2
+    )
+    flat = v.reshape(-1, v.shape[-1])
+    torch.testing.assert_close(gram.reshape(flat.shape[0], -1), flat @ flat.T)
+    torch.testing.assert_close(vtg, torch.einsum("cnd,md->cnm", v, g))
+    assert asked == list(range(5))
+
+
 @pytest.mark.parametrize("budget", [None, 7, 4 * 4 * 3], ids=["one", "tiny", "some"])
 def test_pairwise_plan_with_backpack_strides(budget):
     """The pairwise kernel (kernel chunks, row workspaces, ``Δ`` as an extra row)."""

@@ -65,25 +65,18 @@ class ChannelSlicedFactor(Factor):
     def contract(self, grads: Grads | None, keep: bool = False):  # noqa: D102
         if keep:
             return self.formed().contract(grads, keep)
-        C, N, T, O, I = self.dims  # noqa: E741
-        budget = current_cost_model().materialise_elements
-        step = max(1, min(O, budget // max(C * N * (I + T), 1)))
-        gram = self.a.new_zeros(N * C, N * C)
-        grad_slice = _grads_slices(grads, O, self.source)
-        vtg = None
-        for o0 in range(0, O, step):
-            o1 = min(O, o0 + step)
-            s = self.lazy.channels(o0, o1).reshape(C, N, o1 - o0, T).transpose(2, 3)
-            rows = kernels.outer_dense_rows(s, self.a)
-            del s
-            kernels.add_sym_gram(rows, gram)
-            if grad_slice is not None:
-                part = rows @ grad_slice(o0, o1).T
-                vtg = part if vtg is None else vtg.add_(part)
-            del rows
-        gram = kernels.mirror_upper(gram).view(N, C, N, C).permute(1, 0, 3, 2)
-        if vtg is not None:
-            vtg = vtg.view(N, C, -1).transpose(0, 1)
+        C, N, T, O, _ = self.dims  # noqa: E741
+
+        def take(o0: int, o1: int) -> Tensor:
+            part = self.lazy.channels(o0, o1).reshape(C, N, o1 - o0, T)
+            return part.transpose(2, 3)
+
+        gram, vtg = kernels.dense_plan_gram(
+            kernels.OutputSlices((C, N, T, O), take),
+            self.a,
+            _grads_slices(grads, O, self.source),
+            chunk_elements=current_cost_model().materialise_elements,
+        )
         return gram, vtg, None
 
     def times_grads(self, grads: Grads) -> Tensor:  # noqa: D102

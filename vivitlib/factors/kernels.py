@@ -141,7 +141,35 @@ def _per_class(C: int, N: int, T: int, O: int, I: int, budget: int) -> bool:  # 
     return sample_step * I < MIN_GRAM_INNER and class_step > sample_step
 
 
-def _slice_former(s: Tensor, a: Tensor, budget: int):
+class OutputSlices:
+    """``s`` ``[C, N, T, O]`` given slice by slice instead of whole.
+
+    For a factor that is never held whole (formed from a lazy source a slice
+    of outputs at a time): :func:`dense_plan_gram` asks for each slice once.
+
+    Args:
+        shape: ``(C, N, T, O)``.
+        take: ``take(o0, o1)`` gives ``s[..., o0:o1]``, ``[C, N, T, o1 - o0]``.
+    """
+
+    def __init__(
+        self, shape: tuple[int, int, int, int], take: Callable[[int, int], Tensor]
+    ):
+        self.shape, self.take = tuple(shape), take
+
+
+def _slice_taker(s: Tensor | OutputSlices) -> Callable[[int, int], Tensor]:
+    """``take(o0, o1)`` giving ``s[..., o0:o1]`` (a view of a tensor ``s``).
+
+    A formed slice is transient (it is laid out into the workspace at once),
+    so the slice budget does not count it.
+    """
+    if isinstance(s, OutputSlices):
+        return s.take
+    return lambda o0, o1: s[..., o0:o1]
+
+
+def _slice_former(s: Tensor | OutputSlices, a: Tensor, budget: int):
     """``(step, form, class_major)``: ``form(o0, o1)`` gives ``V``'s output slice.
 
     The rows are ``[C·N, (o1 - o0)·I]``, class-major (class by class, straight
@@ -152,26 +180,28 @@ def _slice_former(s: Tensor, a: Tensor, budget: int):
     """
     C, N, T, O = s.shape  # noqa: E741
     I = a.shape[-1]  # noqa: E741
+    take = _slice_taker(s)
     if _per_class(C, N, T, O, I, budget):
         step = _chunk(C * N * I, O, budget)
-        space = s.new_empty(C * N * step * I)
+        space = a.new_empty(C * N * step * I)
 
         def form(o0: int, o1: int) -> Tensor:
             out = space[: C * N * (o1 - o0) * I].view(C, N, o1 - o0, I)
+            part = take(o0, o1)
             for c in range(C):
-                torch.bmm(s[c, :, :, o0:o1].transpose(1, 2), a, out=out[c])
+                torch.bmm(part[c].transpose(1, 2), a, out=out[c])
             return out.view(C * N, -1)
 
         return step, form, True
     # per output: a column slice of V and the copy of s laid out for the product
     step = _chunk(C * N * (I + T), O, budget)
-    space = s.new_empty(C * N * step * I)
-    copy = s.new_empty(C * N * step * T)
+    space = a.new_empty(C * N * step * I)
+    copy = a.new_empty(C * N * step * T)
 
     def form(o0: int, o1: int) -> Tensor:
         w = o1 - o0
         s_rows = copy[: C * N * w * T].view(N, C, w, T)
-        s_rows.copy_(s[..., o0:o1].permute(1, 0, 3, 2))
+        s_rows.copy_(take(o0, o1).permute(1, 0, 3, 2))
         out = space[: C * N * w * I].view(N, C * w, I)
         torch.bmm(s_rows.view(N, C * w, T), a, out=out)
         return out.view(N * C, w * I)
@@ -180,7 +210,7 @@ def _slice_former(s: Tensor, a: Tensor, budget: int):
 
 
 def dense_plan_gram(
-    s: Tensor,
+    s: Tensor | OutputSlices,
     a: Tensor,
     grads: Callable[[int, int], Tensor] | None,
     *,
@@ -196,7 +226,7 @@ def dense_plan_gram(
     ``Vᵀ g``.
 
     Args:
-        s: ``[C, N, T, O]``.
+        s: ``[C, N, T, O]``, or :class:`OutputSlices` giving it slice by slice.
         a: ``[N, T, I]``.
         grads: ``grads(o0, o1)`` gives the per-sample gradients' slice
             ``[N', (o1 - o0)·I]`` of the same outputs, or ``None``.
@@ -208,7 +238,7 @@ def dense_plan_gram(
     """
     C, N, T, O = s.shape  # noqa: E741
     step, form, class_major = _slice_former(s, a, chunk_elements)
-    gram = s.new_zeros(N * C, N * C)
+    gram = a.new_zeros(N * C, N * C)
     vtg = None
     for o0 in range(0, O, step):
         o1 = min(O, o0 + step)

@@ -5,7 +5,7 @@ import torch
 from backpack import backpack, extend
 from torch import nn
 
-from tests.optim.helpers import make_closure
+from tests.optim.helpers import closure_losses
 from tests.reference import dense_curvature, per_sample_hessians
 from vivitlib.optim import ConstantDamping, DampedNewton, LanczosDampedNewton
 
@@ -161,11 +161,7 @@ def test_auto_complement_keeps_the_closure_loss_from_rising():
         model, loss_fn, X, y = _quadratic_problem()
         opt = LanczosDampedNewton(model, loss_fn, (X, y), k=2, damping=0.0,
                                   complement_lr=rate)  # fmt: skip
-        closure = make_closure(opt, model, loss_fn, X, y)
-        losses = [loss_fn(model(X), y).item()]
-        for _ in range(10):
-            opt.step(closure)
-            losses.append(loss_fn(model(X), y).item())
+        losses = closure_losses(opt, model, loss_fn, X, y, steps=10)
         assert all(b <= a for a, b in zip(losses, losses[1:]))
         final.append(losses[-1])
     assert final[0] < 0.9 * final[1]

@@ -12,7 +12,7 @@ import torch
 from backpack import backpack, extend
 from torch import nn
 
-from tests.optim.helpers import make_closure
+from tests.optim.helpers import closure_losses, make_closure
 from tests.reference import dense_curvature
 from vivitlib.optim import BootstrapDamping, DampedNewton, LanczosDampedNewton
 from vivitlib.optim.safeguards import StepControl
@@ -111,11 +111,7 @@ def test_two_dimensional_nonconvex_loss_never_increases_with_closure():
     X = torch.randn(6, 2, dtype=torch.float64)
     y = torch.rand(6, 1, dtype=torch.float64) * 1.6 - 0.8
     opt = DampedNewton(model.parameters(), BootstrapDamping(generator=0), mc_samples=0)
-    closure = make_closure(opt, model, loss_fn, X, y)
-    losses = [loss_fn(model(X), y).item()]
-    for _ in range(25):
-        opt.step(closure)
-        losses.append(loss_fn(model(X), y).item())
+    losses = closure_losses(opt, model, loss_fn, X, y, steps=25)
     assert all(b <= a for a, b in zip(losses, losses[1:]))
     assert losses[-1] < losses[0]
 

@@ -6,6 +6,7 @@ from backpack import backpack, extend
 from scipy.optimize import brentq
 from torch import nn
 
+from tests.optim.helpers import make_closure
 from tests.reference import dense_curvature
 from vivitlib.optim import ConstantDamping, DampedNewton, StepControl
 
@@ -88,12 +89,7 @@ def test_complement_momentum_matches_dense_heavy_ball():
 def test_complement_momentum_restarts_after_an_undone_step_and_round_trips():
     model, loss_fn, X, y = _problem()
     opt = DampedNewton(model.parameters(), complement_momentum=0.9, mc_samples=0)
-
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model(X), y)
-        loss.backward()
-        return loss
+    closure = make_closure(opt, model, loss_fn, X, y)
 
     opt.step(closure)
     state = opt.state_dict()

@@ -118,7 +118,7 @@ class BackpackCollector:
                 self.mc_samples,
                 self.subsampling if local else None,
                 savefield=factor_field,
-                params=[p for group in self.param_groups for p in group["params"]],
+                params=self.params,
             )
         ]
         if needs_grads:
@@ -131,6 +131,11 @@ class BackpackCollector:
             )
         self._extensions = tuple(exts)
         self._pass: CurvaturePass | None = None
+
+    @property
+    def params(self) -> list[Tensor]:
+        """Every parameter of every group, in group order."""
+        return [p for group in self.param_groups for p in group["params"]]
 
     @property
     def extensions(self) -> tuple:
@@ -272,7 +277,7 @@ class BackpackCollector:
                 "The mini-batch is empty (model output of shape "
                 f"{tuple(loss_module.input0.shape)}); pass at least one sample."
             )
-        for p in (p for group in self.param_groups for p in group["params"]):
+        for p in self.params:
             if not p.requires_grad:
                 raise ValueError(
                     f"A parameter of shape {tuple(p.shape)} was frozen "

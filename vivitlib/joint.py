@@ -82,7 +82,7 @@ def _shared_extensions(collectors: list[BackpackCollector]):
             leader.mc_samples,
             leader.subsampling,
             savefield=leader.savefields[0],
-            params=[p for c in group for g in c.param_groups for p in g["params"]],
+            params=[p for member in group for p in member.params],
         )
         extensions.append(ext)
         copies.append((leader.savefields[0], [c.savefields[0] for c in group[1:]]))

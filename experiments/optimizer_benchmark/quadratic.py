@@ -52,20 +52,22 @@ class Member:
         name: Row label.
         problem: The noisy quadratic.
         steps: Number of steps.
-        benchmark: Whether the benchmark itself runs it.
     """
 
     name: str
     problem: NoisyQuadratic
     steps: int = 20
-    benchmark: bool = False
 
+
+#: Damping rules run on every family member (the benchmark's plus the rule
+#: without memory across steps).
+FAMILY_RULES = (*RULES, "bootstrap_no_history")
 
 #: The family: the benchmark's noise models, then variants outside it.
 FAMILY = (
-    Member("gaussian", NoisyQuadratic(), benchmark=True),
-    Member("heavy_tailed", NoisyQuadratic(noise="heavy_tailed"), benchmark=True),
-    Member("growing", NoisyQuadratic(noise="growing"), benchmark=True),
+    Member("gaussian", NoisyQuadratic()),
+    Member("heavy_tailed", NoisyQuadratic(noise="heavy_tailed")),
+    Member("growing", NoisyQuadratic(noise="growing")),
     Member("gamma_var=2e3", NoisyQuadratic(gamma_var=2e3)),
     Member("gamma_var=2e5", NoisyQuadratic(gamma_var=2e5)),
     Member("lambda_var=20", NoisyQuadratic(lambda_var=20.0)),
@@ -107,7 +109,7 @@ def run_noise_model(noise: str, seed: int, steps: int) -> pd.DataFrame:
 def run_member(member: Member, seed: int) -> pd.DataFrame:
     """Final distances of the constant grid and the rules on one family member."""
     names = [f"constant_{d:.3g}" for d in FAMILY_DAMPINGS]
-    names += [*RULES, "bootstrap_no_history"]
+    names += list(FAMILY_RULES)
     return final_distances(member.problem, names, seed, member.steps)
 
 
@@ -183,7 +185,7 @@ def figure(summary: pd.DataFrame):
 
     members = list(summary["member"].drop_duplicates())
     fig, ax = plt.subplots(figsize=(7.0, 0.35 * len(members) + 1.2))
-    for i, name in enumerate([*RULES, "bootstrap_no_history"]):
+    for i, name in enumerate(FAMILY_RULES):
         rows = summary[summary["method"] == name].set_index("member").loc[members]
         y = np.arange(len(members)) + 0.18 * (i - 1.5)
         columns = ["ratio_to_best_constant", "ratio_low", "ratio_high"]

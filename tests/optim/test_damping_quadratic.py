@@ -14,7 +14,7 @@ def test_family_sweep_end_to_end(tmp_path):
     summary = quadratic.main(argv)
     assert list(summary["member"].drop_duplicates()) == ["gaussian", "init=10"]
     methods = set(summary["method"])
-    assert {*quadratic.RULES, "bootstrap_no_history"} <= methods
+    assert set(quadratic.FAMILY_RULES) <= methods
     best = summary[summary["method"].str.startswith("constant_")]
     assert (best["ratio_to_best_constant"] == 1.0).all()
     assert np.isfinite(summary["ratio_to_best_constant"]).all()

@@ -126,3 +126,20 @@ def test_bad_new_options_raise_clearly(kwargs, match):
     model = _problem()[0]
     with pytest.raises(ValueError, match=match):
         DampedNewton(model.parameters(), **kwargs)
+
+
+def test_checkpoint_from_before_the_momentum_loads_and_steps():
+    """A state_dict without ``complement_momentum`` (older versions) gets 0."""
+    model, loss_fn, X, y = _problem()
+    opt = DampedNewton(model.parameters(), mc_samples=0)
+    opt.step(make_closure(opt, model, loss_fn, X, y))
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["complement_momentum"]
+    fresh = DampedNewton(model.parameters(), mc_samples=0)
+    fresh.load_state_dict(state)
+    assert [g["complement_momentum"] for g in fresh.param_groups] == [0.0]
+    before = [p.detach().clone() for p in model.parameters()]
+    fresh.step(make_closure(fresh, model, loss_fn, X, y))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

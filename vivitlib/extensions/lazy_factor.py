@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from vivitlib.extensions.lazy import LazyColumns
-from vivitlib.factors import Factor, Grads, OuterGrads, current_cost_model, kernels
+from vivitlib.factors import Factor, Grads, current_cost_model, kernels
 from vivitlib.factors import outer_factor as _outer_factor
+from vivitlib.factors.outer import grads_slices
 
 
 class ChannelSlicedFactor(Factor):
@@ -74,7 +75,7 @@ class ChannelSlicedFactor(Factor):
         gram, vtg = kernels.dense_plan_gram(
             kernels.OutputSlices((C, N, T, O), take),
             self.a,
-            _grads_slices(grads, O, self.source),
+            grads_slices(grads, O),
             chunk_elements=current_cost_model().materialise_elements,
         )
         return gram, vtg, None
@@ -104,13 +105,3 @@ class ChannelSlicedFactor(Factor):
     def dense_numel(self) -> int:  # noqa: D102
         C, N, _, O, I = self.dims  # noqa: E741
         return C * N * O * I
-
-
-def _grads_slices(grads: Grads | None, O: int, source: object):  # noqa: E741
-    """``(o0, o1) ->`` the gradients' dense slice of outputs ``[o0, o1)``, or None."""
-    if grads is None:
-        return None
-    if isinstance(grads, OuterGrads):
-        return lambda o0, o1: kernels.grads_dense(grads.delta[..., o0:o1], grads.a)
-    g = grads.dense().g
-    return lambda o0, o1: g.view(g.shape[0], O, -1)[:, o0:o1].flatten(1)

@@ -107,21 +107,6 @@ def outer_dense(s: Tensor, a: Tensor) -> Tensor:
     return out.flatten(2)
 
 
-def outer_dense_rows(s: Tensor, a: Tensor) -> Tensor:
-    """``V`` from its outer-product factors as sample-major rows ``[N·C, O·I]``.
-
-    One batched matrix product over samples (``[C·O, T] × [T, I]`` each), after
-    laying ``s`` out once; suited to a slice of the outputs ``O``.
-
-    Args:
-        s: ``[C, N, T, O]``.
-        a: ``[N, T, I]``.
-    """
-    C, N, T, O = s.shape  # noqa: E741
-    s_rows = s.permute(1, 0, 3, 2).reshape(N, C * O, T)
-    return torch.bmm(s_rows, a).view(N * C, O * a.shape[-1])
-
-
 #: Inner dimension (outputs × inputs per slice) below which a slice's Gram
 #: product runs far below GEMM speed (measured: 3C3D's first convolution).
 MIN_GRAM_INNER = 2048

@@ -135,3 +135,17 @@ class OuterFactor(Factor):
     def _outer_grads(self, grads: Grads) -> OuterGrads | None:
         """``grads`` if they come in outer form for this weight, else ``None``."""
         return grads if isinstance(grads, OuterGrads) else None
+
+
+def grads_slices(grads: Grads | None, O: int):  # noqa: E741
+    """``(o0, o1) ->`` the gradients' dense slice of outputs ``[o0, o1)``, or None.
+
+    For a weight with ``O`` outputs; outer-form gradients are formed slice by
+    slice, dense ones viewed.
+    """
+    if grads is None:
+        return None
+    if isinstance(grads, OuterGrads):
+        return lambda o0, o1: kernels.grads_dense(grads.delta[..., o0:o1], grads.a)
+    g = grads.dense().g
+    return lambda o0, o1: g.view(g.shape[0], O, -1)[:, o0:o1].flatten(1)

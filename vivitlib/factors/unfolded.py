@@ -14,7 +14,7 @@ from torch import Tensor
 from vivitlib.factors import kernels
 from vivitlib.factors.base import Factor, Grads
 from vivitlib.factors.costs import current_cost_model
-from vivitlib.factors.outer import OuterFactor
+from vivitlib.factors.outer import OuterFactor, grads_slices
 
 
 class UnfoldedFactor(OuterFactor):
@@ -33,7 +33,7 @@ class UnfoldedFactor(OuterFactor):
             )
             if vtg is None and grads is not None:
                 vtg = self.times_grads(grads)
-            return gram, vtg, self._kept(None) if keep else None
+            return gram, vtg, self._kept() if keep else None
         if keep and model.keep_dense(*self.dims):
             dense = self.dense()  # formed once: for the Gram and for lifting
             gram, vtg, _ = dense.contract(grads)
@@ -41,7 +41,7 @@ class UnfoldedFactor(OuterFactor):
         gram, vtg = kernels.dense_plan_gram(
             self.s,
             self.a,
-            None if grads is None else self._grads_slices(grads),
+            grads_slices(grads, self.s.shape[-1]),
             chunk_elements=model.materialise_elements,
         )
         return gram, vtg, self if keep else None
@@ -55,17 +55,6 @@ class UnfoldedFactor(OuterFactor):
             self.s, self.a, outer.delta, outer.a, chunk_elements=model.chunk_elements
         )
 
-    def _kept(self, dense: Factor | None) -> Factor:
-        """Dense ``V`` (``dense`` if already formed) when the cost model says so."""
-        if not current_cost_model().keep_dense(*self.dims):
-            return self
-        return self.dense() if dense is None else dense
-
-    def _grads_slices(self, grads: Grads):
-        """``(o0, o1) ->`` the gradients' dense slice of outputs ``[o0, o1)``."""
-        outer = self._outer_grads(grads)
-        if outer is not None:
-            return lambda o0, o1: kernels.grads_dense(outer.delta[..., o0:o1], outer.a)
-        O = self.s.shape[-1]  # noqa: E741
-        g = grads.dense().g
-        return lambda o0, o1: g.view(g.shape[0], O, -1)[:, o0:o1].flatten(1)
+    def _kept(self) -> Factor:
+        """Dense ``V`` when the cost model says so, else this factor."""
+        return self.dense() if current_cost_model().keep_dense(*self.dims) else self

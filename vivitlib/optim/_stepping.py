@@ -304,6 +304,7 @@ class SafeguardedStepping:
         if self.reject_steps and not actual <= 0:
             restore(all_params, before, grads)
             self.num_rejected += 1
+            self._tell_rejected()
             return False
         for param, grad in zip(all_params, grads):
             param.grad = grad

@@ -318,9 +318,9 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             return StepControl(**self._control_options)
         return StepControl(adaptive=False, initial_damping=0.0, floor=0.0, radius=None)
 
-    def _build_ggn(self, **overrides: Any) -> LowRankGGN:
+    def _build_ggn(self) -> LowRankGGN:
         groups = [{"params": group["params"]} for group in self.param_groups]
-        return LowRankGGN(groups, **{**self._ggn_options, **overrides})
+        return LowRankGGN(groups, **self._ggn_options)
 
     def _curvature_sample_rule(self, batch_size: int, outputs: int) -> list[int] | None:
         """The curvature samples of a batch: its first ``n`` (``None``: all).
@@ -475,7 +475,6 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             for param in block.params:
                 self.state[param]["step"] = self.state[param].get("step", 0) + 1
         if not kept:
-            self._tell_rejected()
             history = self.damping_history
             for i in range(num_records, len(history)):
                 history[i] = replace(history[i], applied=False)
@@ -626,6 +625,8 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             if hasattr(strategy, "check_state"):
                 strategy.check_state(saved["state"])
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # checkpoints from before the momentum
+            group.setdefault("complement_momentum", 0.0)
         try:
             for strategy, saved in zip(strategies, damping_states or []):
                 if hasattr(strategy, "load_state_dict"):

@@ -400,8 +400,6 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             self._controls[0].load_state_dict(saved)
             self._pending = saved_pending
             raise
-        if not kept:
-            self._tell_rejected()
         for number, param in enumerate(self.params):
             if kept and buffers is not None:
                 self.state[param]["complement_buffer"] = buffers[number]

@@ -23,7 +23,8 @@ from typing import Any
 _ROOT = Path(__file__).resolve().parents[3]
 
 
-def _maxrss_mib() -> float:
+def maxrss_mib() -> float:
+    """High-water mark of this process's resident memory (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -152,7 +153,7 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
             return {"ok": True, "peak_mib": _cuda_peak_mib(run)}
         except Exception as err:  # noqa: BLE001 - reported, not hidden
             return {"ok": False, "error": _error(err)}
-    baseline = _maxrss_mib()
+    baseline = maxrss_mib()
     limit = job.get("limit_mib")
     if limit is not None:
         budget = _vmsize_bytes() + int(limit * 2**20)
@@ -161,7 +162,7 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
         run()
     except (MemoryError, RuntimeError) as err:
         return {"ok": False, "error": str(err).splitlines()[0][:200]}
-    return {"ok": True, "peak_mib": _maxrss_mib() - baseline, "baseline_mib": baseline}
+    return {"ok": True, "peak_mib": maxrss_mib() - baseline, "baseline_mib": baseline}
 
 
 def in_subprocess(job: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import torch
 from backpack.extensions.module_extension import ModuleExtension
 
 import vivitlib
+from experiments.benchmarks.ggn.measure import maxrss_mib as peak_mib
 from experiments.benchmarks.ggn.problems import make_problem
 from experiments.benchmarks.ggn.runners import CONFIGS, make_runner
 from vivitlib.collector import BackpackCollector
@@ -41,11 +42,6 @@ def resident_mib() -> float:
     """Current resident memory of this process (MiB)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * _PAGE / 2**20
-
-
-def peak_mib() -> float:
-    """High-water mark of the resident memory (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Tracer:

@@ -190,7 +190,7 @@ def _markdown(df: pd.DataFrame, critical: dict[str, int], args) -> str:
         "",
         to_markdown(df[cols]),
     ]
-    for floor, config in (("floor", "eigvals"), ("floor_full", "newton")):
+    for config, floor in FLOOR_OF.items():
         parts = [f"{floor}_{p}_s" for p in FLOOR_PARTS[floor] if f"{floor}_{p}_s" in df]
         if parts:
             floor_rows = df[df.config == config]

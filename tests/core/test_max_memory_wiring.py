@@ -79,3 +79,14 @@ def test_newton_rejects_bad_budgets(value, error):
         vivitlib.DirectionalDerivatives(
             problem.params, [p[None] for p in problem.params], max_memory=value
         )
+
+
+@pytest.mark.parametrize("budget", [1, 3000, None])
+def test_first_layer_only_under_a_budget_matches_dense(budget):
+    """Convolutions above the grouped layer get lazy factors but no factors of
+    their own (their inputs are not unfolded): the first layer's block is exact."""
+    problem = make_problem(NETS["pool-net"])
+    first = list(problem.model[0].parameters())
+    ggn = vivitlib.LowRankGGN(first, max_memory=budget)
+    _quietly(lambda: problem.run(ggn))
+    assert_block_matches_dense(ggn.blocks[0], problem.dense(first))

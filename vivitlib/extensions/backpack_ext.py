@@ -73,8 +73,13 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
             if self._chunked[0] is not backproped:
                 sub = ext.get_subsampling()
                 unfoldable = conv_unfoldable(module)
-                unfolded = conv_inputs(module, sub) if unfoldable else None
                 wants = _wants(ext)
+                # only the weight's factor reads the unfolded input
+                unfolded = (
+                    conv_inputs(module, sub)
+                    if unfoldable and wants(module.weight)
+                    else None
+                )
                 plan = lazy_plan(module, backproped, unfoldable, wants)
                 step = channel_step if plan == "channels" else conv_step
                 results = step(
@@ -174,14 +179,12 @@ class _KnowsItsLayers(BackpropExtension):
     """
 
     def __init__(self, savefield: str, module_exts: dict, *args, **kwargs):
-        self.supported_layers: set[type] = set(module_exts)
         self.handlers: dict[type, Any] = dict(module_exts)
         super().__init__(savefield, module_exts, *args, **kwargs)
 
     def set_module_extension(self, module, extension, overwrite: bool = False):
         """Register ``extension`` for ``module`` (BackPACK's API), and record it."""
         super().set_module_extension(module, extension, overwrite=overwrite)
-        self.supported_layers.add(module)
         self.handlers[module] = extension
 
 
@@ -287,7 +290,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             DisconnectedLossError: No backpropagated factor arrived at the module.
         """
         name = type(module).__name__
-        if type(module) not in self.supported_layers:
+        if type(module) not in self.handlers:
             raise UnsupportedError(
                 f"{name} is not supported: BackPACK has no square-root GGN rule for "
                 "it. Replace the layer by a supported one (Linear, Conv1d/2d/3d, "

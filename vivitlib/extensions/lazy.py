@@ -149,15 +149,12 @@ class LazyColumns:
 
     def materialise(self) -> Tensor:
         """The whole factor, formed a few columns at a time into one buffer."""
-        from vivitlib.memory import current_budget
-
-        C = self.shape[0]
-        step = current_budget().columns_per_chunk(self.column_bytes(), C)
-        if step >= C:
-            return self.columns(0, C)
+        chunks = self.chunks()
+        if len(chunks) == 1:
+            return self.columns(*chunks[0])
         out = self.source.new_empty(self.shape)
-        for c0 in range(0, C, step):
-            out[c0 : c0 + step] = self.columns(c0, min(C, c0 + step))
+        for c0, c1 in chunks:
+            out[c0:c1] = self.columns(c0, c1)
         return out
 
     def chunks(self) -> list[tuple[int, int]]:

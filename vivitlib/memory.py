@@ -167,6 +167,10 @@ class MemoryBudget:
             "workspace_elements": min(defaults.workspace_elements, eighth),
         }
 
+    def keeps_lazy(self, nbytes: int) -> bool:
+        """Whether a factor of ``nbytes`` stays lazy (above :attr:`lazy_bytes`)."""
+        return nbytes > self.lazy_bytes
+
     def columns_per_chunk(self, column_bytes: int, total: int) -> int:
         """Columns formed at a time when one column takes ``column_bytes``."""
         return max(1, min(total, self.column_bytes // max(column_bytes, 1)))

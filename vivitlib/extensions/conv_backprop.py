@@ -19,7 +19,7 @@ from backpack.core.derivatives.conv3d import Conv3DDerivatives
 from torch import Tensor, nn
 
 from vivitlib.extensions import fast_backprop
-from vivitlib.extensions.lazy import PendingOp
+from vivitlib.extensions.lazy import PendingOp, input_shape
 
 #: A convolution's transposed Jacobian runs on column chunks of at most this
 #: many output bytes (``conv_transpose`` needs scratch proportional to its batch).
@@ -86,9 +86,7 @@ def _column_chunked(base: type) -> type:
 
         def column_op(self, module, subsampling=None) -> PendingOp:
             """``Jᵀ`` as a pending map (BackPACK's product on a module snapshot)."""
-            shape = list(module.input0.shape)
-            if subsampling is not None:
-                shape[0] = len(subsampling)
+            shape = input_shape(module, subsampling)
             jac_t = super()._jac_t_mat_prod
             whole = _ConvSnapshot(module)
 

@@ -77,7 +77,7 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 
-from vivitlib.extensions.lazy import LazyColumns, PendingOp
+from vivitlib.extensions.lazy import LazyColumns, PendingOp, input_shape
 from vivitlib.extensions.ledger import may_overwrite
 from vivitlib.memory import current_budget
 
@@ -197,9 +197,7 @@ class FastFlattenDerivatives(FlattenDerivatives):
 
     def column_op(self, module, subsampling=None) -> PendingOp | None:
         """The reshape as a pending map on a lazy factor's columns."""
-        shape = list(module.input0.shape)
-        if subsampling is not None:
-            shape[0] = len(subsampling)
+        shape = input_shape(module, subsampling)
 
         def unflatten(x: Tensor, fresh: bool) -> Tensor:
             return x.reshape(x.shape[0], *shape)
@@ -313,11 +311,8 @@ def lazy_backpropagate(
         return mat if op is None else mat.then(op)
     if not getattr(derivatives, "grows", False) or not isinstance(mat, Tensor):
         return None
-    shape = list(module.input0.shape)
-    if subsampling is not None:
-        shape[0] = len(subsampling)
-    out_bytes = mat.shape[0] * prod(shape) * mat.element_size()
-    if out_bytes <= current_budget().lazy_bytes:
+    out_numel = mat.shape[0] * prod(input_shape(module, subsampling))
+    if not current_budget().keeps_lazy(out_numel * mat.element_size()):
         return None
     op = derivatives.column_op(module, subsampling=subsampling)
     return LazyColumns(mat).then(op)

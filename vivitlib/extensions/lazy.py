@@ -169,3 +169,11 @@ class LazyColumns:
 def materialised(quantity):
     """``quantity`` with a lazy factor formed (anything else is returned as is)."""
     return quantity.materialise() if isinstance(quantity, LazyColumns) else quantity
+
+
+def input_shape(module, subsampling: list[int] | None) -> list[int]:
+    """Shape of ``module``'s input for the kept samples (a column's shape below it)."""
+    shape = list(module.input0.shape)
+    if subsampling is not None:
+        shape[0] = len(subsampling)
+    return shape

@@ -106,7 +106,7 @@ def channel_step(
         op = derivatives.column_op(module, subsampling=subsampling)
         lazy = quantity.then(op)
         in_bytes = C * prod(op.shape) * quantity.element_size()
-        results["input"] = lazy if in_bytes > budget.lazy_bytes else lazy.materialise()
+        results["input"] = lazy if budget.keeps_lazy(in_bytes) else lazy.materialise()
     budget.note_excess(
         f"{type(module).__name__} (its unfolded input and the lazy source)",
         (unfolded.numel() + quantity.source.numel()) * quantity.element_size(),
@@ -148,7 +148,7 @@ def conv_step(
     if module.input0.requires_grad:
         op = derivatives.column_op(module, subsampling=subsampling)
         in_bytes = C * prod(op.shape) * quantity.element_size()
-        if in_bytes > current_budget().lazy_bytes:
+        if current_budget().keeps_lazy(in_bytes):
             results["input"] = quantity.then(op)
         else:
             form_input = op

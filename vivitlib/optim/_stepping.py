@@ -46,6 +46,23 @@ def loss_value(loss: Any) -> float:
     return float(loss)
 
 
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def finite_loss(loss: Any) -> bool:
+    """Whether the loss (tensor or number) is finite."""
+    return math.isfinite(loss_value(loss))
+
+
+def default_momentum(complement_lr: Any, momentum: float | None) -> float:
+    """``complement_momentum``'s default: 0.9 with the adaptive rate, else 0."""
+    if momentum is None:
+        return 0.9 if complement_lr == "auto" else 0.0
+    return momentum
+
+
 def check_loss(loss: Any) -> None:
     """Raise ``TypeError`` unless a closure returned a scalar loss."""
     scalar = isinstance(loss, Tensor) and loss.numel() == 1
@@ -161,6 +178,13 @@ class SafeguardedStepping:
     """
 
     state: Any
+
+    def _new_control(self) -> StepControl:
+        """A group's safeguards: ``_control_options``, or none without them."""
+        if self.safeguards:
+            return StepControl(**self._control_options)
+        return StepControl(adaptive=False, initial_damping=0.0, floor=0.0, radius=None)
+
     param_groups: list[dict[str, Any]]
     _strategies: list[Any]
     safeguards: bool

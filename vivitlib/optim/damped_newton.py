@@ -23,8 +23,11 @@ from vivitlib.ggn import LowRankGGN
 from vivitlib.optim._stepping import (
     SafeguardedStepping,
     add_complement,
+    all_finite,
     check_hyperparameters,
     curvature_closure,
+    default_momentum,
+    finite_loss,
     load_pending,
     loss_value,
 )
@@ -266,9 +269,9 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         if complement_lr is None:
             complement_lr = "auto" if safeguards is True else 0.0
         defaults["complement_lr"] = complement_lr
-        if complement_momentum is None:
-            complement_momentum = 0.9 if complement_lr == "auto" else 0.0
-        defaults["complement_momentum"] = complement_momentum
+        defaults["complement_momentum"] = default_momentum(
+            complement_lr, complement_momentum
+        )
         check_hyperparameters(defaults)
         for name, flag in (
             ("safeguards", safeguards),
@@ -312,11 +315,6 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         self._pending: dict[str, float] | None = None
         self._new_buffers: dict[Tensor, Tensor] = {}
         self._ggn = self._build_ggn()
-
-    def _new_control(self) -> StepControl:
-        if self.safeguards:
-            return StepControl(**self._control_options)
-        return StepControl(adaptive=False, initial_damping=0.0, floor=0.0, radius=None)
 
     def _build_ggn(self) -> LowRankGGN:
         groups = [{"params": group["params"]} for group in self.param_groups]
@@ -430,11 +428,11 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             del self.damping_history[num_records:]
 
         try:
-            if loss is not None and not _finite_loss(loss):
+            if loss is not None and not finite_loss(loss):
                 self._warn(None, f"the loss is not finite ({loss_value(loss)})")
                 return loss
             self._new_buffers: dict[Tensor, Tensor] = {}
-            bad = [i for i, b in enumerate(blocks) if not _finite(b.grad)]
+            bad = [i for i, b in enumerate(blocks) if not all_finite(b.grad)]
             if bad:
                 self._warn(bad[0], "the gradient is not finite")
                 return loss
@@ -519,7 +517,7 @@ class DampedNewton(SafeguardedStepping, torch.optim.Optimizer):
                         block, update, plan, rate, control.radius,
                         group["complement_momentum"],
                     )  # fmt: skip
-                if not all(bool(torch.isfinite(u).all()) for u in update):
+                if not all_finite(update):
                     self._warn(index, "the step is not finite")
                     update, plan = None, None
         if self.track_dampings:
@@ -742,14 +740,6 @@ def _check_curvature_samples(
             "subsampling."
         )
     return value
-
-
-def _finite(tensors: list[Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _finite_loss(loss: Any) -> bool:
-    return math.isfinite(loss_value(loss))
 
 
 def _caller_stacklevel() -> int:

@@ -24,7 +24,6 @@ Reference:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,8 +39,11 @@ from vivitlib.linalg.newton import newton_step_sizes
 from vivitlib.optim._stepping import (
     SafeguardedStepping,
     add_complement,
+    all_finite,
     check_hyperparameters,
     curvature_closure,
+    default_momentum,
+    finite_loss,
     load_pending,
     loss_value,
 )
@@ -174,10 +176,9 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         damping = BootstrapDamping() if damping is None else damping
-        if complement_momentum is None:
-            complement_momentum = 0.9 if complement_lr == "auto" else 0.0
         defaults = {"lr": lr, "complement_lr": complement_lr,
-                    "complement_momentum": complement_momentum}  # fmt: skip
+                    "complement_momentum": default_momentum(
+                        complement_lr, complement_momentum)}  # fmt: skip
         check_hyperparameters(defaults)
         if complement_lr == "auto" and not safeguards:
             raise ValueError(
@@ -188,13 +189,11 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag)}.")
         self.safeguards, self.reject_steps = safeguards, reject_steps
-        options = {"adaptive": adaptive_damping, "initial_damping": initial_damping,
-                   "floor": damping_floor, "radius": trust_radius,
-                   "trust_solve": trust_solve}  # fmt: skip
-        control = StepControl(**options) if safeguards else StepControl(
-            adaptive=False, initial_damping=0.0, floor=0.0, radius=None
-        )  # fmt: skip
-        self._controls = [control]
+        self._control_options = {
+            "adaptive": adaptive_damping, "initial_damping": initial_damping,
+            "floor": damping_floor, "radius": trust_radius, "trust_solve": trust_solve,
+        }  # fmt: skip
+        self._controls = [self._new_control()]
         self._pending = None
         self.num_rejected = 0
         self._strategies = [as_strategy(damping)]
@@ -349,11 +348,11 @@ class LanczosDampedNewton(SafeguardedStepping, torch.optim.Optimizer):
             if self._evecs is not None:
                 self._collector.reset()
         gammas, lambdas = gammas * scale, lambdas * scale
-        if loss is not None and not math.isfinite(loss_value(loss)):
+        if loss is not None and not finite_loss(loss):
             self._warn(f"the loss is not finite ({loss_value(loss)})")
             return loss
         grads = [p.grad for p in self.params if p.grad is not None]
-        if not all(bool(torch.isfinite(t).all()) for t in [gammas, lambdas, *grads]):
+        if not all_finite([gammas, lambdas, *grads]):
             self._warn("the gradient is not finite")
             return loss
         if self.step_curvature == "refresh":

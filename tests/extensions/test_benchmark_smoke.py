@@ -35,11 +35,26 @@ def _tensors(obj):
 
 
 @pytest.mark.skipif(not vivit_available(), reason="vivit-for-pytorch not installed")
-def test_libraries_agree_on_eigenvalues():
-    problem = make_problem("digits_mlp", 8)
+@pytest.mark.parametrize("name", ["digits_mlp", "allcnn"])
+def test_libraries_agree_on_eigenvalues(name):
+    problem = make_problem(name, 8 if name == "digits_mlp" else 3)
     ours = make_runner("vivitlib", "eigvals", problem)()[0]
     theirs = make_runner("vivit", "eigvals", problem)()[0].flip(0)[: ours.numel()]
     torch.testing.assert_close(ours.float(), theirs, rtol=1e-3, atol=1e-5)
+
+
+def test_every_problem_builds():
+    """Each problem gives a batch its model accepts and a finite loss."""
+    from experiments.benchmarks.ggn.problems import PROBLEMS
+
+    for name in PROBLEMS:
+        if name == "resnet18":
+            continue  # covered by tests/core/test_resnet18.py
+        problem = make_problem(name, 2)
+        loss = problem.loss_fn(problem.model(problem.X), problem.y)
+        assert torch.isfinite(loss), name
+    with pytest.raises(ValueError, match="Unknown problem"):
+        make_problem("vgg", 2)
 
 
 def test_timing_and_table(tmp_path):

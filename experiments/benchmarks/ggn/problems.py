@@ -1,4 +1,4 @@
-"""Benchmark problems: digits MLP, a wide MLP, DeepOBS 3C3D and ResNets on CIFAR shapes.
+"""Benchmark problems: MLPs, DeepOBS 2C2D and 3C3D, an all-convolutional net, ResNets.
 
 Every problem is rebuilt from a seed, so vivitlib and vivit see the same model,
 data and targets.
@@ -12,9 +12,9 @@ import torch
 from backpack import extend
 from torch import Tensor, nn
 
-from experiments.problems import cnn_3c3d, resnet18
+from experiments.problems import cnn_2c2d, cnn_3c3d, resnet18
 
-PROBLEMS = ("digits_mlp", "wide_mlp", "3c3d", "resnet", "resnet18")
+PROBLEMS = ("digits_mlp", "wide_mlp", "2c2d", "3c3d", "allcnn", "resnet", "resnet18")
 
 
 @dataclass
@@ -79,6 +79,27 @@ def small_resnet() -> nn.Module:
     )
 
 
+def all_conv() -> nn.Module:
+    """All-convolutional net for 3x32x32 inputs, about 70k parameters.
+
+    Strided convolutions, tanh and sigmoid, global average pooling; no max
+    pooling (off the paths 3C3D takes).
+    """
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.Sigmoid(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(8),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
 def _digits(batch_size: int) -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_digits
 
@@ -122,6 +143,12 @@ def make_problem(
     elif name == "wide_mlp":
         model = wide_mlp()
         X, y = torch.randn(batch_size, 784), torch.randint(0, 10, (batch_size,))
+    elif name == "2c2d":
+        model = cnn_2c2d((1, 28, 28), 10)
+        X, y = torch.randn(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
+    elif name == "allcnn":
+        model = all_conv()
+        X, y = torch.randn(*cifar), torch.randint(0, 10, (batch_size,))
     elif name == "3c3d":
         model = cnn_3c3d((3, 32, 32), 10)
         X, y = torch.randn(*cifar), torch.randint(0, 10, (batch_size,))

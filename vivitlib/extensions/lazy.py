@@ -115,29 +115,41 @@ class LazyColumns:
         """Whether output channels can be formed alone (every map allows it)."""
         return bool(self.ops) and all(op.narrow is not None for op in self.ops)
 
+    def _narrowed(self, o0: int, o1: int) -> _ChannelPlan:
+        """How output channels ``o0:o1`` are formed (see :class:`_ChannelPlan`)."""
+        maps, needed, largest, mixing = [], (o0, o1), 0, 0
+        for i in reversed(range(len(self.ops))):
+            op = self.ops[i]
+            if needed is None:
+                maps.append((op.fn, op.fresh))
+                largest = max(largest, prod(op.shape))
+                continue
+            fn, needed_in = op.narrow(*needed)
+            maps.append((fn, op.fresh))
+            largest = max(largest, _entries(op.shape, needed))
+            needed = needed_in
+            if needed is None:
+                mixing = i + 1
+        maps.reverse()
+        largest = max(largest, _entries(self.source.shape[1:], needed))
+        return _ChannelPlan(maps, needed, largest * self.element_size(), mixing)
+
     def channels(self, o0: int, o1: int) -> Tensor:
         """Output channels ``o0:o1`` of every column, ``[C, N, o1 - o0, ...]``.
 
         Each map is restricted to the channels the next one needs; before a map
         that needs all its input channels (a convolution's ``Jᵀ``), the maps
-        run whole. Formed a column chunk at a time.
+        run whole. Formed a column chunk at a time, the chunk sized by the
+        narrowed maps' outputs.
         """
-        maps, needed = [], (o0, o1)
-        for op in reversed(self.ops):
-            if needed is None:
-                maps.append((op.fn, op.fresh))
-                continue
-            fn, needed_in = op.narrow(*needed)
-            maps.append((fn, op.fresh))
-            needed = needed_in
-        maps.reverse()
-        C = self.shape[0]
+        plan = self._narrowed(o0, o1)
+        C, needed = self.shape[0], plan.needed
         out = None
-        for c0, c1 in self.chunks():
+        for c0, c1 in self.chunks(plan.column_bytes):
             x, fresh = self.source[c0:c1], False
             if needed is not None:
                 x = x[:, :, needed[0] : needed[1]]
-            for fn, makes_fresh in maps:
+            for fn, makes_fresh in plan.maps:
                 x = fn(x, fresh)
                 fresh = fresh or makes_fresh
             if c1 - c0 == C:
@@ -146,6 +158,34 @@ class LazyColumns:
                 out = x.new_empty(C, *x.shape[1:])
             out[c0:c1] = x
         return out
+
+    def mixing_ops(self) -> int:
+        """How many leading maps every channel slice would run (whole or mixing).
+
+        The last of them needs all its input channels for any of its output
+        channels (a convolution's ``Jᵀ``); 0 if every map narrows to its
+        input channels.
+        """
+        if not self.narrowable:
+            return 0
+        return self._narrowed(0, 1).mixing
+
+    def rebased(self, ops: int) -> LazyColumns:
+        """The same factor with its first ``ops`` maps formed (the new source).
+
+        For a consumer forming output channels slice by slice
+        (:meth:`channels`): the maps that each slice would rerun whole
+        (:meth:`mixing_ops`) are run once, in column chunks.
+        """
+        if ops == 0:
+            return self
+        head = LazyColumns(self.source, self.ops[:ops]).materialise()
+        return LazyColumns(head, self.ops[ops:])
+
+    def rebased_bytes(self, ops: int) -> int:
+        """Bytes of the source :meth:`rebased` forms for ``ops`` maps."""
+        shape = self.ops[ops - 1].shape if ops else self.source.shape[1:]
+        return self.shape[0] * prod(shape) * self.element_size()
 
     def materialise(self) -> Tensor:
         """The whole factor, formed a few columns at a time into one buffer."""
@@ -157,13 +197,45 @@ class LazyColumns:
             out[c0:c1] = self.columns(c0, c1)
         return out
 
-    def chunks(self) -> list[tuple[int, int]]:
-        """Column ranges of the budget's chunk size, covering all columns."""
+    def chunks(self, column_bytes: int | None = None) -> list[tuple[int, int]]:
+        """Column ranges of the budget's chunk size, covering all columns.
+
+        Args:
+            column_bytes: Largest tensor formed per column (default:
+                :meth:`column_bytes`, forming whole columns).
+        """
         from vivitlib.memory import current_budget
 
         C = self.shape[0]
-        step = current_budget().columns_per_chunk(self.column_bytes(), C)
+        if column_bytes is None:
+            column_bytes = self.column_bytes()
+        step = current_budget().columns_per_chunk(column_bytes, C)
         return [(c0, min(C, c0 + step)) for c0 in range(0, C, step)]
+
+
+@dataclass(frozen=True)
+class _ChannelPlan:
+    """How a slice of output channels is formed from the source.
+
+    Attributes:
+        maps: ``(fn, fresh)`` per map, in order, narrowed where possible.
+        needed: Source channels read (``None``: all).
+        column_bytes: Largest tensor formed per column (bytes).
+        mixing: Leading maps run whole or mixing all channels (see
+            :meth:`LazyColumns.mixing_ops`).
+    """
+
+    maps: list[tuple[ColumnOp, bool]]
+    needed: tuple[int, int] | None
+    column_bytes: int
+    mixing: int
+
+
+def _entries(shape, channels: tuple[int, int] | None) -> int:
+    """Entries per column ``[N, channels, ...]`` restricted to ``channels``."""
+    if channels is None or not shape[1]:
+        return prod(shape)
+    return prod(shape) // shape[1] * (channels[1] - channels[0])
 
 
 def materialised(quantity):

@@ -72,6 +72,31 @@ def lazy_plan(
     return "channels" if model.gram_plan_for(C, N, T, O, I) == "dense" else None
 
 
+def sliceable(quantity: LazyColumns) -> LazyColumns:
+    """``quantity`` with the maps every channel slice would rerun formed once.
+
+    A channel slice of a factor behind a convolution's ``Jᵀ`` (a map mixing
+    all channels) runs that ``Jᵀ`` and the maps before it whole, on small
+    column chunks, once per slice (3C3D at ``N = 256``: 440 small
+    ``conv_transpose`` calls for the second convolution's slices where one
+    pass in column chunks does the same work in a third of the time). So they
+    run once (:meth:`~vivitlib.extensions.lazy.LazyColumns.rebased`), and their
+    output becomes the new lazy source -- without a budget always (laziness
+    must not cost time), under a budget only if it fits the budget's
+    :attr:`~vivitlib.memory.MemoryBudget.lazy_bytes` (the share a formed
+    factor may take); otherwise the slices rerun them.
+    """
+    ops = quantity.mixing_ops()
+    if not ops:
+        return quantity
+    budget = current_budget()
+    if budget.total_bytes is not None and budget.keeps_lazy(
+        quantity.rebased_bytes(ops)
+    ):
+        return quantity
+    return quantity.rebased(ops)
+
+
 def channel_step(
     derivatives: Any,
     module: Module,
@@ -88,6 +113,7 @@ def channel_step(
     convolution's ``Jᵀ`` appended) unless it is small enough to form.
     """
     C, N, O = quantity.shape[:3]  # noqa: E741
+    quantity = sliceable(quantity)
     results: dict[str, Any] = {
         "weight": ChannelSlicedFactor(
             quantity, unfolded, input_source(module, subsampling)

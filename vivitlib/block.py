@@ -20,6 +20,7 @@ from torch import Tensor
 from vivitlib import linalg
 from vivitlib._checks import check_int_at_least
 from vivitlib.factors import Factor, Grads, KroneckerFactor, as_factor, as_grads
+from vivitlib.linalg.gram import CHUNK_ELEMENTS, add_kronecker_gram_upper, mirror_upper_
 
 
 @dataclass
@@ -125,9 +126,12 @@ class GroupAccumulator:
     factors: dict[int, Factor] = field(default_factory=dict)
     visited: set[int] = field(default_factory=set)
     factor_dtype: torch.dtype | None = None
-    # the latest linear weight's factor and ⟨s_cn, s_dm⟩, until the next add:
-    # the same layer's bias (factor s itself) reuses it
-    _outer: tuple[KroneckerFactor, Tensor, int] | None = None
+    # the latest linear weight (factor, ⟨a_n, a_m⟩ in float64, version of s),
+    # its Gram block not yet added: added when the next parameter arrives,
+    # together with the same layer's bias (factor s itself) if that is it
+    _pending: tuple[KroneckerFactor, Tensor, int] | None = None
+    # whether linear weights' blocks went into the upper triangle only
+    _upper_only: bool = False
 
     def add(self, param: Tensor, factor: Factor | Tensor, grads: Grads | Tensor | None):
         """Add one parameter's share of every contraction."""
@@ -148,24 +152,53 @@ class GroupAccumulator:
     ) -> tuple[Tensor | None, Tensor | None, Factor | None]:
         """``factor.contract``, sharing a linear layer's ``S Sᵀ`` with its bias.
 
-        A linear weight's Gram block ``⟨s_cn, s_dm⟩ ⟨a_n, a_m⟩`` is added to
-        the sum here as one fused product (returned Gram ``None``), and
-        ``⟨s_cn, s_dm⟩`` is kept until the next parameter: if that is the same
-        layer's bias (its factor is ``s``, same memory), it is its Gram block.
+        A linear weight's Gram block ``⟨s_cn, s_dm⟩ ⟨a_n, a_m⟩`` waits until
+        the next parameter (returned Gram ``None``): if that is the same
+        layer's bias (its factor is ``s``, same memory), both blocks are added
+        as ``⟨s_cn, s_dm⟩ (⟨a_n, a_m⟩ + 1)`` in one pass over ``S Sᵀ``.
         """
-        outer, self._outer = self._outer, None
-        keep = self.keep_factors
-        if outer is not None and outer[0].is_bias_factor(factor, outer[2]):
-            vtg = None if grads is None else factor.times_grads(grads)
-            return outer[1], vtg, factor if keep else None
-        if not isinstance(factor, KroneckerFactor):
+        pending, keep = self._pending, self.keep_factors
+        bias = pending is not None and pending[0].is_bias_factor(factor, pending[2])
+        self._add_pending(bias=bias)
+        if not bias and not isinstance(factor, KroneckerFactor):
             return factor.contract(grads, keep=keep)
-        version = factor.version
-        ss, aa = factor.gram_parts()
-        self.gram = _accumulate(self.gram, ss, times=aa)
-        self._outer = (factor, ss, version)
+        if not bias:
+            a = factor.a[:, 0].to(torch.float64)
+            self._pending = (factor, a @ a.T, factor.version)
         vtg = None if grads is None else factor.times_grads(grads)
         return None, vtg, factor if keep else None
+
+    def _add_pending(self, bias: bool = False) -> None:
+        """Add the waiting linear weight's Gram block (with its bias's, if ``bias``).
+
+        Row by row into the upper triangle of the float64 sum: no ``[C·N,
+        C·N]`` temporary (see :func:`~vivitlib.linalg.gram.add_kronecker_gram_upper`).
+        """
+        if self._pending is None:
+            return
+        factor, aa, version = self._pending
+        self._pending = None
+        if factor.version != version:
+            raise RuntimeError(
+                "The GGN factor of a linear layer was changed in place before its "
+                "Gram block was added; this is a bug in vivitlib's extensions, "
+                "please report it."
+            )
+        s = factor.s[:, :, 0]
+        if self.gram is None:
+            C, N = s.shape[:2]
+            self.gram = s.new_zeros(C, N, C, N, dtype=torch.float64)
+        add_kronecker_gram_upper(self.gram, s, aa + 1 if bias else aa)
+        self._upper_only = True
+
+    def total_gram(self) -> Tensor:
+        """The group's Gram matrix ``[C, N, C, N]`` (float64), every part added."""
+        self._add_pending()
+        if self._upper_only:
+            size = self.gram.shape[0] * self.gram.shape[1]
+            mirror_upper_(self.gram.view(size, size))
+            self._upper_only = False
+        return self.gram
 
     def missing(self) -> list[Tensor]:
         """Parameters of the group that received no factor in this pass."""
@@ -225,10 +258,18 @@ def _gram_of_counted(gram: Tensor, keep: Tensor | None, scale: float) -> Tensor:
     return gram if scale == 1 else gram.mul_(scale)
 
 
-def _rows_to_public(rows: Tensor, num_columns: int) -> Tensor:
-    """Class-major rows ``[C·N, ...]`` → sample-major ``[N·C, ...]`` (a copy)."""
-    shaped = rows.reshape(num_columns, rows.shape[0] // num_columns, *rows.shape[1:])
-    return to_public_columns(shaped).reshape(rows.shape)
+def _rows_to_public_(rows: Tensor, num_columns: int) -> Tensor:
+    """Class-major rows ``[C·N, K]`` → sample-major ``[N·C, K]``, in place.
+
+    A few columns at a time (no ``[C·N, K]`` temporary).
+    """
+    M = rows.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(M, 1))
+    for k0 in range(0, rows.shape[1], step):
+        part = rows[:, k0 : k0 + step]
+        shaped = part.reshape(num_columns, M // num_columns, -1)
+        part.copy_(to_public_columns(shaped).reshape(part.shape))
+    return rows
 
 
 #: Entries of ``part`` converted at a time when adding a float32 block into the
@@ -236,35 +277,22 @@ def _rows_to_public(rows: Tensor, num_columns: int) -> Tensor:
 _ADD_CHUNK_ELEMENTS = 2**20
 
 
-def _accumulate(
-    total: Tensor | None, part: Tensor, times: Tensor | None = None
-) -> Tensor:
-    """``total + part`` (``⊙ times``) in float64 (a contiguous copy on first use).
+def _accumulate(total: Tensor | None, part: Tensor) -> Tensor:
+    """``total + part`` in float64 (a contiguous copy on first use).
 
-    ``times`` ``[N, N]`` multiplies ``part[c, n, d, m]`` by ``times[n, m]``
-    on the fly (the Gram block of a linear weight). Adding a lower-precision
-    ``part`` goes slice by slice along the first two axes, so the float64
-    temporary stays small instead of the size of the ``[C, N, C, N]`` sum.
-    ``part`` and ``times`` are left unchanged.
+    Adding a lower-precision ``part`` goes slice by slice along the first two
+    axes, so the float64 temporary stays small instead of the size of the
+    ``[C, N, C, N]`` sum. ``part`` is left unchanged.
     """
     if total is None:
-        total = part.to(torch.float64).contiguous()
-        if times is None:
-            return total
-        if total.data_ptr() == part.data_ptr():
-            total = total.clone()
-        return total.mul_(times[None, :, None, :])
-    if part.dtype == total.dtype and times is None:
+        return part.to(torch.float64).contiguous()
+    if part.dtype == total.dtype:
         return total.add_(part)
     per_sample = part[0, 0].numel()
     step = max(1, min(part.shape[1], _ADD_CHUNK_ELEMENTS // max(per_sample, 1)))
     for c in range(part.shape[0]):
         for n0 in range(0, part.shape[1], step):
-            block = total[c, n0 : n0 + step]
-            if times is None:
-                block.add_(part[c, n0 : n0 + step])
-            else:
-                block.addcmul_(part[c, n0 : n0 + step], times[n0 : n0 + step, None])
+            total[c, n0 : n0 + step].add_(part[c, n0 : n0 + step])
     return total
 
 
@@ -299,21 +327,29 @@ class GGNBlock:
         # the accumulator itself, class-major: its eigenvalues are the Gram's
         # (a permutation of rows and columns); the eigenvectors' rows are
         # reordered once, the public sample-major Gram made only if read
-        gram = _gram_of_counted(acc.gram, self._curv_keep, scaling.factor**2)
-        acc.gram = acc._outer = None
+        gram = acc.total_gram()
+        gram = _gram_of_counted(gram, self._curv_keep, scaling.factor**2)
+        acc.gram = None
         size = gram.shape[0] * gram.shape[1]
         self._class_major_gram = gram.view(size, size)
+        # eigenvalues alone are computed in place (no second [M, M] buffer):
+        # the upper triangle and the diagonal are overwritten, rebuilt from
+        # the strict lower triangle and this copy of the diagonal if read
+        self._overwritten_diagonal = (
+            None if eigenvectors else self._class_major_gram.diagonal().clone()
+        )
         self.evals, gram_evecs = linalg.gram_eigh(
             self._class_major_gram,
             rtol=rtol,
             dtype=eigh_dtype,
             factor_dtype=acc.factor_dtype,
             eigenvectors=eigenvectors,
+            overwrite=not eigenvectors,
         )
         self.gram_evecs = (
             None
             if gram_evecs is None
-            else _rows_to_public(gram_evecs, self._num_columns)
+            else _rows_to_public_(gram_evecs, self._num_columns)
         )
         self._factors = acc.factors
         self._factor_scale = scaling.factor
@@ -340,6 +376,10 @@ class GGNBlock:
         Made from the internal class-major matrix on first access (one copy).
         """
         gram = self._class_major_gram
+        if self._overwritten_diagonal is not None:
+            mirror_upper_(gram.T)  # strict lower → upper
+            gram.diagonal().copy_(self._overwritten_diagonal)
+            self._overwritten_diagonal = None
         C = self._num_columns
         shaped = gram.view(C, -1, C, gram.shape[0] // C)
         return to_public_columns(shaped).transpose(2, 3).reshape(gram.shape)

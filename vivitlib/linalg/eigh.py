@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -153,8 +156,16 @@ def gram_eigh(
     dtype: torch.dtype | str = torch.float64,
     factor_dtype: torch.dtype | None = None,
     eigenvectors: bool = True,
+    *,
+    overwrite: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Nontrivial eigenpairs of a (positive semi-definite) Gram matrix.
+
+    ``gram`` must be symmetric: one triangle is read. On CPU the
+    decomposition runs in place (LAPACK ``?syevd``, the routine
+    ``torch.linalg.eigh`` calls, with the same arguments: the same numbers) on
+    ``gram`` itself when ``overwrite`` allows it and the dtypes agree, else on
+    one copy; elsewhere ``torch.linalg.eigh`` / ``eigvalsh`` (which copy once).
 
     Args:
         gram: Gram matrix ``Vᵀ V``, shape ``[M, M]``.
@@ -167,6 +178,14 @@ def gram_eigh(
             cut-off); defaults to ``gram.dtype``.
         eigenvectors: If ``False``, skip the eigenvectors (``eigvalsh``, about
             twice as fast) and return ``None`` in their place.
+        overwrite: Allow ``gram``'s memory to be used as the solver's
+            workspace (saves an ``[M, M]`` copy). With ``eigenvectors=False``
+            only the upper triangle including the diagonal may change (the
+            strict lower triangle is kept: ``mirror_upper_(gram.T)`` (see
+            :func:`~vivitlib.linalg.gram.mirror_upper_`) and the saved
+            diagonal rebuild the matrix); with ``eigenvectors=True`` all of
+            ``gram`` may change and the returned eigenvectors may share its
+            memory. Default ``False``: ``gram`` is left unchanged.
 
     Returns:
         ``(evals, evecs)``: eigenvalues ``[K]`` in descending order and
@@ -178,34 +197,164 @@ def gram_eigh(
     """
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be square [M, M], got {tuple(gram.shape)}.")
-    check_finite(
-        gram,
-        "The Gram matrix",
-        "Check the inputs, labels and parameters for NaN/Inf or overflow.",
-    )
+    # a finite sum means finite entries (no M × M mask); if it overflows, look
+    if not bool(torch.isfinite(gram.sum())):
+        check_finite(
+            gram,
+            "The Gram matrix",
+            "Check the inputs, labels and parameters for NaN/Inf or overflow.",
+        )
     rtol = check_rtol(rtol)
     dtype = choose_eigh_dtype(dtype, gram.shape[0], rtol)
     factor_dtype = gram.dtype if factor_dtype is None else factor_dtype
-    # eigh reads one triangle only: no symmetrised copy of the M × M matrix
-    sym = gram.to(dtype)
-    if eigenvectors:
-        evals, evecs = torch.linalg.eigh(sym, UPLO="L")
-    else:
-        evals, evecs = torch.linalg.eigvalsh(sym, UPLO="L"), None
+    evals, rows = _eigh_ascending(gram, dtype, eigenvectors, overwrite)
     if evals.numel() == 0:
-        return evals, evecs
+        return evals, None if rows is None else rows.T
     if rtol is None:
         tol = eigenvalue_cutoff(evals, factor_dtype=factor_dtype, eigh_dtype=dtype)
     else:
         tol = rtol * max(float(evals[-1]), 0.0)
-    # ascending order: the kept eigenvalues are a suffix; reverse it with one
-    # gather into a fresh row-major [M, K] (eigh's vectors are column-major)
+    # ascending order: the kept eigenpairs are a suffix; reversed in place
     first = evals.numel() - int((evals > tol).sum())
     evals = evals[first:].flip(0)
-    if evecs is not None:
-        order = torch.arange(evecs.shape[1] - 1, first - 1, -1, device=evecs.device)
-        evecs = evecs.index_select(1, order)
-    return evals, evecs
+    return evals, None if rows is None else _descending_columns(rows, first)
+
+
+def _descending_columns(rows: Tensor, first: int) -> Tensor:
+    """Eigenvectors ``rows[first:]`` as columns ``[M, K]``, last one first.
+
+    Most kept: reversed in place, a transposed view of ``rows`` (no second
+    ``[M, M]`` buffer). Few kept (``K ≤ M/2``): gathered into a fresh
+    row-major ``[M, K]``, so that ``rows`` can be freed.
+    """
+    M = rows.shape[0]
+    if 2 * (M - first) > M:
+        return _reverse_rows_(rows[first:]).T
+    order = torch.arange(M - 1, first - 1, -1, device=rows.device)
+    return rows.T.index_select(1, order)
+
+
+def _eigh_ascending(
+    gram: Tensor, dtype: torch.dtype, eigenvectors: bool, overwrite: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Eigenvalues ``[M]`` ascending and eigenvectors as rows ``[M, M]`` (or ``None``).
+
+    Reads one triangle of ``gram``. The rows are a row-major tensor whose row
+    ``j`` is the eigenvector of eigenvalue ``j``.
+    """
+    M = gram.shape[0]
+    if _syevd_applies(gram, dtype, eigenvectors):
+        in_place = overwrite and gram.dtype == dtype and gram.is_contiguous()
+        if in_place:
+            work = gram
+        else:
+            work = gram.to(dtype, copy=True, memory_format=torch.contiguous_format)
+        evals = _syevd_(work, eigenvectors)
+        return evals, work if eigenvectors else None
+    sym = gram.to(dtype)
+    if not eigenvectors:
+        return torch.linalg.eigvalsh(sym, UPLO="L"), None
+    evals, evecs = torch.linalg.eigh(sym, UPLO="L")
+    return evals, evecs.mT.view(M, M)
+
+
+#: Entries moved at a time when reordering eigenvectors in place.
+_REORDER_CHUNK_ELEMENTS = 2**18
+
+
+def _reverse_rows_(rows: Tensor) -> Tensor:
+    """Reverse the order of ``rows``' rows in place, a few rows at a time."""
+    K = rows.shape[0]
+    step = max(1, _REORDER_CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    for i0 in range(0, K // 2, step):
+        i1 = min(i0 + step, K // 2)
+        top, bottom = rows[i0:i1], rows[K - i1 : K - i0]
+        saved = top.flip(0)
+        top.copy_(bottom.flip(0))
+        bottom.copy_(saved)
+    return rows
+
+
+# -- LAPACK ?syevd in place: the routine torch.linalg.eigh calls on CPU, found
+# in torch's own library and called with the prototype torch uses (32-bit
+# integers, characters by reference) ------------------------------------------
+
+_SYEVD_NAMES = {torch.float64: "dsyevd_", torch.float32: "ssyevd_"}
+#: Largest ``M`` for which ``?syevd``'s workspace size fits its 32-bit integer.
+_SYEVD_MAX_SIZE = 32767
+
+
+def _syevd_applies(gram: Tensor, dtype: torch.dtype, eigenvectors: bool) -> bool:
+    """Whether the in-place LAPACK path can decompose ``gram`` in ``dtype``."""
+    return (
+        gram.device.type == "cpu"
+        and gram.dtype in _SYEVD_NAMES
+        and 0 < gram.shape[0] <= _SYEVD_MAX_SIZE
+        and _syevd_routine(dtype) is not None
+    )
+
+
+@functools.cache
+def _syevd_routine(dtype: torch.dtype):
+    """The CPU LAPACK ``?syevd`` torch links, as a ctypes function (or ``None``)."""
+    name = _SYEVD_NAMES.get(dtype)
+    if name is None:
+        return None
+    for path in sorted((Path(torch.__file__).parent / "lib").glob("*torch_cpu.*")):
+        try:
+            routine = getattr(ctypes.CDLL(str(path)), name)
+        except (OSError, AttributeError):
+            continue
+        int_p, ptr = ctypes.POINTER(ctypes.c_int), ctypes.c_void_p
+        routine.restype = None
+        routine.argtypes = [ctypes.c_char_p, ctypes.c_char_p, int_p, ptr, int_p]
+        routine.argtypes += [ptr, ptr, int_p, ptr, int_p, int_p]
+        return routine
+    return None
+
+
+def _syevd_(matrix: Tensor, eigenvectors: bool) -> Tensor:
+    """Eigenvalues (ascending) of the symmetric row-major ``matrix``, in place.
+
+    LAPACK sees the transpose (column-major) and reads its lower triangle:
+    ``matrix``'s upper one, the same memory ``torch.linalg.eigh(UPLO="L")``
+    reads when ``matrix`` is symmetric. Without eigenvectors it overwrites the
+    upper triangle and the diagonal only; with them, row ``j`` of ``matrix``
+    becomes eigenvector ``j``.
+
+    Raises:
+        torch.linalg.LinAlgError: If LAPACK reports a failure to converge.
+    """
+    routine = _syevd_routine(matrix.dtype)
+    n = matrix.shape[0]
+    size, info = ctypes.c_int(n), ctypes.c_int(0)
+    jobz = b"V" if eigenvectors else b"N"
+    evals = matrix.new_empty(n)
+
+    def call(work: Tensor, lwork: int, iwork: Tensor, liwork: int) -> None:
+        routine(
+            jobz, b"L", size, matrix.data_ptr(), size, evals.data_ptr(),
+            work.data_ptr(), ctypes.c_int(lwork), iwork.data_ptr(),
+            ctypes.c_int(liwork), info,
+        )  # fmt: skip
+
+    work, iwork = matrix.new_empty(1), torch.empty(1, dtype=torch.int32)
+    call(work, -1, iwork, -1)  # workspace query
+    lwork, liwork = (
+        (1 + 6 * n + 2 * n * n, 3 + 5 * n) if eigenvectors else (2 * n + 1, 1)
+    )
+    lwork = max(lwork, int(math.ceil(float(work[0]))))
+    liwork = max(liwork, int(iwork[0]))
+    work = matrix.new_empty(lwork)
+    iwork = torch.empty(liwork, dtype=torch.int32)
+    call(work, lwork, iwork, liwork)
+    if info.value != 0:
+        raise torch.linalg.LinAlgError(
+            f"The eigen-decomposition of the Gram matrix failed to converge "
+            f"(LAPACK ?syevd info={info.value}); check the inputs for extreme "
+            "values, or use float64 (eigh_dtype=torch.float64)."
+        )
+    return evals
 
 
 def lift(V: Tensor, gram_evecs: Tensor, evals: Tensor) -> Tensor:

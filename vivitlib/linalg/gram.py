@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
+
+#: Entries of the temporaries of the chunked functions below (per chunk).
+CHUNK_ELEMENTS = 2**20
 
 
 def gram_matrix(V: Tensor) -> Tensor:
@@ -28,3 +33,62 @@ def gram_matrix(V: Tensor) -> Tensor:
     if V.ndim != 2:
         raise ValueError(f"V must have shape [D, M], got {tuple(V.shape)}.")
     return V.T @ V
+
+
+def add_kronecker_gram_upper(total: Tensor, s: Tensor, weights: Tensor) -> Tensor:
+    r"""Add a linear weight's Gram block to the upper triangle of ``total``.
+
+    For a weight whose factor columns are ``s_cn a_nᵀ``,
+
+    .. math::
+        \text{total}[c, n, d, m] \mathrel{+}= ⟨s_{cn}, s_{dm}⟩ · W_{nm}
+
+    with ``W = ⟨a_n, a_m⟩`` (plus ``1`` to include the same layer's bias, whose
+    factor is ``s``). Only the entries on and above the diagonal of the
+    flattened ``[C·N, C·N]`` matrix are all added (a few below it get partial
+    sums): complete the matrix with :func:`mirror_upper_`. The products run
+    in ``s``'s dtype a few rows at a time, so no ``[C·N, C·N]`` temporary
+    exists.
+
+    Args:
+        total: ``[C, N, C, N]``, contiguous, changed in place.
+        s: ``[C, N, O]``.
+        weights: ``[N, N]``, symmetric.
+
+    Returns:
+        ``total``.
+    """
+    C, N = s.shape[:2]
+    rows, flat = s.reshape(C * N, -1), total.view(C * N, C * N)
+    step = max(1, min(N, CHUNK_ELEMENTS // max(C * N, 1)))
+    for c in range(C):
+        for n0 in range(0, N, step):
+            n1, i0 = min(N, n0 + step), c * N + n0
+            block = rows[i0 : c * N + n1] @ rows[i0:].T  # [r, (c, n0) ... (C, N)]
+            own, rest = block[:, : N - n0], block[:, N - n0 :]
+            flat[i0 : c * N + n1, i0 : (c + 1) * N].addcmul_(own, weights[n0:n1, n0:])
+            later = total[c, n0:n1, c + 1 :]  # classes after c, [r, C - c - 1, N]
+            later.addcmul_(rest.view(later.shape), weights[n0:n1, None, :])
+    return total
+
+
+def mirror_upper_(matrix: Tensor) -> Tensor:
+    """Copy the strict upper triangle of ``matrix`` onto its strict lower one.
+
+    In place, a few rows at a time (no ``[M, M]`` temporary); the diagonal is
+    left as it is.
+
+    Args:
+        matrix: ``[M, M]``.
+
+    Returns:
+        ``matrix``, now symmetric.
+    """
+    M = matrix.shape[0]
+    step = max(1, int(math.sqrt(CHUNK_ELEMENTS)))
+    for i0 in range(0, M, step):
+        i1 = min(i0 + step, M)
+        matrix[i1:, i0:i1] = matrix[i0:i1, i1:].T
+        block = matrix[i0:i1, i0:i1]
+        block.copy_(block.triu() + block.triu(1).T)
+    return matrix

@@ -306,6 +306,13 @@ class GGNBlock:
             when only eigenvalues were asked for: then ``eigvalsh`` suffices).
         num_curv_samples: ``N_c``, samples behind the curvature.
         num_grad_samples: ``N_g``, samples behind the per-sample gradients.
+
+    A cross-entropy factor may reach the block deflated, ``C - 1`` columns per
+    sample (:func:`~vivitlib.extensions.losses.softmax_null_basis`); then
+    ``column_basis`` ``[n, C, C - 1]`` (one row per curvature sample of the
+    factor) maps its columns back, and :attr:`gram` and :attr:`gram_evecs`
+    are those of BackPACK's ``C`` columns. Everything else is unchanged by a
+    per-sample orthogonal change of columns.
     """
 
     def __init__(
@@ -317,6 +324,7 @@ class GGNBlock:
         eigh_dtype: torch.dtype,
         has_grads: bool,
         eigenvectors: bool = True,
+        column_basis: Tensor | None = None,
     ):
         self.params = acc.params
         self.num_curv_samples = scaling.num_curv
@@ -346,11 +354,16 @@ class GGNBlock:
             eigenvectors=eigenvectors,
             overwrite=not eigenvectors,
         )
-        self.gram_evecs = (
+        # sample-major rows of the factor's columns (C - 1 per sample for a
+        # deflated cross-entropy factor; see ``column_basis``)
+        self._gram_evecs = (
             None
             if gram_evecs is None
             else _rows_to_public_(gram_evecs, self._num_columns)
         )
+        if column_basis is not None and self._curv_keep is not None:
+            column_basis = column_basis.index_select(0, self._curv_keep)
+        self._column_basis = column_basis
         self._factors = acc.factors
         self._factor_scale = scaling.factor
         self._has_grads = has_grads
@@ -373,7 +386,7 @@ class GGNBlock:
     def gram(self) -> Tensor:
         """Gram matrix ``ṼᵀṼ`` (float64), ``[N_c·C, N_c·C]``, sample-major.
 
-        Made from the internal class-major matrix on first access (one copy).
+        Made from the internal class-major matrix on first access.
         """
         gram = self._class_major_gram
         if self._overwritten_diagonal is not None:
@@ -382,7 +395,27 @@ class GGNBlock:
             self._overwritten_diagonal = None
         C = self._num_columns
         shaped = gram.view(C, -1, C, gram.shape[0] // C)
-        return to_public_columns(shaped).transpose(2, 3).reshape(gram.shape)
+        public = to_public_columns(shaped).transpose(2, 3)  # [N, C, N, C]
+        if self._column_basis is not None:
+            basis = self._column_basis.to(public.dtype)  # [N, C_pub, C]
+            public = torch.einsum("naj,njmk->namk", basis, public)
+            public = torch.einsum("namk,mbk->namb", public, basis)
+        n = public.shape[0]
+        return public.reshape(n * public.shape[1], n * public.shape[3])
+
+    @cached_property
+    def gram_evecs(self) -> Tensor | None:
+        """Gram eigenvectors ``ẽ_k`` of :attr:`gram`, ``[N_c·C, K]``.
+
+        ``None`` when only eigenvalues were asked for.
+        """
+        evecs = self._gram_evecs
+        if evecs is None or self._column_basis is None:
+            return evecs
+        basis = self._column_basis.to(evecs.dtype)  # [N, C_pub, C]
+        n, public, K = basis.shape[0], basis.shape[1], evecs.shape[1]
+        shaped = evecs.reshape(n, basis.shape[2], K)
+        return torch.einsum("naj,njk->nak", basis, shaped).reshape(n * public, K)
 
     @property
     def num_directions(self) -> int:
@@ -403,7 +436,7 @@ class GGNBlock:
         if k is not None:
             check_int_at_least(k, "k", 0)
         k = self.num_directions if k is None else min(k, self.num_directions)
-        coeffs = self.gram_evecs[:, :k] / self.evals[:k].sqrt()
+        coeffs = self._gram_evecs[:, :k] / self.evals[:k].sqrt()
         return self._apply(coeffs * self._factor_scale)
 
     def _apply(self, coeffs: Tensor) -> list[Tensor]:
@@ -425,18 +458,18 @@ class GGNBlock:
     def gammas(self) -> Tensor:
         """Per-sample directional gradients ``γ_nk = e_kᵀ g_n``, ``[N_g, K]``."""
         self._require_grads()
-        return linalg.directional_gammas(self._vt_grads, self.gram_evecs, self.evals)
+        return linalg.directional_gammas(self._vt_grads, self._gram_evecs, self.evals)
 
     @cached_property
     def lambdas(self) -> Tensor:
         """Per-sample directional curvatures ``λ_nk = e_kᵀ G_n e_k``, ``[N_c, K]``."""
-        if self.gram_evecs is None:
+        if self._gram_evecs is None:
             raise RuntimeError(
                 "Per-sample curvatures need the Gram eigenvectors: add "
                 "'directional_derivatives' to LowRankGGN(compute=...)."
             )
         return linalg.directional_lambdas(
-            self.gram_evecs, self.evals, self.num_curv_samples, self.batch_scale
+            self._gram_evecs, self.evals, self.num_curv_samples, self.batch_scale
         )
 
     @property
@@ -502,7 +535,7 @@ class GGNBlock:
         """
         self._require_grads()
         coeffs = linalg.newton_coefficients(
-            self.gram_evecs, self.evals, self.batch_gammas, damping
+            self._gram_evecs, self.evals, self.batch_gammas, damping
         )
         step = self._apply(coeffs[:, None] * self._factor_scale)
         return [s[0] for s in step]
@@ -543,8 +576,8 @@ class GGNBlock:
         if self._curv_keep is not None:
             proj = proj.index_select(0, self._curv_keep)
         vt_v = proj.reshape(-1, proj.shape[-1]) * self._factor_scale  # Ṽᵀ v
-        coords = self.gram_evecs.T @ vt_v.to(self.gram_evecs.dtype)
-        coeffs = self.gram_evecs @ (coords * (weights / self.evals)[:, None])
+        coords = self._gram_evecs.T @ vt_v.to(self._gram_evecs.dtype)
+        coeffs = self._gram_evecs @ (coords * (weights / self.evals)[:, None])
         out = self._apply(coeffs * self._factor_scale)
         if damping != 0:
             out = [o + v.to(o.dtype) / damping for o, v in zip(out, stacked)]

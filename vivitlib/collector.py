@@ -37,7 +37,7 @@ from vivitlib.extensions import (
     BatchGradsExtension,
     GGNFactorExtension,
 )
-from vivitlib.extensions.losses import loss_weighting
+from vivitlib.extensions.losses import loss_weighting, softmax_null_basis
 from vivitlib.factors import as_factor, as_grads
 from vivitlib.groups import normalize_groups
 from vivitlib.memory import MemoryBudget, memory_budget, parse_memory
@@ -119,6 +119,7 @@ class BackpackCollector:
                 self.subsampling if local else None,
                 savefield=factor_field,
                 params=self.params,
+                deflate=self.deflates,
             )
         ]
         if needs_grads:
@@ -156,6 +157,15 @@ class BackpackCollector:
     def savefields(self) -> tuple[str, str]:
         """Private attribute names of this object's factor and gradient buffers."""
         return self._fields
+
+    @property
+    def deflates(self) -> bool:
+        """Whether an exact cross-entropy factor has ``C - 1`` columns per sample.
+
+        One process and the exact factor only; see
+        :func:`~vivitlib.extensions.losses.softmax_null_basis`.
+        """
+        return self.mc_samples == 0 and self.process_group is None
 
     @property
     def needs_grads(self) -> bool:
@@ -318,6 +328,8 @@ class BackpackCollector:
             weighting,
             exchange,
         )
+        if self.deflates:
+            self._pass.column_basis = softmax_null_basis(loss_module, self.subsampling)
         _quiet_backward_hook_warning(self._pass, self._end_of_backward)
 
     def _apply_subsampling_rule(self, output: Tensor) -> None:

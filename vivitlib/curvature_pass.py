@@ -48,6 +48,9 @@ class CurvaturePass:
             for p in self.params
         }
         self.accumulators = accumulators
+        # per-sample basis of a deflated cross-entropy factor's columns
+        # (set by the collector; ``None``: BackPACK's columns)
+        self.column_basis: Tensor | None = None
         self.finished = False
         self.backward_done = False
         self.stale = False

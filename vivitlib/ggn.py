@@ -197,6 +197,7 @@ class LowRankGGN(BackpackCollector):
                     eigh_dtype=self.eigh_dtype,
                     has_grads=self._needs_grads,
                     eigenvectors=self.compute != ("eigenvalues",),
+                    column_basis=self._pass.column_basis,
                 )
                 for acc in self._pass.accumulators
             ]

@@ -83,6 +83,7 @@ def _shared_extensions(collectors: list[BackpackCollector]):
             leader.subsampling,
             savefield=leader.savefields[0],
             params=[p for member in group for p in member.params],
+            deflate=leader.deflates,
         )
         extensions.append(ext)
         copies.append((leader.savefields[0], [c.savefields[0] for c in group[1:]]))

@@ -363,6 +363,11 @@ def test_inverse_ggn_product_equals_dense_solve(case_id, damping):
 def _dense_factor(block):
     """``Ṽ`` columns as parameter-shaped tensors (lift unit Gram coordinates)."""
     eye = torch.eye(block.gram.shape[0], dtype=torch.float64)
+    basis = block._column_basis  # a deflated cross-entropy factor: C - 1 columns
+    if basis is not None:  # public column (n, c) = Σ_j B[n, c, j] · internal (n, j)
+        n, C, _ = basis.shape
+        eye = torch.einsum("ncj,ncm->njm", basis.double(), eye.view(n, C, -1))
+        eye = eye.reshape(-1, n * C)
     return block._apply(eye * block._factor_scale)
 
 

@@ -202,6 +202,10 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             parameter reached). Factors of others are not formed, and the
             backpropagation stops once all of these have theirs
             (:class:`~vivitlib.extensions.reach.RemainingParams`).
+        deflate: Give an exact cross-entropy factor ``C - 1`` columns per
+            sample (:func:`~vivitlib.extensions.losses.softmax_null_basis`);
+            the owner maps them back to BackPACK's ``C`` where columns are
+            public.
     """
 
     def __init__(
@@ -211,6 +215,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         subsampling: list[int] | None,
         savefield: str = FACTOR_FIELD,
         params: Iterable[Tensor] | None = None,
+        deflate: bool = False,
     ):
         strategy = (
             LossHessianStrategy.EXACT
@@ -219,6 +224,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         )
         super().__init__(strategy, savefield, subsampling)
         self._mc_samples = mc_samples
+        self.deflate = deflate and mc_samples == 0
         self._owner = owner
         rules = {**EXTRA_SQRT, **FAST_SQRT, **FACTORED_SQRT}
         for module_cls, handler in rules.items():

@@ -147,15 +147,73 @@ def _reweight(factor: Tensor, module: CrossEntropyLoss, subsampling) -> Tensor:
     return factor * scale
 
 
+def softmax_null_basis(module: Module, subsampling=None) -> Tensor | None:
+    r"""Per-sample orthonormal basis of the range of the softmax Hessian.
+
+    The cross-entropy Hessian w.r.t. the logits of sample ``n`` is
+    ``h_n (diag(p_n) - p_n p_nᵀ)``; BackPACK's ``C``-column square root ``S_n``
+    has the null vector ``u_n = √p_n`` (a unit vector), so ``S_n B_n`` with an
+    orthonormal basis ``B_n`` ``[C, C-1]`` of ``u_n^⊥`` is a square root with
+    ``C - 1`` columns: ``S_n B_n B_nᵀ S_nᵀ = S_n S_nᵀ``. ``B_n`` is the
+    Householder reflection mapping ``u_n`` to ``-e_C`` without its last
+    column (``‖u_n + e_C‖² ≥ 2``: no cancellation, even for confident
+    predictions).
+
+    Args:
+        module: The loss module after its forward pass.
+        subsampling: Samples whose columns are kept (``None``: all).
+
+    Returns:
+        ``B`` ``[n, C, C-1]`` in the logits' dtype, or ``None`` where the
+        factor keeps its ``C`` columns: other losses, ``C < 2`` and outputs
+        with positions (``[N, C, *T]``, whose columns are shared by the
+        positions).
+    """
+    if not isinstance(module, CrossEntropyLoss) or module.input0.ndim != 2:
+        return None
+    logits = module.input0.detach()
+    num_classes = logits.shape[1]
+    if num_classes < 2:
+        return None
+    if subsampling is not None:
+        logits = logits[list(subsampling)]
+    w = torch.softmax(logits, dim=1).sqrt()
+    w[:, -1] += 1
+    w /= w.norm(dim=1, keepdim=True)
+    reflection = -2 * w[:, :, None] * w[:, None, :-1]
+    reflection[:, :-1].diagonal(dim1=1, dim2=2).add_(1)
+    return reflection
+
+
 class CrossEntropySqrtGGN(SqrtGGNBaseLossModule):
-    """Square-root GGN rule for ``CrossEntropyLoss`` with any of its options."""
+    """Square-root GGN rule for ``CrossEntropyLoss`` with any of its options.
+
+    With an exact factor and an extension that asks for it (``ext.deflate``),
+    the factor has ``C - 1`` columns per sample (:func:`softmax_null_basis`).
+    """
 
     def __init__(self):
         """Use the reweighted cross-entropy derivatives."""
         super().__init__(_ExactCrossEntropyDerivatives())
 
+    def backpropagate(self, ext, module, grad_inp, grad_out, backproped):  # noqa: D102
+        factor = super().backpropagate(ext, module, grad_inp, grad_out, backproped)
+        if not getattr(ext, "deflate", False) or ext.get_num_mc_samples() != 0:
+            return factor
+        basis = softmax_null_basis(module, ext.get_subsampling())
+        if basis is None:
+            return factor
+        # [C, n, C_out] -> [C - 1, n, C_out]: columns combined by each sample's basis
+        return torch.einsum("cno,ncj->jno", factor, basis.to(factor.dtype))
+
 
 #: Loss class -> square-root-GGN rule replacing BackPACK's.
 LOSS_SQRT = {CrossEntropyLoss: CrossEntropySqrtGGN}
 
-__all__ = ["LOSS_SQRT", "CrossEntropySqrtGGN", "LossWeighting", "loss_weighting"]
+__all__ = [
+    "LOSS_SQRT",
+    "CrossEntropySqrtGGN",
+    "LossWeighting",
+    "loss_weighting",
+    "softmax_null_basis",
+]

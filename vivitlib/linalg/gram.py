@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 #: Entries of the temporaries of the chunked functions below (per chunk).
 CHUNK_ELEMENTS = 2**20
+#: Rows per strip in :func:`mirror_upper_` (transposed copies of narrow strips
+#: stay in cache: 11 ms at ``M = 2560`` against 57 ms with 1024 rows).
+_MIRROR_ROWS = 64
 
 
 def gram_matrix(V: Tensor) -> Tensor:
@@ -85,7 +86,7 @@ def mirror_upper_(matrix: Tensor) -> Tensor:
         ``matrix``, now symmetric.
     """
     M = matrix.shape[0]
-    step = max(1, int(math.sqrt(CHUNK_ELEMENTS)))
+    step = _MIRROR_ROWS
     for i0 in range(0, M, step):
         i1 = min(i0 + step, M)
         matrix[i1:, i0:i1] = matrix[i0:i1, i1:].T

@@ -6,8 +6,9 @@ through max pooling by scattering into a zero buffer after ``einops``
 rearrangements of the factor and the indices. The rules here do the same
 arithmetic with plain broadcasting:
 
-* activations (ReLU, Sigmoid, Tanh, LeakyReLU, ELU, SELU, LogSigmoid):
-  ``mat * f'(x)``; ReLU multiplies by the mask ``x > 0`` directly;
+* activations (Sigmoid, Tanh, LeakyReLU, ELU, SELU, LogSigmoid):
+  ``mat * f'(x)``; ReLU zeroes ``mat`` where ``x <= 0`` with autograd's own
+  ReLU backward kernel (no mask tensor);
 * Dropout: the factor itself in eval mode (the identity), ``mat * mask`` in
   train mode;
 * max pooling: one ``scatter_add_`` into ``[C, N·channels, input pixels]``
@@ -155,18 +156,47 @@ def _elementwise(base: type) -> type:
 
 
 class FastReLUDerivatives(ReLUDerivatives):
-    """ReLU: multiply by the mask ``x > 0`` (no float derivative tensor)."""
+    """ReLU: zero where ``x <= 0`` with autograd's ReLU backward kernel.
+
+    ``threshold_backward(mat, x, 0)`` (a core ATen operator) reads the layer
+    input itself: no mask is formed, and multiplying by a bool mask (a slow,
+    casting loop on the CPU: 4x the time on 3C3D's first ReLU) is avoided.
+    Without sub-sampling the input is BackPACK's stored tensor (no copy). The
+    numbers are BackPACK's ``mat * (x > 0)``, up to the sign of zeros.
+    """
 
     def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
-        return mat * (subsample(module.input0, subsampling=subsampling) > 0)
+        return _relu_masking(_relu_input(module, subsampling))(mat, False)
 
     def jac_t_mat_prod_(self, module, mat: Tensor, subsampling=None) -> Tensor:
         """The same product written into ``mat``."""
-        return mat.mul_(subsample(module.input0, subsampling=subsampling) > 0)
+        return _relu_masking(_relu_input(module, subsampling))(mat, True)
 
     def column_op(self, module, subsampling=None) -> PendingOp | None:
         """The product as a pending map on a lazy factor's columns."""
-        return _scale_op(subsample(module.input0, subsampling=subsampling) > 0)
+        x = _relu_input(module, subsampling)
+
+        def narrow(o0: int, o1: int):
+            return _relu_masking(x[:, o0:o1]), (o0, o1)
+
+        return PendingOp(_relu_masking(x), tuple(x.shape), fresh=True, narrow=narrow)
+
+
+def _relu_input(module: nn.Module, subsampling: list[int] | None) -> Tensor:
+    return subsample(module.input0, subsampling=subsampling).detach()
+
+
+def _relu_masking(x: Tensor):
+    """``mat -> mat * (x > 0)`` for ``mat`` ``[V, *x.shape]`` (in place when fresh)."""
+    threshold_backward = torch.ops.aten.threshold_backward
+
+    def mask(mat: Tensor, fresh: bool) -> Tensor:
+        inp = x.expand_as(mat)
+        if fresh:
+            return threshold_backward.grad_input(mat, inp, 0, grad_input=mat)
+        return threshold_backward(mat, inp, 0)
+
+    return mask
 
 
 class FastDropoutDerivatives(_elementwise(DropoutDerivatives)):

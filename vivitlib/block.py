@@ -296,6 +296,31 @@ def _accumulate(total: Tensor | None, part: Tensor) -> Tensor:
     return total
 
 
+#: Rows per strip when the Gram's lower triangle is saved.
+_STRIP_ROWS = 128
+
+
+def _lower_strips(matrix: Tensor) -> list[Tensor]:
+    """Copies of ``matrix[i0:i1, :i1]``, strips of rows: its lower triangle."""
+    M = matrix.shape[0]
+    return [
+        matrix[i0 : i0 + _STRIP_ROWS, : i0 + _STRIP_ROWS].clone()
+        for i0 in range(0, M, _STRIP_ROWS)
+    ]
+
+
+def _from_lower_strips(strips: list[Tensor]) -> Tensor:
+    """``[M, M]`` whose lower triangle is the saved one (upper left empty)."""
+    M = sum(strip.shape[0] for strip in strips)
+    out = strips[0].new_empty(M, M)
+    i0 = 0
+    for strip in strips:
+        i1 = i0 + strip.shape[0]
+        out[i0:i1, :i1] = strip
+        i0 = i1
+    return out
+
+
 class GGNBlock:
     """Curvature of one parameter group from one backward pass.
 
@@ -339,21 +364,24 @@ class GGNBlock:
         gram = _gram_of_counted(gram, self._curv_keep, scaling.factor**2)
         acc.gram = None
         size = gram.shape[0] * gram.shape[1]
-        self._class_major_gram = gram.view(size, size)
-        # eigenvalues alone are computed in place (no second [M, M] buffer):
-        # the upper triangle and the diagonal are overwritten, rebuilt from
-        # the strict lower triangle and this copy of the diagonal if read
-        self._overwritten_diagonal = (
-            None if eigenvectors else self._class_major_gram.diagonal().clone()
-        )
+        matrix = gram.view(size, size)
+        # decomposed in place (no second [M, M] buffer). Eigenvalues alone
+        # overwrite the upper triangle and the diagonal: rebuilt from the
+        # strict lower triangle and this copy of the diagonal if read.
+        # Eigenvectors overwrite all of it: the lower triangle is saved first
+        # (half a matrix, in strips)
+        self._gram_diagonal = matrix.diagonal().clone()
+        self._gram_strips = _lower_strips(matrix) if eigenvectors else None
+        self._class_major_gram = None if eigenvectors else matrix
         self.evals, gram_evecs = linalg.gram_eigh(
-            self._class_major_gram,
+            matrix,
             rtol=rtol,
             dtype=eigh_dtype,
             factor_dtype=acc.factor_dtype,
             eigenvectors=eigenvectors,
-            overwrite=not eigenvectors,
+            overwrite=True,
         )
+        del matrix, gram
         # sample-major rows of the factor's columns (C - 1 per sample for a
         # deflated cross-entropy factor; see ``column_basis``)
         self._gram_evecs = (
@@ -386,13 +414,15 @@ class GGNBlock:
     def gram(self) -> Tensor:
         """Gram matrix ``ṼᵀṼ`` (float64), ``[N_c·C, N_c·C]``, sample-major.
 
-        Made from the internal class-major matrix on first access.
+        Made on first access from what the in-place decomposition kept: the
+        strict lower triangle (or its saved strips) and the diagonal.
         """
         gram = self._class_major_gram
-        if self._overwritten_diagonal is not None:
-            mirror_upper_(gram.T)  # strict lower → upper
-            gram.diagonal().copy_(self._overwritten_diagonal)
-            self._overwritten_diagonal = None
+        if gram is None:
+            gram = _from_lower_strips(self._gram_strips)
+        mirror_upper_(gram.T)  # strict lower → upper
+        gram.diagonal().copy_(self._gram_diagonal)
+        self._class_major_gram = self._gram_strips = None
         C = self._num_columns
         shaped = gram.view(C, -1, C, gram.shape[0] // C)
         public = to_public_columns(shaped).transpose(2, 3)  # [N, C, N, C]

@@ -27,6 +27,7 @@ from vivitlib.extensions.layers import FACTORED_LAYERS, conv_inputs, conv_unfold
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.extensions.lazy_layers import channel_step, conv_step, lazy_plan
 from vivitlib.extensions.ledger import QuantityLedger
+from vivitlib.extensions.pool_indices import PoolingIndices
 from vivitlib.extensions.reach import RemainingParams
 from vivitlib.memory import current_budget
 
@@ -230,6 +231,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         for module_cls, handler in rules.items():
             self.set_module_extension(module_cls, handler(), overwrite=True)
         self.saved_quantities = QuantityLedger()
+        self.pool_indices = PoolingIndices()
         self._wanted = None if params is None else {id(p) for p in params}
         self._remaining: RemainingParams | None = None
 
@@ -249,7 +251,11 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         remaining = self._remaining
         if remaining is not None and remaining.done and not is_loss(module):
             return  # every wanted parameter has its factor: nothing left to do
-        self._owner.run_extension(self._call, module, g_inp, g_out)
+        try:
+            self._owner.run_extension(self._call, module, g_inp, g_out)
+        except BaseException:
+            self.pool_indices.clear()
+            raise
 
     def _call(self, module: Module, g_inp, g_out) -> None:
         self.check_reachable(module)
@@ -257,6 +263,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             # a pass starts: quantities left by an aborted one (keyed by memory
             # addresses that new tensors may reuse) must not be accumulated onto
             self.saved_quantities.clear()
+            self.pool_indices.collect(module.input0)
             self._remaining = None
             if self._wanted is not None:
                 self._remaining = RemainingParams.start(self._wanted, module.input0)
@@ -265,9 +272,11 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             if any(p.requires_grad for p in module.parameters(recurse=False)):
                 # its factors may keep the quantity: never overwrite it in place
                 self.saved_quantities.pin(module.output.data_ptr())
-        super().__call__(module, g_inp, g_out)
+        with self.pool_indices.offered_to(module):
+            super().__call__(module, g_inp, g_out)
         if self._remaining is not None and self._remaining.visit(module):
             self.saved_quantities.clear()  # free what would travel further
+            self.pool_indices.clear()
 
     def _form_lazy_unless_accepted(self, module: Module) -> None:
         """Form a lazy factor at ``module``'s output unless its rule takes it lazy."""

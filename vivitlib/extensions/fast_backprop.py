@@ -80,6 +80,7 @@ from torch import Tensor, nn
 
 from vivitlib.extensions.lazy import LazyColumns, PendingOp, input_shape
 from vivitlib.extensions.ledger import may_overwrite
+from vivitlib.extensions.pool_indices import saved_indices
 from vivitlib.memory import current_budget
 
 #: Outputs of at least this many bytes are allocated after :func:`release_free_heap`.
@@ -251,6 +252,13 @@ def _max_pool(base: type) -> type:
 
         def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
             return self.column_op(module, subsampling).fn(mat, False)
+
+        def get_pooling_idx(self, module, subsampling=None) -> Tensor:
+            """Autograd's saved indices where offered, else BackPACK's recomputation."""
+            indices = saved_indices(module, subsampling)
+            if indices is not None:
+                return indices
+            return super().get_pooling_idx(module, subsampling=subsampling)
 
         def column_op(self, module, subsampling=None) -> PendingOp:
             """The scatter as a pending map (captures the pooling indices)."""

@@ -355,12 +355,12 @@ class GGNBlock:
         self.num_curv_samples = scaling.num_curv
         self.num_grad_samples = scaling.num_grad
         self.batch_scale = scaling.batch_scale
-        self._num_columns, self._num_factor_samples = acc.gram.shape[:2]
-        self._curv_keep = _index(scaling.curv_keep, acc.gram.device)
         # the accumulator itself, class-major: its eigenvalues are the Gram's
         # (a permutation of rows and columns); the eigenvectors' rows are
         # reordered once, the public sample-major Gram made only if read
         gram = acc.total_gram()
+        self._num_columns, self._num_factor_samples = gram.shape[:2]
+        self._curv_keep = _index(scaling.curv_keep, gram.device)
         gram = _gram_of_counted(gram, self._curv_keep, scaling.factor**2)
         acc.gram = None
         size = gram.shape[0] * gram.shape[1]

@@ -148,3 +148,18 @@ def test_block_gram_equals_dense_reference(dtype, compute):
     # read after the decomposition: rebuilt from the kept triangle
     torch.testing.assert_close(block.gram, expected, rtol=tol, atol=tol * scale)
     assert torch.equal(block.gram, block.gram.T)
+
+
+@pytest.mark.parametrize("compute", [("eigenvalues",), None], ids=["eigvals", "all"])
+def test_a_single_linear_weight_is_added_when_the_block_is_made(compute):
+    torch.manual_seed(0)
+    model = extend(nn.Linear(4, 3, bias=False).double())  # nothing follows it
+    loss_fn = extend(nn.MSELoss(reduction="sum"))
+    X, y = _random(5, 4), _random(5, 3, seed=1)
+    kwargs = {} if compute is None else {"compute": compute}
+    ggn = vivitlib.LowRankGGN(model.parameters(), **kwargs)
+    with backpack(*ggn.extensions, extension_hook=ggn.hook):
+        loss_fn(model(X), y).backward()
+    (block,) = ggn.blocks
+    expected = _reference_gram(model, X)
+    torch.testing.assert_close(block.gram, expected, rtol=1e-12, atol=1e-12)

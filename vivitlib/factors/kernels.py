@@ -244,10 +244,19 @@ def grads_dense(delta: Tensor, a: Tensor) -> Tensor:
     return torch.bmm(delta.transpose(1, 2), a).flatten(1)
 
 
-def _sample_rows(s: Tensor) -> Tensor:
-    """``s`` ``[C, N, T, O]`` as contiguous ``[N, C, T·O]`` (one copy)."""
+def _sample_columns(s: Tensor, delta: Tensor | None = None) -> Tensor:
+    """``s`` ``[C, N, T, O]`` as one contiguous copy ``[N, T, O, C1]``.
+
+    ``Δ`` ``[N, T, O]``, if given, becomes column ``C`` (``C1 = C + 1``, else
+    ``C``). Per sample ``[(t, o), d]``: the layout both GEMMs of
+    :func:`pairwise_gram` read.
+    """
     C, N, T, O = s.shape  # noqa: E741
-    return s.permute(1, 0, 2, 3).reshape(N, C, T * O)
+    out = s.new_empty(N, T, O, C + (delta is not None))
+    out[..., :C].copy_(s.permute(1, 2, 3, 0))
+    if delta is not None:
+        out[..., C].copy_(delta)
+    return out
 
 
 def pairwise_gram(
@@ -261,14 +270,15 @@ def pairwise_gram(
     """Gram matrix (and optionally ``Vᵀ g``) through pairwise input kernels.
 
     Every step is a plain or batched matrix product on operands laid out once
-    before the loops (no permuted copies inside them). For a chunk of samples
-    ``m``: the kernel rows ``K[(n, t), (m, u)]`` for ``n ≥ m`` (one GEMM);
-    per ``m``, ``P_m = K[:, m] [S_m, Δ_m]`` (``[(n, t), (o, d)]``, one GEMM,
-    ``Δ_m`` the output gradients appended as an extra column) and
-    ``gram[n, :, m, :] = S_n P_m[n]`` (one batched GEMM over ``n``). ``Vᵀ g``
-    comes from the same products, ``Δ`` appended to ``S_n`` as an extra row:
-    the ``Δ`` column gives ``⟨v_cn, g_m⟩`` and the ``Δ`` row ``⟨v_dm, g_n⟩``,
-    so the kernel's upper half is never needed.
+    before the loops (no permuted copies inside them): ``s`` (with the output
+    gradients ``Δ`` as an extra column) as ``S[n] = [(t, o), d]``. For a chunk
+    of samples ``m``: the kernel rows ``K[(n, t), (m, u)]`` for ``n ≥ m`` (one
+    GEMM); per ``m``, ``P_m = K[:, m] S_m`` (``[(n, t), (o, d)]``, one GEMM)
+    and ``gram[n, :, m, :] = S_nᵀ P_m[n]`` (one batched GEMM over ``n``).
+    ``Vᵀ g`` comes from the same products: the ``Δ`` column gives
+    ``⟨v_cn, g_m⟩`` and the ``Δ`` row ``⟨v_dm, g_n⟩``, so the kernel's upper
+    half is never needed. The only copies are ``S`` (the size of ``s``) and
+    the layer input laid out as rows ``[(n, t), i]``.
 
     Args:
         s: Backpropagated factor ``[C, N, T, O]``.
@@ -282,10 +292,10 @@ def pairwise_gram(
         ``delta``), class-major views of sample-major buffers.
     """
     C, N, T, O = s.shape  # noqa: E741
-    cols = s if delta is None else torch.cat([s, delta[None]])
-    C1 = cols.shape[0]
-    s_rows = _sample_rows(cols)  # [N, C1, T·O]
-    s_cols = cols.permute(1, 2, 3, 0).reshape(N, T, O * C1)  # [N, T, O·C1]
+    s_cols = _sample_columns(s, delta)
+    C1 = s_cols.shape[-1]
+    s_k = s_cols.view(N, T * O, C1)  # [n, (t, o), d]
+    s_cols = s_cols.view(N, T, O * C1)  # [n, u, (o, d)]
     a_rows = a.reshape(N * T, a.shape[-1])
     gram = s.new_empty(N, C, N, C)
     vtg = None if delta is None else s.new_empty(N, C, N)
@@ -311,9 +321,8 @@ def pairwise_gram(
                 n1 = min(N, n0 + rows_step)
                 p = p_space[: (n1 - n0) * T * O * C1].view((n1 - n0) * T, O * C1)
                 torch.mm(k_m[(n0 - m0) * T : (n1 - m0) * T], s_cols[m], out=p)
-                p = p.view(n1 - n0, T * O, C1)
                 # [n, c, d]; with Δ as row and column C also ⟨v_cn, g_m⟩, ⟨g_n, v_dm⟩
-                block = torch.bmm(s_rows[n0:n1], p)
+                block = torch.bmm(s_k[n0:n1].transpose(1, 2), p.view(n1 - n0, -1, C1))
                 gram[n0:n1, :, m] = block[:, :C, :C]
                 if delta is not None:
                     vtg[n0:n1, :, m] = block[:, :C, C]
@@ -340,14 +349,15 @@ def pairwise_times_grads(
     """
     C, N, T, O = s.shape  # noqa: E741
     N_g = delta.shape[0]
-    s_rows = _sample_rows(s)
+    s_k = _sample_columns(s).view(N, T * O, C).transpose(1, 2)  # [n, c, (t, o)]
+    a_rows = a.reshape(N * T, a.shape[-1])
     out = s.new_empty(N, C, N_g)
     step = _chunk(N * T * max(O, T), N_g, chunk_elements)
     for m0 in range(0, N_g, step):
         m1 = min(N_g, m0 + step)
         M = m1 - m0
-        kernel = a.reshape(N * T, -1) @ a_grad[m0:m1].reshape(M * T, -1).T
+        kernel = a_rows @ a_grad[m0:m1].reshape(M * T, -1).T
         kernel = kernel.reshape(N * T, M, T).transpose(0, 1)
         q = torch.bmm(kernel, delta[m0:m1]).reshape(M, N, T * O)
-        out[:, :, m0:m1] = torch.bmm(s_rows, q.permute(1, 2, 0))
+        out[:, :, m0:m1] = torch.bmm(s_k, q.permute(1, 2, 0))
     return out.transpose(0, 1)

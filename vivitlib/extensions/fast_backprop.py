@@ -175,12 +175,19 @@ class FastReLUDerivatives(ReLUDerivatives):
 
     def column_op(self, module, subsampling=None) -> PendingOp | None:
         """The product as a pending map on a lazy factor's columns."""
-        x = _relu_input(module, subsampling)
+        return _relu_op(_relu_input(module, subsampling))
 
-        def narrow(o0: int, o1: int):
-            return _relu_masking(x[:, o0:o1]), (o0, o1)
 
-        return PendingOp(_relu_masking(x), tuple(x.shape), fresh=True, narrow=narrow)
+def _relu_op(x: Tensor) -> PendingOp:
+    """Pending ReLU ``Jᵀ`` for the layer input ``x`` ``[N, channels, ...]``."""
+
+    def narrow(o0: int, o1: int):
+        return _relu_masking(x[:, o0:o1]), (o0, o1)
+
+    def at(index: Tensor, shape: tuple[int, ...]) -> PendingOp:
+        return _relu_op(x.flatten(2).gather(2, index).view(shape))
+
+    return PendingOp(_relu_masking(x), tuple(x.shape), fresh=True, narrow=narrow, at=at)
 
 
 def _relu_input(module: nn.Module, subsampling: list[int] | None) -> Tensor:
@@ -275,6 +282,7 @@ def _max_pool(base: type) -> type:
                 (N, channels, *in_shape),
                 fresh=True,
                 narrow=narrow,
+                scatter=index,
             )
 
     _Fast.__name__ = f"Fast{base.__name__}"

@@ -46,12 +46,22 @@ class PendingOp:
         fresh: Whether ``fn`` returns a new buffer (not a view of its input).
         narrow: The map restricted to some output channels (``None``: the
             layer cannot compute a subset of its output channels alone).
+        scatter: For a map that adds every input entry to one output entry of
+            its channel (max pooling's ``Jᵀ``): ``index`` ``[N, channels,
+            inputs]``, each input's flat position in its channel's output.
+            Such a map keeps per-channel sums, and an element-wise map after it
+            may run before it at the gathered positions (``at``).
+        at: For an element-wise map: ``at(index, shape)`` is the same map for
+            inputs taken at flat per-channel positions ``index`` ``[N,
+            channels, k]`` of its input (per column ``shape``).
     """
 
     fn: ColumnOp
     shape: tuple[int, ...]
     fresh: bool
     narrow: Narrowing | None = None
+    scatter: Tensor | None = None
+    at: Callable[[Tensor, tuple[int, ...]], PendingOp] | None = None
 
 
 class LazyColumns:
@@ -99,7 +109,17 @@ class LazyColumns:
         return max(sizes) * self.element_size()
 
     def then(self, op: PendingOp) -> LazyColumns:
-        """This factor followed by one more map."""
+        """This factor followed by one more map.
+
+        An element-wise map after a scatter (ReLU after max pooling's ``Jᵀ``)
+        runs before it instead, on the scattered values at their target
+        positions: the same products on a smaller tensor.
+        """
+        last = self.ops[-1] if self.ops else None
+        if last is not None and last.scatter is not None and op.at is not None:
+            ahead = self.ops[:-1]
+            shape = ahead[-1].shape if ahead else tuple(self.source.shape[1:])
+            return LazyColumns(self.source, (*ahead, op.at(last.scatter, shape), last))
         return LazyColumns(self.source, (*self.ops, op))
 
     def columns(self, c0: int, c1: int) -> Tensor:
@@ -158,6 +178,27 @@ class LazyColumns:
                 out = x.new_empty(C, *x.shape[1:])
             out[c0:c1] = x
         return out
+
+    def channel_sums(self) -> Tensor:
+        """Sums over each channel's features, ``[C, N, channels]``.
+
+        Trailing scatters, which keep per-channel sums, are left out (the
+        sums of max pooling's ``Jᵀ`` are those of its smaller input). Formed a
+        slice of channels at a time (needs :attr:`narrowable` maps).
+        """
+        from vivitlib.memory import current_budget
+
+        lazy = self
+        while lazy.ops and lazy.ops[-1].scatter is not None:
+            lazy = LazyColumns(lazy.source, lazy.ops[:-1])
+        C, N, O = lazy.shape[:3]  # noqa: E741
+        channel_bytes = lazy.numel() // O * lazy.element_size()
+        step = current_budget().columns_per_chunk(channel_bytes, O)
+        sums = lazy.source.new_empty(C, N, O)
+        for o0 in range(0, O, step):
+            o1 = min(O, o0 + step)
+            sums[:, :, o0:o1] = lazy.channels(o0, o1).flatten(3).sum(3)
+        return sums
 
     def mixing_ops(self) -> int:
         """How many leading maps every channel slice would run (whole or mixing).

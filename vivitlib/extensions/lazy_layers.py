@@ -121,13 +121,7 @@ def channel_step(
     }
     budget = current_budget()
     if _wants(module, "bias", wants):
-        bias = quantity.source.new_empty(C, N, O)
-        channel_bytes = quantity.numel() // O * quantity.element_size()
-        step = budget.columns_per_chunk(channel_bytes, O)
-        for o0 in range(0, O, step):
-            o1 = min(O, o0 + step)
-            bias[:, :, o0:o1] = quantity.channels(o0, o1).flatten(3).sum(3)
-        results["bias"] = bias
+        results["bias"] = quantity.channel_sums()
     if module.input0.requires_grad:
         op = derivatives.column_op(module, subsampling=subsampling)
         lazy = quantity.then(op)

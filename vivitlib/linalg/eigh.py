@@ -243,7 +243,7 @@ def _eigh_ascending(
     ``j`` is the eigenvector of eigenvalue ``j``.
     """
     M = gram.shape[0]
-    if _syevd_applies(gram, dtype, eigenvectors):
+    if _syevd_applies(gram, dtype):
         in_place = overwrite and gram.dtype == dtype and gram.is_contiguous()
         if in_place:
             work = gram
@@ -284,7 +284,7 @@ _SYEVD_NAMES = {torch.float64: "dsyevd_", torch.float32: "ssyevd_"}
 _SYEVD_MAX_SIZE = 32767
 
 
-def _syevd_applies(gram: Tensor, dtype: torch.dtype, eigenvectors: bool) -> bool:
+def _syevd_applies(gram: Tensor, dtype: torch.dtype) -> bool:
     """Whether the in-place LAPACK path can decompose ``gram`` in ``dtype``."""
     return (
         gram.device.type == "cpu"

@@ -20,12 +20,13 @@ The budget is spent in fixed shares (:meth:`MemoryBudget.split`):
   ``'dense'`` Gram plan;
 * the kernels' slices and chunks (:class:`vivitlib.factors.CostModel`'s
   ``materialise_elements``: a quarter; ``chunk_elements`` and
-  ``workspace_elements``: an eighth each).
+  ``workspace_elements``: an eighth each); the ``'pairwise'`` Gram plan lays
+  its operands out for all samples at once only when they fit
+  ``chunk_elements``, else two blocks of samples at a time.
 
 What a layer cannot split -- a convolution's unfolded input, the lazy source,
-the copies the ``'pairwise'`` Gram plan makes of its output factor, results
-kept for lifting (``compute`` with eigenvectors or Newton steps) -- sets the
-smallest budget a network allows.
+results kept for lifting (``compute`` with eigenvectors or Newton steps) --
+sets the smallest budget a network allows.
 
 Without a budget (``max_memory=None``) the defaults apply: the cost model as
 it is, and factors above :data:`DEFAULT_LAZY_BYTES` kept lazy (which costs no

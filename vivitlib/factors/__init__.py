@@ -13,9 +13,11 @@ class:
 * :class:`OuterGrads` (:mod:`.outer`) -- per-sample gradients of both.
 
 :mod:`.costs` is the one cost model choosing plans and representations,
-:mod:`.kernels` the contraction kernels. All of them use one column order,
-class-major ``(c, n)``. ``vivitlib.extensions`` holds only the BackPACK glue
-that produces these pieces during a backward pass.
+:mod:`.kernels` (the ``'dense'`` plan, symmetric Gram products) and
+:mod:`.pairwise` (the ``'pairwise'`` plan) the contraction kernels. All of
+them use one column order, class-major ``(c, n)``. ``vivitlib.extensions``
+holds only the BackPACK glue that produces these pieces during a backward
+pass.
 
 Adding a layer type's fast path is a new representation here (a
 :class:`Factor` subclass) or one table entry in

@@ -5,24 +5,24 @@ For a weight with backpropagated factor ``s`` ``[C, N, T, O]`` and layer input
 ``v_cn = Σ_t s_cnt a_ntᵀ`` (an ``O × I`` matrix). Two ways to get the Gram
 matrix ``⟨v_cn, v_dm⟩``:
 
-* **dense**: form ``V`` (``C·N·T·O·I`` multiply-adds, one batched matmul per
-  column ``c``, no repeated input) and take ``VᵀV`` block by block, computing
-  only blocks on and above the diagonal (``≈ (C·N)²·O·I / 2``);
-* **pairwise**: per pair of samples ``(n, m)`` the input kernel
-  ``K_nm = a_n a_mᵀ`` ``[T, T]``, then
+* **dense** (here): form ``V`` (``C·N·T·O·I`` multiply-adds, one batched
+  matmul per column ``c`` or per sample, no repeated input) a slice of
+  outputs at a time and take ``VᵀV`` block by block, computing only blocks on
+  and above the diagonal (``≈ (C·N)²·O·I / 2``);
+* **pairwise** (:mod:`.pairwise`): per pair of samples ``(n, m)`` the input
+  kernel ``K_nm = a_n a_mᵀ`` ``[T, T]``, then
   ``⟨v_cn, v_dm⟩ = Σ_{t,u,o} s_cnto K_nm,tu s_dmuo`` — costs
   ``N²·T²·I / 2 + N²·T²·C·O / 2 + N²·C²·T·O / 2``, cheap when the layer has
-  few positions compared with its weight size (late convolutions). With the
-  output gradients ``Vᵀ g`` adds ``N²·T²·O / 2 + N²·C·T·O`` (no extra kernel).
+  few positions compared with its weight size (late convolutions).
 
-Both run at matrix-multiply speed: operands are laid out once, so the loops
-contain only (batched) GEMMs on views, never permuted copies. Both process
-samples in chunks so that no intermediate exceeds the chunk budget (in
-entries) beyond the outputs, and both use the symmetry of the Gram matrix.
-The pairwise loops run over samples, so they fill sample-major buffers; every
-function returns the library's one internal column order, class-major
-``(c, n)`` (BackPACK's): ``[C, N, C, N]`` Gram, ``[C, N, N']`` for ``Vᵀ g``
-(possibly as permuted views, never copies). Chunk budgets come from the caller
+Both run at matrix-multiply speed: operands are laid out before the loops,
+which contain only (batched) GEMMs on views, never permuted copies. Both
+process samples or outputs in chunks so that no intermediate exceeds the
+chunk budget (in entries) beyond the outputs, and both use the symmetry of
+the Gram matrix. Every function returns the library's one internal column
+order, class-major ``(c, n)`` (BackPACK's): ``[C, N, C, N]`` Gram,
+``[C, N, N']`` for ``Vᵀ g`` (possibly as permuted views of sample-major
+buffers, never copies). Chunk budgets come from the caller
 (:class:`~vivitlib.factors.costs.CostModel`).
 """
 
@@ -242,122 +242,3 @@ def dense_plan_gram(
 def grads_dense(delta: Tensor, a: Tensor) -> Tensor:
     """Per-sample gradients ``Σ_t δ_nt a_ntᵀ`` as ``[N', O·I]``."""
     return torch.bmm(delta.transpose(1, 2), a).flatten(1)
-
-
-def _sample_columns(s: Tensor, delta: Tensor | None = None) -> Tensor:
-    """``s`` ``[C, N, T, O]`` as one contiguous copy ``[N, T, O, C1]``.
-
-    ``Δ`` ``[N, T, O]``, if given, becomes column ``C`` (``C1 = C + 1``, else
-    ``C``). Per sample ``[(t, o), d]``: the layout both GEMMs of
-    :func:`pairwise_gram` read.
-    """
-    C, N, T, O = s.shape  # noqa: E741
-    out = s.new_empty(N, T, O, C + (delta is not None))
-    out[..., :C].copy_(s.permute(1, 2, 3, 0))
-    if delta is not None:
-        out[..., C].copy_(delta)
-    return out
-
-
-def pairwise_gram(
-    s: Tensor,
-    a: Tensor,
-    delta: Tensor | None = None,
-    *,
-    chunk_elements: int,
-    workspace_elements: int,
-) -> tuple[Tensor, Tensor | None]:
-    """Gram matrix (and optionally ``Vᵀ g``) through pairwise input kernels.
-
-    Every step is a plain or batched matrix product on operands laid out once
-    before the loops (no permuted copies inside them): ``s`` (with the output
-    gradients ``Δ`` as an extra column) as ``S[n] = [(t, o), d]``. For a chunk
-    of samples ``m``: the kernel rows ``K[(n, t), (m, u)]`` for ``n ≥ m`` (one
-    GEMM); per ``m``, ``P_m = K[:, m] S_m`` (``[(n, t), (o, d)]``, one GEMM)
-    and ``gram[n, :, m, :] = S_nᵀ P_m[n]`` (one batched GEMM over ``n``).
-    ``Vᵀ g`` comes from the same products: the ``Δ`` column gives
-    ``⟨v_cn, g_m⟩`` and the ``Δ`` row ``⟨v_dm, g_n⟩``, so the kernel's upper
-    half is never needed. The only copies are ``S`` (the size of ``s``) and
-    the layer input laid out as rows ``[(n, t), i]``.
-
-    Args:
-        s: Backpropagated factor ``[C, N, T, O]``.
-        a: Layer input ``[N, T, I]``, shared by the factor and the gradients.
-        delta: Output gradients ``[N, T, O]`` of the same samples, or ``None``.
-        chunk_elements: Largest kernel block (entries).
-        workspace_elements: Size of the per-sample products on the CPU.
-
-    Returns:
-        ``(gram, vtg)``: ``[C, N, C, N]`` and ``[C, N, N]`` (``None`` without
-        ``delta``), class-major views of sample-major buffers.
-    """
-    C, N, T, O = s.shape  # noqa: E741
-    s_cols = _sample_columns(s, delta)
-    C1 = s_cols.shape[-1]
-    s_k = s_cols.view(N, T * O, C1)  # [n, (t, o), d]
-    s_cols = s_cols.view(N, T, O * C1)  # [n, u, (o, d)]
-    a_rows = a.reshape(N * T, a.shape[-1])
-    gram = s.new_empty(N, C, N, C)
-    vtg = None if delta is None else s.new_empty(N, C, N)
-    # kernel rows n >= m0 for columns [m0, m1): at least 8 chunks, so that the
-    # kernel's work is about 9/16 of the full N·T × N·T product, not all of it
-    step = min(_chunk(N * T * T, N, chunk_elements), -(-N // 8))
-    # the CPU reuses a small workspace from cache; accelerators prefer fewer launches
-    workspace = chunk_elements
-    if s.device.type == "cpu":
-        workspace = min(workspace, workspace_elements)
-    rows_step = _chunk(T * O * C1, N, workspace)
-    # workspaces written by every GEMM in turn: no allocation inside the loops
-    kernel_space = s.new_empty(N * T * step * T)
-    p_space = s.new_empty(rows_step * T * O * C1)
-    for m0 in range(0, N, step):
-        m1 = min(N, m0 + step)
-        rows, cols = a_rows[m0 * T :], a_rows[m0 * T : m1 * T]
-        kernel = kernel_space[: rows.shape[0] * cols.shape[0]].view(len(rows), -1)
-        torch.mm(rows, cols.T, out=kernel)  # [(n, t), (m, u)]
-        for m in range(m0, m1):
-            k_m = kernel[:, (m - m0) * T : (m - m0 + 1) * T]
-            for n0 in range(m, N, rows_step):
-                n1 = min(N, n0 + rows_step)
-                p = p_space[: (n1 - n0) * T * O * C1].view((n1 - n0) * T, O * C1)
-                torch.mm(k_m[(n0 - m0) * T : (n1 - m0) * T], s_cols[m], out=p)
-                # [n, c, d]; with Δ as row and column C also ⟨v_cn, g_m⟩, ⟨g_n, v_dm⟩
-                block = torch.bmm(s_k[n0:n1].transpose(1, 2), p.view(n1 - n0, -1, C1))
-                gram[n0:n1, :, m] = block[:, :C, :C]
-                if delta is not None:
-                    vtg[n0:n1, :, m] = block[:, :C, C]
-                    vtg[m, :, n0:n1] = block[:, C, :C].T
-            gram[m, :, m + 1 :] = gram[m + 1 :, :, m].permute(2, 0, 1)
-    gram = gram.permute(1, 0, 3, 2)
-    return gram, None if vtg is None else vtg.transpose(0, 1)
-
-
-def pairwise_times_grads(
-    s: Tensor, a: Tensor, delta: Tensor, a_grad: Tensor, *, chunk_elements: int
-) -> Tensor:
-    """``Vᵀ g_m`` through pairwise kernels, inputs of the gradients ``a_grad``.
-
-    Args:
-        s: ``[C, N, T, O]``.
-        a: ``[N, T, I]``.
-        delta: ``[N', T, O]``.
-        a_grad: ``[N', T, I]``.
-        chunk_elements: Largest kernel block (entries).
-
-    Returns:
-        ``[C, N, N']`` (a class-major view).
-    """
-    C, N, T, O = s.shape  # noqa: E741
-    N_g = delta.shape[0]
-    s_k = _sample_columns(s).view(N, T * O, C).transpose(1, 2)  # [n, c, (t, o)]
-    a_rows = a.reshape(N * T, a.shape[-1])
-    out = s.new_empty(N, C, N_g)
-    step = _chunk(N * T * max(O, T), N_g, chunk_elements)
-    for m0 in range(0, N_g, step):
-        m1 = min(N_g, m0 + step)
-        M = m1 - m0
-        kernel = a_rows @ a_grad[m0:m1].reshape(M * T, -1).T
-        kernel = kernel.reshape(N * T, M, T).transpose(0, 1)
-        q = torch.bmm(kernel, delta[m0:m1]).reshape(M, N, T * O)
-        out[:, :, m0:m1] = torch.bmm(s_k, q.permute(1, 2, 0))
-    return out.transpose(0, 1)

@@ -4,14 +4,15 @@ Convolutions (``a`` is the unfolded input, one row per output pixel) and
 linear layers applied along a sequence. The Gram block is computed by one of
 two plans chosen by the cost model (:meth:`.CostModel.gram_plan_for`):
 ``'dense'`` forms ``V`` once and contracts it, ``'pairwise'`` contracts input
-kernels per sample pair without ever forming ``V`` (see :mod:`.kernels`).
+kernels per sample pair without ever forming ``V`` (see :mod:`.kernels` and
+:mod:`.pairwise`).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from vivitlib.factors import kernels
+from vivitlib.factors import kernels, pairwise
 from vivitlib.factors.base import Factor, Grads
 from vivitlib.factors.costs import current_cost_model
 from vivitlib.factors.outer import OuterFactor, grads_slices
@@ -24,7 +25,7 @@ class UnfoldedFactor(OuterFactor):
         model = current_cost_model()
         if model.gram_plan_for(*self.dims) == "pairwise":
             shared = self._outer_grads(grads) if self.shares_input(grads) else None
-            gram, vtg = kernels.pairwise_gram(
+            gram, vtg = pairwise.pairwise_gram(
                 self.s,
                 self.a,
                 None if shared is None else shared.delta,
@@ -51,7 +52,7 @@ class UnfoldedFactor(OuterFactor):
         model = current_cost_model()
         if outer is None or model.gram_plan_for(*self.dims) != "pairwise":
             return self.dense().times_grads(grads)
-        return kernels.pairwise_times_grads(
+        return pairwise.pairwise_times_grads(
             self.s, self.a, outer.delta, outer.a, chunk_elements=model.chunk_elements
         )
 

@@ -11,7 +11,8 @@ of ``[C, N, O, T]``, ``a`` of ``[N, I, T]``), and times
 per-sample gradients, single-threaded, as the median of interleaved runs. With
 ``--baseline`` a second ``kernels`` module (e.g. an older version from
 ``git show REV:vivitlib/factors/kernels.py``, ``vivitlib/extensions/kernels.py``
-before the move) is timed in the same rounds.
+before the move) is timed in the same rounds; if it holds the pairwise plan
+too (before :mod:`vivitlib.factors.pairwise` was split off), that is used.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ import time
 
 import torch
 
-from vivitlib.factors import OuterFactor, OuterGrads, kernels, outer_factor, unfolded
+from vivitlib.factors import (
+    OuterFactor,
+    OuterGrads,
+    kernels,
+    outer_factor,
+    pairwise,
+    unfolded,
+)
 
 #: 3C3D's last convolution on 32x32 inputs: (C, T, O, I).
 SHAPE = (10, 36, 128, 96 * 9)
@@ -55,21 +63,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    versions = {"current": kernels}
+    versions = {"current": (kernels, pairwise)}
     if args.baseline:
-        versions["baseline"] = _load(args.baseline)
+        old = _load(args.baseline)
+        versions["baseline"] = (old, old if hasattr(old, "pairwise_gram") else pairwise)
     medians = {}
     for N in args.batch_sizes:
         factor, grads = make_inputs(N)
         for what, g in (("gram", None), ("gram+vtg", grads)):
             runs: dict[str, list[float]] = {v: [] for v in versions}
             for _ in range(args.repeats + 1):
-                for name, module in versions.items():
-                    unfolded.kernels = module
+                for name, modules in versions.items():
+                    unfolded.kernels, unfolded.pairwise = modules
                     start = time.perf_counter()
                     factor.contract(g)
                     runs[name].append(time.perf_counter() - start)
-            unfolded.kernels = kernels
+            unfolded.kernels, unfolded.pairwise = kernels, pairwise
             for name, t in runs.items():
                 med = medians[(N, what, name)] = statistics.median(t[1:])
                 runs_s = [round(x, 3) for x in t[1:]]

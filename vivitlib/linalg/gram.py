@@ -6,6 +6,8 @@ from torch import Tensor
 
 #: Entries of the temporaries of the chunked functions below (per chunk).
 CHUNK_ELEMENTS = 2**20
+#: Entries converted to float64 at a time when adding float32 products.
+_CAST_ELEMENTS = 2**17
 #: Rows per strip in :func:`mirror_upper_` (transposed copies of narrow strips
 #: stay in cache: 11 ms at ``M = 2560`` against 57 ms with 1024 rows).
 _MIRROR_ROWS = 64
@@ -66,10 +68,17 @@ def add_kronecker_gram_upper(total: Tensor, s: Tensor, weights: Tensor) -> Tenso
         for n0 in range(0, N, step):
             n1, i0 = min(N, n0 + step), c * N + n0
             block = rows[i0 : c * N + n1] @ rows[i0:].T  # [r, (c, n0) ... (C, N)]
-            own, rest = block[:, : N - n0], block[:, N - n0 :]
-            flat[i0 : c * N + n1, i0 : (c + 1) * N].addcmul_(own, weights[n0:n1, n0:])
-            later = total[c, n0:n1, c + 1 :]  # classes after c, [r, C - c - 1, N]
-            later.addcmul_(rest.view(later.shape), weights[n0:n1, None, :])
+            # a mixed-dtype add makes a float64 copy of its input: a few rows
+            # at a time
+            sub = max(1, _CAST_ELEMENTS // block.shape[1])
+            for r0 in range(0, n1 - n0, sub):
+                m0, m1 = n0 + r0, min(n1, n0 + r0 + sub)
+                part = block[r0 : r0 + sub]
+                own, rest = part[:, : N - n0], part[:, N - n0 :]
+                target = flat[c * N + m0 : c * N + m1, i0 : (c + 1) * N]
+                target.addcmul_(own, weights[m0:m1, n0:])
+                later = total[c, m0:m1, c + 1 :]  # classes after c, [r, C-c-1, N]
+                later.addcmul_(rest.view(later.shape), weights[m0:m1, None, :])
     return total
 
 

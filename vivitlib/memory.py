@@ -129,22 +129,30 @@ class MemoryBudget:
         total_bytes: The budget (``max_memory``), or ``None`` for the defaults.
         lazy_bytes: A backpropagated factor larger than this stays lazy.
         column_bytes: Largest chunk of factor columns formed at a time.
+        lifted_vectors: How many vectors the kept factors will be applied to
+            after the pass, if known (``1`` when a Newton step is the only
+            result needing them); ``None``: unknown. Passed on to
+            :attr:`vivitlib.factors.CostModel.lifted_vectors`.
     """
 
     total_bytes: int | None = None
     lazy_bytes: int = DEFAULT_LAZY_BYTES
     column_bytes: int = 8 * 2**20
+    lifted_vectors: int | None = None
     _warned: list = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
-    def split(cls, total_bytes: int | None) -> MemoryBudget:
+    def split(
+        cls, total_bytes: int | None, lifted_vectors: int | None = None
+    ) -> MemoryBudget:
         """The shares of ``total_bytes`` (see the module doc); defaults for ``None``."""
         if total_bytes is None:
-            return cls()
+            return cls(lifted_vectors=lifted_vectors)
         return cls(
             total_bytes=total_bytes,
             lazy_bytes=max(1, total_bytes // 4),
             column_bytes=max(1, total_bytes // 8),
+            lifted_vectors=lifted_vectors,
         )
 
     def cost_settings(self, itemsize: int) -> dict[str, int]:
@@ -153,8 +161,11 @@ class MemoryBudget:
         Args:
             itemsize: Bytes per entry of the factors (4 for float32).
         """
+        settings = {}
+        if self.lifted_vectors is not None:
+            settings["lifted_vectors"] = self.lifted_vectors
         if self.total_bytes is None:
-            return {}
+            return settings
         from vivitlib.factors import current_cost_model
 
         defaults = current_cost_model()
@@ -163,6 +174,7 @@ class MemoryBudget:
         # 24 MiB: 5.7 s with an eighth, 3.5 s with a quarter, 2.7 s unbudgeted)
         quarter = max(1, self.total_bytes // (4 * itemsize))
         return {
+            **settings,
             "materialise_elements": min(defaults.materialise_elements, quarter),
             "chunk_elements": min(defaults.chunk_elements, eighth),
             "workspace_elements": min(defaults.workspace_elements, eighth),

@@ -178,6 +178,20 @@ def test_budget_shares():
     assert MemoryBudget.split(None).cost_settings(4) == {}
 
 
+def test_announced_lifts_reach_the_cost_model():
+    from vivitlib.factors import current_cost_model
+    from vivitlib.memory import memory_budget
+
+    assert MemoryBudget.split(None, lifted_vectors=1).cost_settings(4) == {
+        "lifted_vectors": 1
+    }
+    budget = MemoryBudget.split(2**20, lifted_vectors=3)
+    assert budget.cost_settings(4)["lifted_vectors"] == 3
+    with memory_budget(budget):
+        assert current_cost_model().lifted_vectors == 3
+    assert current_cost_model().lifted_vectors is None
+
+
 def _wide_conv_net():
     """A convolution whose dense V outweighs its output factor, after max pooling."""
     return nn.Sequential(
@@ -262,3 +276,26 @@ def test_tied_weights_keep_the_whole_backprop(monkeypatch):
     with pytest.raises(Exception, match="twice|tied"):
         with backpack(*ggn.extensions, extension_hook=ggn.hook):
             loss_fn(model(X), y).backward()
+
+
+def test_newton_step_with_one_announced_lift_matches_dense():
+    """A pass told that one vector will be lifted (the Newton step) keeps the
+    convolutions' factors outer instead of dense, with the same numbers."""
+    from vivitlib.factors import UnfoldedFactor, cost_model
+
+    problem = make_problem(dict(model=_wide_conv_net, loss=nn.CrossEntropyLoss,
+                                x=(4, 2, 10, 10), y=_targets))  # fmt: skip
+    compute = ("eigenvalues", "directional_derivatives", "newton_step")
+    kept = {}
+    for lifts in (None, 1):
+        with cost_model(lifted_vectors=lifts):
+            ggn = vivitlib.LowRankGGN(problem.params, compute=compute)
+            (kept[lifts],) = _quiet_run(problem, ggn)
+        factors = ggn._pass.accumulators[0].factors.values()
+        outer = [f for f in factors if isinstance(f, UnfoldedFactor)]
+        assert len(outer) == (2 if lifts == 1 else 0)
+    for damping in (1e-3, 1.0):
+        steps = zip(kept[1].newton_step(damping), kept[None].newton_step(damping))
+        for a, b in steps:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert_block_matches_dense(kept[1], problem.dense())

@@ -272,3 +272,37 @@ def test_bias_factor_changed_in_place_is_not_reused():
     assert not factor.is_bias_factor(DenseFactor(bias), acc._pending[2])
     with pytest.raises(RuntimeError, match="changed in place"):
         acc.add(b, bias, None)
+
+
+def test_keep_dense_weighs_known_lifts():
+    # 3C3D's second and first convolutions (C = 9 columns) at N = 64: a Newton
+    # step alone (one lift) keeps the outer factors, ten lifts the dense V
+    for dims in [(9, 64, 144, 96, 576), (9, 64, 784, 64, 75)]:
+        assert CostModel().keep_dense(*dims)
+        assert not CostModel(lifted_vectors=1).keep_dense(*dims)
+        assert CostModel(lifted_vectors=10).keep_dense(*dims)
+    # memory still decides first: conv3's V is too large whatever the lifts
+    assert not CostModel(lifted_vectors=100).keep_dense(9, 64, 36, 128, 864)
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "1"])
+def test_lifted_vectors_is_validated(value):
+    with pytest.raises(ValueError, match="lifted_vectors must be None or"):
+        CostModel(lifted_vectors=value)
+
+
+@pytest.mark.parametrize("lifts", [None, 1, 2])
+def test_one_known_lift_keeps_the_outer_factor(lifts):
+    """With one lift announced the kept factor stays outer; numbers unchanged."""
+    factor, grads = _outer(C=2, N=3, T=50, O=2, I=3)  # dense V 36 vs factors 1050
+    v, g = _materialised(factor, grads)
+    with cost_model(gram_plan="dense", lifted_vectors=lifts):
+        gram, vtg, kept = factor.contract(grads, keep=True)
+    assert isinstance(kept, OuterFactor if lifts == 1 else DenseFactor)
+    coeffs = torch.randn(2, 3, 4, dtype=torch.float64)
+    flat = v.reshape(6, -1)
+    torch.testing.assert_close(gram.reshape(6, 6), flat @ flat.T)
+    torch.testing.assert_close(vtg, torch.einsum("cnd,md->cnm", v, g))
+    torch.testing.assert_close(
+        kept.apply(coeffs), torch.einsum("cnk,cnd->kd", coeffs, v)
+    )

@@ -165,3 +165,16 @@ def test_non_finite_gram_is_refused_before_anything_changes():
     huge = torch.full((3, 3), 5e307, dtype=torch.float64)  # finite, sum overflows
     evals, _ = linalg.gram_eigh(huge, eigenvectors=False)
     torch.testing.assert_close(evals, torch.tensor([1.5e308], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_tracked_gram_stays_differentiable(overwrite):
+    V = _random_factor(9, 6).requires_grad_(True)
+    evals, _ = linalg.gram_eigh(V.T @ V, eigenvectors=False, overwrite=overwrite)
+    evals.sum().backward()  # Σ λ = tr(VᵀV) = ‖V‖²: gradient 2 V
+    torch.testing.assert_close(V.grad, 2 * V.detach(), rtol=1e-12, atol=1e-12)
+
+
+def _random_factor(rows: int, cols: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(rows, cols, generator=g, dtype=torch.float64)

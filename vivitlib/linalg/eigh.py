@@ -210,10 +210,11 @@ def gram_eigh(
     evals, rows = _eigh_ascending(gram, dtype, eigenvectors, overwrite)
     if evals.numel() == 0:
         return evals, None if rows is None else rows.T
+    values = evals.detach()  # the cut-off is a number, not part of a graph
     if rtol is None:
-        tol = eigenvalue_cutoff(evals, factor_dtype=factor_dtype, eigh_dtype=dtype)
+        tol = eigenvalue_cutoff(values, factor_dtype=factor_dtype, eigh_dtype=dtype)
     else:
-        tol = rtol * max(float(evals[-1]), 0.0)
+        tol = rtol * max(float(values[-1]), 0.0)
     # ascending order: the kept eigenpairs are a suffix; reversed in place
     first = evals.numel() - int((evals > tol).sum())
     evals = evals[first:].flip(0)
@@ -285,9 +286,14 @@ _SYEVD_MAX_SIZE = 32767
 
 
 def _syevd_applies(gram: Tensor, dtype: torch.dtype) -> bool:
-    """Whether the in-place LAPACK path can decompose ``gram`` in ``dtype``."""
+    """Whether the in-place LAPACK path can decompose ``gram`` in ``dtype``.
+
+    Not for a ``gram`` that autograd tracks (``torch.linalg.eigh`` is
+    differentiable, a foreign call is not).
+    """
     return (
         gram.device.type == "cpu"
+        and not (gram.requires_grad and torch.is_grad_enabled())
         and gram.dtype in _SYEVD_NAMES
         and 0 < gram.shape[0] <= _SYEVD_MAX_SIZE
         and _syevd_routine(dtype) is not None

@@ -8,7 +8,9 @@ forms ``V`` a slice of output channels at a time
 form a subset of channels alone (activations, max pooling, flatten,
 convolutions with ``groups=1``), the same slices of ``s`` are formed from the
 lazy source, so neither ``s`` nor ``V`` exists whole: memory holds the lazy
-source, the unfolded input and one slice.
+source, the unfolded input and one slice. (Maps every slice would rerun whole
+-- up to a previous convolution's ``Jᵀ`` -- are formed once before,
+:func:`~vivitlib.extensions.lazy_layers.sliceable`.)
 
 Everything else a factor offers (lifting, projections, the exchange between
 ranks) forms ``s`` once and hands over to

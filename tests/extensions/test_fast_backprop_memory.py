@@ -6,7 +6,7 @@ from backpack import backpack, extend
 from backpack.core.derivatives.maxpool2d import MaxPool2DDerivatives
 from torch import nn
 
-from vivitlib.extensions import conv_backprop, fast_backprop
+from vivitlib.extensions import conv_backprop, fast_backprop, heap
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -28,7 +28,7 @@ def _stock_pool(module, mat):
 def calls(monkeypatch):
     """Count calls of :func:`release_free_heap` made by the rules."""
     seen = []
-    monkeypatch.setattr(fast_backprop, "release_free_heap", lambda: seen.append(1))
+    monkeypatch.setattr(heap, "release_free_heap", lambda: seen.append(1))
     return seen
 
 
@@ -36,7 +36,7 @@ def test_large_output_releases_heap_first_and_keeps_backpacks_numbers(
     monkeypatch, calls
 ):
     module, mat = _pool_and_factor()
-    monkeypatch.setattr(fast_backprop, "RELEASE_HEAP_BYTES", 0)
+    monkeypatch.setattr(heap, "RELEASE_HEAP_BYTES", 0)
     out = fast_backprop.jac_t_mat_prod(module, mat)
     assert calls == [1]
     torch.testing.assert_close(out, _stock_pool(module, mat), rtol=1e-12, atol=0)
@@ -51,18 +51,18 @@ def test_small_output_does_not_release(calls):
 def test_release_threshold_is_the_glibc_mmap_ceiling():
     # blocks below glibc's largest dynamic mmap threshold (32 MiB) may stay in
     # the heap after being freed; a larger output is always mapped afresh
-    assert fast_backprop.RELEASE_HEAP_BYTES == 32 * 2**20
+    assert heap.RELEASE_HEAP_BYTES == 32 * 2**20
 
 
 def test_release_is_a_no_op_without_malloc_trim(monkeypatch):
-    monkeypatch.setattr(fast_backprop, "_malloc_trim", lambda: None)
-    assert fast_backprop.release_free_heap() is False
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
+    assert heap.release_free_heap() is False
 
 
 def test_release_touches_no_tensor():
     x = torch.randn(1000, dtype=torch.float64)
     before = x.clone()
-    called = fast_backprop.release_free_heap()
+    called = heap.release_free_heap()
     assert isinstance(called, bool)
     assert torch.equal(x, before)
 
@@ -123,7 +123,7 @@ def test_conv_chunks_bound_the_batch_of_each_transposed_convolution(monkeypatch)
     fast = conv_backprop.FAST_CONV_DERIVATIVES[nn.Conv2d]()
     monkeypatch.setattr(fast, "conv_transpose_func", spy)
     released = []
-    monkeypatch.setattr(fast_backprop, "release_free_heap", lambda: released.append(1))
+    monkeypatch.setattr(heap, "release_free_heap", lambda: released.append(1))
     fast.jac_t_mat_prod(module, None, None, mat)
     N = mat.shape[1]
     assert batches == [3 * N, 3 * N, N]

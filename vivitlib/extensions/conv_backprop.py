@@ -18,7 +18,7 @@ from backpack.core.derivatives.conv2d import Conv2DDerivatives
 from backpack.core.derivatives.conv3d import Conv3DDerivatives
 from torch import Tensor, nn
 
-from vivitlib.extensions import fast_backprop
+from vivitlib.extensions import heap
 from vivitlib.extensions.lazy import PendingOp, input_shape
 
 #: A convolution's transposed Jacobian runs on column chunks of at most this
@@ -58,7 +58,7 @@ def _column_chunked(base: type) -> type:
     once, whose scratch is about as large as its output; in chunks of columns it
     stays a few MiB (3C3D, ``N = 64``: 34 instead of 65 MiB above the input for
     the second convolution, same time), and the free heap is released after the
-    chunks (see :mod:`.fast_backprop`). Every chunk is BackPACK's own product.
+    chunks (see :mod:`.heap`). Every chunk is BackPACK's own product.
     """
 
     class _Fast(base):
@@ -81,7 +81,7 @@ def _column_chunked(base: type) -> type:
                 out[c0 : c0 + step] = part
             del part
             if out.device.type == "cpu":  # the chunks' scratch went back to the heap
-                fast_backprop.release_free_heap()
+                heap.release_free_heap()
             return out
 
         def column_op(self, module, subsampling=None) -> PendingOp:

@@ -15,8 +15,9 @@ arithmetic with plain broadcasting:
   with the pooling indices expanded (not copied) over the ``C`` columns; the
   indices are the ones autograd saved in the forward pass
   (:mod:`.pool_indices`), recomputed only where the graph does not expose
-  them. (A gather instead of the zero-filled buffer, possible for disjoint
-  windows, was twice as slow: 3C3D-sized 2x2 pooling, 128 vs 62 ms.)
+  them (:mod:`.max_pool`). (A gather instead of the zero-filled buffer,
+  possible for disjoint windows, was twice as slow: 3C3D-sized 2x2 pooling,
+  128 vs 62 ms.)
 
 (``Flatten`` keeps BackPACK's rule, a view.) The per-sample-gradient
 extension backpropagates nothing through these layers.
@@ -36,18 +37,6 @@ pooled values at their target pixels (:meth:`LazyColumns.then
 <vivitlib.extensions.lazy.LazyColumns.then>`): the same products on a tensor a
 quarter the size.
 
-Before a rule allocates a large CPU output (max pooling's is several times its
-input), it hands the C heap's free pages back to the operating system
-(:func:`release_free_heap`): glibc keeps freed blocks below its dynamic mmap
-threshold (up to 32 MiB) in the heap, while a block above it is mapped afresh,
-so without the release the retained free heap and the new buffer add up in the
-resident memory (3C3D: full compute at ``N = 64`` peaks at 406 instead of
-451 MiB, eigenvalues at ``N = 256`` at 1180 instead of 1250 MiB); it costs a
-few milliseconds per call. (Backing such an output by transparent huge pages
-halves its zero-filling in isolation, but with the kernel's default
-``defrag=madvise`` the faults then compact memory: the whole pass became
-0.1-0.8 s slower and erratic on 3C3D at ``N = 64``, so it is not done.)
-
 On the CPU most of the time of a large backpropagated factor goes into
 touching freshly allocated memory, so the activation rules multiply **in
 place** when nothing else can see the factor: the extension's ledger
@@ -57,6 +46,7 @@ factor may keep) confirms that no other stored or kept tensor shares its
 memory (e.g. a residual sum hands one tensor to both branches), and the
 tensor is contiguous and outside autograd.
 Otherwise they compute out of place. Either way the numbers are BackPACK's.
+Large outputs are allocated after handing free heap back (:mod:`.heap`).
 
 :data:`FAST_SQRT` maps module classes to rules registered on the factor
 extension through BackPACK's ``set_module_extension``.
@@ -64,8 +54,6 @@ extension through BackPACK's ``set_module_extension``.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from math import prod
 from typing import Any
 
@@ -88,45 +76,8 @@ from torch import Tensor, nn
 
 from vivitlib.extensions.lazy import LazyColumns, PendingOp, input_shape
 from vivitlib.extensions.ledger import may_overwrite
-from vivitlib.extensions.pool_indices import saved_indices
+from vivitlib.extensions.max_pool import fast_max_pool
 from vivitlib.memory import current_budget
-
-#: Outputs of at least this many bytes are allocated after :func:`release_free_heap`.
-RELEASE_HEAP_BYTES = 32 * 2**20
-
-
-@functools.cache
-def _malloc_trim():
-    """The C library's ``malloc_trim`` (glibc), or ``None`` where it lacks one."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return None
-
-
-def release_free_heap() -> bool:
-    """Return the C heap's free pages to the operating system (glibc ``malloc_trim``).
-
-    Purely an allocator hint: no tensor is touched. A no-op where the C library
-    has no ``malloc_trim`` (macOS, musl).
-
-    Returns:
-        Whether ``malloc_trim`` was called.
-    """
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
-def _new_zeros(like: Tensor, *shape: int) -> Tensor:
-    """``like.new_zeros(shape)``, releasing free heap first if it is large (CPU)."""
-    if like.device.type == "cpu" and prod(shape) * like.element_size() >= (
-        RELEASE_HEAP_BYTES
-    ):
-        release_free_heap()
-    return like.new_zeros(shape)
 
 
 def _scaling(factor: Tensor):
@@ -258,59 +209,6 @@ class FastFlattenDerivatives(FlattenDerivatives):
         return PendingOp(unflatten, tuple(shape), fresh=False, narrow=narrow)
 
 
-def _max_pool(base: type) -> type:
-    """``base`` with one scatter over flattened pixels, indices expanded not copied."""
-
-    class _Fast(base):
-        #: The output is larger than the input: worth keeping lazy.
-        grows = True
-
-        def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
-            return self.column_op(module, subsampling).fn(mat, False)
-
-        def get_pooling_idx(self, module, subsampling=None) -> Tensor:
-            """Autograd's saved indices where offered, else BackPACK's recomputation."""
-            indices = saved_indices(module, subsampling)
-            if indices is not None:
-                return indices
-            return super().get_pooling_idx(module, subsampling=subsampling)
-
-        def column_op(self, module, subsampling=None) -> PendingOp:
-            """The scatter as a pending map (captures the pooling indices)."""
-            index = self.get_pooling_idx(module, subsampling=subsampling)
-            N, channels = index.shape[:2]
-            in_shape = tuple(module.input0.shape[2:])
-            index = index.reshape(N, channels, -1)
-
-            def narrow(o0: int, o1: int):
-                return _unpooling(index[:, o0:o1], in_shape), (o0, o1)
-
-            return PendingOp(
-                _unpooling(index, in_shape),
-                (N, channels, *in_shape),
-                fresh=True,
-                narrow=narrow,
-                scatter=index,
-            )
-
-    _Fast.__name__ = f"Fast{base.__name__}"
-    return _Fast
-
-
-def _unpooling(index: Tensor, in_shape: tuple[int, ...]):
-    """Max pooling's ``Jᵀ`` for pooling indices ``[N, channels, out pixels]``."""
-    N, channels = index.shape[:2]
-    flat = index.reshape(1, N * channels, -1)
-
-    def unpool(x: Tensor, fresh: bool) -> Tensor:
-        V = x.shape[0]
-        out = _new_zeros(x, V, N * channels, prod(in_shape))
-        out.scatter_add_(2, flat.expand(V, -1, -1), x.reshape(V, N * channels, -1))
-        return out.view(V, N, channels, *in_shape)
-
-    return unpool
-
-
 #: Module class -> fast derivatives (same arithmetic as BackPACK's).
 FAST_DERIVATIVES: dict[type[nn.Module], type] = {
     nn.ReLU: FastReLUDerivatives,
@@ -321,9 +219,9 @@ FAST_DERIVATIVES: dict[type[nn.Module], type] = {
     nn.SELU: _elementwise(SELUDerivatives),
     nn.LogSigmoid: _elementwise(LogSigmoidDerivatives),
     nn.Dropout: FastDropoutDerivatives,
-    nn.MaxPool1d: _max_pool(MaxPool1DDerivatives),
-    nn.MaxPool2d: _max_pool(MaxPool2DDerivatives),
-    nn.MaxPool3d: _max_pool(MaxPool3DDerivatives),
+    nn.MaxPool1d: fast_max_pool(MaxPool1DDerivatives),
+    nn.MaxPool2d: fast_max_pool(MaxPool2DDerivatives),
+    nn.MaxPool3d: fast_max_pool(MaxPool3DDerivatives),
     nn.Flatten: FastFlattenDerivatives,
 }
 

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from vivitlib import _checks
 from vivitlib._warnings import BACKWARD_HOOK_WARNING
-from vivitlib.block import Scaling
+from vivitlib.accumulator import Scaling
 from vivitlib.curvature_pass import CurvaturePass
 from vivitlib.distributed import FactorExchange, resolve_group, select_samples
 from vivitlib.errors import (

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vivitlib.block import GGNBlock, GroupAccumulator
+from vivitlib.accumulator import GroupAccumulator
+from vivitlib.block import GGNBlock
 from vivitlib.collector import BackpackCollector
 from vivitlib.linalg.eigh import check_rtol, choose_eigh_dtype
 

@@ -16,7 +16,7 @@ from torch.func import functional_call, jacrev
 
 import vivitlib
 from tests.reference import plain_copy
-from vivitlib.block import GroupAccumulator
+from vivitlib.accumulator import GroupAccumulator
 from vivitlib.factors import DenseFactor, KroneckerFactor
 from vivitlib.linalg.gram import add_kronecker_gram_upper, mirror_upper_
 

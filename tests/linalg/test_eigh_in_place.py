@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vivitlib import linalg
-from vivitlib.linalg import eigh as eigh_module
+from vivitlib.linalg import _lapack
 from vivitlib.linalg.gram import mirror_upper_
 
 SIZES = [1, 2, 7, 60, 301]
@@ -38,7 +38,7 @@ def _cut(evals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 needs_lapack = pytest.mark.skipif(
-    eigh_module._syevd_routine(torch.float64) is None,
+    _lapack.syevd_routine(torch.float64) is None,
     reason="torch's library exports no ?syevd here (the torch path is used)",
 )
 
@@ -146,7 +146,7 @@ def test_float32_solver_and_transposed_input_copy_once(eigenvectors):
 def test_torch_path_when_no_lapack_routine_is_found(monkeypatch, eigenvectors):
     gram = _psd(40, 30)
     expected = linalg.gram_eigh(gram, eigenvectors=eigenvectors)
-    monkeypatch.setattr(eigh_module, "_syevd_routine", lambda dtype: None)
+    monkeypatch.setattr(_lapack, "syevd_routine", lambda dtype: None)
     work = gram.clone()
     got = linalg.gram_eigh(work, eigenvectors=eigenvectors, overwrite=True)
     assert torch.equal(work, gram)  # torch's path copies

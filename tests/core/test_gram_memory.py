@@ -127,19 +127,25 @@ def _reference_gram(model, X):
     return (2 * J @ J.T).detach()
 
 
+def _square_loss_block(model, X, y, compute):
+    """The one block of a pass with a summed square loss."""
+    loss_fn = extend(nn.MSELoss(reduction="sum"))
+    kwargs = {} if compute is None else {"compute": compute}
+    ggn = vivitlib.LowRankGGN(model.parameters(), **kwargs)
+    with backpack(*ggn.extensions, extension_hook=ggn.hook):
+        loss_fn(model(X), y).backward()
+    (block,) = ggn.blocks
+    return block
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     "compute", [("eigenvalues",), None], ids=["eigenvalues-in-place", "all"]
 )
 def test_block_gram_equals_dense_reference(dtype, compute):
     model = extend(_model(dtype))
-    loss_fn = extend(nn.MSELoss(reduction="sum"))
     X, y = _random(6, 1, 4, 4, dtype=dtype), _random(6, 3, dtype=dtype, seed=1)
-    kwargs = {} if compute is None else {"compute": compute}
-    ggn = vivitlib.LowRankGGN(model.parameters(), **kwargs)
-    with backpack(*ggn.extensions, extension_hook=ggn.hook):
-        loss_fn(model(X), y).backward()
-    (block,) = ggn.blocks
+    block = _square_loss_block(model, X, y, compute)
     expected = _reference_gram(model, X)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     scale = float(expected.abs().max())
@@ -154,12 +160,7 @@ def test_block_gram_equals_dense_reference(dtype, compute):
 def test_a_single_linear_weight_is_added_when_the_block_is_made(compute):
     torch.manual_seed(0)
     model = extend(nn.Linear(4, 3, bias=False).double())  # nothing follows it
-    loss_fn = extend(nn.MSELoss(reduction="sum"))
     X, y = _random(5, 4), _random(5, 3, seed=1)
-    kwargs = {} if compute is None else {"compute": compute}
-    ggn = vivitlib.LowRankGGN(model.parameters(), **kwargs)
-    with backpack(*ggn.extensions, extension_hook=ggn.hook):
-        loss_fn(model(X), y).backward()
-    (block,) = ggn.blocks
+    block = _square_loss_block(model, X, y, compute)
     expected = _reference_gram(model, X)
     torch.testing.assert_close(block.gram, expected, rtol=1e-12, atol=1e-12)

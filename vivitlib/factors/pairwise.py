@@ -27,7 +27,9 @@ from torch import Tensor
 from vivitlib.factors.kernels import _chunk
 
 
-def _sample_columns(s: Tensor, delta: Tensor | None = None, out: Tensor | None = None):
+def _sample_columns(
+    s: Tensor, delta: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
     """``s`` ``[C, N, T, O]`` as one contiguous copy ``[N, T, O, C1]``.
 
     ``Δ`` ``[N, T, O]``, if given, becomes column ``C`` (``C1 = C + 1``, else

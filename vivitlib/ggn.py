@@ -12,6 +12,7 @@ from vivitlib.accumulator import GroupAccumulator
 from vivitlib.block import GGNBlock
 from vivitlib.collector import BackpackCollector
 from vivitlib.linalg.eigh import check_rtol, choose_eigh_dtype
+from vivitlib.memory import MemoryBudget
 
 
 def check_gradients_match(
@@ -180,6 +181,10 @@ class LowRankGGN(BackpackCollector):
             generator=generator,
             max_memory=max_memory,
         )
+        if "eigenvectors" not in self.compute:
+            # kept factors lift one vector per step (the Newton step): the cost
+            # model weighs forming a dense V against that single application
+            self._budget = MemoryBudget.split(self.max_memory, lifted_vectors=1)
 
     @property
     def blocks(self) -> list[GGNBlock]:

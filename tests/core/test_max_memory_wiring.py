@@ -90,3 +90,21 @@ def test_first_layer_only_under_a_budget_matches_dense(budget):
     ggn = vivitlib.LowRankGGN(first, max_memory=budget)
     _quietly(lambda: problem.run(ggn))
     assert_block_matches_dense(ggn.blocks[0], problem.dense(first))
+
+
+@pytest.mark.parametrize(
+    "compute, lifted",
+    [(None, None), (("eigenvalues",), 1), (("newton_step",), 1),
+     (("eigenvectors", "newton_step"), None)],
+)  # fmt: skip
+def test_newton_only_passes_announce_one_lifted_vector(compute, lifted):
+    """Without eigenvectors, kept factors lift one vector: the cost model knows."""
+    problem = make_problem(NETS["pool-net"])
+    kwargs = {} if compute is None else {"compute": compute}
+    ggn = vivitlib.LowRankGGN(problem.params, max_memory="1MiB", **kwargs)
+    assert ggn._budget.lifted_vectors == lifted
+    assert ggn._budget.total_bytes == 2**20
+    if compute == ("newton_step",):  # the outer factors it keeps are exact
+        dense = problem.dense()
+        _quietly(lambda: problem.run(ggn))
+        assert_block_matches_dense(ggn.blocks[0], dense)

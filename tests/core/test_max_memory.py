@@ -279,18 +279,19 @@ def test_tied_weights_keep_the_whole_backprop(monkeypatch):
 
 
 def test_newton_step_with_one_announced_lift_matches_dense():
-    """A pass told that one vector will be lifted (the Newton step) keeps the
-    convolutions' factors outer instead of dense, with the same numbers."""
-    from vivitlib.factors import UnfoldedFactor, cost_model
+    """A pass without eigenvectors announces one lifted vector (the Newton
+    step) and keeps the convolutions' factors outer instead of dense (as a pass
+    with eigenvectors does), with the same numbers."""
+    from vivitlib.factors import UnfoldedFactor
 
     problem = make_problem(dict(model=_wide_conv_net, loss=nn.CrossEntropyLoss,
                                 x=(4, 2, 10, 10), y=_targets))  # fmt: skip
-    compute = ("eigenvalues", "directional_derivatives", "newton_step")
+    newton_only = ("eigenvalues", "directional_derivatives", "newton_step")
     kept = {}
-    for lifts in (None, 1):
-        with cost_model(lifted_vectors=lifts):
-            ggn = vivitlib.LowRankGGN(problem.params, compute=compute)
-            (kept[lifts],) = _quiet_run(problem, ggn)
+    for lifts, compute in ((None, newton_only + ("eigenvectors",)), (1, newton_only)):
+        ggn = vivitlib.LowRankGGN(problem.params, compute=compute)
+        assert ggn._budget.lifted_vectors == lifts
+        (kept[lifts],) = _quiet_run(problem, ggn)
         factors = ggn._pass.accumulators[0].factors.values()
         outer = [f for f in factors if isinstance(f, UnfoldedFactor)]
         assert len(outer) == (2 if lifts == 1 else 0)

@@ -109,10 +109,10 @@ def tiny_defaults(monkeypatch):
     """No budget, but every backpropagated factor above 1 byte stays lazy."""
     real = MemoryBudget.split.__func__
 
-    def split(cls, total):
-        return (
-            cls(lazy_bytes=1, column_bytes=200) if total is None else real(cls, total)
-        )
+    def split(cls, total, lifted_vectors=None):
+        if total is None:
+            return cls(lazy_bytes=1, column_bytes=200, lifted_vectors=lifted_vectors)
+        return real(cls, total, lifted_vectors=lifted_vectors)
 
     monkeypatch.setattr(MemoryBudget, "split", classmethod(split))
 

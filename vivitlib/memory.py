@@ -30,7 +30,10 @@ sets the smallest budget a network allows.
 
 Without a budget (``max_memory=None``) the defaults apply: the cost model as
 it is, and factors above :data:`DEFAULT_LAZY_BYTES` kept lazy (which costs no
-time: each column is still formed once).
+time: each column is still formed once). A convolution that forms its factor by
+slices of output channels first forms the maps behind a previous
+convolution's ``Jᵀ`` once (:func:`vivitlib.extensions.lazy_layers.sliceable`);
+under a budget only where that fits :attr:`~MemoryBudget.lazy_bytes`.
 
 A budget that a layer cannot meet (its smallest working set -- one column of
 its factor, its unfolded input -- is larger) is not an error: the pass runs

@@ -141,6 +141,8 @@ class GroupAccumulator:
         if self.keep_factors:
             self.factors[id(param)] = kept
         self.visited.add(id(param))
+        if len(self.visited) == len(self.params):  # the group is complete:
+            self._add_pending()  # free a waiting linear weight's s and a now
 
     def _contract(
         self, factor: Factor, grads: Grads | None

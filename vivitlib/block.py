@@ -126,7 +126,7 @@ class GGNBlock:
         num_grad_samples: ``N_g``, samples behind the per-sample gradients.
 
     A cross-entropy factor may reach the block deflated, ``C - 1`` columns per
-    sample (:func:`~vivitlib.extensions.losses.softmax_null_basis`); then
+    sample (:func:`~vivitlib.extensions.losses.cross_entropy_column_basis`); then
     ``column_basis`` ``[n, C, C - 1]`` (one row per curvature sample of the
     factor) maps its columns back, and :attr:`gram` and :attr:`gram_evecs`
     are those of BackPACK's ``C`` columns. Everything else is unchanged by a

@@ -37,7 +37,7 @@ from vivitlib.extensions import (
     BatchGradsExtension,
     GGNFactorExtension,
 )
-from vivitlib.extensions.losses import loss_weighting, softmax_null_basis
+from vivitlib.extensions.losses import cross_entropy_column_basis, loss_weighting
 from vivitlib.factors import as_factor, as_grads
 from vivitlib.groups import normalize_groups
 from vivitlib.memory import MemoryBudget, memory_budget, parse_memory
@@ -163,7 +163,7 @@ class BackpackCollector:
         """Whether an exact cross-entropy factor has ``C - 1`` columns per sample.
 
         One process and the exact factor only; see
-        :func:`~vivitlib.extensions.losses.softmax_null_basis`.
+        :func:`~vivitlib.extensions.losses.cross_entropy_column_basis`.
         """
         return self.mc_samples == 0 and self.process_group is None
 
@@ -329,7 +329,9 @@ class BackpackCollector:
             exchange,
         )
         if self.deflates:
-            self._pass.column_basis = softmax_null_basis(loss_module, self.subsampling)
+            self._pass.column_basis = cross_entropy_column_basis(
+                loss_module, self.subsampling
+            )
         _quiet_backward_hook_warning(self._pass, self._end_of_backward)
 
     def _apply_subsampling_rule(self, output: Tensor) -> None:

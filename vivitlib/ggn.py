@@ -182,8 +182,9 @@ class LowRankGGN(BackpackCollector):
             max_memory=max_memory,
         )
         if "eigenvectors" not in self.compute:
-            # kept factors lift one vector per step (the Newton step): the cost
-            # model weighs forming a dense V against that single application
+            # a hint for speed only (the numbers never depend on it): kept
+            # factors usually lift one vector per step (the Newton step), so
+            # the cost model weighs forming a dense V against one application
             self._budget = MemoryBudget.split(self.max_memory, lifted_vectors=1)
 
     @property

@@ -5,6 +5,8 @@ backpropagates ``S_n B_n`` (``C - 1`` columns) and maps Gram-space results back
 to BackPACK's ``C`` columns. References: dense ``torch.func`` float64.
 """
 
+import copy
+
 import pytest
 import torch
 from backpack import backpack, extend
@@ -15,7 +17,7 @@ import vivitlib
 from tests.core.cases import CASES, make_problem
 from tests.core.helpers import assert_block_matches_dense
 from tests.reference import plain_copy
-from vivitlib.extensions.losses import softmax_null_basis
+from vivitlib.extensions.losses import cross_entropy_column_basis
 
 _BY_ID = {c["id"]: c for c in CASES}
 
@@ -32,23 +34,23 @@ def test_basis_is_orthonormal_and_orthogonal_to_the_null_vector(C, scale):
     torch.manual_seed(C)
     logits = scale * torch.randn(7, C, dtype=torch.float64)
     logits[0, -1] = 80.0 * scale  # a confident prediction of the last class
-    basis = softmax_null_basis(_loss_after_forward(logits))
+    basis = cross_entropy_column_basis(_loss_after_forward(logits))
     assert basis.shape == (7, C, C - 1) and basis.dtype == torch.float64
     eye = torch.eye(C - 1, dtype=torch.float64).expand(7, -1, -1)
     torch.testing.assert_close(basis.mT @ basis, eye, atol=1e-14, rtol=0)
     root = torch.softmax(logits, 1).sqrt()
     null = torch.einsum("ncj,nc->nj", basis, root)
     torch.testing.assert_close(null, torch.zeros_like(null), atol=1e-14, rtol=0)
-    sub = softmax_null_basis(_loss_after_forward(logits), [4, 1])
+    sub = cross_entropy_column_basis(_loss_after_forward(logits), [4, 1])
     torch.testing.assert_close(sub, basis[[4, 1]])
 
 
 def test_no_basis_where_the_columns_stay():
     logits = torch.randn(3, 4)
-    assert softmax_null_basis(extend(nn.MSELoss())) is None
+    assert cross_entropy_column_basis(extend(nn.MSELoss())) is None
     sequence = _loss_after_forward(torch.randn(3, 4, 5))  # positions share columns
-    assert softmax_null_basis(sequence) is None
-    assert softmax_null_basis(_loss_after_forward(logits[:, :1])) is None
+    assert cross_entropy_column_basis(sequence) is None
+    assert cross_entropy_column_basis(_loss_after_forward(logits[:, :1])) is None
 
 
 def _public_gram_reference(problem) -> torch.Tensor:
@@ -165,3 +167,26 @@ def test_joint_pass_with_directional_derivatives():
     D = torch.cat([d.flatten(1) for d in directions], 1)
     lambdas = torch.einsum("kd,nde,ke->nk", D, dense.per_sample_ggn, D)
     torch.testing.assert_close(dd.lambdas, lambdas, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_factor_keeps_its_accuracy():
+    """Confident float32 predictions: the C - 1 columns must not mix columns of
+    very different size (the reflection onto the most probable class)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[2].weight.mul_(8.0)  # logits spread: many tiny probabilities
+    X, y = torch.randn(32, 20), torch.randint(0, 10, (32,))
+    blocks = {}
+    for dtype in (torch.float32, torch.float64):
+        net = extend(copy.deepcopy(model).to(dtype))
+        ggn = vivitlib.LowRankGGN(net.parameters(), compute=("eigenvalues",))
+        with backpack(*ggn.extensions, extension_hook=ggn.hook):
+            extend(nn.CrossEntropyLoss())(net(X.to(dtype)), y).backward()
+        blocks[dtype] = ggn.blocks[0]
+    assert blocks[torch.float32]._num_columns == 9
+    got, ref = blocks[torch.float32].evals, blocks[torch.float64].evals
+    K = min(got.numel(), ref.numel())
+    assert K > 250  # the tail down to ~1e-6·λ_max is resolved
+    rel = ((got[:K] - ref[:K]).abs() / ref[:K]).max()
+    assert rel < 5e-5, float(rel)  # reflecting onto the last class: 3.5e-4

@@ -89,9 +89,17 @@ def test_accumulator_adds_a_weight_without_bias_at_the_end():
     )
 
 
+def test_a_complete_group_adds_its_last_weight_at_once():
+    weight, _, _, _ = _weight_and_bias()
+    params = [torch.zeros(5, 6)]
+    acc = GroupAccumulator(params, keep_factors=False)
+    acc.add(params[0], weight, None)
+    assert acc._pending is None and acc.gram is not None  # s and a not kept
+
+
 def test_a_factor_written_while_waiting_is_an_error():
     weight, _, s4, _ = _weight_and_bias()
-    params = [torch.zeros(5, 6)]
+    params = [torch.zeros(5, 6), torch.zeros(3)]  # the second never arrives
     acc = GroupAccumulator(params, keep_factors=False)
     acc.add(params[0], weight, None)
     s4.mul_(2)  # would silently change the waiting block

@@ -168,11 +168,20 @@ def test_non_finite_gram_is_refused_before_anything_changes():
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_a_tracked_gram_stays_differentiable(overwrite):
+@pytest.mark.parametrize("eigenvectors", [False, True])
+def test_a_tracked_gram_stays_differentiable(overwrite, eigenvectors):
     V = _random_factor(9, 6).requires_grad_(True)
-    evals, _ = linalg.gram_eigh(V.T @ V, eigenvectors=False, overwrite=overwrite)
+    evals, evecs = linalg.gram_eigh(
+        V.T @ V, eigenvectors=eigenvectors, overwrite=overwrite
+    )
+    assert evals.numel() == 6  # every pair kept: the in-place reversal's case
     evals.sum().backward()  # Σ λ = tr(VᵀV) = ‖V‖²: gradient 2 V
     torch.testing.assert_close(V.grad, 2 * V.detach(), rtol=1e-12, atol=1e-12)
+    if eigenvectors:
+        gram = (V.T @ V).detach()
+        torch.testing.assert_close(
+            gram @ evecs.detach(), evecs.detach() * evals.detach(), atol=1e-10, rtol=0
+        )
 
 
 def _random_factor(rows: int, cols: int) -> torch.Tensor:

@@ -204,7 +204,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             backpropagation stops once all of these have theirs
             (:class:`~vivitlib.extensions.reach.RemainingParams`).
         deflate: Give an exact cross-entropy factor ``C - 1`` columns per
-            sample (:func:`~vivitlib.extensions.losses.softmax_null_basis`);
+            sample (:func:`~vivitlib.extensions.losses.cross_entropy_column_basis`);
             the owner maps them back to BackPACK's ``C`` where columns are
             public.
     """

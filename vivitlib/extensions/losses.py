@@ -147,17 +147,19 @@ def _reweight(factor: Tensor, module: CrossEntropyLoss, subsampling) -> Tensor:
     return factor * scale
 
 
-def softmax_null_basis(module: Module, subsampling=None) -> Tensor | None:
-    r"""Per-sample orthonormal basis of the range of the softmax Hessian.
+def cross_entropy_column_basis(module: Module, subsampling=None) -> Tensor | None:
+    r"""Per-sample basis that gives the cross-entropy factor ``C - 1`` columns.
 
     The cross-entropy Hessian w.r.t. the logits of sample ``n`` is
     ``h_n (diag(p_n) - p_n p_nᵀ)``; BackPACK's ``C``-column square root ``S_n``
-    has the null vector ``u_n = √p_n`` (a unit vector), so ``S_n B_n`` with an
+    maps the unit vector ``u_n = √p_n`` to zero, so ``S_n B_n`` with an
     orthonormal basis ``B_n`` ``[C, C-1]`` of ``u_n^⊥`` is a square root with
     ``C - 1`` columns: ``S_n B_n B_nᵀ S_nᵀ = S_n S_nᵀ``. ``B_n`` is the
-    Householder reflection mapping ``u_n`` to ``-e_C`` without its last
-    column (``‖u_n + e_C‖² ≥ 2``: no cancellation, even for confident
-    predictions).
+    Householder reflection mapping ``u_n`` to ``-e_k`` without column ``k``,
+    ``k`` the most probable class: ``‖u_n + e_k‖² ≥ 2`` (no cancellation), and
+    for a confident prediction the reflection is close to the identity on the
+    other classes, so the new columns do not mix columns of very different
+    size (which would cost a float32 factor accuracy).
 
     Args:
         module: The loss module after its forward pass.
@@ -178,18 +180,21 @@ def softmax_null_basis(module: Module, subsampling=None) -> Tensor | None:
     if subsampling is not None:
         logits = logits[list(subsampling)]
     w = torch.softmax(logits, dim=1).sqrt()
-    w[:, -1] += 1
+    top = w.argmax(dim=1, keepdim=True)  # [n, 1]
+    w.scatter_add_(1, top, torch.ones_like(top, dtype=w.dtype))
     w /= w.norm(dim=1, keepdim=True)
-    reflection = -2 * w[:, :, None] * w[:, None, :-1]
-    reflection[:, :-1].diagonal(dim1=1, dim2=2).add_(1)
-    return reflection
+    reflection = -2 * w[:, :, None] * w[:, None, :]
+    reflection.diagonal(dim1=1, dim2=2).add_(1)
+    others = torch.arange(num_classes - 1, device=w.device).expand(len(w), -1)
+    others = others + (others >= top).to(others.dtype)  # every column but top
+    return reflection.gather(2, others[:, None, :].expand(-1, num_classes, -1))
 
 
 class CrossEntropySqrtGGN(SqrtGGNBaseLossModule):
     """Square-root GGN rule for ``CrossEntropyLoss`` with any of its options.
 
     With an exact factor and an extension that asks for it (``ext.deflate``),
-    the factor has ``C - 1`` columns per sample (:func:`softmax_null_basis`).
+    the factor has ``C - 1`` columns per sample (:func:`cross_entropy_column_basis`).
     """
 
     def __init__(self):
@@ -200,7 +205,7 @@ class CrossEntropySqrtGGN(SqrtGGNBaseLossModule):
         factor = super().backpropagate(ext, module, grad_inp, grad_out, backproped)
         if not getattr(ext, "deflate", False) or ext.get_num_mc_samples() != 0:
             return factor
-        basis = softmax_null_basis(module, ext.get_subsampling())
+        basis = cross_entropy_column_basis(module, ext.get_subsampling())
         if basis is None:
             return factor
         # [C, n, C_out] -> [C - 1, n, C_out]: columns combined by each sample's basis
@@ -215,5 +220,5 @@ __all__ = [
     "CrossEntropySqrtGGN",
     "LossWeighting",
     "loss_weighting",
-    "softmax_null_basis",
+    "cross_entropy_column_basis",
 ]

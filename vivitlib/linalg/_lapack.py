@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 _SYEVD_NAMES = {torch.float64: "dsyevd_", torch.float32: "ssyevd_"}
-#: Largest ``M`` for which ``?syevd``'s workspace size fits its 32-bit integer.
-_SYEVD_MAX_SIZE = 32767
+#: Largest ``M`` for which ``?syevd``'s workspace ``1 + 6M + 2M²`` (with
+#: eigenvectors) fits its 32-bit integer.
+_SYEVD_MAX_SIZE = 32766
 
 
 def syevd_applies(gram: Tensor, dtype: torch.dtype) -> bool:

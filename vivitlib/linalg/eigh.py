@@ -50,20 +50,22 @@ def eigenvalue_cutoff(
 
     with safety ``s = 2`` (:data:`NOISE_FLOOR_SAFETY`) and ``c = 2``
     (:data:`EIGH_ERROR_CONSTANT`), ``M`` the Gram size. The first term is the
-    observed noise floor (available whenever the Gram matrix is rank-deficient,
-    e.g. always for cross-entropy, which has one zero per sample); the second
-    is the eigensolver's backward error (Weyl: ``|λ̂ - λ| ≤ ‖E‖``, and
-    Householder tridiagonalisation has ``‖E‖ ≲ √M ε ‖G‖`` in practice); the
-    third is an a-priori bound used only when no negative eigenvalue shows the
-    noise (full-rank Gram): a factor with relative error ``ε`` per entry moves
-    every eigenvalue by at most about ``ε · λ_max``.
+    observed noise floor (available whenever the Gram matrix is rank-deficient);
+    the second is the eigensolver's backward error (Weyl: ``|λ̂ - λ| ≤ ‖E‖``,
+    and Householder tridiagonalisation has ``‖E‖ ≲ √M ε ‖G‖`` in practice);
+    the third is an a-priori bound used only when no negative eigenvalue shows
+    the noise (full-rank Gram): a factor with relative error ``ε`` per entry
+    moves every eigenvalue by at most about ``ε · λ_max``. (A cross-entropy
+    factor has ``C - 1`` columns per sample, see
+    :func:`vivitlib.extensions.losses.cross_entropy_column_basis`: the softmax's
+    null direction contributes no zero.)
 
     Measured on the digits MLP (N·C = 1280, after 0 / 200 / 3000 SGD steps):
     with a float32 factor and float64 eigensolver every kept eigenvalue agrees
-    with the float64 computation to a relative ``1.2e-4`` or better, and ``K``
-    is 1152 / 881 / 346 (the float64 run: 1152 / 1151 / 829; the classical
+    with the float64 computation to a relative ``1.6e-4`` or better, and ``K``
+    is 1152 / 763 / 830 (the float64 run: 1152 / 1151 / 830; the classical
     ``M·ε`` rule in float32: 765 / 224 / 67). A float32 eigensolver keeps
-    1114 / 432 / 119, each within ``2.2e-4``.
+    1117 / 437 / 119, each within ``2.1e-4``.
 
     Args:
         evals: Computed eigenvalues of the Gram matrix (any order), all of them.
@@ -227,7 +229,8 @@ def _descending_columns(rows: Tensor, first: int) -> Tensor:
     row-major ``[M, K]``, so that ``rows`` can be freed.
     """
     M = rows.shape[0]
-    if 2 * (M - first) > M:
+    tracked = rows.requires_grad and torch.is_grad_enabled()
+    if 2 * (M - first) > M and not tracked:  # autograd saved a tracked one
         return _reverse_rows_(rows[first:]).T
     order = torch.arange(M - 1, first - 1, -1, device=rows.device)
     return rows.T.index_select(1, order)

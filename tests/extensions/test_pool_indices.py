@@ -80,6 +80,8 @@ def test_one_dimensional_pooling_recomputes_them(recomputed):
     ggn = vivitlib.LowRankGGN(problem.params)
     problem.run(ggn)
     assert recomputed == [nn.MaxPool1d]
+    # the 2-D node autograd saved is not kept past the backward pass
+    assert not ggn.extensions[0].pool_indices._saved
     assert_block_matches_dense(ggn.blocks[0], problem.dense())
 
 

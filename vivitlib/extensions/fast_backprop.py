@@ -121,8 +121,10 @@ class FastReLUDerivatives(ReLUDerivatives):
     ``threshold_backward(mat, x, 0)`` (a core ATen operator) reads the layer
     input itself: no mask is formed, and multiplying by a bool mask (a slow,
     casting loop on the CPU: 4x the time on 3C3D's first ReLU) is avoided.
-    Without sub-sampling the input is BackPACK's stored tensor (no copy). The
-    numbers are BackPACK's ``mat * (x > 0)``, up to the sign of zeros.
+    Without sub-sampling the input is BackPACK's stored tensor (no copy). For
+    finite inputs the numbers are BackPACK's ``mat * (x > 0)``, up to the sign
+    of zeros (at a NaN input autograd's kernel passes ``mat`` through where
+    BackPACK gives 0; the pass refuses non-finite results either way).
     """
 
     def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):

@@ -55,6 +55,8 @@ class PoolingIndices:
                 if indices is not None:
                     self._saved[id(node)] = (node, indices)
             stack.extend(child for child, _ in node.next_functions)
+        if self._saved:
+            _clear_after_backward(self)
 
     def take(self, module: Module) -> Tensor | None:
         """The indices of ``module``'s pooling (removed from here), or ``None``."""
@@ -78,6 +80,18 @@ class PoolingIndices:
             yield
         finally:
             _OFFER.reset(token)
+
+
+def _clear_after_backward(indices: PoolingIndices) -> None:
+    """Drop what no rule took when the running backward finishes.
+
+    E.g. a 1-D pooling (its node sits behind a squeeze) or a module BackPACK
+    did not reach: their indices are not kept alive until the next pass.
+    """
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(indices.clear)
+    except RuntimeError:  # not inside a backward pass: nothing to wait for
+        pass
 
 
 def _saved(node) -> Tensor | None:

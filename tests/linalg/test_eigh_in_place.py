@@ -155,6 +155,17 @@ def test_torch_path_when_no_lapack_routine_is_found(monkeypatch, eigenvectors):
         assert torch.equal(got[1], expected[1])
 
 
+@pytest.mark.parametrize("eigenvectors", [False, True])
+def test_the_environment_switch_turns_the_in_place_path_off(monkeypatch, eigenvectors):
+    gram = _psd(40, 30)
+    expected = linalg.gram_eigh(gram, eigenvectors=eigenvectors)
+    monkeypatch.setenv(_lapack.SWITCH, "0")
+    work = gram.clone()
+    got = linalg.gram_eigh(work, eigenvectors=eigenvectors, overwrite=True)
+    assert torch.equal(work, gram)  # torch's path copies
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+
+
 def test_non_finite_gram_is_refused_before_anything_changes():
     gram = _psd(6, 6)
     gram[2, 3] = gram[3, 2] = float("nan")

@@ -6,6 +6,8 @@ integers, characters by reference), so the numbers are torch's; used where
 :func:`vivitlib.linalg.gram_eigh`). Not a public torch interface: where the
 routine is missing (another build), on other devices and for inputs autograd
 tracks, :func:`syevd_applies` is ``False`` and callers use ``torch.linalg``.
+Setting the environment variable ``VIVITLIB_INPLACE_EIGH=0`` turns the path
+off everywhere (for a torch build whose ``?syevd`` has another prototype).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 _SYEVD_NAMES = {torch.float64: "dsyevd_", torch.float32: "ssyevd_"}
+#: Environment variable that turns the in-place path off when set to ``0``.
+SWITCH = "VIVITLIB_INPLACE_EIGH"
 #: Largest ``M`` for which ``?syevd``'s workspace ``1 + 6M + 2M²`` (with
 #: eigenvectors) fits its 32-bit integer.
 _SYEVD_MAX_SIZE = 32766
@@ -32,6 +37,7 @@ def syevd_applies(gram: Tensor, dtype: torch.dtype) -> bool:
     """
     return (
         gram.device.type == "cpu"
+        and os.environ.get(SWITCH, "1") != "0"
         and not (gram.requires_grad and torch.is_grad_enabled())
         and gram.dtype in _SYEVD_NAMES
         and 0 < gram.shape[0] <= _SYEVD_MAX_SIZE

@@ -33,6 +33,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from vivitlib.linalg.gram import mirror_upper_
+
 
 def _chunk(per_item: int, total: int, budget: int) -> int:
     """Items per chunk so that ``items · per_item <= budget`` (at least one)."""
@@ -50,7 +52,7 @@ def sym_gram(rows: Tensor) -> Tensor:
     """
     out = rows.new_empty(rows.shape[0], rows.shape[0])
     add_sym_gram(rows, out, accumulate=False)
-    return mirror_upper(out)
+    return mirror_upper_(out)
 
 
 def _row_blocks(M: int) -> range:
@@ -60,8 +62,9 @@ def _row_blocks(M: int) -> range:
 def add_sym_gram(rows: Tensor, out: Tensor, accumulate: bool = True) -> Tensor:
     """Add (or write) the blocks of ``R Rᵀ`` on and above the diagonal to ``out``.
 
-    Only the upper block triangle of ``out`` is touched; :func:`mirror_upper`
-    completes the matrix once all parts are in.
+    Only the upper block triangle of ``out`` is touched;
+    :func:`~vivitlib.linalg.gram.mirror_upper_` completes the matrix once all
+    parts are in.
 
     Args:
         rows: ``[M, D]``.
@@ -77,16 +80,6 @@ def add_sym_gram(rows: Tensor, out: Tensor, accumulate: bool = True) -> Tensor:
             block.addmm_(rows[i0:i1], rows[i0:].T)
         else:
             torch.mm(rows[i0:i1], rows[i0:].T, out=block)
-    return out
-
-
-def mirror_upper(out: Tensor) -> Tensor:
-    """Copy the upper block triangle written by :func:`add_sym_gram` below it."""
-    M = out.shape[0]
-    step = _row_blocks(M).step
-    for i0 in _row_blocks(M):
-        i1 = min(M, i0 + step)
-        out[i1:, i0:i1] = out[i0:i1, i1:].T
     return out
 
 
@@ -232,7 +225,7 @@ def dense_plan_gram(
         if grads is not None:
             part = rows @ grads(o0, o1).T
             vtg = part if vtg is None else vtg.add_(part)
-    gram = mirror_upper(gram)
+    gram = mirror_upper_(gram)
     if class_major:
         return gram.view(C, N, C, N), None if vtg is None else vtg.view(C, N, -1)
     gram = gram.view(N, C, N, C).permute(1, 0, 3, 2)

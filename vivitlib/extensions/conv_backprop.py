@@ -5,7 +5,7 @@ the layer input with :data:`FAST_CONV_DERIVATIVES`: BackPACK's own product,
 computed a few columns at a time (bounded ``conv_transpose`` scratch), and --
 for lazy factors (:mod:`.lazy`) -- as a pending map on a snapshot of the
 module (``column_op``), narrowable to a range of input channels for
-``groups=1``.
+``groups=1`` and to a block of samples (any ``groups``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ class _ConvSnapshot:
         part.input0 = self.input0[:1, :1].expand(shape)
         return part
 
+    def sampled(self, samples: int) -> _ConvSnapshot:
+        """The same layer for an input of ``samples`` samples (a block of them)."""
+        part = copy.copy(self)
+        shape = list(self.input0.shape)
+        shape[0] = samples
+        part.input0 = self.input0[:1].expand(shape)
+        return part
+
 
 def _column_chunked(base: type) -> type:
     """``base`` (a convolution) with ``Jᵀ mat`` computed a few columns at a time.
@@ -90,20 +98,25 @@ def _column_chunked(base: type) -> type:
             jac_t = super()._jac_t_mat_prod
             whole = _ConvSnapshot(module)
 
-            def transposed(snapshot: _ConvSnapshot):
+            def transposed(snapshot: _ConvSnapshot, kept: list[int] | None):
                 def transpose_conv(x: Tensor, fresh: bool) -> Tensor:
-                    return jac_t(snapshot, None, None, x, subsampling)
+                    return jac_t(snapshot, None, None, x, kept)
 
                 return transpose_conv
 
             def narrow(o0: int, o1: int):
-                return transposed(whole.narrowed(o0, o1)), None
+                return transposed(whole.narrowed(o0, o1), subsampling), None
+
+            def samples(n0: int, n1: int):
+                # the block's own sample count; BackPACK reads it from input0
+                return transposed(whole.sampled(n1 - n0), None)
 
             return PendingOp(
-                transposed(whole),
+                transposed(whole, subsampling),
                 tuple(shape),
                 fresh=True,
                 narrow=narrow if module.groups == 1 else None,
+                samples=samples,
             )
 
     _Fast.__name__ = f"Chunked{base.__name__}"

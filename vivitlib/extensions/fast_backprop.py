@@ -31,7 +31,9 @@ gets the map appended instead of being formed, and max pooling and
 convolutions, whose outputs grow, start a lazy factor where their output
 would exceed the budget's ``lazy_bytes`` (:func:`lazy_backpropagate`). The
 maps can be narrowed to a range of output channels (``groups=1`` for
-convolutions), so a consumer may also form a slice of channels alone. A
+convolutions), so a consumer may also form a slice of channels alone, and
+every map to a block of samples (``PendingOp.samples``: each acts on every
+sample alone), so a column may be formed a block of samples at a time. A
 ReLU appended after max pooling's scatter runs before it instead, on the
 pooled values at their target pixels (:meth:`LazyColumns.then
 <vivitlib.extensions.lazy.LazyColumns.then>`): the same products on a tensor a
@@ -93,7 +95,16 @@ def _scale_op(factor: Tensor) -> PendingOp:
     def narrow(o0: int, o1: int):
         return _scaling(factor[:, o0:o1]), (o0, o1)
 
-    return PendingOp(_scaling(factor), tuple(factor.shape), fresh=True, narrow=narrow)
+    def samples(n0: int, n1: int):
+        return _scaling(factor[n0:n1])
+
+    return PendingOp(
+        _scaling(factor),
+        tuple(factor.shape),
+        fresh=True,
+        narrow=narrow,
+        samples=samples,
+    )
 
 
 def _elementwise(base: type) -> type:
@@ -148,7 +159,17 @@ def _relu_op(x: Tensor) -> PendingOp:
     def at(index: Tensor, shape: tuple[int, ...]) -> PendingOp:
         return _relu_op(x.flatten(2).gather(2, index).view(shape))
 
-    return PendingOp(_relu_masking(x), tuple(x.shape), fresh=True, narrow=narrow, at=at)
+    def samples(n0: int, n1: int):
+        return _relu_masking(x[n0:n1])
+
+    return PendingOp(
+        _relu_masking(x),
+        tuple(x.shape),
+        fresh=True,
+        narrow=narrow,
+        at=at,
+        samples=samples,
+    )
 
 
 def _relu_input(module: nn.Module, subsampling: list[int] | None) -> Tensor:
@@ -201,6 +222,12 @@ class FastFlattenDerivatives(FlattenDerivatives):
         def unflatten(x: Tensor, fresh: bool) -> Tensor:
             return x.reshape(x.shape[0], *shape)
 
+        def samples(n0: int, n1: int):
+            def block(x: Tensor, fresh: bool) -> Tensor:
+                return x.reshape(x.shape[0], n1 - n0, *shape[1:])
+
+            return block
+
         def narrow(o0: int, o1: int):
             def part(x: Tensor, fresh: bool) -> Tensor:
                 return x.reshape(x.shape[0], shape[0], o1 - o0, *shape[2:])
@@ -208,7 +235,9 @@ class FastFlattenDerivatives(FlattenDerivatives):
             per_channel = prod(shape[2:])
             return part, (o0 * per_channel, o1 * per_channel)
 
-        return PendingOp(unflatten, tuple(shape), fresh=False, narrow=narrow)
+        return PendingOp(
+            unflatten, tuple(shape), fresh=False, narrow=narrow, samples=samples
+        )
 
 
 #: Module class -> fast derivatives (same arithmetic as BackPACK's).

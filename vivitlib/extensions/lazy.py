@@ -54,6 +54,10 @@ class PendingOp:
         at: For an element-wise map: ``at(index, shape)`` is the same map for
             inputs taken at flat per-channel positions ``index`` ``[N,
             channels, k]`` of its input (per column ``shape``).
+        samples: ``samples(n0, n1)`` is the map restricted to samples
+            ``n0:n1`` (axis 1 of ``[k, N, ...]``): it takes ``[k, n1 - n0,
+            *in]`` and gives ``[k, n1 - n0, *features]`` (``None``: the map
+            cannot act on a block of samples alone).
     """
 
     fn: ColumnOp
@@ -62,6 +66,7 @@ class PendingOp:
     narrow: Narrowing | None = None
     scatter: Tensor | None = None
     at: Callable[[Tensor, tuple[int, ...]], PendingOp] | None = None
+    samples: Callable[[int, int], ColumnOp] | None = None
 
 
 class LazyColumns:
@@ -108,6 +113,26 @@ class LazyColumns:
         sizes = [prod(self.source.shape[1:])] + [prod(op.shape) for op in self.ops]
         return max(sizes) * self.element_size()
 
+    def sample_column_bytes(self) -> int:
+        """Largest per-column tensor formed per sample (bytes).
+
+        :meth:`column_bytes` divided by the number of samples ``N``: forming
+        columns for a block of ``n`` samples (:meth:`columns` with
+        ``samples``) forms tensors of at most ``n`` times this per column.
+        Like :meth:`column_bytes`, the maps' own scratch is not counted.
+        """
+        sizes = [prod(self.source.shape[2:])] + [prod(op.shape[1:]) for op in self.ops]
+        return max(sizes) * self.element_size()
+
+    @property
+    def sample_narrowable(self) -> bool:
+        """Whether columns can be formed a block of samples at a time.
+
+        True when every map can be restricted to samples (``PendingOp.samples``);
+        a source without maps always can.
+        """
+        return all(op.samples is not None for op in self.ops)
+
     def then(self, op: PendingOp) -> LazyColumns:
         """This factor followed by one more map.
 
@@ -122,13 +147,52 @@ class LazyColumns:
             return LazyColumns(self.source, (*ahead, op.at(last.scatter, shape), last))
         return LazyColumns(self.source, (*self.ops, op))
 
-    def columns(self, c0: int, c1: int) -> Tensor:
-        """Columns ``c0:c1`` of the factor, ``[c1 - c0, N, *features]``."""
-        x, fresh = self.source[c0:c1], False
+    def columns(
+        self, c0: int, c1: int, samples: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Columns ``c0:c1`` of the factor, ``[c1 - c0, N, *features]``.
+
+        Args:
+            c0: First column.
+            c1: One past the last column.
+            samples: ``(n0, n1)``: form samples ``n0:n1`` only, ``[c1 - c0, n1 -
+                n0, *features]``, each map restricted to them (needs
+                :attr:`sample_narrowable`). ``None``: all samples.
+
+        Raises:
+            NotImplementedError: If ``samples`` is given and a map cannot be
+                restricted to samples.
+            ValueError: If ``samples`` is not a non-empty range within ``N``.
+        """
+        if samples is None:
+            x, fresh = self.source[c0:c1], False
+            for op in self.ops:
+                x = op.fn(x, fresh)
+                fresh = fresh or op.fresh
+            return x
+        n0, n1 = self._sample_range(samples)
+        x, fresh = self.source[c0:c1, n0:n1], False
         for op in self.ops:
-            x = op.fn(x, fresh)
+            x = op.samples(n0, n1)(x, fresh)
             fresh = fresh or op.fresh
         return x
+
+    def _sample_range(self, samples: tuple[int, int]) -> tuple[int, int]:
+        """``samples`` checked against ``N`` and :attr:`sample_narrowable`."""
+        n0, n1 = samples
+        N = self.source.shape[1]
+        if not 0 <= n0 < n1 <= N:
+            raise ValueError(
+                f"samples={samples!r} must be a range (n0, n1) with "
+                f"0 <= n0 < n1 <= N = {N}; pass one inside the factor's samples."
+            )
+        if not self.sample_narrowable:
+            raise NotImplementedError(
+                "This lazy factor has a pending map that cannot be restricted to "
+                "samples (PendingOp.samples is None); check sample_narrowable and "
+                "form whole columns (samples=None) instead."
+            )
+        return n0, n1
 
     @property
     def narrowable(self) -> bool:

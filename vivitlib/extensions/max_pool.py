@@ -46,12 +46,16 @@ def fast_max_pool(base: type) -> type:
             def narrow(o0: int, o1: int):
                 return _unpooling(index[:, o0:o1], in_shape), (o0, o1)
 
+            def samples(n0: int, n1: int):
+                return _unpooling(index[n0:n1], in_shape)
+
             return PendingOp(
                 _unpooling(index, in_shape),
                 (N, channels, *in_shape),
                 fresh=True,
                 narrow=narrow,
                 scatter=index,
+                samples=samples,
             )
 
     _Fast.__name__ = f"Fast{base.__name__}"

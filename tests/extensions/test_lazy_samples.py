@@ -56,15 +56,21 @@ CHAINS = {
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _forward(name):
-    """The chain's modules in BackPACK order (reversed) and a factor at its output."""
+def _extended(name):
+    """The chain after one extended forward, its input and a factor at its output."""
     layers, shape, train = CHAINS[name]
     torch.manual_seed(0)
     net = extend(nn.Sequential(*layers()).double().train(train))
     x = torch.randn(N, *shape, dtype=torch.float64, requires_grad=True)
     with backpack():
         out = net(x)
-    return list(net)[::-1], torch.randn(4, *out.shape, dtype=torch.float64)
+    return net, x, torch.randn(4, *out.shape, dtype=torch.float64)
+
+
+def _forward(name):
+    """The chain's modules in BackPACK order (reversed) and a factor at its output."""
+    net, _, mat = _extended(name)
+    return list(net)[::-1], mat
 
 
 def _lazy(modules, mat, subsampling=None):
@@ -110,6 +116,25 @@ def test_sample_blocks_equal_the_whole_columns(name, subsampling):
     assert len(prefixes) > 4
     for lazy in prefixes:
         _assert_sample_blocks_match(lazy)
+
+
+@pytest.mark.parametrize("name", [n for n in CHAINS if not CHAINS[n][2]])
+def test_sample_blocks_equal_the_dense_transposed_jacobian(name):
+    """Against autograd's VJPs of the whole chain (eval mode: deterministic)."""
+    net, x, mat = _extended(name)
+    lazy = _lazy(list(net)[::-1], mat)[-1]  # captures what it needs
+    out = net(x)  # outside backpack(), which drops the modules' stored inputs
+    dense = torch.stack(
+        [torch.autograd.grad(out, x, column, retain_graph=True)[0] for column in mat]
+    )
+    assert lazy.shape == dense.shape
+    for n0, n1 in _blocks(N):
+        torch.testing.assert_close(
+            lazy.columns(0, 4, samples=(n0, n1)),
+            dense[:, n0:n1],
+            rtol=1e-12,
+            atol=1e-14,
+        )
 
 
 def test_relu_run_ahead_of_the_pool_scatter_keeps_samples():

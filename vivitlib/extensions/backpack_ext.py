@@ -23,7 +23,11 @@ from torch.nn import Module
 from vivitlib.errors import DisconnectedLossError, UnsupportedError
 from vivitlib.extensions.extra_layers import EXTRA_SQRT
 from vivitlib.extensions.fast_backprop import FAST_SQRT, lazy_backpropagate
-from vivitlib.extensions.layers import FACTORED_LAYERS, conv_inputs, conv_unfoldable
+from vivitlib.extensions.layers import (
+    FACTORED_LAYERS,
+    conv_input_blocks,
+    conv_unfoldable,
+)
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.extensions.lazy_layers import channel_step, conv_step, lazy_plan
 from vivitlib.extensions.ledger import QuantityLedger
@@ -77,7 +81,7 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
                 wants = _wants(ext)
                 # only the weight's factor reads the unfolded input
                 unfolded = (
-                    conv_inputs(module, sub)
+                    conv_input_blocks(module, sub)
                     if unfoldable and wants(module.weight)
                     else None
                 )

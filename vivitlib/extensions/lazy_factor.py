@@ -8,9 +8,10 @@ forms ``V`` a slice of output channels at a time
 form a subset of channels alone (activations, max pooling, flatten,
 convolutions with ``groups=1``), the same slices of ``s`` are formed from the
 lazy source, so neither ``s`` nor ``V`` exists whole: memory holds the lazy
-source, the unfolded input and one slice. (Maps every slice would rerun whole
--- up to a previous convolution's ``Jᵀ`` -- are formed once before,
-:func:`~vivitlib.extensions.lazy_layers.sliceable`.)
+source, the unfolded input (or, under a small budget, one block of it:
+:class:`~vivitlib.factors.kernels.InputBlocks`) and one slice. (Maps every
+slice would rerun whole -- up to a previous convolution's ``Jᵀ`` -- are
+formed once before, :func:`~vivitlib.extensions.lazy_layers.sliceable`.)
 
 Everything else a factor offers (lifting, projections, the exchange between
 ranks) forms ``s`` once and hands over to
@@ -35,11 +36,16 @@ class ChannelSlicedFactor(Factor):
 
     Args:
         lazy: The factor at the layer's output.
-        a: Unfolded input ``[N, T, I]``.
+        a: Unfolded input ``[N, T, I]``, or its blocks of samples.
         source: Identifies ``a`` (see :attr:`vivitlib.factors.Factor.source`).
     """
 
-    def __init__(self, lazy: LazyColumns, a: Tensor, source: object = None):
+    def __init__(
+        self,
+        lazy: LazyColumns,
+        a: Tensor | kernels.InputBlocks,
+        source: object = None,
+    ):
         self.lazy, self.a, self.source = lazy, a, source
         self._formed: Factor | None = None
 
@@ -62,7 +68,8 @@ class ChannelSlicedFactor(Factor):
         if self._formed is None:
             C, N, T, O, _ = self.dims  # noqa: E741
             s = self.lazy.materialise().reshape(C, N, O, T).transpose(2, 3)
-            self._formed = _outer_factor(s, self.a, self.source)
+            a = kernels.whole_input(self.a)
+            self._formed = _outer_factor(s, a, self.source)
         return self._formed
 
     def contract(self, grads: Grads | None, keep: bool = False):  # noqa: D102

@@ -31,7 +31,8 @@ from torch.nn import Module
 from vivitlib.extensions.layers import input_source
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.extensions.lazy_factor import ChannelSlicedFactor
-from vivitlib.factors import current_cost_model
+from vivitlib.factors import current_cost_model, kernels
+from vivitlib.factors.kernels import InputBlocks
 from vivitlib.memory import current_budget
 
 
@@ -102,7 +103,7 @@ def channel_step(
     module: Module,
     quantity: LazyColumns,
     subsampling: list[int] | None,
-    unfolded: Tensor,
+    unfolded: Tensor | InputBlocks,
     wants: Callable[[Tensor], bool] = _requires_grad,
 ) -> dict[str, Any]:
     """Like :func:`conv_step`, the output factor formed a slice of channels at a time.
@@ -127,9 +128,12 @@ def channel_step(
         lazy = quantity.then(op)
         in_bytes = C * prod(op.shape) * quantity.element_size()
         results["input"] = lazy if budget.keeps_lazy(in_bytes) else lazy.materialise()
+    unfolded_numel = unfolded.numel()
+    if isinstance(unfolded, InputBlocks):
+        unfolded_numel = unfolded_numel // N * min(N, unfolded.step)
     budget.note_excess(
         f"{type(module).__name__} (its unfolded input and the lazy source)",
-        (unfolded.numel() + quantity.source.numel()) * quantity.element_size(),
+        (unfolded_numel + quantity.source.numel()) * quantity.element_size(),
     )
     return results
 
@@ -139,10 +143,15 @@ def conv_step(
     module: Module,
     quantity: LazyColumns,
     subsampling: list[int] | None,
-    unfolded: Tensor | None,
+    unfolded: Tensor | InputBlocks | None,
     wants: Callable[[Tensor], bool] = _requires_grad,
 ) -> dict[str, Any]:
     """Bias and weight factors and the input's factor, from column chunks.
+
+    Under a budget that one column of ``quantity`` (all ``N`` samples)
+    exceeds, and where every pending map acts on a block of samples alone
+    (:attr:`~vivitlib.extensions.lazy.LazyColumns.sample_narrowable`), the
+    chunks are blocks of samples as well (:func:`_samples_per_block`).
 
     Args:
         derivatives: The layer's derivatives (BackPACK's, with ``column_op``).
@@ -150,7 +159,8 @@ def conv_step(
         quantity: Lazy factor at the output ``[C, N, O, *out]``.
         subsampling: Samples of the factor (``None``: all).
         unfolded: The unfolded input ``[N, T, I]`` (``groups=1`` and zero
-            padding), or ``None`` for BackPACK's weight product per chunk.
+            padding) or its blocks of samples, or ``None`` for BackPACK's
+            weight product per chunk.
         wants: ``param -> bool``: whether a parameter needs its factor.
 
     Returns:
@@ -159,6 +169,7 @@ def conv_step(
         factor (formed, or lazy when larger than the budget allows).
     """
     C, N, O = quantity.shape[:3]  # noqa: E741
+    budget = current_budget()
     results: dict[str, Any] = {}
     if _wants(module, "bias", wants):
         results["bias"] = quantity.source.new_empty(C, N, O)
@@ -168,35 +179,94 @@ def conv_step(
     if module.input0.requires_grad:
         op = derivatives.column_op(module, subsampling=subsampling)
         in_bytes = C * prod(op.shape) * quantity.element_size()
-        if current_budget().keeps_lazy(in_bytes):
+        if budget.keeps_lazy(in_bytes):
             results["input"] = quantity.then(op)
         else:
             form_input = op
             results["input"] = quantity.source.new_empty(C, *op.shape)
+    step = _samples_per_block(quantity, unfolded, form_input, "weight" in results)
     held = [t for t in results.values() if isinstance(t, Tensor)]
-    current_budget().note_excess(
+    unfolded_bytes = 0
+    if unfolded is not None:
+        unfolded_bytes = unfolded.numel() * unfolded.element_size()
+        if isinstance(unfolded, InputBlocks):
+            unfolded_bytes = unfolded_bytes // N * min(N, step, unfolded.step)
+    budget.note_excess(
         f"{type(module).__name__} (one column of its factor and its results)",
         quantity.source.numel() * quantity.element_size()
-        + quantity.column_bytes()
+        + quantity.sample_column_bytes() * step
+        + unfolded_bytes
         + sum(t.numel() * t.element_size() for t in held),
     )
-    for c0, c1 in quantity.chunks():
-        s = quantity.columns(c0, c1)  # [k, N, O, *out]
-        if "bias" in results:
-            results["bias"][c0:c1] = s.flatten(3).sum(3)
-        if "weight" in results:
-            out = results["weight"][c0:c1]
-            _weight_columns(derivatives, module, s, subsampling, unfolded, out)
-        if form_input is not None:
-            results["input"][c0:c1] = form_input.fn(s, False)
-        del s
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        samples = None if step == N else (n0, n1)
+        a = _input_block(unfolded, samples)
+        block_op = form_input
+        if form_input is not None and samples is not None:
+            block_op = form_input.samples(n0, n1)
+        for c0, c1 in quantity.chunks(quantity.sample_column_bytes() * (n1 - n0)):
+            s = quantity.columns(c0, c1, samples)  # [k, n1 - n0, O, *out]
+            if "bias" in results:
+                results["bias"][c0:c1, n0:n1] = s.flatten(3).sum(3)
+            if "weight" in results:
+                out = results["weight"][c0:c1, n0:n1]
+                _weight_columns(derivatives, module, s, subsampling, a, out)
+            if block_op is not None:
+                fn = block_op if samples is not None else block_op.fn
+                results["input"][c0:c1, n0:n1] = fn(s, False)
+            del s
     return results
 
 
-def _weight_columns(derivatives, module, s, subsampling, unfolded, out) -> None:
-    """Write the weight factor of columns ``s`` ``[k, N, O, *out]`` into ``out``."""
+def _samples_per_block(
+    quantity: LazyColumns,
+    unfolded: Tensor | InputBlocks | None,
+    form_input: Any,
+    weight: bool,
+) -> int:
+    """Samples per chunk of :func:`conv_step` (``N``: whole columns).
+
+    Blocks of samples are used under a budget that one whole column exceeds,
+    or whose unfolded input is given in blocks, where every map (the pending
+    ones, the layer's own ``Jᵀ`` if the input's factor is formed) acts on a
+    block of samples alone, and the weight's factor comes from the unfolded
+    input (BackPACK's weight product reads the whole stored input).
+    """
+    N = quantity.shape[1]
+    budget = current_budget()
+    blocked = isinstance(unfolded, InputBlocks)
+    if budget.total_bytes is None:
+        return N
+    if quantity.column_bytes() <= budget.column_bytes and not blocked:
+        return N
+    if not quantity.sample_narrowable or (weight and unfolded is None):
+        return N
+    if form_input is not None and form_input.samples is None:
+        return N
+    step = budget.columns_per_chunk(max(1, quantity.sample_column_bytes()), N)
+    return min(step, unfolded.step) if blocked else step
+
+
+def _input_block(
+    unfolded: Tensor | InputBlocks | None, samples: tuple[int, int] | None
+) -> Tensor | InputBlocks | None:
+    """The unfolded input of ``samples`` (``None``: all, possibly in blocks)."""
+    if unfolded is None or samples is None:
+        return unfolded
+    if isinstance(unfolded, InputBlocks):
+        return unfolded.take(*samples)
+    return unfolded[samples[0] : samples[1]]
+
+
+def _weight_columns(derivatives, module, s, subsampling, a, out) -> None:
+    """Write the weight factor of columns ``s`` ``[k, N, O, *out]`` into ``out``.
+
+    ``a`` is the unfolded input of the same samples (a tensor or blocks of
+    samples), or ``None`` for BackPACK's weight product.
+    """
     k, N, O = s.shape[:3]  # noqa: E741
-    if unfolded is None:
+    if a is None:
         out.copy_(
             derivatives.param_mjp(
                 "weight", module, None, None, s, sum_batch=False,
@@ -204,5 +274,8 @@ def _weight_columns(derivatives, module, s, subsampling, unfolded, out) -> None:
             )
         )  # fmt: skip
         return
-    for c in range(k):  # Σ_t s[n, o, t] a[n, t, i], one batched product per column
-        torch.bmm(s[c].reshape(N, O, -1), unfolded, out=out[c].view(N, O, -1))
+    # Σ_t s[n, o, t] a[n, t, i]: one batched product per column and block
+    for n0, n1, block in kernels.sample_blocks(a):
+        for c in range(k):
+            rows = s[c, n0:n1].reshape(n1 - n0, O, -1)
+            torch.bmm(rows, block, out=out[c, n0:n1].view(n1 - n0, O, -1))

@@ -28,7 +28,7 @@ buffers, never copies). Chunk budgets come from the caller
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -136,6 +136,83 @@ class OutputSlices:
         self.shape, self.take = tuple(shape), take
 
 
+class InputBlocks:
+    """``a`` ``[N, T, I]`` given a block of samples at a time instead of whole.
+
+    For an input never held whole: a convolution's unfolded input (``kernel
+    size`` times its input) under a small ``max_memory``. Consumers that
+    form ``V`` sample by sample (:func:`dense_plan_gram`) take the blocks in
+    turn; each block is formed anew on every request (time traded for
+    memory), so they hold one block at a time.
+
+    Args:
+        shape: ``(N, T, I)``.
+        take: ``take(n0, n1)`` gives ``a[n0:n1]``, ``[n1 - n0, T, I]``.
+        step: Samples per block.
+        like: A tensor with the blocks' dtype and device.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        take: Callable[[int, int], Tensor],
+        step: int,
+        like: Tensor,
+    ):
+        self.shape, self.take, self.step, self._like = tuple(shape), take, step, like
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the blocks."""
+        return self._like.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the blocks."""
+        return self._like.device
+
+    def numel(self) -> int:
+        """Entries of the whole input."""
+        N, T, I = self.shape  # noqa: E741
+        return N * T * I
+
+    def element_size(self) -> int:
+        """Bytes per entry."""
+        return self._like.element_size()
+
+    def new_empty(self, *shape: int) -> Tensor:
+        """An uninitialised tensor with the blocks' dtype and device."""
+        return self._like.new_empty(shape)
+
+    def new_zeros(self, *shape: int) -> Tensor:
+        """A zero tensor with the blocks' dtype and device."""
+        return self._like.new_zeros(shape)
+
+    def blocks(self) -> Iterator[tuple[int, int, Tensor]]:
+        """``(n0, n1, a[n0:n1])`` for consecutive blocks covering all samples."""
+        N = self.shape[0]
+        for n0 in range(0, N, self.step):
+            n1 = min(N, n0 + self.step)
+            yield n0, n1, self.take(n0, n1)
+
+    def whole(self) -> Tensor:
+        """All of ``a`` (for what needs it whole, e.g. lifting)."""
+        return self.take(0, self.shape[0])
+
+
+def sample_blocks(a: Tensor | InputBlocks) -> Iterator[tuple[int, int, Tensor]]:
+    """``(n0, n1, a[n0:n1])`` blocks of ``a``: one block for a tensor."""
+    if isinstance(a, InputBlocks):
+        yield from a.blocks()
+    else:
+        yield 0, a.shape[0], a
+
+
+def whole_input(a: Tensor | InputBlocks) -> Tensor:
+    """``a`` as one tensor (blocks are formed into it)."""
+    return a.whole() if isinstance(a, InputBlocks) else a
+
+
 def _slice_taker(s: Tensor | OutputSlices) -> Callable[[int, int], Tensor]:
     """``take(o0, o1)`` giving ``s[..., o0:o1]`` (a view of a tensor ``s``).
 
@@ -147,14 +224,15 @@ def _slice_taker(s: Tensor | OutputSlices) -> Callable[[int, int], Tensor]:
     return lambda o0, o1: s[..., o0:o1]
 
 
-def _slice_former(s: Tensor | OutputSlices, a: Tensor, budget: int):
+def _slice_former(s: Tensor | OutputSlices, a: Tensor | InputBlocks, budget: int):
     """``(step, form, class_major)``: ``form(o0, o1)`` gives ``V``'s output slice.
 
     The rows are ``[C·N, (o1 - o0)·I]``, class-major (class by class, straight
     from BackPACK's class-major ``s``, one batched product per class) or
     sample-major (one batched product over samples from a sample-major copy
     of the slice of ``s``), chosen by :func:`_per_class`. Every slice is
-    written into one workspace (no allocation per slice).
+    written into one workspace (no allocation per slice). An input given in
+    blocks (:class:`InputBlocks`) is taken block by block for every slice.
     """
     C, N, T, O = s.shape  # noqa: E741
     I = a.shape[-1]  # noqa: E741
@@ -166,8 +244,10 @@ def _slice_former(s: Tensor | OutputSlices, a: Tensor, budget: int):
         def form(o0: int, o1: int) -> Tensor:
             out = space[: C * N * (o1 - o0) * I].view(C, N, o1 - o0, I)
             part = take(o0, o1)
-            for c in range(C):
-                torch.bmm(part[c].transpose(1, 2), a, out=out[c])
+            for n0, n1, block in sample_blocks(a):
+                for c in range(C):
+                    lhs = part[c, n0:n1].transpose(1, 2)
+                    torch.bmm(lhs, block, out=out[c, n0:n1])
             return out.view(C * N, -1)
 
         return step, form, True
@@ -181,7 +261,9 @@ def _slice_former(s: Tensor | OutputSlices, a: Tensor, budget: int):
         s_rows = copy[: C * N * w * T].view(N, C, w, T)
         s_rows.copy_(take(o0, o1).permute(1, 0, 3, 2))
         out = space[: C * N * w * I].view(N, C * w, I)
-        torch.bmm(s_rows.view(N, C * w, T), a, out=out)
+        lhs = s_rows.view(N, C * w, T)
+        for n0, n1, block in sample_blocks(a):
+            torch.bmm(lhs[n0:n1], block, out=out[n0:n1])
         return out.view(N * C, w * I)
 
     return step, form, False
@@ -189,7 +271,7 @@ def _slice_former(s: Tensor | OutputSlices, a: Tensor, budget: int):
 
 def dense_plan_gram(
     s: Tensor | OutputSlices,
-    a: Tensor,
+    a: Tensor | InputBlocks,
     grads: Callable[[int, int], Tensor] | None,
     *,
     chunk_elements: int,
@@ -205,7 +287,7 @@ def dense_plan_gram(
 
     Args:
         s: ``[C, N, T, O]``, or :class:`OutputSlices` giving it slice by slice.
-        a: ``[N, T, I]``.
+        a: ``[N, T, I]``, or :class:`InputBlocks` giving it block by block.
         grads: ``grads(o0, o1)`` gives the per-sample gradients' slice
             ``[N', (o1 - o0)·I]`` of the same outputs, or ``None``.
         chunk_elements: Largest slice of ``V`` (entries).

@@ -29,7 +29,12 @@ from vivitlib.extensions.layers import (
     conv_unfoldable,
 )
 from vivitlib.extensions.lazy import LazyColumns
-from vivitlib.extensions.lazy_layers import channel_step, conv_step, lazy_plan
+from vivitlib.extensions.lazy_layers import (
+    channel_step,
+    conv_step,
+    lazy_plan,
+    sample_step,
+)
 from vivitlib.extensions.ledger import QuantityLedger
 from vivitlib.extensions.pool_indices import PoolingIndices
 from vivitlib.extensions.reach import RemainingParams
@@ -86,7 +91,8 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
                     else None
                 )
                 plan = lazy_plan(module, backproped, unfoldable, wants)
-                step = channel_step if plan == "channels" else conv_step
+                steps = {"channels": channel_step, "samples": sample_step}
+                step = steps.get(plan, conv_step)
                 results = step(
                     self.derivatives, module, backproped, sub, unfolded, wants
                 )

@@ -1,21 +1,31 @@
-"""A convolution weight's factor whose output factor ``s`` is lazy, by channel slices.
+"""A convolution weight's factor whose output factor ``s`` is lazy: never formed whole.
 
-For a weight-shared layer with a large dense ``V`` (3C3D's second convolution:
-``V`` 141 MiB, ``s`` 34 MiB at ``N = 64``), the ``'dense'`` Gram plan already
-forms ``V`` a slice of output channels at a time
-(:func:`vivitlib.factors.kernels.dense_plan_gram`). When ``s`` itself is lazy
-(:class:`~vivitlib.extensions.lazy.LazyColumns`) and every pending map can
-form a subset of channels alone (activations, max pooling, flatten,
-convolutions with ``groups=1``), the same slices of ``s`` are formed from the
-lazy source, so neither ``s`` nor ``V`` exists whole: memory holds the lazy
-source, the unfolded input (or, under a small budget, one block of it:
-:class:`~vivitlib.factors.kernels.InputBlocks`) and one slice. (Maps every
-slice would rerun whole -- up to a previous convolution's ``Jᵀ`` -- are
-formed once before, :func:`~vivitlib.extensions.lazy_layers.sliceable`.)
+Two Gram plans (:meth:`vivitlib.factors.CostModel.gram_plan_for`) read ``s``
+in pieces, so a lazy ``s`` (:class:`~vivitlib.extensions.lazy.LazyColumns`)
+is formed a piece at a time from its lazy source:
 
-Everything else a factor offers (lifting, projections, the exchange between
-ranks) forms ``s`` once and hands over to
-:class:`~vivitlib.factors.UnfoldedFactor`.
+* ``'dense'`` (:class:`ChannelSlicedFactor`): for a weight-shared layer with
+  a large dense ``V`` (3C3D's second convolution: ``V`` 141 MiB, ``s`` 34 MiB
+  at ``N = 64``) the plan forms ``V`` a slice of output channels at a time
+  (:func:`vivitlib.factors.kernels.dense_plan_gram`). Where every pending map
+  can form a subset of channels alone (activations, max pooling, flatten,
+  convolutions with ``groups=1``), the same slices of ``s`` are formed from
+  the lazy source, so neither ``s`` nor ``V`` exists whole: memory holds the
+  lazy source, the unfolded input (or, under a small budget, one block of it:
+  :class:`~vivitlib.factors.kernels.InputBlocks`) and one slice. (Maps every
+  slice would rerun whole -- up to a previous convolution's ``Jᵀ`` -- are
+  formed once before, :func:`~vivitlib.extensions.lazy_layers.sliceable`.)
+* ``'pairwise'`` (:class:`SampleBlockedFactor`, under a ``max_memory``): late
+  convolutions with few positions (3C3D's third: ``s`` 10 MiB at ``N = 64``,
+  ``C = 9``) contract input kernels per pair of samples
+  (:func:`vivitlib.factors.pairwise.pairwise_gram`), which lays ``s`` out a
+  block of samples at a time under a budget; where every pending map acts on
+  a block of samples alone, those blocks are formed from the lazy source
+  (:class:`~vivitlib.factors.pairwise.FactorBlocks`).
+
+Everything else a factor offers (keeping it for lifting, projections, the
+exchange between ranks, ``Vᵀ g`` for gradients of other samples) forms ``s``
+once and hands over to :class:`~vivitlib.factors.UnfoldedFactor`.
 """
 
 from __future__ import annotations
@@ -26,13 +36,17 @@ import torch
 from torch import Tensor
 
 from vivitlib.extensions.lazy import LazyColumns
-from vivitlib.factors import Factor, Grads, current_cost_model, kernels
+from vivitlib.factors import Factor, Grads, current_cost_model, kernels, pairwise
 from vivitlib.factors import outer_factor as _outer_factor
-from vivitlib.factors.outer import grads_slices
+from vivitlib.factors.outer import OuterGrads, grads_slices
 
 
-class ChannelSlicedFactor(Factor):
+class _LazyOuterFactor(Factor):
     """``V`` of a weight ``[O, I]`` from lazy ``s`` ``[C, N, O, *out]`` and input ``a``.
+
+    What the two lazy factors share: shapes, and the outer-product factor
+    with ``s`` formed once (:meth:`formed`) for everything but the Gram
+    contraction.
 
     Args:
         lazy: The factor at the layer's output.
@@ -72,23 +86,6 @@ class ChannelSlicedFactor(Factor):
             self._formed = _outer_factor(s, a, self.source)
         return self._formed
 
-    def contract(self, grads: Grads | None, keep: bool = False):  # noqa: D102
-        if keep:
-            return self.formed().contract(grads, keep)
-        C, N, T, O, _ = self.dims  # noqa: E741
-
-        def take(o0: int, o1: int) -> Tensor:
-            part = self.lazy.channels(o0, o1).reshape(C, N, o1 - o0, T)
-            return part.transpose(2, 3)
-
-        gram, vtg = kernels.dense_plan_gram(
-            kernels.OutputSlices((C, N, T, O), take),
-            self.a,
-            grads_slices(grads, O),
-            chunk_elements=current_cost_model().materialise_elements,
-        )
-        return gram, vtg, None
-
     def times_grads(self, grads: Grads) -> Tensor:  # noqa: D102
         return self.formed().times_grads(grads)
 
@@ -114,3 +111,83 @@ class ChannelSlicedFactor(Factor):
     def dense_numel(self) -> int:  # noqa: D102
         C, N, _, O, I = self.dims  # noqa: E741
         return C * N * O * I
+
+
+class ChannelSlicedFactor(_LazyOuterFactor):
+    """``V`` whose ``'dense'`` Gram plan forms ``s`` by slices of output channels.
+
+    Args:
+        lazy: The factor at the layer's output (:attr:`LazyColumns.narrowable`).
+        a: Unfolded input ``[N, T, I]``, or its blocks of samples.
+        source: Identifies ``a`` (see :attr:`vivitlib.factors.Factor.source`).
+    """
+
+    def contract(self, grads: Grads | None, keep: bool = False):  # noqa: D102
+        if keep:
+            return self.formed().contract(grads, keep)
+        C, N, T, O, _ = self.dims  # noqa: E741
+
+        def take(o0: int, o1: int) -> Tensor:
+            part = self.lazy.channels(o0, o1).reshape(C, N, o1 - o0, T)
+            return part.transpose(2, 3)
+
+        gram, vtg = kernels.dense_plan_gram(
+            kernels.OutputSlices((C, N, T, O), take),
+            self.a,
+            grads_slices(grads, O),
+            chunk_elements=current_cost_model().materialise_elements,
+        )
+        return gram, vtg, None
+
+
+class SampleBlockedFactor(_LazyOuterFactor):
+    """``V`` whose ``'pairwise'`` Gram plan forms ``s`` by blocks of samples.
+
+    ``contract`` (without ``keep``) gives
+    :func:`~vivitlib.factors.pairwise.pairwise_gram` ``s`` as
+    :class:`~vivitlib.factors.pairwise.FactorBlocks`, each block formed from
+    the lazy source in column chunks (the budget's
+    :attr:`~vivitlib.memory.MemoryBudget.column_bytes`), and the output
+    gradients ``Δ`` of the same input as its extra column (so ``Vᵀ g`` needs
+    no formed ``s`` either).
+
+    Args:
+        lazy: The factor at the layer's output
+            (:attr:`LazyColumns.sample_narrowable`).
+        a: Unfolded input ``[N, T, I]``, or its blocks of samples.
+        source: Identifies ``a`` (see :attr:`vivitlib.factors.Factor.source`).
+    """
+
+    def blocks(self) -> pairwise.FactorBlocks:
+        """``s`` ``[C, N, T, O]`` a block of samples at a time, from the lazy source."""
+        C, N, T, O, _ = self.dims  # noqa: E741
+        lazy = self.lazy
+
+        def take(n0: int, n1: int) -> Tensor:
+            chunks = lazy.chunks(lazy.sample_column_bytes() * (n1 - n0))
+            if len(chunks) == 1:
+                block = lazy.columns(0, C, samples=(n0, n1))
+            else:
+                block = lazy.source.new_empty(C, n1 - n0, *lazy.shape[2:])
+                for c0, c1 in chunks:
+                    block[c0:c1] = lazy.columns(c0, c1, samples=(n0, n1))
+            return block.reshape(C, n1 - n0, O, T).transpose(2, 3)
+
+        return pairwise.FactorBlocks((C, N, T, O), take, like=lazy.source)
+
+    def contract(self, grads: Grads | None, keep: bool = False):  # noqa: D102
+        model = current_cost_model()
+        if keep or model.gram_plan_for(*self.dims) != "pairwise":
+            return self.formed().contract(grads, keep)
+        shared = grads if self.shares_input(grads) else None
+        delta = shared.delta if isinstance(shared, OuterGrads) else None
+        gram, vtg = pairwise.pairwise_gram(
+            self.blocks(),
+            self.a,
+            delta,
+            chunk_elements=model.chunk_elements,
+            workspace_elements=model.workspace_elements,
+        )
+        if vtg is None and grads is not None:
+            vtg = self.times_grads(grads)
+        return gram, vtg, None

@@ -13,9 +13,10 @@ This pays where the weight's dense factor is smaller than the factor at the
 output (the first convolution of a network after max pooling: 3C3D's first
 layer at ``N = 64`` has a 12 MiB ``V`` and a 122 MiB output factor). Where it
 is larger, the output factor is formed a slice of channels at a time instead
-(:func:`channel_step`, for the ``'dense'`` Gram plan); otherwise
-(:func:`lazy_plan` ``None``) it is formed whole and the layer takes its usual
-factored path.
+(:func:`channel_step`, for the ``'dense'`` Gram plan), or -- under a budget,
+for the ``'pairwise'`` plan -- a block of samples at a time
+(:func:`sample_step`); otherwise (:func:`lazy_plan` ``None``) it is formed
+whole and the layer takes its usual factored path.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.nn import Module
 
 from vivitlib.extensions.layers import input_source
 from vivitlib.extensions.lazy import LazyColumns
-from vivitlib.extensions.lazy_factor import ChannelSlicedFactor
+from vivitlib.extensions.lazy_factor import ChannelSlicedFactor, SampleBlockedFactor
 from vivitlib.factors import current_cost_model, kernels
 from vivitlib.factors.kernels import InputBlocks
 from vivitlib.memory import current_budget
@@ -58,19 +59,29 @@ def lazy_plan(
     * ``'channels'``: the ``'dense'`` Gram plan applies and every pending map
       can form output channels alone: the weight's factor stays lazy
       (:class:`~vivitlib.extensions.lazy_factor.ChannelSlicedFactor`), the
-      bias factor from channel slices (:func:`channel_step`).
+      bias factor from channel slices (:func:`channel_step`);
+    * ``'samples'``: under a budget, the ``'pairwise'`` Gram plan applies and
+      every pending map can form a block of samples alone: the weight's factor
+      stays lazy (:class:`~vivitlib.extensions.lazy_factor.SampleBlockedFactor`),
+      the bias factor from blocks of samples (:func:`sample_step`).
     """
     C, N, O = quantity.shape[:3]  # noqa: E741
     small = C * N * module.weight.numel() < quantity.numel()
     if small or not _wants(module, "weight", wants):
         return "columns"
-    if not (unfoldable and quantity.narrowable):
+    if not unfoldable:
         return None
     T, I = prod(quantity.shape[3:]), module.weight[0].numel()  # noqa: E741
     model = current_cost_model()
     if not model.prefer_factored(C, N, T, O, I):
         return None
-    return "channels" if model.gram_plan_for(C, N, T, O, I) == "dense" else None
+    plan = model.gram_plan_for(C, N, T, O, I)
+    if plan == "dense" and quantity.narrowable:
+        return "channels"
+    budgeted = current_budget().total_bytes is not None
+    if plan == "pairwise" and budgeted and quantity.sample_narrowable:
+        return "samples"
+    return None
 
 
 def sliceable(quantity: LazyColumns) -> LazyColumns:
@@ -134,6 +145,36 @@ def channel_step(
     budget.note_excess(
         f"{type(module).__name__} (its unfolded input and the lazy source)",
         (unfolded_numel + quantity.source.numel()) * quantity.element_size(),
+    )
+    return results
+
+
+def sample_step(
+    derivatives: Any,
+    module: Module,
+    quantity: LazyColumns,
+    subsampling: list[int] | None,
+    unfolded: Tensor | InputBlocks,
+    wants: Callable[[Tensor], bool] = _requires_grad,
+) -> dict[str, Any]:
+    """Like :func:`conv_step`, the weight's factor a block of samples at a time.
+
+    The weight's factor is a
+    :class:`~vivitlib.extensions.lazy_factor.SampleBlockedFactor` (its
+    ``'pairwise'`` Gram plan forms ``s`` a block of samples at a time); the
+    bias factor and the input's factor (lazy unless small enough to form)
+    come from :func:`conv_step`, which forms the output factor in column
+    chunks or blocks of samples. So the small lazy source travels on, never
+    the output factor formed whole.
+    """
+    weight = module.weight
+
+    def others(param: Tensor) -> bool:
+        return param is not weight and wants(param)
+
+    results = conv_step(derivatives, module, quantity, subsampling, None, others)
+    results["weight"] = SampleBlockedFactor(
+        quantity, unfolded, input_source(module, subsampling)
     )
     return results
 

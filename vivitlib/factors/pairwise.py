@@ -14,17 +14,68 @@ The operands are laid out for the GEMMs as ``S[n] = [(t, o), d]`` (``s`` and
 copies fit the chunk budget (the default), else a block of samples at a time
 (:class:`_SampleBlocks`), so that under a small ``max_memory`` the plan holds
 two blocks instead of copies of the whole factor and input. The numbers do
-not depend on the blocks.
+not depend on the blocks. So the plan also takes ``s`` given a block of
+samples at a time (:class:`FactorBlocks`: a factor formed from a lazy source,
+never held whole) and ``a`` given so
+(:class:`~vivitlib.factors.kernels.InputBlocks`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from vivitlib.factors.kernels import _chunk
+from vivitlib.factors.kernels import InputBlocks, _chunk, whole_input
+
+
+class FactorBlocks:
+    """``s`` ``[C, N, T, O]`` given a block of samples at a time instead of whole.
+
+    For a factor never held whole (formed from a lazy source,
+    :class:`~vivitlib.extensions.lazy_factor.SampleBlockedFactor`):
+    :func:`pairwise_gram` asks for the blocks it lays out, each formed anew on
+    every request (time traded for memory).
+
+    Args:
+        shape: ``(C, N, T, O)``.
+        take: ``take(n0, n1)`` gives ``s[:, n0:n1]``, ``[C, n1 - n0, T, O]``.
+        like: A tensor with the blocks' dtype and device.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int, int],
+        take: Callable[[int, int], Tensor],
+        like: Tensor,
+    ):
+        self.shape, self.take, self._like = tuple(shape), take, like
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the blocks."""
+        return self._like.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the blocks."""
+        return self._like.device
+
+    def new_empty(self, *shape: int) -> Tensor:
+        """An uninitialised tensor with the blocks' dtype and device."""
+        return self._like.new_empty(shape)
+
+
+def _factor_block(s: Tensor | FactorBlocks, n0: int, n1: int) -> Tensor:
+    """``s[:, n0:n1]`` (a view of a tensor, formed for :class:`FactorBlocks`)."""
+    return s.take(n0, n1) if isinstance(s, FactorBlocks) else s[:, n0:n1]
+
+
+def _laid_out(a: Tensor | InputBlocks) -> bool:
+    """Whether ``a`` is its own layout ``[(n, t), i]`` (a contiguous tensor)."""
+    return isinstance(a, Tensor) and a.is_contiguous()
 
 
 def _sample_columns(
@@ -49,24 +100,32 @@ class _SampleBlocks:
     """``A`` and ``S`` of samples ``[n0, n1)``: views of whole layouts, or block copies.
 
     Args:
-        s: ``[C, N, T, O]``.
-        a: ``[N, T, I]``; a contiguous input is its own layout (never copied).
+        s: ``[C, N, T, O]``, or :class:`FactorBlocks` giving it block by block.
+        a: ``[N, T, I]`` (a contiguous input is its own layout, never copied),
+            or :class:`~vivitlib.factors.kernels.InputBlocks`.
         delta: ``[N, T, O]`` or ``None``.
         block: Samples per block, two blocks held (slots 0 and 1); ``None``
             lays out all samples once.
     """
 
-    def __init__(self, s: Tensor, a: Tensor, delta: Tensor | None, block: int | None):
+    def __init__(
+        self,
+        s: Tensor | FactorBlocks,
+        a: Tensor | InputBlocks,
+        delta: Tensor | None,
+        block: int | None,
+    ):
         self.s, self.a, self.delta, self.whole = s, a, delta, block is None
         C, N, T, O = s.shape  # noqa: E741
         I = a.shape[-1]  # noqa: E741
         C1 = C + (delta is not None)
         if self.whole:
-            self._s, self._a = _sample_columns(s, delta), a.reshape(N * T, I)
+            self._s = _sample_columns(_factor_block(s, 0, N), delta)
+            self._a = whole_input(a).reshape(N * T, I)
             return
         self._s = [s.new_empty(block, T, O, C1) for _ in range(2)]
         self._a = None
-        if not a.is_contiguous():
+        if not _laid_out(a):
             self._a = [a.new_empty(block, T, I) for _ in range(2)]
 
     def __call__(self, n0: int, n1: int, slot: int) -> tuple[Tensor, Tensor]:
@@ -75,10 +134,14 @@ class _SampleBlocks:
         if self.whole:
             return self._a[n0 * T : n1 * T], self._s[n0:n1]
         d = None if self.delta is None else self.delta[n0:n1]
-        s = _sample_columns(self.s[:, n0:n1], d, self._s[slot][: n1 - n0])
+        s_block = _factor_block(self.s, n0, n1)
+        s = _sample_columns(s_block, d, self._s[slot][: n1 - n0])
+        del s_block
         if self._a is None:
             return self.a[n0:n1].view((n1 - n0) * T, -1), s
-        a = self._a[slot][: n1 - n0].copy_(self.a[n0:n1])
+        a_block = self.a.take(n0, n1) if isinstance(self.a, InputBlocks) else None
+        a = self._a[slot][: n1 - n0]
+        a.copy_(self.a[n0:n1] if a_block is None else a_block)
         return a.view((n1 - n0) * T, -1), s
 
 
@@ -105,13 +168,15 @@ class _Accumulator:
     """Sample-major Gram (and ``Vᵀ g``) filled block by block, with GEMM workspaces.
 
     Args:
-        s: ``[C, N, T, O]`` (shapes, dtype, device).
+        s: ``[C, N, T, O]`` or :class:`FactorBlocks` (shapes, dtype, device).
         C1: Columns of ``S`` (``C``, or ``C + 1`` with ``Δ``).
         kernel_entries: Largest kernel block.
         rows_step: Samples ``n`` per product ``P = K S_m``.
     """
 
-    def __init__(self, s: Tensor, C1: int, kernel_entries: int, rows_step: int):
+    def __init__(
+        self, s: Tensor | FactorBlocks, C1: int, kernel_entries: int, rows_step: int
+    ):
         C, N, T, O = s.shape  # noqa: E741
         self.C, self.T, self.rows_step = C, T, rows_step
         self.gram = s.new_empty(N, C, N, C)
@@ -161,8 +226,8 @@ class _Accumulator:
 
 
 def pairwise_gram(
-    s: Tensor,
-    a: Tensor,
+    s: Tensor | FactorBlocks,
+    a: Tensor | InputBlocks,
     delta: Tensor | None = None,
     *,
     chunk_elements: int,
@@ -179,9 +244,16 @@ def pairwise_gram(
     ``⟨v_cn, g_m⟩`` and the ``Δ`` row ``⟨v_dm, g_n⟩``, so the kernel's upper
     half is never needed.
 
+    Operands given block by block (:class:`FactorBlocks`,
+    :class:`~vivitlib.factors.kernels.InputBlocks`) are formed block by block
+    into the layout, every time a block is laid out (with blocks of samples:
+    about ``B·(B + 1)/2`` times for ``B`` blocks; all samples once when the
+    layout fits ``chunk_elements``). The numbers are the same.
+
     Args:
-        s: Backpropagated factor ``[C, N, T, O]``.
-        a: Layer input ``[N, T, I]``, shared by the factor and the gradients.
+        s: Backpropagated factor ``[C, N, T, O]``, or :class:`FactorBlocks`.
+        a: Layer input ``[N, T, I]``, shared by the factor and the gradients,
+            or :class:`~vivitlib.factors.kernels.InputBlocks`.
         delta: Output gradients ``[N, T, O]`` of the same samples, or ``None``.
         chunk_elements: Largest laid-out operands plus kernel block (entries).
         workspace_elements: Size of the per-sample products on the CPU.
@@ -192,7 +264,7 @@ def pairwise_gram(
     """
     C, N, T, O = s.shape  # noqa: E741
     C1 = C + (delta is not None)
-    per_sample = T * (O * C1 + (0 if a.is_contiguous() else a.shape[-1]))
+    per_sample = T * (O * C1 + (0 if _laid_out(a) else a.shape[-1]))
     block, step = _blocks(N, T, per_sample, chunk_elements)
     blocks = _SampleBlocks(s, a, delta, block)
     row_block = N if block is None else block

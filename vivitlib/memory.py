@@ -9,24 +9,32 @@ forward activations, ``.grad``, autograd's gradients) and the pass's results
 (the ``NC × NC`` Gram accumulator, factors kept for lifting). So the peak of a
 pass is about the plain backward's plus ``max_memory``.
 
-The budget is spent in fixed shares (:meth:`MemoryBudget.split`):
+The budget is spent in fixed shares (:meth:`MemoryBudget.split`), small
+enough that the pieces alive together at one layer's step stay within it:
 
-* a backpropagated factor larger than :attr:`~MemoryBudget.lazy_bytes` (a
-  quarter) is not formed: it stays **lazy**, its source plus the pending
-  per-column operations (:class:`vivitlib.extensions.lazy.LazyColumns`), and
-  its consumers form a few columns (:attr:`~MemoryBudget.column_bytes`, an
-  eighth) or a slice of channels at a time -- a convolution with a small dense
-  ``V`` by columns, one with a large ``V`` by output channels for its
-  ``'dense'`` Gram plan;
+* a backpropagated factor larger than :attr:`~MemoryBudget.lazy_bytes` (an
+  eighth, :data:`LAZY_SHARE`) is not formed: it stays **lazy**, its source
+  plus the pending per-column operations
+  (:class:`vivitlib.extensions.lazy.LazyColumns`), and its consumers form a
+  few columns (:attr:`~MemoryBudget.column_bytes`, a sixteenth) -- for a
+  block of samples at a time where one column is larger -- or a slice of
+  channels at a time: a convolution with a small dense ``V`` by columns, one
+  with a large ``V`` by output channels for its ``'dense'`` Gram plan;
+* a convolution's unfolded input (``kernel size`` times its input) larger
+  than :attr:`~MemoryBudget.lazy_bytes` is unfolded a block of samples at a
+  time, within :attr:`~MemoryBudget.column_bytes`, whenever a kernel needs it
+  (:func:`vivitlib.extensions.layers.conv_input_blocks`);
 * the kernels' slices and chunks (:class:`vivitlib.factors.CostModel`'s
   ``materialise_elements``: a quarter; ``chunk_elements`` and
   ``workspace_elements``: an eighth each); the ``'pairwise'`` Gram plan lays
   its operands out for all samples at once only when they fit
   ``chunk_elements``, else two blocks of samples at a time.
 
-What a layer cannot split -- a convolution's unfolded input, the lazy source,
-results kept for lifting (``compute`` with eigenvectors or Newton steps) --
-sets the smallest budget a network allows.
+What cannot be split -- the lazy source (a factor formed further up),
+results kept for lifting (``compute`` with eigenvectors or Newton steps), the
+pooling indices and masks the pending maps hold -- sets the smallest peak a
+network allows (``max_memory=1``; 3C3D at ``N = 64``: about 1.4-1.5 times a
+plain gradient's peak, ``experiments/benchmarks/ggn/budgets.py``).
 
 Without a budget (``max_memory=None``) the defaults apply: the cost model as
 it is, and factors above :data:`DEFAULT_LAZY_BYTES` kept lazy (which costs no
@@ -35,8 +43,8 @@ slices of output channels first forms the maps behind a previous
 convolution's ``Jᵀ`` once (:func:`vivitlib.extensions.lazy_layers.sliceable`);
 under a budget only where that fits :attr:`~MemoryBudget.lazy_bytes`.
 
-A budget that a layer cannot meet (its smallest working set -- one column of
-its factor, its unfolded input -- is larger) is not an error: the pass runs
+A budget that a layer cannot meet (its smallest working set -- one sample's
+column of its factor, the lazy source -- is larger) is not an error: the pass runs
 with the smallest working set and emits one :class:`MemoryBudgetWarning` naming
 the layer and the budget that would have been honoured.
 """
@@ -52,6 +60,16 @@ from dataclasses import dataclass, field
 
 #: Without a budget, a backpropagated factor above this many bytes stays lazy.
 DEFAULT_LAZY_BYTES = 32 * 2**20
+
+#: Under a budget, a formed factor (or unfolded input) may take ``1/LAZY_SHARE``
+#: of it and a chunk of lazy columns ``1/COLUMN_SHARE``. Up to three such
+#: pieces live at once at a convolution's step (its output factor, unfolded
+#: input and input factor) next to the kernels' slices and the lazy source
+#: kept from above; with a quarter and an eighth, 3C3D at ``N = 64`` exceeded a
+#: budget of half a plain gradient's peak by 7 MiB (116.7 MiB for a limit of
+#: 109), with an eighth and a sixteenth it peaks at 100.8 MiB (1.68 instead of
+#: 1.27 s; ``experiments/benchmarks/ggn/budgets.py``).
+LAZY_SHARE, COLUMN_SHARE = 8, 16
 
 _UNITS = {
     "": 1,
@@ -153,8 +171,8 @@ class MemoryBudget:
             return cls(lifted_vectors=lifted_vectors)
         return cls(
             total_bytes=total_bytes,
-            lazy_bytes=max(1, total_bytes // 4),
-            column_bytes=max(1, total_bytes // 8),
+            lazy_bytes=max(1, total_bytes // LAZY_SHARE),
+            column_bytes=max(1, total_bytes // COLUMN_SHARE),
             lifted_vectors=lifted_vectors,
         )
 

@@ -171,8 +171,8 @@ def test_bad_budgets_raise_before_anything_runs(value, error, match):
 
 def test_budget_shares():
     budget = MemoryBudget.split(2**20)
-    assert budget.lazy_bytes == 2**18
-    assert budget.column_bytes == 2**17
+    assert budget.lazy_bytes == 2**17
+    assert budget.column_bytes == 2**16
     assert budget.cost_settings(4)["materialise_elements"] == 2**16
     assert budget.cost_settings(4)["chunk_elements"] == 2**15
     assert MemoryBudget.split(None).cost_settings(4) == {}

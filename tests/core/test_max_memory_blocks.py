@@ -151,7 +151,7 @@ def test_unfolded_input_whole_without_a_budget_else_in_blocks(subsampling):
     whole = layers.conv_inputs(conv, subsampling)
     got = layers.conv_input_blocks(conv, subsampling)
     assert isinstance(got, torch.Tensor)
-    # 18 x 16 entries of 8 bytes per sample; a quarter of 8000 bytes holds 0.9
+    # 18 x 16 entries of 8 bytes per sample; an eighth of 8000 bytes holds 0.4
     with memory_budget(MemoryBudget.split(8000)):
         got = layers.conv_input_blocks(conv, subsampling)
     assert isinstance(got, kernels.InputBlocks)

@@ -1,5 +1,7 @@
 """Smoke test of the side-by-side benchmark (tiny problem, in-process runners)."""
 
+import os
+
 import pytest
 import torch
 
@@ -95,3 +97,49 @@ def test_memory_trace_names_every_step_and_restores_the_hooks():
     assert rows[-1]["peak_after"] == max(r["peak_after"] for r in rows)
     with pytest.raises(ValueError, match="config='eigvals'"):
         memory_trace.trace("digits_mlp", 8, "gradient")
+
+
+def test_runner_passes_the_budget_on(monkeypatch):
+    import vivitlib
+
+    seen = []
+    real = vivitlib.LowRankGGN
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("max_memory"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vivitlib, "LowRankGGN", spy)
+    problem = make_problem("digits_mlp", 8)
+    budgeted = make_runner("vivitlib", "eigvals", problem, max_memory=1000)()
+    default = make_runner("vivitlib", "eigvals", problem)()
+    assert seen == [1000, None]
+    torch.testing.assert_close(budgeted[0], default[0])
+    with pytest.raises(ValueError, match="vivitlib option"):
+        make_runner("torch", "gradient", problem, max_memory=1000)
+
+
+def test_budget_table_marks_what_is_honoured(monkeypatch, tmp_path):
+    """The budgets benchmark (in-process jobs with made-up peaks)."""
+    from experiments.benchmarks.ggn import budgets
+
+    def fake(job):
+        assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "131072"
+        if job["kind"] == "time":
+            return {"vivitlib": {"median_s": 2.0 if job.get("max_memory") else 1.0}}
+        if job["config"] == "gradient":
+            return {"ok": True, "peak_mib": 10.0}
+        # within the limit at 1 x P, above it at 0.5 x P
+        return {"ok": True, "peak_mib": {None: 30.0, 1: 14.0}.get(
+            job.get("max_memory"), 16.0)}  # fmt: skip
+
+    monkeypatch.setattr(budgets, "in_subprocess", fake)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    df = budgets.main(["--problems", "digits_mlp", "--sizes", "digits_mlp=8",
+                       "--fractions", "0.5", "1", "--out", str(tmp_path)])  # fmt: skip
+    assert list(df.budget) == ["none", "1 byte", "0.5 x P", "1 x P"]
+    assert list(df.honoured) == ["", "", "no", "yes"]
+    assert list(df.x_time) == [1.0, 2.0, 2.0, 2.0]
+    assert df.limit_MiB.iloc[3] == pytest.approx(20.0, rel=1e-6)
+    assert "| digits_mlp |" in (tmp_path / "budgets.md").read_text()
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # set for the jobs only

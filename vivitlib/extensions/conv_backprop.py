@@ -20,9 +20,11 @@ from torch import Tensor, nn
 
 from vivitlib.extensions import heap
 from vivitlib.extensions.lazy import PendingOp, input_shape
+from vivitlib.memory import current_budget
 
 #: A convolution's transposed Jacobian runs on column chunks of at most this
-#: many output bytes (``conv_transpose`` needs scratch proportional to its batch).
+#: many output bytes (``conv_transpose`` needs scratch proportional to its
+#: batch), or of the budget's ``column_bytes`` where that is smaller.
 CONV_CHUNK_BYTES = 8 * 2**20
 
 
@@ -76,7 +78,8 @@ def _column_chunked(base: type) -> type:
         def _jac_t_mat_prod(self, module, g_inp, g_out, mat, subsampling=None):
             V = mat.shape[0]
             column_bytes = mat.shape[1] * module.input0[0].numel() * mat.element_size()
-            step = max(1, CONV_CHUNK_BYTES // max(column_bytes, 1))
+            chunk_bytes = min(CONV_CHUNK_BYTES, current_budget().column_bytes)
+            step = max(1, chunk_bytes // max(column_bytes, 1))
             if step >= V:
                 return super()._jac_t_mat_prod(module, g_inp, g_out, mat, subsampling)
             out = None

@@ -19,17 +19,14 @@ the threshold so that the trace follows live memory more closely.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import resource
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from backpack.extensions.module_extension import ModuleExtension
 
-import vivitlib
 from experiments.benchmarks.ggn.measure import maxrss_mib as peak_mib
 from experiments.benchmarks.ggn.problems import make_problem
 from experiments.benchmarks.ggn.runners import CONFIGS, make_runner
@@ -70,23 +67,6 @@ class _Tracer:
         return lambda: setattr(owner, name, original)
 
 
-@contextlib.contextmanager
-def budgeted(max_memory: int | str | None) -> Iterator[None]:
-    """Inside the block, the runners' ``LowRankGGN`` gets ``max_memory``.
-
-    (The benchmark runners build ``vivitlib.LowRankGGN`` without a budget.)
-    """
-    if max_memory is None:
-        yield
-        return
-    original = vivitlib.LowRankGGN
-    vivitlib.LowRankGGN = functools.partial(original, max_memory=max_memory)
-    try:
-        yield
-    finally:
-        vivitlib.LowRankGGN = original
-
-
 def trace(
     problem: str, batch_size: int, config: str, max_memory: int | str | None = None
 ) -> list[dict[str, Any]]:
@@ -110,15 +90,15 @@ def trace(
         raise ValueError(
             "The plain gradient has no BackPACK steps; trace e.g. config='eigvals'."
         )
-    run = make_runner("vivitlib", config, make_problem(problem, batch_size))
+    instance = make_problem(problem, batch_size)
+    run = make_runner("vivitlib", config, instance, max_memory=max_memory)
     tracer = _Tracer(peak_mib())
     undo = [
         tracer.wrap(ModuleExtension, "__call__", "extension"),
         tracer.wrap(BackpackCollector, "hook", "hook"),
     ]
     try:
-        with budgeted(max_memory):
-            run()
+        run()
     finally:
         for restore in undo:
             restore()

@@ -75,7 +75,9 @@ def _subsample(problem: Problem, config: str) -> list[int] | None:
     return list(range(max(1, problem.X.shape[0] // 8)))
 
 
-def _vivitlib_runner(problem: Problem, config: str) -> Callable[[], Any]:
+def _vivitlib_runner(
+    problem: Problem, config: str, max_memory: int | str | None = None
+) -> Callable[[], Any]:
     compute = {
         "eigpairs_top10": ("eigenvalues", "eigenvectors"),
         "dirderiv_top10": ("eigenvalues", "directional_derivatives"),
@@ -91,6 +93,7 @@ def _vivitlib_runner(problem: Problem, config: str) -> Callable[[], Any]:
             mc_samples=1 if config == "eigvals_mc1" else 0,
             subsampling=_subsample(problem, config),
             compute=compute,
+            max_memory=max_memory,
         )
         _backward(problem, ggn.extensions, ggn.hook)
         block = ggn.blocks[0]
@@ -166,7 +169,12 @@ def _gradient_runner(problem: Problem) -> Callable[[], Any]:
     return run
 
 
-def make_runner(library: str, config: str, problem: Problem) -> Callable[[], Any]:
+def make_runner(
+    library: str,
+    config: str,
+    problem: Problem,
+    max_memory: int | str | None = None,
+) -> Callable[[], Any]:
     """A callable doing one complete pass of ``config`` with ``library``.
 
     Args:
@@ -176,6 +184,8 @@ def make_runner(library: str, config: str, problem: Problem) -> Callable[[], Any
             (plain gradient only).
         config: One of :data:`CONFIGS`.
         problem: The problem to run on.
+        max_memory: vivitlib's ``LowRankGGN(max_memory=...)`` (only for
+            ``library='vivitlib'``; ``None``: the default).
 
     Returns:
         Zero-argument callable returning the configuration's result.
@@ -185,6 +195,8 @@ def make_runner(library: str, config: str, problem: Problem) -> Callable[[], Any
     """
     if config not in CONFIGS:
         raise ValueError(f"Unknown config {config!r}; choose one of {CONFIGS}.")
+    if max_memory is not None and library != "vivitlib":
+        raise ValueError(f"max_memory is a vivitlib option, not one of {library!r}.")
     if config == "gradient":
         return _gradient_runner(problem)
     if library in ("floor", "floor_full"):
@@ -192,7 +204,7 @@ def make_runner(library: str, config: str, problem: Problem) -> Callable[[], Any
 
         return floor_runner(problem, full=library == "floor_full")
     if library == "vivitlib":
-        return _vivitlib_runner(problem, config)
+        return _vivitlib_runner(problem, config, max_memory)
     if library == "vivit":
         return _vivit_runner(problem, config)
     raise ValueError(f"Unknown library {library!r}; choose one of {LIBRARIES}.")

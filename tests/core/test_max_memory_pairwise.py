@@ -21,7 +21,7 @@ from tests.core.cases import make_problem
 from tests.core.helpers import assert_block_matches_dense, flat_evecs
 from tests.reference import eigh_desc
 from vivitlib.extensions import lazy_factor, lazy_layers
-from vivitlib.extensions.lazy import LazyColumns
+from vivitlib.extensions.lazy import LazyColumns, PendingOp
 from vivitlib.factors import cost_model, kernels, pairwise
 from vivitlib.memory import MemoryBudget, MemoryBudgetWarning, memory_budget
 
@@ -101,6 +101,68 @@ def test_factor_blocks_describe_the_factor():
     assert blocks.shape == tuple(s.shape)
     assert blocks.dtype == s.dtype and blocks.device == s.device
     assert blocks.new_empty(2, 3).shape == (2, 3)
+
+
+def _shrinking_lazy(C=8, N=5, seed=0):
+    """A lazy ``[C, N, 2, 3, 3]`` whose source ``[C, N, 8, 3, 3]`` is 4× larger.
+
+    Its map keeps the first two channels, doubled; per sample, forming a
+    column takes more memory than the column itself.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    source = torch.randn(C, N, 8, 3, 3, generator=gen, dtype=torch.float64)
+
+    def fn(x, fresh):
+        return 2 * x[:, :, :2]
+
+    op = PendingOp(fn, (N, 2, 3, 3), True, samples=lambda n0, n1: fn)
+    return LazyColumns(source, (op,))
+
+
+@pytest.mark.parametrize("budget", [1, 10**6])
+def test_sample_blocked_factor_blocks_equal_the_formed_factor(budget):
+    """Blocks formed in column chunks (a tiny budget) or whole columns."""
+    lazy = _shrinking_lazy()
+    C, N = lazy.shape[:2]
+    a = torch.randn(N, 9, 7, dtype=torch.float64)
+    factor = lazy_factor.SampleBlockedFactor(lazy, a)
+    s = lazy.materialise().reshape(C, N, 2, 9).transpose(2, 3)
+    with memory_budget(MemoryBudget.split(budget)):
+        blocks = factor.blocks()
+        assert blocks.shape == (C, N, 9, 2)
+        for n0, n1 in ((0, 1), (1, 4), (0, N)):
+            torch.testing.assert_close(blocks.take(n0, n1), s[:, n0:n1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-input", "other-input"])
+def test_sample_blocked_contraction_equals_the_formed_factors(shared):
+    """Gram and ``Vᵀ g``: through blocks (shared input: ``Δ`` as a column) or
+    with ``s`` formed (gradients of another input), as the formed factor."""
+    from vivitlib.factors import outer_factor
+    from vivitlib.factors.outer import OuterGrads
+
+    lazy = _shrinking_lazy()
+    C, N = lazy.shape[:2]
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(N, 9, 7, generator=gen, dtype=torch.float64)
+    if shared:  # the gradients of the factor's samples and layer input
+        grads = OuterGrads(torch.randn(N, 9, 2, generator=gen).double(), a, "layer")
+    else:
+        delta = torch.randn(3, 9, 2, generator=gen, dtype=torch.float64)
+        grads = OuterGrads(delta, torch.randn(3, 9, 7, generator=gen).double(), "x")
+    s = lazy.materialise().reshape(C, N, 2, 9).transpose(2, 3)
+    with cost_model(gram_plan="pairwise"), memory_budget(MemoryBudget.split(3000)):
+        factor = lazy_factor.SampleBlockedFactor(lazy, a, "layer")
+        gram, vtg, kept = factor.contract(grads)
+        ref_gram, ref_vtg, _ = outer_factor(s, a, "layer").contract(grads)
+    assert kept is None
+    # s formed only for the gradients of another input
+    assert (factor._formed is None) == shared
+    torch.testing.assert_close(gram, ref_gram, rtol=0, atol=1e-12)
+    torch.testing.assert_close(vtg, ref_vtg, rtol=0, atol=1e-12)
+    v = torch.einsum("cnto,nti->cnoi", s, a).flatten(2)
+    g = torch.einsum("nto,nti->noi", grads.delta, grads.a).flatten(1)
+    torch.testing.assert_close(vtg, torch.einsum("cnd,md->cnm", v, g))
 
 
 # ------------------------------------------------------------- whole passes
@@ -209,9 +271,16 @@ def test_budgeted_pass_matches_dense(monkeypatch, loss, compute):
         torch.testing.assert_close(
             getattr(block, key), getattr(ref, key), rtol=1e-9, atol=1e-12
         )
+    # the Newton step against the dense GGN (the same in any eigenbasis)
+    dense = problem.dense()
+    evals, evecs = eigh_desc(dense.ggn)
+    _assert_eigenvalues(block, dense.ggn)
+    E = evecs[:, : block.num_directions].T
     for damping in (1e-3, 1.0):
-        for got, want in zip(block.newton_step(damping), ref.newton_step(damping)):
-            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+        step = torch.cat([s.flatten() for s in block.newton_step(damping)])
+        expected = -E.T @ ((E @ dense.grad) / (evals[: E.shape[0]] + damping))
+        tol = 1e-9 * expected.abs().max()
+        torch.testing.assert_close(step, expected, rtol=1e-6, atol=tol)
 
 
 def _results(**kwargs):

@@ -73,6 +73,11 @@ def _factor_block(s: Tensor | FactorBlocks, n0: int, n1: int) -> Tensor:
     return s.take(n0, n1) if isinstance(s, FactorBlocks) else s[:, n0:n1]
 
 
+def _input_block(a: Tensor | InputBlocks, n0: int, n1: int) -> Tensor:
+    """``a[n0:n1]`` (a view of a tensor, formed for ``InputBlocks``)."""
+    return a.take(n0, n1) if isinstance(a, InputBlocks) else a[n0:n1]
+
+
 def _laid_out(a: Tensor | InputBlocks) -> bool:
     """Whether ``a`` is its own layout ``[(n, t), i]`` (a contiguous tensor)."""
     return isinstance(a, Tensor) and a.is_contiguous()
@@ -139,9 +144,7 @@ class _SampleBlocks:
         del s_block
         if self._a is None:
             return self.a[n0:n1].view((n1 - n0) * T, -1), s
-        a_block = self.a.take(n0, n1) if isinstance(self.a, InputBlocks) else None
-        a = self._a[slot][: n1 - n0]
-        a.copy_(self.a[n0:n1] if a_block is None else a_block)
+        a = self._a[slot][: n1 - n0].copy_(_input_block(self.a, n0, n1))
         return a.view((n1 - n0) * T, -1), s
 
 

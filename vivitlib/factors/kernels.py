@@ -238,7 +238,9 @@ def _slice_former(s: Tensor | OutputSlices, a: Tensor | InputBlocks, budget: int
     I = a.shape[-1]  # noqa: E741
     take = _slice_taker(s)
     if _per_class(C, N, T, O, I, budget):
-        step = _chunk(C * N * I, O, budget)
+        # a slice formed from a lazy factor is new memory as well: count it
+        formed = T if isinstance(s, OutputSlices) else 0
+        step = _chunk(C * N * (I + formed), O, budget)
         space = a.new_empty(C * N * step * I)
 
         def form(o0: int, o1: int) -> Tensor:

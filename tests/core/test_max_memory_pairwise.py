@@ -351,3 +351,16 @@ def test_samples_plan_only_under_a_budget():
             assert lazy_layers.lazy_plan(conv, lazy, False) is None
     with cost_model(gram_plan="dense"), memory_budget(MemoryBudget.split(1000)):
         assert lazy_layers.lazy_plan(conv, lazy, True) != "samples"
+
+
+def test_a_budget_below_the_sample_steps_needs_warns():
+    """What the step cannot split (unfolded input block, lazy source) is named."""
+    problem = _problem()
+    ggn = vivitlib.LowRankGGN(problem.params, compute="eigenvalues", max_memory=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MemoryBudgetWarning)
+        with cost_model(gram_plan="pairwise"):
+            problem.run(ggn)
+    messages = [str(w.message) for w in caught]
+    assert any("Conv2d (its unfolded input and the lazy source)" in m for m in messages)
+    _assert_eigenvalues(ggn.blocks[0], problem.dense().ggn)

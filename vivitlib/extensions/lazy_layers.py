@@ -139,14 +139,25 @@ def channel_step(
         lazy = quantity.then(op)
         in_bytes = C * prod(op.shape) * quantity.element_size()
         results["input"] = lazy if budget.keeps_lazy(in_bytes) else lazy.materialise()
+    _note_unfolded(module, quantity, unfolded)
+    return results
+
+
+def _note_unfolded(
+    module: Module, quantity: LazyColumns, unfolded: Tensor | InputBlocks
+) -> None:
+    """Warn where the unfolded input (one block) and the lazy source exceed the budget.
+
+    A step keeping the weight's factor lazy cannot split them.
+    """
+    N = quantity.shape[1]
     unfolded_numel = unfolded.numel()
     if isinstance(unfolded, InputBlocks):
         unfolded_numel = unfolded_numel // N * min(N, unfolded.step)
-    budget.note_excess(
+    current_budget().note_excess(
         f"{type(module).__name__} (its unfolded input and the lazy source)",
         (unfolded_numel + quantity.source.numel()) * quantity.element_size(),
     )
-    return results
 
 
 def sample_step(
@@ -176,6 +187,7 @@ def sample_step(
     results["weight"] = SampleBlockedFactor(
         quantity, unfolded, input_source(module, subsampling)
     )
+    _note_unfolded(module, quantity, unfolded)
     return results
 
 

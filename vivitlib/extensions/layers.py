@@ -145,13 +145,36 @@ def conv_weight_factor(
     I = module.weight[0].numel()  # noqa: E741
     if not current_cost_model().prefer_factored(C, N, T, O, I):
         return None
+    source = input_source(module, subsampling)
+    a = conv_input_blocks(module, subsampling)
+    if isinstance(a, InputBlocks):
+        return _blocked_input_factor(backproped, a, source)
     s = backproped.reshape(C, N, O, T).transpose(2, 3)
-    a = conv_inputs(module, subsampling)
     current_budget().note_excess(
         f"{type(module).__name__} (its output factor and unfolded input)",
         (s.numel() + a.numel()) * s.element_size(),
     )
-    return outer_factor(s, a, input_source(module, subsampling))
+    return outer_factor(s, a, source)
+
+
+def _blocked_input_factor(backproped: Tensor, a: InputBlocks, source: tuple):
+    """The weight's factor for an unfolded input given in blocks of samples.
+
+    The lazy factors' Gram plans (:mod:`.lazy_factor`) read ``a`` block by
+    block; here their ``s`` is the formed factor itself (a lazy factor
+    without pending maps). Lifting and projections form ``a`` whole.
+    """
+    from vivitlib.extensions.lazy import LazyColumns
+    from vivitlib.extensions.lazy_factor import (
+        ChannelSlicedFactor,
+        SampleBlockedFactor,
+    )
+
+    C, N, O = backproped.shape[:3]  # noqa: E741
+    T, I = backproped[0, 0, 0].numel(), a.shape[-1]  # noqa: E741
+    plan = current_cost_model().gram_plan_for(C, N, T, O, I)
+    cls = SampleBlockedFactor if plan == "pairwise" else ChannelSlicedFactor
+    return cls(LazyColumns(backproped), a, source)
 
 
 def linear_weight_grads(

@@ -293,7 +293,12 @@ class LazyColumns:
         return self.shape[0] * prod(shape) * self.element_size()
 
     def materialise(self) -> Tensor:
-        """The whole factor, formed a few columns at a time into one buffer."""
+        """The whole factor, formed a few columns at a time into one buffer.
+
+        Without pending maps it is the source itself (no copy).
+        """
+        if not self.ops:
+            return self.source
         chunks = self.chunks()
         if len(chunks) == 1:
             return self.columns(*chunks[0])

@@ -59,9 +59,11 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
     With ``derivatives`` that keep factors lazy (convolutions), a lazy factor
     reaching the layer is handled column chunk by column chunk
     (:mod:`.lazy_layers`), and a large factor backpropagated to the input stays
-    lazy.
+    lazy. Derivatives with ``takes_lazy = False`` (linear layers) only do the
+    latter: a lazy factor reaching the layer is formed first.
     """
     lazy_aware = derivatives is not None and hasattr(derivatives, "column_op")
+    takes_lazy = lazy_aware and getattr(derivatives, "takes_lazy", True)
 
     class _FactoredSqrt(base):
         def __init__(self):
@@ -73,7 +75,7 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
 
         def accepts_lazy(self, ext, module, quantity: LazyColumns) -> bool:
             """Whether this step handles ``quantity`` in chunks (:func:`lazy_plan`)."""
-            if not lazy_aware:
+            if not takes_lazy:
                 return False
             plan = lazy_plan(module, quantity, conv_unfoldable(module), _wants(ext))
             return plan is not None

@@ -287,12 +287,16 @@ def lazy_backpropagate(
 
     A lazy ``mat`` gets the layer's map appended (``column_op``); a formed one
     becomes lazy where the layer's output grows beyond the budget's
-    :attr:`~vivitlib.memory.MemoryBudget.lazy_bytes`.
+    :attr:`~vivitlib.memory.MemoryBudget.lazy_bytes` (``derivatives.grows``: a
+    flag, or a predicate on the module).
     """
     if isinstance(mat, LazyColumns):
         op = derivatives.column_op(module, subsampling=subsampling)
         return mat if op is None else mat.then(op)
-    if not getattr(derivatives, "grows", False) or not isinstance(mat, Tensor):
+    grows = getattr(derivatives, "grows", False)
+    if callable(grows):
+        grows = grows(module)
+    if not grows or not isinstance(mat, Tensor):
         return None
     out_numel = mat.shape[0] * prod(input_shape(module, subsampling))
     if not current_budget().keeps_lazy(out_numel * mat.element_size()):

@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from vivitlib.extensions.conv_backprop import FAST_CONV_DERIVATIVES
+from vivitlib.extensions.linear_backprop import LazyLinearDerivatives
 from vivitlib.factors import OuterFactor, OuterGrads, current_cost_model, outer_factor
 from vivitlib.factors.kernels import InputBlocks
 from vivitlib.memory import current_budget
@@ -227,9 +228,10 @@ _LINEAR = (linear_weight_factor, linear_weight_grads)
 _CONV = (conv_weight_factor, conv_weight_grads)
 
 #: Layer kinds whose weights are kept factored (convolutions backpropagate the
-#: factor to their input on column chunks, :data:`FAST_CONV_DERIVATIVES`).
+#: factor to their input on column chunks, :data:`FAST_CONV_DERIVATIVES`; a
+#: linear layer's ``Jᵀ`` may stay lazy under a budget, :mod:`.linear_backprop`).
 FACTORED_LAYERS: dict[type, LayerRule] = {
-    Linear: LayerRule(SqrtGGNLinear, BatchGradLinear, *_LINEAR),
+    Linear: LayerRule(SqrtGGNLinear, BatchGradLinear, *_LINEAR, LazyLinearDerivatives),
     **{
         conv: LayerRule(sqrt, grads, *_CONV, FAST_CONV_DERIVATIVES[conv])
         for conv, sqrt, grads in (

@@ -1,0 +1,242 @@
+"""A linear layer's ``Jᵀ`` as a pending map (:mod:`vivitlib.extensions.linear_backprop`).
+
+The map and its narrowed / sample-block forms must equal BackPACK's stock
+``jac_t_mat_prod``; under a budget a wide linear layer (``in > out``, the first
+one after ``Flatten`` in a CNN) keeps its input factor lazy, never formed
+whole, and every result still equals the dense ``torch.func`` reference.
+"""
+
+import warnings
+
+import pytest
+import torch
+from backpack.core.derivatives.linear import LinearDerivatives
+from torch import nn
+
+import vivitlib
+from tests.core.cases import make_problem
+from tests.core.helpers import assert_block_matches_dense, flat_evecs
+from vivitlib.extensions import linear_backprop
+from vivitlib.extensions.backpack_ext import FACTORED_SQRT
+from vivitlib.extensions.lazy import LazyColumns
+from vivitlib.extensions.linear_backprop import LazyLinearDerivatives
+from vivitlib.memory import MemoryBudget, MemoryBudgetWarning, memory_budget
+
+
+def _linear(in_shape, out_features=3, seed=0):
+    """A float64 linear layer with a stored input ``[N, *in_shape]``."""
+    gen = torch.Generator().manual_seed(seed)
+    module = nn.Linear(in_shape[-1], out_features).double()
+    module.input0 = torch.randn(*in_shape, generator=gen, dtype=torch.float64)
+    return module, gen
+
+
+def _stock(module, mat, subsampling=None):
+    return LinearDerivatives()._jac_t_mat_prod(module, None, None, mat, subsampling)
+
+
+@pytest.mark.parametrize("subsampling", [None, [4, 0, 2]], ids=["all", "sub"])
+@pytest.mark.parametrize("in_shape", [(5, 7), (5, 2, 7)], ids=["2d", "3d"])
+def test_pending_map_equals_backpack(in_shape, subsampling):
+    module, gen = _linear(in_shape)
+    N = in_shape[0] if subsampling is None else len(subsampling)
+    mat = torch.randn(4, N, *in_shape[1:-1], 3, generator=gen, dtype=torch.float64)
+    expected = _stock(module, mat, subsampling)
+    op = LazyLinearDerivatives().column_op(module, subsampling=subsampling)
+    assert op.shape == (N, *in_shape[1:]) and op.fresh
+    torch.testing.assert_close(op.fn(mat, False), expected)
+    # a block of samples, alone and through LazyColumns
+    torch.testing.assert_close(op.samples(1, 3)(mat[:, 1:3], False), expected[:, 1:3])
+    lazy = LazyColumns(mat).then(op)
+    assert lazy.shape == expected.shape and lazy.sample_narrowable
+    torch.testing.assert_close(lazy.columns(1, 3, samples=(0, 2)), expected[1:3, :2])
+    torch.testing.assert_close(lazy.materialise(), expected)
+    if len(in_shape) == 2:
+        # input features o0:o1 need all output features of the layer
+        fn, needed = op.narrow(2, 5)
+        assert needed is None
+        torch.testing.assert_close(fn(mat, False), expected[:, :, 2:5])
+        torch.testing.assert_close(lazy.channels(2, 5), expected[:, :, 2:5])
+    else:
+        # axis 2 is not the feature axis
+        assert op.narrow is None and not lazy.narrowable
+
+
+def test_grows_only_under_a_budget_and_for_wide_inputs():
+    derivatives = LazyLinearDerivatives()
+    wide, narrow = nn.Linear(8, 3), nn.Linear(3, 8)
+    assert not derivatives.grows(wide)  # no budget: the default pass is unchanged
+    with memory_budget(MemoryBudget.split(10**6)):
+        assert derivatives.grows(wide)
+        assert not derivatives.grows(narrow)
+        assert not derivatives.grows(nn.Linear(4, 4))
+
+
+def test_linear_handler_never_takes_a_lazy_factor():
+    module, gen = _linear((5, 7))
+    mat = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    handler = FACTORED_SQRT[nn.Linear]()
+    assert isinstance(handler.derivatives, LazyLinearDerivatives)
+    lazy = LazyColumns(mat).then(handler.derivatives.column_op(module))
+    assert handler.accepts_lazy(None, module, lazy) is False
+
+
+def _wide_cnn():
+    """A convolution, then a linear layer much wider at its input (96 -> 5)."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(96, 5), nn.ReLU(), nn.Linear(5, 3),
+    )  # fmt: skip
+
+
+def _wide_mlp():
+    """Two linear layers wider at the input; a lazy ``Jᵀ`` reaches the first."""
+    return nn.Sequential(
+        nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 3)
+    )
+
+
+def _seq_linear():
+    """A linear layer on extra input dimensions ``[N, 4, 6] -> [N, 4, 2]``."""
+    return nn.Sequential(nn.Linear(6, 2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+
+
+NETS = {
+    "cnn-ce": dict(model=_wide_cnn, loss=nn.CrossEntropyLoss, x=(6, 2, 8, 12),
+                   y=lambda n: torch.randint(0, 3, (n,))),
+    "cnn-mse": dict(model=_wide_cnn, loss=nn.MSELoss, x=(5, 2, 8, 12),
+                    y=lambda n: torch.randn(n, 3)),
+    "mlp-ce": dict(model=_wide_mlp, loss=nn.CrossEntropyLoss, x=(6, 9),
+                   y=lambda n: torch.randint(0, 3, (n,))),
+    "mlp-mse": dict(model=_wide_mlp, loss=nn.MSELoss, x=(5, 9),
+                    y=lambda n: torch.randn(n, 3)),
+    "seq-mse": dict(model=_seq_linear, loss=nn.MSELoss, x=(5, 4, 6),
+                    y=lambda n: torch.randn(n, 2)),
+}  # fmt: skip
+
+
+def _quiet_run(problem, ggn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryBudgetWarning)
+        problem.run(ggn)
+    return ggn.blocks
+
+
+def _spy_linear(monkeypatch):
+    """Record every factor at a linear layer's input: whole ones (by the layer's
+    input features) and lazy pieces (by its output features)."""
+    whole, pieces = [], []
+    real_jac_t = LazyLinearDerivatives._jac_t_mat_prod
+    real_times = linear_backprop._times
+
+    def jac_t(self, module, g_inp, g_out, mat, subsampling=None):
+        out = real_jac_t(self, module, g_inp, g_out, mat, subsampling)
+        whole.append((module.in_features, out.numel()))
+        return out
+
+    def times(weight):
+        fn = real_times(weight)
+
+        def spy(x, fresh):
+            out = fn(x, fresh)
+            pieces.append((weight.shape[0], out.shape))
+            return out
+
+        return spy
+
+    monkeypatch.setattr(LazyLinearDerivatives, "_jac_t_mat_prod", jac_t)
+    monkeypatch.setattr(linear_backprop, "_times", times)
+    return whole, pieces
+
+
+def _force_channels(monkeypatch):
+    """The convolution forms its lazy factor a slice of channels at a time, so
+    the linear map runs narrowed to input features (``'channels'`` plan)."""
+    from vivitlib.extensions import lazy_layers
+
+    real_plan = lazy_layers.lazy_plan
+
+    def channels(module, quantity, unfoldable, wants=None):
+        got = real_plan(module, quantity, unfoldable)
+        return "channels" if got == "columns" and quantity.narrowable else got
+
+    monkeypatch.setattr("vivitlib.extensions.backpack_ext.lazy_plan", channels)
+
+
+@pytest.mark.parametrize("plan", ["auto", "channels"])
+@pytest.mark.parametrize("budget", [1, 3000], ids=["1B", "3KB"])
+@pytest.mark.parametrize("compute", ["eigenvalues", "all"])
+@pytest.mark.parametrize("name", ["cnn-ce", "cnn-mse"])
+def test_budgeted_cnn_keeps_the_wide_input_lazy_and_matches_dense(
+    monkeypatch, name, compute, budget, plan
+):
+    if plan == "channels":
+        _force_channels(monkeypatch)
+    whole, pieces = _spy_linear(monkeypatch)
+    problem = make_problem(NETS[name])
+    options = {"compute": "eigenvalues"} if compute == "eigenvalues" else {}
+    ggn = vivitlib.LowRankGGN(problem.params, max_memory=budget, **options)
+    (block,) = _quiet_run(problem, ggn)
+    dense = problem.dense()
+    if compute == "eigenvalues":
+        evals = torch.linalg.eigvalsh(dense.ggn).flip(0)
+        K = block.num_directions
+        assert (evals[K:].abs() <= 1e-8 * evals[0]).all()
+        torch.testing.assert_close(block.evals, evals[:K], rtol=1e-8, atol=1e-12)
+    else:
+        assert_block_matches_dense(block, dense)
+    # the wide layer's input factor [C, N, 96] (C >= 2) was never formed whole:
+    # its Jᵀ ran only as the pending map, at most one column at a time
+    assert all(in_features != 96 for in_features, _ in whole)
+    wide = [shape for out_features, shape in pieces if out_features == 5]
+    N = problem.X.shape[0]
+    assert wide and all(shape.numel() <= N * 96 for shape in wide), wide
+    if plan == "channels":  # narrowed to a slice of the 96 input features
+        assert any(shape[-1] < 96 for shape in wide), wide
+
+
+def test_unbudgeted_pass_forms_the_linear_input_as_before(monkeypatch):
+    whole, pieces = _spy_linear(monkeypatch)
+    problem = make_problem(NETS["cnn-ce"])
+    (block,) = _quiet_run(problem, vivitlib.LowRankGGN(problem.params))
+    assert any(in_features == 96 for in_features, _ in whole) and not pieces
+
+
+@pytest.mark.parametrize("budget", [1, 600])
+@pytest.mark.parametrize("name", ["mlp-ce", "mlp-mse", "seq-mse"])
+def test_budgeted_mlp_matches_dense(monkeypatch, name, budget):
+    """A lazy ``Jᵀ`` reaching the next linear layer is formed there, exactly."""
+    whole, pieces = _spy_linear(monkeypatch)
+    problem = make_problem(NETS[name])
+    ggn = vivitlib.LowRankGGN(problem.params, max_memory=budget)
+    (block,) = _quiet_run(problem, ggn)
+    assert_block_matches_dense(block, problem.dense())
+    assert pieces  # some linear Jᵀ was kept lazy
+
+
+def _results(name, **kwargs):
+    problem = make_problem(NETS[name])
+    ggn = vivitlib.LowRankGGN(
+        vivitlib.layerwise_groups(problem.model),
+        generator=torch.Generator().manual_seed(3),
+        **kwargs,
+    )
+    blocks = _quiet_run(problem, ggn)
+    return [(b.evals, b.gammas, b.lambdas, flat_evecs(b)) for b in blocks]
+
+
+@pytest.mark.parametrize("budget", [1, 1000], ids=["1B", "1KB"])
+@pytest.mark.parametrize("name", ["cnn-ce", "mlp-mse"])
+def test_monte_carlo_and_subsampling_unchanged_by_budget(monkeypatch, name, budget):
+    """MC factors and sub-sampled columns: the budgeted pass equals the
+    unbudgeted one (itself checked against the dense reference elsewhere)."""
+    options = dict(mc_samples=2, subsampling=[3, 0, 2], grad_subsampling=[1, 2])
+    reference = _results(name, **options)
+    _, pieces = _spy_linear(monkeypatch)
+    budgeted = _results(name, max_memory=budget, **options)
+    assert pieces
+    for ref, got in zip(reference, budgeted, strict=True):
+        for a, b in zip(ref, got, strict=True):
+            if a is ref[3]:  # eigenvectors up to sign
+                b = b * torch.sign((a * b).sum(1, keepdim=True))
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)

@@ -82,6 +82,40 @@ def test_memory_in_fresh_process():
     assert result["peak_mib"] >= 0
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_memory_job_warms_up_before_the_reset_when_asked(monkeypatch, warm):
+    from experiments.benchmarks.ggn import measure
+
+    calls = []
+    monkeypatch.setattr(measure, "_setup", lambda job: {"x": lambda: calls.append(1)})
+    monkeypatch.setattr(measure, "_reset_high_water_mark", lambda: calls.append(0))
+    monkeypatch.setattr(measure, "_status_mib", lambda field: 3.0)
+    job = dict(kind="memory", threads=1, warm=warm)
+    result = measure.memory_job(job)
+    assert result["ok"] and calls == ([1, 0, 1] if warm else [0, 1])
+
+
+@pytest.mark.parametrize("steady", [False, True])
+def test_memory_rows_measure_the_requested_pass(monkeypatch, tmp_path, steady):
+    jobs = []
+
+    def fake(job, timeout=None):
+        jobs.append(job)
+        if job["kind"] == "time":
+            return {lib: {"median_s": 1.0} for lib in job["libraries"]}
+        return {"ok": True, "peak_mib": 4.0}
+
+    monkeypatch.setattr(run, "in_subprocess", fake)
+    argv = ["--problems", "digits_mlp", "--sizes", "digits_mlp=8", "--configs",
+            "gradient", "eigvals", "--repeats", "1", "--no-critical", "--no-vivit",
+            "--no-floor", "--out", str(tmp_path)] + (["--steady-memory"] * steady)  # fmt: skip
+    run.main(argv)
+    memory = [job for job in jobs if job["kind"] == "memory"]
+    assert memory and all(job["warm"] is steady for job in memory)
+    which = "after a warm-up pass" if steady else "of the first pass"
+    assert which in (tmp_path / "results.md").read_text()
+
+
 def test_memory_trace_names_every_step_and_restores_the_hooks():
     from backpack.extensions.module_extension import ModuleExtension
 
@@ -127,11 +161,14 @@ def test_budget_table_marks_what_is_honoured(monkeypatch, tmp_path):
         assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "131072"
         if job["kind"] == "time":
             return {"vivitlib": {"median_s": 2.0 if job.get("max_memory") else 1.0}}
+        warm = job.get("warm", False)
         if job["config"] == "gradient":
-            return {"ok": True, "peak_mib": 10.0}
-        # within the limit at 1 x P, above it at 0.5 x P
-        return {"ok": True, "peak_mib": {None: 30.0, 1: 14.0}.get(
-            job.get("max_memory"), 16.0)}  # fmt: skip
+            return {"ok": True, "peak_mib": 5.0 if warm else 10.0}
+        # first pass: within the limit at 1 x P, above it at 0.5 x P; after a
+        # warm-up within P_steady + max_memory at both
+        peaks = {None: 20.0, 1: 8.0} if warm else {None: 30.0, 1: 14.0}
+        return {"ok": True,
+                "peak_mib": peaks.get(job.get("max_memory"), 9.0 if warm else 16.0)}  # fmt: skip
 
     monkeypatch.setattr(budgets, "in_subprocess", fake)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
@@ -139,7 +176,10 @@ def test_budget_table_marks_what_is_honoured(monkeypatch, tmp_path):
                        "--fractions", "0.5", "1", "--out", str(tmp_path)])  # fmt: skip
     assert list(df.budget) == ["none", "1 byte", "0.5 x P", "1 x P"]
     assert list(df.honoured) == ["", "", "no", "yes"]
+    assert list(df.honoured_steady) == ["", "", "yes", "yes"]
     assert list(df.x_time) == [1.0, 2.0, 2.0, 2.0]
-    assert df.limit_MiB.iloc[3] == pytest.approx(20.0, rel=1e-6)
+    assert list(df.plain_MiB) == [10.0] * 4 and list(df.plain_steady_MiB) == [5.0] * 4
+    assert df.x_plain_steady.iloc[0] == pytest.approx(4.0)
+    assert df.max_memory_MiB.iloc[3] == pytest.approx(10.0, rel=1e-6)
     assert "| digits_mlp |" in (tmp_path / "budgets.md").read_text()
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # set for the jobs only

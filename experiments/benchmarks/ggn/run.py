@@ -6,7 +6,9 @@
 For each problem, batch size and configuration (:data:`runners.CONFIGS`) it
 measures, each in a fresh subprocess: wall time (median of ``--repeats`` runs
 after one warm-up, both libraries interleaved in the same process) and peak
-resident memory above the post-set-up mark (one process per library). Then the
+resident memory above the post-set-up mark (one process per library; of the
+first pass, or with ``--steady-memory`` of a pass after a warm-up pass, which
+leaves out the first pass's one-time costs). Then the
 largest 3C3D batch whose exact spectrum fits ``--limit-mib`` of address space.
 Raw results are cached per measurement under ``OUT/raw`` (``--force`` redoes
 them); ``OUT/results.csv`` and ``OUT/results.md`` hold the table.
@@ -114,8 +116,9 @@ def measure_row(args, raw: Path, problem: str, n: int, config: str) -> dict[str,
         if args.device != "cpu":
             row[f"{key}_MiB"] = result.get("peak_mib", float("nan"))
             continue
-        job = dict(base, kind="memory", libraries=[lib])
-        mem = _cached(raw / f"{tag}_{lib}_mem.json", job, args.force)
+        job = dict(base, kind="memory", libraries=[lib], warm=args.steady_memory)
+        kind = "steady_mem" if args.steady_memory else "mem"
+        mem = _cached(raw / f"{tag}_{lib}_{kind}.json", job, args.force)
         row[f"{key}_MiB"] = mem.get("peak_mib", float("nan"))
     return row
 
@@ -169,8 +172,10 @@ def _markdown(df: pd.DataFrame, critical: dict[str, int], args) -> str:
     cols += [f"{lib}_x_{floor}" for floor in FLOOR_PARTS for lib in args.libraries
              if f"{lib}_x_{floor}" in df]  # fmt: skip
     cols += [f"{lib}_x_grad_{u}" for lib in args.libraries for u in ("s", "MiB")]
+    which = "a pass after a warm-up pass" if args.steady_memory else "the first pass"
     memory = (
-        "MiB = peak RSS above the post-set-up mark, one fresh process per measurement"
+        f"MiB = peak RSS of {which} above the post-set-up mark, one fresh process "
+        "per measurement"
         if args.device == "cpu"
         else "MiB = peak allocated device memory of one pass above the allocation "
         "before it (torch.cuda.max_memory_allocated), after the timed runs"
@@ -225,6 +230,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="ignore cached results")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor")
+    parser.add_argument(
+        "--steady-memory", action="store_true",
+        help="memory of a pass after a warm-up pass (a training loop's every "
+        "step) instead of the first pass in a fresh process",
+    )  # fmt: skip
     parser.add_argument(
         "--sizes", nargs="+", default=[], metavar="PROBLEM=N,N",
         help="batch sizes per problem, overriding the (quick) defaults",

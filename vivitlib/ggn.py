@@ -137,15 +137,16 @@ class LowRankGGN(BackpackCollector):
             bytes as an int, or a string such as ``"512MiB"`` or ``"2GB"``.
             It bounds what the pass holds beyond a plain backward pass (model,
             activations, ``.grad``) and its results (the ``NC × NC`` Gram):
-            backpropagated factors larger than a quarter of it stay lazy and
-            are formed a few columns (or channels) at a time, and the
-            contraction kernels work in slices of a quarter to an eighth of
-            it. Numbers are the same under
+            backpropagated factors (and a convolution's unfolded input)
+            larger than an eighth of it stay lazy and are formed a few
+            columns, channels or samples at a time (a sixteenth of it), and
+            the contraction kernels work in slices of a quarter to an eighth
+            of it. Numbers are the same under
             every budget. A layer that cannot fit (one column of its factor
             is larger) runs with its smallest working set and emits a
             :class:`vivitlib.memory.MemoryBudgetWarning` naming the budget
             that would have been honoured. Default ``None``: factors above
-            32 MiB stay lazy, kernels use their default chunks. See
+            16 MiB stay lazy, kernels use their default chunks. See
             :mod:`vivitlib.memory`.
 
     Raises:

@@ -59,7 +59,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 #: Without a budget, a backpropagated factor above this many bytes stays lazy.
-DEFAULT_LAZY_BYTES = 32 * 2**20
+#: At 32 MiB DeepOBS 3C3D's second convolution's output factor (30 MiB at
+#: ``N = 64``) was formed whole, and a pass after a warm-up peaked at 157 MiB
+#: above set-up, 3.1 times a plain gradient's 50 MiB; at 16 MiB 118 MiB
+#: (2.4 times; 2C2D 139 -> 129, All-CNN-C 161 -> 143 MiB), in the same time.
+DEFAULT_LAZY_BYTES = 16 * 2**20
 
 #: Under a budget, a formed factor (or unfolded input) may take ``1/LAZY_SHARE``
 #: of it and a chunk of lazy columns ``1/COLUMN_SHARE``. Up to three such

@@ -1,8 +1,13 @@
-"""Assertions shared by the core tests."""
+"""Assertions and runners shared by the core tests."""
+
+import warnings
 
 import torch
 
+import vivitlib
 from tests.reference import eigh_desc
+from vivitlib.extensions import layers
+from vivitlib.memory import MemoryBudgetWarning
 
 
 def flat_evecs(block, k=None) -> torch.Tensor:
@@ -52,3 +57,35 @@ def assert_block_matches_dense(block, dense, damping: float = 0.1) -> None:
     expected = -E.T @ ((E @ dense.grad) / (block.evals + damping))
     tol = 1e-9 * expected.abs().max()
     torch.testing.assert_close(step, expected, rtol=1e-6, atol=tol)
+
+
+def quiet_blocks(problem, collector):
+    """Run ``collector`` on ``problem`` without budget warnings; its blocks."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryBudgetWarning)
+        problem.run(collector)
+    return collector.blocks
+
+
+def layerwise_results(problem, run=quiet_blocks, **options):
+    """``(evals, gammas, lambdas, eigenvectors)`` per layer of a seeded pass."""
+    ggn = vivitlib.LowRankGGN(
+        vivitlib.layerwise_groups(problem.model),
+        generator=torch.Generator().manual_seed(3),
+        **options,
+    )
+    blocks = run(problem, ggn)
+    return [(b.evals, b.gammas, b.lambdas, flat_evecs(b)) for b in blocks]
+
+
+def spy_unfolding(monkeypatch):
+    """Record the samples of every unfolded input formed (whole or a block)."""
+    formed = []
+    real = layers.unfold_input
+
+    def spy(module, x):
+        formed.append(x.shape[0])
+        return real(module, x)
+
+    monkeypatch.setattr(layers, "unfold_input", spy)
+    return formed

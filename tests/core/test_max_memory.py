@@ -9,7 +9,7 @@ from torch import nn
 
 import vivitlib
 from tests.core.cases import CASES, make_problem
-from tests.core.helpers import assert_block_matches_dense, flat_evecs
+from tests.core.helpers import assert_block_matches_dense, layerwise_results
 from vivitlib.extensions import GGNFactorExtension, conv_backprop
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.memory import MemoryBudget, MemoryBudgetWarning, parse_memory
@@ -98,14 +98,7 @@ def test_budgeted_cases_match_dense(case):
 
 
 def _results(name, **kwargs):
-    problem = make_problem(NETS[name])
-    ggn = vivitlib.LowRankGGN(
-        vivitlib.layerwise_groups(problem.model),
-        generator=torch.Generator().manual_seed(3),
-        **kwargs,
-    )
-    blocks = _quiet_run(problem, ggn)
-    return [(b.evals, b.gammas, b.lambdas, flat_evecs(b)) for b in blocks]
+    return layerwise_results(make_problem(NETS[name]), **kwargs)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)

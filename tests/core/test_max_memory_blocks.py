@@ -15,7 +15,7 @@ from torch import nn
 
 import vivitlib
 from tests.core.cases import make_problem
-from tests.core.helpers import assert_block_matches_dense
+from tests.core.helpers import assert_block_matches_dense, spy_unfolding
 from tests.reference import eigh_desc
 from vivitlib.extensions import layers
 from vivitlib.factors import kernels
@@ -89,19 +89,6 @@ CASE = dict(
 )
 
 
-def _spy_unfolding(monkeypatch):
-    """Record the samples of every unfolded input formed (whole or a block)."""
-    formed = []
-    real = layers.unfold_input
-
-    def spy(module, x):
-        formed.append(x.shape[0])
-        return real(module, x)
-
-    monkeypatch.setattr(layers, "unfold_input", spy)
-    return formed
-
-
 @pytest.mark.parametrize("plan", ["columns", "channels"])
 @pytest.mark.parametrize("compute", ["eigenvalues", "all"])
 def test_budgeted_pass_unfolds_blocks_and_matches_dense(monkeypatch, plan, compute):
@@ -117,7 +104,7 @@ def test_budgeted_pass_unfolds_blocks_and_matches_dense(monkeypatch, plan, compu
             return "channels" if got == "columns" and quantity.narrowable else got
 
         monkeypatch.setattr("vivitlib.extensions.backpack_ext.lazy_plan", channels)
-    formed = _spy_unfolding(monkeypatch)
+    formed = spy_unfolding(monkeypatch)
     problem = make_problem(CASE)
     options = {"compute": "eigenvalues"} if compute == "eigenvalues" else {}
     ggn = vivitlib.LowRankGGN(problem.params, max_memory=2000, **options)

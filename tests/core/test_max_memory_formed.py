@@ -15,9 +15,8 @@ from torch import nn
 
 import vivitlib
 from tests.core.cases import make_problem
-from tests.core.helpers import assert_block_matches_dense
+from tests.core.helpers import assert_block_matches_dense, spy_unfolding
 from tests.reference import eigh_desc
-from vivitlib.extensions import layers
 from vivitlib.factors import cost_model
 from vivitlib.memory import MemoryBudgetWarning
 
@@ -35,18 +34,6 @@ CASE = dict(
 )
 
 
-def _spy(monkeypatch):
-    formed = []
-    real = layers.unfold_input
-
-    def spy(module, x):
-        formed.append(x.shape[0])
-        return real(module, x)
-
-    monkeypatch.setattr(layers, "unfold_input", spy)
-    return formed
-
-
 def _run(problem, budget, **options):
     ggn = vivitlib.LowRankGGN(problem.params, max_memory=budget, **options)
     with warnings.catch_warnings():
@@ -58,7 +45,7 @@ def _run(problem, budget, **options):
 @pytest.mark.parametrize("plan", ["dense", "pairwise"])
 def test_blocked_input_of_a_formed_factor_matches_dense(monkeypatch, plan):
     problem = make_problem(CASE)
-    formed = _spy(monkeypatch)
+    formed = spy_unfolding(monkeypatch)
     # the factor at the last convolution (24 columns of 24 entries, float64)
     # is formed; its unfolded input (5 samples x 36 x 16) is not
     with cost_model(gram_plan=plan):

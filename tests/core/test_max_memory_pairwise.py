@@ -18,7 +18,7 @@ from torch import nn
 
 import vivitlib
 from tests.core.cases import make_problem
-from tests.core.helpers import assert_block_matches_dense, flat_evecs
+from tests.core.helpers import assert_block_matches_dense, layerwise_results
 from tests.reference import eigh_desc
 from vivitlib.extensions import lazy_factor, lazy_layers
 from vivitlib.extensions.lazy import LazyColumns, PendingOp
@@ -284,14 +284,8 @@ def test_budgeted_pass_matches_dense(monkeypatch, loss, compute):
 
 
 def _results(**kwargs):
-    problem = _problem(n=6)
-    ggn = vivitlib.LowRankGGN(
-        vivitlib.layerwise_groups(problem.model),
-        generator=torch.Generator().manual_seed(3),
-        **kwargs,
-    )
-    blocks = _quiet_run(problem, ggn).blocks
-    return [(b.evals, b.gammas, b.lambdas, flat_evecs(b)) for b in blocks]
+    run = lambda problem, ggn: _quiet_run(problem, ggn).blocks  # noqa: E731
+    return layerwise_results(_problem(n=6), run, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from torch import nn
 
 import vivitlib
 from tests.core.cases import make_problem
-from tests.core.helpers import assert_block_matches_dense, flat_evecs
+from tests.core.helpers import assert_block_matches_dense, layerwise_results
 from vivitlib.extensions import linear_backprop
 from vivitlib.extensions.backpack_ext import FACTORED_SQRT
 from vivitlib.extensions.lazy import LazyColumns
@@ -215,14 +215,7 @@ def test_budgeted_mlp_matches_dense(monkeypatch, name, budget):
 
 
 def _results(name, **kwargs):
-    problem = make_problem(NETS[name])
-    ggn = vivitlib.LowRankGGN(
-        vivitlib.layerwise_groups(problem.model),
-        generator=torch.Generator().manual_seed(3),
-        **kwargs,
-    )
-    blocks = _quiet_run(problem, ggn)
-    return [(b.evals, b.gammas, b.lambdas, flat_evecs(b)) for b in blocks]
+    return layerwise_results(make_problem(NETS[name]), **kwargs)
 
 
 @pytest.mark.parametrize("budget", [1, 1000], ids=["1B", "1KB"])

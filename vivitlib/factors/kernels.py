@@ -136,7 +136,23 @@ class OutputSlices:
         self.shape, self.take = tuple(shape), take
 
 
-class InputBlocks:
+class SampleBlocks:
+    """Base of tensors given a block of samples at a time (their dtype, device)."""
+
+    _like: Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the blocks."""
+        return self._like.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the blocks."""
+        return self._like.device
+
+
+class InputBlocks(SampleBlocks):
     """``a`` ``[N, T, I]`` given a block of samples at a time instead of whole.
 
     For an input never held whole: a convolution's unfolded input (``kernel
@@ -160,16 +176,6 @@ class InputBlocks:
         like: Tensor,
     ):
         self.shape, self.take, self.step, self._like = tuple(shape), take, step, like
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the blocks."""
-        return self._like.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the blocks."""
-        return self._like.device
 
     def numel(self) -> int:
         """Entries of the whole input."""

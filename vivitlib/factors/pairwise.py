@@ -28,10 +28,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from vivitlib.factors.kernels import InputBlocks, _chunk, whole_input
+from vivitlib.factors.kernels import InputBlocks, SampleBlocks, _chunk, whole_input
 
 
-class FactorBlocks:
+class FactorBlocks(SampleBlocks):
     """``s`` ``[C, N, T, O]`` given a block of samples at a time instead of whole.
 
     For a factor never held whole (formed from a lazy source,
@@ -52,16 +52,6 @@ class FactorBlocks:
         like: Tensor,
     ):
         self.shape, self.take, self._like = tuple(shape), take, like
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the blocks."""
-        return self._like.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the blocks."""
-        return self._like.device
 
     def new_empty(self, *shape: int) -> Tensor:
         """An uninitialised tensor with the blocks' dtype and device."""

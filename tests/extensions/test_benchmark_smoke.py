@@ -82,17 +82,99 @@ def test_memory_in_fresh_process():
     assert result["peak_mib"] >= 0
 
 
-@pytest.mark.parametrize("warm", [False, True])
-def test_memory_job_warms_up_before_the_reset_when_asked(monkeypatch, warm):
+class _FakeProblem:
+    """Records the calls of a memory job (runs, drops of .grad, resets)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def zero_grad(self):
+        self.calls.append("zero_grad")
+
+
+def _fake_memory_job(monkeypatch, reset_ok=True):
     from experiments.benchmarks.ggn import measure
 
-    calls = []
-    monkeypatch.setattr(measure, "_setup", lambda job: {"x": lambda: calls.append(1)})
-    monkeypatch.setattr(measure, "_reset_high_water_mark", lambda: calls.append(0))
+    problem = _FakeProblem()
+    run = lambda: problem.calls.append("run")  # noqa: E731
+
+    def reset():
+        problem.calls.append("reset")
+        return 1.0 if reset_ok else None
+
+    monkeypatch.setattr(measure, "_problem", lambda job: problem)
+    monkeypatch.setattr(measure, "_runners", lambda job, p: {"x": run})
+    monkeypatch.setattr(measure, "_reset_high_water_mark", reset)
     monkeypatch.setattr(measure, "_status_mib", lambda field: 3.0)
-    job = dict(kind="memory", threads=1, warm=warm)
-    result = measure.memory_job(job)
-    assert result["ok"] and calls == ([1, 0, 1] if warm else [0, 1])
+    return measure, problem
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_memory_job_warms_up_before_the_reset_when_asked(monkeypatch, warm):
+    measure, problem = _fake_memory_job(monkeypatch)
+    result = measure.memory_job(dict(kind="memory", threads=1, warm=warm))
+    assert result == {"ok": True, "peak_mib": 2.0, "baseline_mib": 1.0}
+    warm_up = ["run", "zero_grad"] if warm else []
+    assert problem.calls == [*warm_up, "reset", "run"]
+
+
+def test_warm_memory_job_fails_without_the_reset(monkeypatch):
+    measure, problem = _fake_memory_job(monkeypatch, reset_ok=False)
+    result = measure.memory_job(dict(kind="memory", threads=1, warm=True))
+    assert not result["ok"] and "clear_refs" in result["error"]
+    # a first-pass job falls back to ru_maxrss
+    assert measure.memory_job(dict(kind="memory", threads=1))["ok"]
+
+
+def test_warm_up_objects_are_collected_before_the_reset(monkeypatch):
+    """A warm-up collector kept alive by a reference cycle is gone at the reset."""
+    import gc
+    import weakref
+
+    measure, problem = _fake_memory_job(monkeypatch)
+    seen = {}
+
+    class Cycle:
+        pass
+
+    def run():
+        cycle = Cycle()
+        cycle.self = cycle
+        seen.setdefault("first", weakref.ref(cycle))
+
+    monkeypatch.setattr(measure, "_runners", lambda job, p: {"x": run})
+
+    def reset():
+        seen["alive"] = seen["first"]() is not None
+        return 1.0
+
+    monkeypatch.setattr(measure, "_reset_high_water_mark", reset)
+    gc.disable()
+    try:
+        measure.memory_job(dict(kind="memory", threads=1, warm=True))
+    finally:
+        gc.enable()
+    assert seen["alive"] is False
+
+
+def test_mmap_threshold_reaches_the_measuring_process(monkeypatch):
+    import subprocess
+
+    from experiments.benchmarks.ggn import measure
+
+    envs = []
+
+    def fake_run(cmd, env, **kwargs):
+        envs.append(env)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"ok": true}\n', stderr="")
+
+    monkeypatch.setattr(measure.subprocess, "run", fake_run)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    job = dict(kind="memory", threads=1)
+    assert measure.in_subprocess(dict(job, mmap_threshold=131072))["ok"]
+    assert measure.in_subprocess(job)["ok"]
+    assert envs[0]["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert "MALLOC_MMAP_THRESHOLD_" not in envs[1]
 
 
 @pytest.mark.parametrize("steady", [False, True])

@@ -10,6 +10,7 @@ process's virtual size after set-up plus the budget.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -63,21 +64,31 @@ def _vmsize_bytes() -> int:
     raise RuntimeError("VmSize not found in /proc/self/status.")
 
 
-def _setup(job: dict[str, Any]):
+def _problem(job: dict[str, Any]):
+    """The job's benchmark problem (model, loss, batch) on its device."""
     import torch
 
     torch.set_num_threads(job["threads"])
     from experiments.benchmarks.ggn.problems import make_problem
-    from experiments.benchmarks.ggn.runners import make_runner
 
-    problem = make_problem(
+    return make_problem(
         job["problem"], job["batch_size"], job.get("seed", 0), _device(job)
     )
+
+
+def _runners(job: dict[str, Any], problem) -> dict[str, Any]:
+    """One runner per library of the job, on ``problem``."""
+    from experiments.benchmarks.ggn.runners import make_runner
+
     budget = {"max_memory": job["max_memory"]} if job.get("max_memory") else {}
     return {
         lib: make_runner(lib, job["config"], problem, **budget)
         for lib in job["libraries"]
     }
+
+
+def _setup(job: dict[str, Any]) -> dict[str, Any]:
+    return _runners(job, _problem(job))
 
 
 def _device(job: dict[str, Any]) -> str:
@@ -184,11 +195,15 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
     and oneDNN set-up: 40-60 MiB on the DeepOBS problems at ``N = 64``, for
     the plain gradient and vivitlib alike), which a training loop pays once.
     With ``job["warm"]`` one pass runs before the reset, and the peak is that
-    of a later pass (what a training loop sees every step).
+    of a later pass (what a training loop sees every step): the warm-up's
+    ``.grad`` is dropped and its objects collected first, as a training loop
+    drops them before the next backward pass. A warm job needs the reset
+    (``ru_maxrss`` would hold the warm-up's peak) and fails without it.
 
     On CUDA: peak allocated device memory of a pass after one warm-up pass.
     """
-    (run,) = _setup(job).values()
+    problem = _problem(job)
+    (run,) = _runners(job, problem).values()
     if _device(job).startswith("cuda"):
         try:
             run()
@@ -201,8 +216,13 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
         resource.setrlimit(resource.RLIMIT_AS, (budget, budget))
     if job.get("warm"):
         run()
+        problem.zero_grad()
+    gc.collect()
     baseline = _reset_high_water_mark()
     peak = lambda: _status_mib("VmHWM")  # noqa: E731
+    if baseline is None and job.get("warm"):
+        reason = "a warm job needs /proc/self/clear_refs (the high-water mark reset)"
+        return {"ok": False, "error": f"{reason}; measure the first pass instead"}
     if baseline is None:
         baseline, peak = maxrss_mib(), maxrss_mib
     try:
@@ -213,10 +233,16 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def in_subprocess(job: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Run ``job`` in a fresh interpreter; a crash reads as ``{"ok": False}``."""
+    """Run ``job`` in a fresh interpreter; a crash reads as ``{"ok": False}``.
+
+    ``job["mmap_threshold"]`` (bytes) sets glibc's ``MALLOC_MMAP_THRESHOLD_``
+    for that interpreter: freed blocks above it leave the resident set.
+    """
     threads = str(job["threads"])
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                PYTHONWARNINGS="ignore")  # fmt: skip
+    if job.get("mmap_threshold") is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(job["mmap_threshold"])
     cmd = [sys.executable, "-m", "experiments.benchmarks.ggn.measure", json.dumps(job)]
     try:
         proc = subprocess.run(

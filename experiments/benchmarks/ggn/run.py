@@ -8,7 +8,8 @@ measures, each in a fresh subprocess: wall time (median of ``--repeats`` runs
 after one warm-up, both libraries interleaved in the same process) and peak
 resident memory above the post-set-up mark (one process per library; of the
 first pass, or with ``--steady-memory`` of a pass after a warm-up pass, which
-leaves out the first pass's one-time costs). Then the
+leaves out the first pass's one-time costs; glibc's mmap threshold is then
+fixed at 128 KiB, so that the warm-up's freed heap leaves the resident set). Then the
 largest 3C3D batch whose exact spectrum fits ``--limit-mib`` of address space.
 Raw results are cached per measurement under ``OUT/raw`` (``--force`` redoes
 them); ``OUT/results.csv`` and ``OUT/results.md`` hold the table.
@@ -39,6 +40,9 @@ import pandas as pd
 
 from experiments.benchmarks.ggn.measure import in_subprocess, largest_batch
 from experiments.benchmarks.ggn.runners import CONFIGS, vivit_available
+
+#: glibc's ``MALLOC_MMAP_THRESHOLD_`` for ``--steady-memory`` measurements.
+STEADY_MMAP_THRESHOLD = 131072
 
 FULL_SIZES = {
     "digits_mlp": (64,),
@@ -117,6 +121,8 @@ def measure_row(args, raw: Path, problem: str, n: int, config: str) -> dict[str,
             row[f"{key}_MiB"] = result.get("peak_mib", float("nan"))
             continue
         job = dict(base, kind="memory", libraries=[lib], warm=args.steady_memory)
+        if args.steady_memory:  # the warm-up's freed heap leaves the resident set
+            job["mmap_threshold"] = STEADY_MMAP_THRESHOLD
         kind = "steady_mem" if args.steady_memory else "mem"
         mem = _cached(raw / f"{tag}_{lib}_{kind}.json", job, args.force)
         row[f"{key}_MiB"] = mem.get("peak_mib", float("nan"))
@@ -172,7 +178,11 @@ def _markdown(df: pd.DataFrame, critical: dict[str, int], args) -> str:
     cols += [f"{lib}_x_{floor}" for floor in FLOOR_PARTS for lib in args.libraries
              if f"{lib}_x_{floor}" in df]  # fmt: skip
     cols += [f"{lib}_x_grad_{u}" for lib in args.libraries for u in ("s", "MiB")]
-    which = "a pass after a warm-up pass" if args.steady_memory else "the first pass"
+    which = (
+        f"a pass after a warm-up pass (MALLOC_MMAP_THRESHOLD_={STEADY_MMAP_THRESHOLD})"
+        if args.steady_memory
+        else "the first pass"
+    )
     memory = (
         f"MiB = peak RSS of {which} above the post-set-up mark, one fresh process "
         "per measurement"

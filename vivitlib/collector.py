@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -44,6 +45,31 @@ from vivitlib.memory import MemoryBudget, memory_budget, parse_memory
 
 _REDUCTIONS = ("mean", "sum")
 _INSTANCE_TAGS = itertools.count()
+
+
+class _WeakOwner:
+    """A collector as the owner of its own extensions, by weak reference.
+
+    The collector holds its extensions; were they to hold it too, a collector
+    dropped after a pass (one made per training step) would keep its Gram,
+    blocks and kept factors until Python's cycle collector ran.
+    """
+
+    def __init__(self, collector: BackpackCollector):
+        self._collector = weakref.ref(collector)
+
+    def run_extension(self, call: Callable, module: Module, g_inp, g_out) -> None:
+        """The collector's :meth:`BackpackCollector.run_extension`."""
+        collector = self._collector()
+        if collector is None:
+            raise RuntimeError(
+                "The collector (LowRankGGN, DirectionalDerivatives or optimiser) "
+                "these BackPACK extensions belong to was deleted before the "
+                "backward pass. Keep a reference to it for the pass: "
+                "ggn = LowRankGGN(...); with backpack(*ggn.extensions, "
+                "extension_hook=ggn.hook): loss.backward()."
+            )
+        collector.run_extension(call, module, g_inp, g_out)
 
 
 class BackpackCollector:
@@ -112,9 +138,10 @@ class BackpackCollector:
         # columns and the chosen ones are selected after the exchange
         local = self.process_group is None
         factor_field, grads_field = self._fields  # private: passes can be shared
+        owner = _WeakOwner(self)
         exts: list = [
             GGNFactorExtension(
-                self,
+                owner,
                 self.mc_samples,
                 self.subsampling if local else None,
                 savefield=factor_field,
@@ -125,7 +152,7 @@ class BackpackCollector:
         if needs_grads:
             exts.append(
                 BatchGradsExtension(
-                    self,
+                    owner,
                     self.grad_subsampling if local else None,
                     savefield=grads_field,
                 )

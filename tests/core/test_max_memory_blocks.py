@@ -147,3 +147,23 @@ def test_unfolded_input_whole_without_a_budget_else_in_blocks(subsampling):
     # a budget the whole input fits keeps it whole
     with memory_budget(MemoryBudget.split(10**6)):
         assert isinstance(layers.conv_input_blocks(conv, subsampling), torch.Tensor)
+
+
+@pytest.mark.parametrize(
+    "compute",
+    [("eigenvalues",), ("eigenvalues", "directional_derivatives"), vivitlib.QUANTITIES],
+)
+def test_whole_inputs_under_a_budget_are_reported(compute):
+    """Per-sample gradients still read a convolution's unfolded input whole
+    under a budget and say so in a MemoryBudgetWarning; the eigenvalue pass
+    does not need them."""
+    problem = make_problem(CASE)
+    ggn = vivitlib.LowRankGGN(problem.params, compute=compute, max_memory=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MemoryBudgetWarning)
+        problem.run(ggn)
+    messages = " ".join(str(w.message) for w in caught)
+    grads = "directional_derivatives" in compute or "newton_step" in compute
+    assert ("Conv2d (per-sample gradients" in messages) == grads, messages
+    if "eigenvectors" in compute:
+        assert_block_matches_dense(ggn.blocks[0], problem.dense())

@@ -5,8 +5,10 @@ glibc's mmap threshold fixed at 128 KiB so that freed buffers leave the
 resident set (as in ``experiments.benchmarks.ggn.memory_trace``). A pass with a
 1-byte budget gives the floor (forward activations, BackPACK's stored inputs,
 unfolded inputs, masks, the Gram): a pass with budget ``B`` may exceed it by at
-most ``B``, while the default pass, which forms the 21 MiB factor behind the
-first max pooling, lies well above.
+most ``B``, while the default pass lies well above (it keeps the 20 MiB factor
+behind the first max pooling lazy too, since ``DEFAULT_LAZY_BYTES`` is 16 MiB,
+but forms column chunks of 8 MiB, kernel slices of up to 32 MiB and every
+unfolded input whole: 53 against 35 MiB for an 8 MiB budget).
 """
 
 import json
@@ -85,8 +87,8 @@ def test_budget_bounds_the_peak_above_the_floor():
     default = _peak_in_subprocess("none")
     assert budgeted["evals"] == pytest.approx(default["evals"], rel=1e-6)
     assert budgeted["peak"] <= floor["peak"] + budget / 2**20
-    # the default forms the 21 MiB factor behind the first max pooling
-    assert default["peak"] >= budgeted["peak"] + 15
+    # the default's larger chunks and slices (53 vs 35 MiB when written)
+    assert default["peak"] >= budgeted["peak"] + 10
 
 
 if __name__ == "__main__":

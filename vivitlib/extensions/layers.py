@@ -200,6 +200,11 @@ def conv_weight_grads(
     N, O = delta.shape[:2]  # noqa: E741
     delta = delta.reshape(N, O, -1).transpose(1, 2)
     a = conv_inputs(module, subsampling)
+    # the per-sample gradients read the unfolded input whole, under any budget
+    current_budget().note_excess(
+        f"{type(module).__name__} (per-sample gradients: its unfolded input whole)",
+        (delta.numel() + a.numel()) * a.element_size(),
+    )
     return OuterGrads(delta, a, input_source(module, subsampling))
 
 

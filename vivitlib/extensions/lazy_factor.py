@@ -82,6 +82,11 @@ class _LazyOuterFactor(Factor):
         """The usual outer-product factor, ``s`` formed once."""
         if self._formed is None:
             C, N, T, O, _ = self.dims  # noqa: E741
+            current_budget().note_excess(
+                "a convolution's factor kept for lifting or gradient products "
+                "(its output factor and unfolded input whole)",
+                (C * N * T * O + N * T * self.dims[4]) * self.lazy.element_size(),
+            )
             s = self.lazy.materialise().reshape(C, N, O, T).transpose(2, 3)
             a = kernels.whole_input(self.a)
             self._formed = _outer_factor(s, a, self.source)

@@ -33,8 +33,9 @@ enough that the pieces alive together at one layer's step stay within it:
 What cannot be split -- the lazy source (a factor formed further up),
 results kept for lifting (``compute`` with eigenvectors or Newton steps), the
 pooling indices and masks the pending maps hold -- sets the smallest peak a
-network allows (``max_memory=1``; 3C3D at ``N = 64``: about 1.4-1.5 times a
-plain gradient's peak, ``experiments/benchmarks/ggn/budgets.py``).
+network allows (``max_memory=1``; at ``N = 64``: 1.3 times a plain gradient's
+peak on 3C3D, 1.2 on 2C2D, 1.5 on All-CNN-C,
+``experiments/benchmarks/ggn/reference/budgets_session7.md``).
 
 Without a budget (``max_memory=None``) the defaults apply: the cost model as
 it is, and factors above :data:`DEFAULT_LAZY_BYTES` kept lazy (which costs no

@@ -57,3 +57,22 @@ def test_extensions_outliving_their_collector_fail_clearly():
         with backpack(*extensions):
             loss_fn(model(X), y).backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_kept_collectors_work_across_collections_and_passes():
+    """A collector the user keeps (alone, or combined with another) runs its
+    passes with cycle collections in between, every pass's numbers intact."""
+    model, loss_fn, X, y = _setup()
+    ggn = vivitlib.LowRankGGN(model.parameters())
+    directions = [torch.randn(2, *p.shape) for p in model.parameters()]
+    dd = vivitlib.DirectionalDerivatives(list(model.parameters()), directions)
+    joint = vivitlib.combine(ggn, dd)
+    gc.collect()
+    evals = []
+    for _ in range(2):
+        with backpack(*joint.extensions, extension_hook=joint.hook):
+            loss_fn(model(X), y).backward()
+        gc.collect()
+        evals.append(ggn.blocks[0].evals.clone())
+        assert dd.gammas.shape == (X.shape[0], 2)
+    torch.testing.assert_close(evals[0], evals[1])

@@ -89,6 +89,14 @@ def _wide_cnn():
     )  # fmt: skip
 
 
+def _wide_cnn_no_bias():
+    """The wide linear layer without a bias, between Dropout and a sigmoid."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Dropout(0.3), nn.Linear(96, 5, bias=False), nn.Sigmoid(), nn.Linear(5, 3),
+    ).eval()  # fmt: skip
+
+
 def _wide_mlp():
     """Two linear layers wider at the input; a lazy ``Jᵀ`` reaches the first."""
     return nn.Sequential(
@@ -106,6 +114,8 @@ NETS = {
                    y=lambda n: torch.randint(0, 3, (n,))),
     "cnn-mse": dict(model=_wide_cnn, loss=nn.MSELoss, x=(5, 2, 8, 12),
                     y=lambda n: torch.randn(n, 3)),
+    "cnn-nobias-ce": dict(model=_wide_cnn_no_bias, loss=nn.CrossEntropyLoss,
+                          x=(6, 2, 8, 12), y=lambda n: torch.randint(0, 3, (n,))),
     "mlp-ce": dict(model=_wide_mlp, loss=nn.CrossEntropyLoss, x=(6, 9),
                    y=lambda n: torch.randint(0, 3, (n,))),
     "mlp-mse": dict(model=_wide_mlp, loss=nn.MSELoss, x=(5, 9),
@@ -166,7 +176,7 @@ def _force_channels(monkeypatch):
 @pytest.mark.parametrize("plan", ["auto", "channels"])
 @pytest.mark.parametrize("budget", [1, 3000], ids=["1B", "3KB"])
 @pytest.mark.parametrize("compute", ["eigenvalues", "all"])
-@pytest.mark.parametrize("name", ["cnn-ce", "cnn-mse"])
+@pytest.mark.parametrize("name", ["cnn-ce", "cnn-mse", "cnn-nobias-ce"])
 def test_budgeted_cnn_keeps_the_wide_input_lazy_and_matches_dense(
     monkeypatch, name, compute, budget, plan
 ):
@@ -233,3 +243,31 @@ def test_monte_carlo_and_subsampling_unchanged_by_budget(monkeypatch, name, budg
             if a is ref[3]:  # eigenvectors up to sign
                 b = b * torch.sign((a * b).sum(1, keepdim=True))
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["cnn-ce", "cnn-nobias-ce"])
+def test_float32_budgeted_pass_equals_the_unbudgeted_one(monkeypatch, name):
+    """In float32 the lazy linear map gives the unbudgeted pass's numbers up to
+    float32 round-off (the unbudgeted pass is checked in float64 elsewhere)."""
+    import dataclasses
+
+    def float32_problem():
+        problem = make_problem(NETS[name])
+        problem.model.float()
+        return dataclasses.replace(problem, X=problem.X.float())
+
+    def run(**options):
+        problem = float32_problem()
+        ggn = vivitlib.LowRankGGN(problem.params, **options)
+        (block,) = _quiet_run(problem, ggn)
+        return block.evals, block.newton_step(0.1)
+
+    reference = run()
+    _, pieces = _spy_linear(monkeypatch)
+    budgeted = run(max_memory=1)
+    assert any(out_features == 5 for out_features, _ in pieces)  # the lazy map ran
+    assert budgeted[1][0].dtype == torch.float32  # a float32 pass (Gram in float64)
+    torch.testing.assert_close(budgeted[0], reference[0], rtol=1e-4, atol=1e-6)
+    for got, expected in zip(budgeted[1], reference[1], strict=True):
+        scale = expected.abs().max()
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * scale)

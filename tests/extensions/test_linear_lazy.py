@@ -20,6 +20,7 @@ from vivitlib.extensions import linear_backprop
 from vivitlib.extensions.backpack_ext import FACTORED_SQRT
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.extensions.linear_backprop import LazyLinearDerivatives
+from vivitlib.factors import cost_model
 from vivitlib.memory import MemoryBudget, MemoryBudgetWarning, memory_budget
 
 
@@ -159,34 +160,57 @@ def _spy_linear(monkeypatch):
     return whole, pieces
 
 
-def _force_channels(monkeypatch):
-    """The convolution forms its lazy factor a slice of channels at a time, so
-    the linear map runs narrowed to input features (``'channels'`` plan)."""
+def _force_plan(monkeypatch, plan):
+    """The convolution forms its lazy factor a slice of channels (``'channels'``:
+    the linear map runs narrowed to input features) or a block of samples
+    (``'samples'``) at a time, where it would take whole columns."""
     from vivitlib.extensions import lazy_layers
 
     real_plan = lazy_layers.lazy_plan
+    possible = {"channels": "narrowable", "samples": "sample_narrowable"}[plan]
 
-    def channels(module, quantity, unfoldable, wants=None):
+    def forced(module, quantity, unfoldable, wants=None):
         got = real_plan(module, quantity, unfoldable)
-        return "channels" if got == "columns" and quantity.narrowable else got
+        return plan if got == "columns" and getattr(quantity, possible) else got
 
-    monkeypatch.setattr("vivitlib.extensions.backpack_ext.lazy_plan", channels)
+    monkeypatch.setattr("vivitlib.extensions.backpack_ext.lazy_plan", forced)
 
 
-@pytest.mark.parametrize("plan", ["auto", "channels"])
+def _spy_sample_steps(monkeypatch):
+    """Count the convolution steps that form their factor by sample blocks."""
+    from vivitlib.extensions import backpack_ext
+
+    calls = []
+    real = backpack_ext.sample_step
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backpack_ext, "sample_step", spy)
+    return calls
+
+
+@pytest.mark.parametrize("plan", ["auto", "channels", "samples"])
 @pytest.mark.parametrize("budget", [1, 3000], ids=["1B", "3KB"])
 @pytest.mark.parametrize("compute", ["eigenvalues", "all"])
 @pytest.mark.parametrize("name", ["cnn-ce", "cnn-mse", "cnn-nobias-ce"])
 def test_budgeted_cnn_keeps_the_wide_input_lazy_and_matches_dense(
     monkeypatch, name, compute, budget, plan
 ):
-    if plan == "channels":
-        _force_channels(monkeypatch)
+    if plan != "auto":
+        _force_plan(monkeypatch, plan)
+    sample_steps = _spy_sample_steps(monkeypatch)
     whole, pieces = _spy_linear(monkeypatch)
     problem = make_problem(NETS[name])
     options = {"compute": "eigenvalues"} if compute == "eigenvalues" else {}
     ggn = vivitlib.LowRankGGN(problem.params, max_memory=budget, **options)
-    (block,) = _quiet_run(problem, ggn)
+    # the 'pairwise' Gram plan: the convolution forms its factor (behind the
+    # linear map) a block of samples at a time
+    gram_plan = "pairwise" if plan == "samples" else None
+    with cost_model(gram_plan=gram_plan):
+        (block,) = _quiet_run(problem, ggn)
+    assert bool(sample_steps) == (plan == "samples")
     dense = problem.dense()
     if compute == "eigenvalues":
         evals = torch.linalg.eigvalsh(dense.ggn).flip(0)

@@ -18,7 +18,7 @@ from tests.core.cases import make_problem
 from tests.core.helpers import assert_block_matches_dense, layerwise_results
 from vivitlib.extensions import linear_backprop
 from vivitlib.extensions.backpack_ext import FACTORED_SQRT
-from vivitlib.extensions.lazy import LazyColumns
+from vivitlib.extensions.lazy import LazyColumns, PendingOp
 from vivitlib.extensions.linear_backprop import LazyLinearDerivatives
 from vivitlib.factors import cost_model
 from vivitlib.memory import MemoryBudget, MemoryBudgetWarning, memory_budget
@@ -80,6 +80,33 @@ def test_linear_handler_never_takes_a_lazy_factor():
     assert isinstance(handler.derivatives, LazyLinearDerivatives)
     lazy = LazyColumns(mat).then(handler.derivatives.column_op(module))
     assert handler.accepts_lazy(None, module, lazy) is False
+
+
+class _Ext:
+    """The little of an extension the linear handler's steps read."""
+
+    @staticmethod
+    def get_subsampling():
+        return None
+
+
+def test_linear_handler_forms_a_lazy_factor_it_is_given():
+    """Should a lazy factor reach the linear handler (the ledger forms it
+    before), its steps form it and give the formed factor's results."""
+    module, gen = _linear((5, 7))
+    module.output = module(module.input0)
+    mat = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    scale = torch.rand(2, 5, 3, generator=gen, dtype=torch.float64)
+    op = PendingOp(lambda x, fresh: x * scale, (5, 3), fresh=True)
+    lazy, formed = LazyColumns(mat).then(op), mat * scale
+    handler = FACTORED_SQRT[nn.Linear]()
+    ext = _Ext()
+    got = handler.backpropagate(ext, module, None, None, lazy)
+    expected = handler.backpropagate(ext, module, None, None, formed)
+    torch.testing.assert_close(got, expected)
+    got = handler.weight(ext, module, None, None, lazy)
+    expected = handler.weight(ext, module, None, None, formed)
+    torch.testing.assert_close(got.dense().v, expected.dense().v)
 
 
 def _wide_cnn():

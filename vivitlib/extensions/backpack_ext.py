@@ -105,9 +105,20 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
                 self._chunked = (None, {})
             return value
 
+        def _given(self, backproped):
+            """``backproped``, formed if lazy and the layer takes no lazy factor.
+
+            The ledger forms such a factor first; this keeps the steps right
+            regardless.
+            """
+            if not takes_lazy and isinstance(backproped, LazyColumns):
+                return backproped.materialise()
+            return backproped
+
         def bias(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
             if not _wanted(ext, module.bias):
                 return None
+            backproped = self._given(backproped)
             if isinstance(backproped, LazyColumns):
                 return self._from_chunks(ext, module, backproped, "bias")
             return self._dense_bias(ext, module, g_inp, g_out, backproped)
@@ -115,6 +126,7 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
         def weight(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
             if not _wanted(ext, module.weight):
                 return None
+            backproped = self._given(backproped)
             if isinstance(backproped, LazyColumns):
                 return self._from_chunks(ext, module, backproped, "weight")
             subsampling = ext.get_subsampling()
@@ -127,6 +139,7 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
             )  # fmt: skip
 
         def backpropagate(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
+            backproped = self._given(backproped)
             if isinstance(backproped, LazyColumns):
                 return self._from_chunks(ext, module, backproped, "input")
             if lazy_aware:

@@ -12,7 +12,7 @@ from torch import nn
 
 import vivitlib
 from tests.core.cases import make_problem
-from tests.core.helpers import assert_block_matches_dense, flat_evecs
+from tests.core.helpers import assert_block_matches_dense, flat_evecs, spy_unfolding
 from vivitlib.extensions import layers
 from vivitlib.factors import cost_model
 
@@ -85,14 +85,8 @@ def test_conv_input_unfolded_once_per_visit(monkeypatch):
     """Factor and per-sample gradients share one unfolded input, never a stale one."""
     from backpack import backpack, extend
 
-    calls = []
     original = layers.unfold_input
-
-    def counting(module, x):
-        calls.append(x.shape[0])
-        return original(module, x)
-
-    monkeypatch.setattr(layers, "unfold_input", counting)
+    calls = spy_unfolding(monkeypatch)
     conv = extend(nn.Conv2d(2, 3, 3))
     x = torch.randn(4, 2, 5, 5, requires_grad=True)
     with backpack():

@@ -19,10 +19,12 @@ from vivitlib.factors import (
 PLANS = ("dense", "pairwise")
 
 
-def _outer(C=3, N=5, T=4, O=3, I=6, seed=0):  # noqa: E741
+def _outer(C=3, N=5, T=4, O=3, I=6, seed=0, conv_layout=False):  # noqa: E741
     gen = torch.Generator().manual_seed(seed)
     s = torch.randn(C, N, T, O, generator=gen, dtype=torch.float64)
     a = torch.randn(N, T, I, generator=gen, dtype=torch.float64)
+    if conv_layout:  # an unfolded convolution input: positions innermost
+        a = a.transpose(1, 2).contiguous().transpose(1, 2)
     delta = torch.randn(N, T, O, generator=gen, dtype=torch.float64)
     source = ("input", N, seed)
     return outer_factor(s, a, source), OuterGrads(delta, a.clone(), source)
@@ -50,8 +52,9 @@ def test_outer_factor_picks_representation_by_positions():
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("keep", [True, False])
-def test_contract_matches_materialised(plan, T, keep, chunking):
-    factor, grads = _outer(T=T)
+@pytest.mark.parametrize("conv_layout", [False, True], ids=["rows", "positions"])
+def test_contract_matches_materialised(plan, T, keep, conv_layout, chunking):
+    factor, grads = _outer(T=T, conv_layout=conv_layout)
     v, g = _materialised(factor, grads)
     with cost_model(gram_plan=plan, **chunking):
         gram, vtg, kept = factor.contract(grads, keep=keep)
@@ -65,7 +68,31 @@ def test_contract_matches_materialised(plan, T, keep, chunking):
     torch.testing.assert_close(lifted, torch.einsum("cnk,cnd->kd", coeffs, v))
     torch.testing.assert_close(projected, torch.einsum("cnd,kd->cnk", v, d))
     torch.testing.assert_close(grads.project(d), g @ d.T)
+    torch.testing.assert_close(grads.project(d[:1]), g @ d[:1].T)  # direct path
     torch.testing.assert_close(grads.total(), g.sum(0))
+
+
+@pytest.mark.parametrize("chunk", [1, 40, 2**20])
+@pytest.mark.parametrize("K", [1, 3])
+def test_position_kernels_read_a_convolution_input_in_place(chunk, K):
+    """Sums over positions and products over inputs equal the einsums.
+
+    The unfolded convolution input (positions innermost) is read as it is:
+    ``einsum`` would copy it whole first.
+    """
+    gen = torch.Generator().manual_seed(3)
+    N, T, O, I = 5, 7, 3, 4  # noqa: E741
+    rows = torch.randn(N, T, I, generator=gen, dtype=torch.float64)
+    conv = rows.transpose(1, 2).contiguous().transpose(1, 2)
+    assert kernels.positions_fastest(conv) and not kernels.positions_fastest(rows)
+    u = torch.randn(K, N, T, O, generator=gen, dtype=torch.float64)
+    d = torch.randn(K, O, I, generator=gen, dtype=torch.float64)
+    sums = torch.einsum("knto,nti->koi", u, rows)
+    products = torch.einsum("koi,nti->knto", d, rows)
+    for a in (rows, conv):
+        got = kernels.position_sums(u, a, chunk_elements=chunk)
+        torch.testing.assert_close(got, sums)
+        torch.testing.assert_close(kernels.input_products(d, a), products)
 
 
 @pytest.mark.parametrize("plan", PLANS)

@@ -322,6 +322,65 @@ def dense_plan_gram(
     return gram, None if vtg is None else vtg.view(N, C, -1).transpose(0, 1)
 
 
+def positions_fastest(a: Tensor) -> bool:
+    """Whether ``a`` ``[N, T, I]`` has its positions innermost in memory.
+
+    A convolution's unfolded input is a transposed view of ``[N, I, T]``
+    (:func:`~vivitlib.extensions.layers.conv_inputs`): ``(n, t)`` do not
+    merge into one row axis, so an ``einsum`` contracting over them or over
+    ``i`` first copies the whole input (3C3D-sized layers: a 75 MiB copy,
+    more time than the products).
+    """
+    return a.dim() == 3 and a.shape[1] > 1 and a.stride(1) == 1 and a.stride(2) != 1
+
+
+def position_sums(u: Tensor, a: Tensor, *, chunk_elements: int) -> Tensor:
+    """``Σ_{n,t} u[k, n, t, o] a[n, t, i]`` as ``[K, O, I]``.
+
+    With positions innermost in ``a`` (:func:`positions_fastest`), per-sample
+    products summed over blocks of samples (each block's ``[n, K·O, I]``
+    within ``chunk_elements``), reading ``a`` in place; otherwise one
+    ``einsum`` (``a``'s rows merge into ``(n, t)`` as a view).
+
+    Args:
+        u: ``[K, N, T, O]``.
+        a: ``[N, T, I]``.
+        chunk_elements: Largest intermediate (entries).
+    """
+    if not positions_fastest(a):
+        return torch.einsum("knto,nti->koi", u, a)
+    K, N, T, O = u.shape  # noqa: E741
+    I = a.shape[-1]  # noqa: E741
+    if K == 1:
+        lhs = u[0].transpose(1, 2)  # [N, O, T], a view
+    else:
+        lhs = u.permute(1, 0, 3, 2).reshape(N, K * O, T)
+    out = a.new_zeros(K * O, I)
+    step = _chunk(K * O * I, N, chunk_elements)
+    for n0 in range(0, N, step):
+        out += torch.bmm(lhs[n0 : n0 + step], a[n0 : n0 + step]).sum(0)
+    return out.view(K, O, I)
+
+
+def input_products(d: Tensor, a: Tensor) -> Tensor:
+    """``Σ_i d[k, o, i] a[n, t, i]`` as ``[K, N, T, O]`` (possibly a permuted view).
+
+    With positions innermost in ``a`` (:func:`positions_fastest`), one batched
+    product per sample reading ``a`` in place, laid out ``[N, T, K, O]`` so
+    that ``(t, o)`` still merge; otherwise one ``einsum``.
+
+    Args:
+        d: ``[K, O, I]``.
+        a: ``[N, T, I]``.
+    """
+    if not positions_fastest(a):
+        return torch.einsum("koi,nti->knto", d, a)
+    K, O, I = d.shape  # noqa: E741
+    N, T = a.shape[:2]
+    rows = d.reshape(K * O, I).T.expand(N, I, K * O)
+    return torch.bmm(a, rows).view(N, T, K, O).permute(2, 0, 1, 3)
+
+
 def grads_dense(delta: Tensor, a: Tensor) -> Tensor:
     """Per-sample gradients ``Σ_t δ_nt a_ntᵀ`` as ``[N', O·I]``."""
     return torch.bmm(delta.transpose(1, 2), a).flatten(1)

@@ -45,7 +45,9 @@ class OuterGrads(Grads):
         return self.delta.shape[0]
 
     def total(self) -> Tensor:  # noqa: D102
-        return torch.einsum("nto,nti->oi", self.delta, self.a).flatten()
+        chunk = current_cost_model().chunk_elements
+        sums = kernels.position_sums(self.delta[None], self.a, chunk_elements=chunk)
+        return sums.flatten()
 
     def dense(self) -> DenseGrads:  # noqa: D102
         return DenseGrads(kernels.grads_dense(self.delta, self.a))
@@ -56,7 +58,7 @@ class OuterGrads(Grads):
         if not current_cost_model().project_directly(1, N, T, O, I, K):
             return self.dense().project(directions)
         d = directions.reshape(K, O, I).to(self.delta.dtype)
-        da = torch.einsum("koi,nti->knto", d, self.a)
+        da = kernels.input_products(d, self.a)
         return torch.einsum("nto,knto->nk", self.delta, da)
 
     def scaled(self, scale: float) -> OuterGrads:  # noqa: D102
@@ -105,7 +107,8 @@ class OuterFactor(Factor):
     def apply(self, coeffs: Tensor) -> Tensor:  # noqa: D102
         coeffs = coeffs.to(self.dtype)
         u = torch.einsum("cnk,cnto->knto", coeffs, self.s)
-        return torch.einsum("knto,nti->koi", u, self.a).flatten(1)
+        chunk = current_cost_model().chunk_elements
+        return kernels.position_sums(u, self.a, chunk_elements=chunk).flatten(1)
 
     def project(self, directions: Tensor) -> Tensor:  # noqa: D102
         C, N, T, O, I = self.dims  # noqa: E741
@@ -113,7 +116,7 @@ class OuterFactor(Factor):
         if not current_cost_model().project_directly(C, N, T, O, I, K):
             return self.dense().project(directions)
         d = directions.reshape(K, O, I).to(self.dtype)
-        da = torch.einsum("koi,nti->knto", d, self.a)
+        da = kernels.input_products(d, self.a)
         return torch.einsum("cnto,knto->cnk", self.s, da)
 
     def dense(self) -> DenseFactor:  # noqa: D102

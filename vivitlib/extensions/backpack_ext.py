@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from vivitlib.errors import DisconnectedLossError, UnsupportedError
+from vivitlib.extensions.batch_norm import BATCH_NORM_SQRT
 from vivitlib.extensions.extra_layers import EXTRA_SQRT
 from vivitlib.extensions.fast_backprop import FAST_SQRT, lazy_backpropagate
 from vivitlib.extensions.layers import (
@@ -252,7 +253,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         self._mc_samples = mc_samples
         self.deflate = deflate and mc_samples == 0
         self._owner = owner
-        rules = {**EXTRA_SQRT, **FAST_SQRT, **FACTORED_SQRT}
+        rules = {**EXTRA_SQRT, **FAST_SQRT, **BATCH_NORM_SQRT, **FACTORED_SQRT}
         for module_cls, handler in rules.items():
             self.set_module_extension(module_cls, handler(), overwrite=True)
         self.saved_quantities = QuantityLedger()

@@ -89,8 +89,12 @@ def _scaling(factor: Tensor):
     return scale
 
 
-def _scale_op(factor: Tensor) -> PendingOp:
-    """Pending ``x * factor`` (``factor`` ``[N, *features]``), in place when fresh."""
+def scale_op(factor: Tensor, at=None) -> PendingOp:
+    """Pending ``x * factor`` (``factor`` ``[N, *features]``), in place when fresh.
+
+    ``factor`` may be an expanded view (a per-channel scale). ``at``: the map
+    at gathered positions (``PendingOp.at``); default: ``factor`` gathered.
+    """
 
     def narrow(o0: int, o1: int):
         return _scaling(factor[:, o0:o1]), (o0, o1)
@@ -98,11 +102,15 @@ def _scale_op(factor: Tensor) -> PendingOp:
     def samples(n0: int, n1: int):
         return _scaling(factor[n0:n1])
 
+    def gathered(index: Tensor, shape: tuple[int, ...]) -> PendingOp:
+        return scale_op(factor.flatten(2).gather(2, index).view(shape))
+
     return PendingOp(
         _scaling(factor),
         tuple(factor.shape),
         fresh=True,
         narrow=narrow,
+        at=gathered if at is None else at,
         samples=samples,
     )
 
@@ -120,7 +128,7 @@ def _elementwise(base: type) -> type:
 
         def column_op(self, module, subsampling=None) -> PendingOp | None:
             """The product as a pending map on a lazy factor's columns."""
-            return _scale_op(self.df(module, None, None, subsampling=subsampling))
+            return scale_op(self.df(module, None, None, subsampling=subsampling))
 
     _Fast.__name__ = f"Fast{base.__name__}"
     return _Fast

@@ -81,10 +81,10 @@ def test_position_kernels_read_a_convolution_input_in_place(chunk, K):
     ``einsum`` would copy it whole first.
     """
     gen = torch.Generator().manual_seed(3)
-    N, T, O, I = 5, 7, 3, 4  # noqa: E741
+    N, T, O, I = 5, 7, 2, 4  # noqa: E741  (K·O < T: read in place)
     rows = torch.randn(N, T, I, generator=gen, dtype=torch.float64)
     conv = rows.transpose(1, 2).contiguous().transpose(1, 2)
-    assert kernels.positions_fastest(conv) and not kernels.positions_fastest(rows)
+    assert kernels._per_sample(conv, K * O) and not kernels._per_sample(rows, K * O)
     u = torch.randn(K, N, T, O, generator=gen, dtype=torch.float64)
     d = torch.randn(K, O, I, generator=gen, dtype=torch.float64)
     sums = torch.einsum("knto,nti->koi", u, rows)

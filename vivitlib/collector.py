@@ -147,6 +147,7 @@ class BackpackCollector:
                 savefield=factor_field,
                 params=self.params,
                 deflate=self.deflates,
+                grads_follow=needs_grads,
             )
         ]
         if needs_grads:

@@ -6,15 +6,18 @@ can be computed: the Gram plans of :class:`vivitlib.factors.CostModel` forced
 in turn, and BackPACK's dense factor (``factored=False``).
 """
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 import vivitlib
-from tests.core.cases import make_problem
+from tests.core.cases import Problem, make_problem
 from tests.core.helpers import assert_block_matches_dense, flat_evecs, spy_unfolding
 from vivitlib.extensions import layers
 from vivitlib.factors import cost_model
+from vivitlib.memory import MemoryBudgetWarning
 
 
 def _head(features: int, model: nn.Module) -> nn.Module:
@@ -109,3 +112,43 @@ def test_conv_input_unfolded_once_per_visit(monkeypatch):
     with backpack(*ggn.extensions, extension_hook=ggn.hook):
         loss_fn(model(torch.randn(3, 2, 5, 5)), torch.tensor([0, 1, 1])).backward()
     assert calls == [3]
+
+
+@pytest.mark.parametrize("grad_subsampling", [None, [2, 0]])
+def test_input_handed_over_to_the_gradients(monkeypatch, grad_subsampling):
+    """A weight factor formed dense keeps no input: the gradients get it anyway.
+
+    Behind max pooling the factor at the convolution is lazy (under this
+    budget), so the weight's factor is formed dense from column chunks and
+    the factor step drops the unfolded input; it is handed over to the
+    per-sample gradients, not unfolded again. Gradients of other samples
+    unfold their own (the held input is released, not reused).
+    """
+    from backpack import extend
+
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(
+        nn.Conv2d(1, 4, 2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 10),
+    ).double())  # fmt: skip
+    loss_fn = extend(nn.CrossEntropyLoss())
+    X, y = torch.randn(4, 1, 9, 9, dtype=torch.float64), torch.arange(4)
+    problem = Problem(model, loss_fn, X, y)
+    calls = spy_unfolding(monkeypatch)
+    ggn = vivitlib.LowRankGGN(
+        problem.params, max_memory=160_000, grad_subsampling=grad_subsampling
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryBudgetWarning)
+        problem.run(ggn)
+    whole = [n for n in calls if n > 1]  # (a budget probes shapes on one sample)
+    assert whole == ([4] if grad_subsampling is None else [4, 2])
+    assert layers._HANDED_OVER == []
+    block, dense = ggn.blocks[0], problem.dense()
+    if grad_subsampling is None:
+        assert_block_matches_dense(block, dense)
+    else:
+        E = flat_evecs(block)
+        torch.testing.assert_close(
+            block.gammas, dense.per_sample_grads[grad_subsampling] @ E.T,
+            atol=1e-9, rtol=1e-7,
+        )  # fmt: skip

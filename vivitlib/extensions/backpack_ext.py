@@ -28,6 +28,8 @@ from vivitlib.extensions.layers import (
     FACTORED_LAYERS,
     conv_input_blocks,
     conv_unfoldable,
+    drop_handed_over,
+    handing_over_inputs,
 )
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.extensions.lazy_layers import (
@@ -233,6 +235,9 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             sample (:func:`~vivitlib.extensions.losses.cross_entropy_column_basis`);
             the owner maps them back to BackPACK's ``C`` where columns are
             public.
+        grads_follow: A per-sample-gradient extension runs after this one in
+            the same pass: unfolded convolution inputs are handed over to it
+            (:func:`~vivitlib.extensions.layers.handing_over_inputs`).
     """
 
     def __init__(
@@ -243,6 +248,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         savefield: str = FACTOR_FIELD,
         params: Iterable[Tensor] | None = None,
         deflate: bool = False,
+        grads_follow: bool = False,
     ):
         strategy = (
             LossHessianStrategy.EXACT
@@ -260,6 +266,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         self.pool_indices = PoolingIndices()
         self._wanted = None if params is None else {id(p) for p in params}
         self._remaining: RemainingParams | None = None
+        self.grads_follow = grads_follow
 
     def wants(self, param: Tensor | None) -> bool:
         """Whether ``param``'s factor is needed."""
@@ -281,6 +288,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             self._owner.run_extension(self._call, module, g_inp, g_out)
         except BaseException:
             self.pool_indices.clear()
+            drop_handed_over()
             raise
 
     def _call(self, module: Module, g_inp, g_out) -> None:
@@ -289,6 +297,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             # a pass starts: quantities left by an aborted one (keyed by memory
             # addresses that new tensors may reuse) must not be accumulated onto
             self.saved_quantities.clear()
+            drop_handed_over()
             self.pool_indices.collect(module.input0)
             self._remaining = None
             if self._wanted is not None:
@@ -298,7 +307,10 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             if any(p.requires_grad for p in module.parameters(recurse=False)):
                 # its factors may keep the quantity: never overwrite it in place
                 self.saved_quantities.pin(module.output.data_ptr())
-        with self.pool_indices.offered_to(module):
+        with (
+            self.pool_indices.offered_to(module),
+            handing_over_inputs(self.grads_follow),
+        ):
             super().__call__(module, g_inp, g_out)
         if self._remaining is not None and self._remaining.visit(module):
             self.saved_quantities.clear()  # free what would travel further

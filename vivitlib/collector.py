@@ -545,6 +545,15 @@ def _check_module(module: Module) -> None:
             "per-sample curvature is undefined. Call model.eval() before the "
             "curvature pass."
         )
+    if isinstance(module, _BatchNorm) and (
+        module.running_mean is None or module.running_var is None
+    ):
+        raise ValueError(
+            f"{module} keeps no running statistics (track_running_stats=False), "
+            "so it normalises with batch statistics even in eval mode: they "
+            "couple the samples, and per-sample curvature is undefined. Use "
+            "track_running_stats=True (and model.eval()) for the curvature pass."
+        )
 
 
 def _clear_fields(groups: list[dict[str, Any]], fields: tuple[str, str]) -> bool:

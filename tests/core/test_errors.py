@@ -137,6 +137,20 @@ def test_batchnorm_in_train_mode():
                    "train mode.*model.eval\\(\\)")  # fmt: skip
 
 
+def test_batchnorm_without_running_statistics():
+    """Batch statistics even in eval mode: refused like train mode."""
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(
+        nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False), nn.Linear(3, 2),
+    ).double().eval())  # fmt: skip
+    from tests.core.cases import Problem
+
+    problem = Problem(model, extend(nn.CrossEntropyLoss()),
+                      torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,)))  # fmt: skip
+    _run_expecting(problem, vivitlib.LowRankGGN(problem.params), ValueError,
+                   "no running statistics.*track_running_stats=True")  # fmt: skip
+
+
 def test_unsupported_layer():
     torch.manual_seed(0)
     model = extend(

@@ -28,8 +28,9 @@ def _randomise(net: nn.Module) -> nn.Module:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.5, 0.5)
+            if module.affine:
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.5, 0.5)
     return net.eval()
 
 
@@ -58,6 +59,14 @@ def _conv1d_bn_overlapping_pool():
     ))  # fmt: skip
 
 
+def _affine_free_bn():
+    """BN without ``γ`` and ``β`` (BackPACK's rule refuses it): only the scale."""
+    return _randomise(nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(12, 3),
+    ))  # fmt: skip
+
+
 def _wide_linear_bn():
     """A linear layer wider at its input (its ``Jᵀ`` kept pending) above BN1d."""
     return _randomise(nn.Sequential(
@@ -79,6 +88,8 @@ NETS = {
                            x=(4, 2, 12), y=lambda n: torch.randn(n, 3)),
     "linear-bn1d": dict(model=_wide_linear_bn, loss=nn.CrossEntropyLoss,
                         x=(5, 3), y=_targets),
+    "affine-free-bn": dict(model=_affine_free_bn, loss=nn.CrossEntropyLoss,
+                           x=(4, 2, 6, 6), y=_targets),
 }  # fmt: skip
 
 

@@ -16,8 +16,10 @@ trailing scatter (which keeps per-channel sums; ``x̂`` is gathered at the
 pooling targets). Before, such a factor was formed whole at every batch norm
 layer, copied and scaled into a second whole tensor.
 
-Train mode keeps BackPACK's rule (the collector refuses train-mode batch norm
-before the pass: batch statistics couple the samples).
+Train mode keeps BackPACK's rule (the collector refuses train-mode batch norm,
+and batch norm without running statistics, before the pass: batch statistics
+couple the samples). Unlike BackPACK's rule, this one also runs batch norm
+without affine parameters (``affine=False``: ``γ = 1``, no factors).
 """
 
 from __future__ import annotations
@@ -35,8 +37,15 @@ from vivitlib.extensions.lazy import LazyColumns, PendingOp, input_shape
 
 
 def channel_scale(module: nn.Module) -> Tensor:
-    """``γ / √(σ² + ε)`` per channel (BackPACK's expression, same numbers)."""
-    return (((module.running_var + module.eps) ** (-0.5)) * module.weight).detach()
+    """``γ / √(σ² + ε)`` per channel (BackPACK's expression, same numbers).
+
+    Without affine parameters (``affine=False``, which BackPACK's rule
+    refuses) ``γ = 1``.
+    """
+    scale = (module.running_var + module.eps) ** (-0.5)
+    if module.weight is not None:
+        scale = scale * module.weight
+    return scale.detach()
 
 
 def channel_scale_op(scale: Tensor, shape: tuple[int, ...]) -> PendingOp:

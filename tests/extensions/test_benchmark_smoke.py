@@ -56,7 +56,7 @@ def test_every_problem_builds():
         loss = problem.loss_fn(problem.model(problem.X), problem.y)
         assert torch.isfinite(loss), name
     with pytest.raises(ValueError, match="Unknown problem"):
-        make_problem("vgg", 2)
+        make_problem("vgg", 2)  # (vgg_bn is one)
 
 
 def test_timing_and_table(tmp_path):

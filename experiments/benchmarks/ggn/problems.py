@@ -1,4 +1,4 @@
-"""Benchmark problems: MLPs, DeepOBS 2C2D and 3C3D, an all-convolutional net, ResNets.
+"""Benchmark problems: MLPs, DeepOBS 2C2D and 3C3D, all-conv and VGG-BN nets, ResNets.
 
 Every problem is rebuilt from a seed, so vivitlib and vivit see the same model,
 data and targets.
@@ -14,7 +14,16 @@ from torch import Tensor, nn
 
 from experiments.problems import cnn_2c2d, cnn_3c3d, resnet18
 
-PROBLEMS = ("digits_mlp", "wide_mlp", "2c2d", "3c3d", "allcnn", "resnet", "resnet18")
+PROBLEMS = (
+    "digits_mlp",
+    "wide_mlp",
+    "2c2d",
+    "3c3d",
+    "allcnn",
+    "vgg_bn",
+    "resnet",
+    "resnet18",
+)
 
 
 @dataclass
@@ -100,6 +109,36 @@ def all_conv() -> nn.Module:
     )
 
 
+def vgg_bn() -> nn.Module:
+    """VGG-style net for 3x32x32 inputs, batch norm in eval mode, 331k parameters.
+
+    Conv-BN-ReLU blocks (two at full resolution, then max pooling after each),
+    dropout (eval) before a 1024-256-10 head: the Conv-BN-ReLU-MaxPool stacks
+    of VGG and the batch norm layers of ResNets, off the DeepOBS nets' paths.
+    """
+
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(3, 32), *block(32, 32), nn.MaxPool2d(2),
+        *block(32, 64), nn.MaxPool2d(2),
+        *block(64, 64), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.5), nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
+        nn.Linear(256, 10),
+    )  # fmt: skip
+
+
+def _with_batch_statistics(model: nn.Module, X: Tensor) -> nn.Module:
+    """``model`` in eval mode, its batch norm statistics those of the batch ``X``."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # a cumulative average: one pass sets them
+    with torch.no_grad():
+        model.train()(X)
+    return model.eval()
+
+
 def _digits(batch_size: int) -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_digits
 
@@ -149,6 +188,9 @@ def make_problem(
     elif name == "allcnn":
         model = all_conv()
         X, y = torch.randn(*cifar), torch.randint(0, 10, (batch_size,))
+    elif name == "vgg_bn":
+        X, y = torch.randn(*cifar), torch.randint(0, 10, (batch_size,))
+        model = _with_batch_statistics(vgg_bn(), X)
     elif name == "3c3d":
         model = cnn_3c3d((3, 32, 32), 10)
         X, y = torch.randn(*cifar), torch.randint(0, 10, (batch_size,))

@@ -50,11 +50,13 @@ FULL_SIZES = {
     "2c2d": (64,),
     "3c3d": (32, 64, 128, 256),
     "allcnn": (64,),
+    "vgg_bn": (64,),
     "resnet": (64,),
     "resnet18": (8, 16, 32, 64),
 }
 QUICK_SIZES = {"digits_mlp": (64,), "wide_mlp": (64,), "2c2d": (16,), "3c3d": (64,),
-               "allcnn": (32,), "resnet": (32,), "resnet18": (8,)}  # fmt: skip
+               "allcnn": (32,), "vgg_bn": (16,), "resnet": (32,),
+               "resnet18": (8,)}  # fmt: skip
 #: Largest N at which vivit (dense V: C·N·D floats) is run, per problem and device.
 #: (vivit's V is 9 GB for 3C3D at N = 256 and for the wide MLP at N = 128.)
 VIVIT_MAX_N = {

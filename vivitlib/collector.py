@@ -147,7 +147,6 @@ class BackpackCollector:
                 savefield=factor_field,
                 params=self.params,
                 deflate=self.deflates,
-                grads_follow=needs_grads,
             )
         ]
         if needs_grads:
@@ -158,6 +157,7 @@ class BackpackCollector:
                     savefield=grads_field,
                 )
             )
+            exts[0].grads_partner = exts[1]
         self._extensions = tuple(exts)
         self._pass: CurvaturePass | None = None
 

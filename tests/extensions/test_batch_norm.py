@@ -17,7 +17,7 @@ from torch import nn
 import vivitlib
 from tests.core.cases import make_problem
 from tests.core.helpers import assert_block_matches_dense, layerwise_results
-from vivitlib.extensions.batch_norm import FastBatchNormDerivatives
+from vivitlib.extensions.batch_norm import FastBatchNormDerivatives, SqrtGGNBatchNorm
 from vivitlib.extensions.lazy import LazyColumns
 from vivitlib.memory import MemoryBudgetWarning
 
@@ -67,6 +67,14 @@ def _affine_free_bn():
     ))  # fmt: skip
 
 
+def _conv3d_bn_pool():
+    """3-D: BN3d before max pooling and a second batch norm behind a conv."""
+    return _randomise(nn.Sequential(
+        nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Conv3d(2, 2, 1), nn.BatchNorm3d(2), nn.Flatten(), nn.Linear(16, 3),
+    ))  # fmt: skip
+
+
 def _wide_linear_bn():
     """A linear layer wider at its input (its ``Jᵀ`` kept pending) above BN1d."""
     return _randomise(nn.Sequential(
@@ -88,6 +96,8 @@ NETS = {
                            x=(4, 2, 12), y=lambda n: torch.randn(n, 3)),
     "linear-bn1d": dict(model=_wide_linear_bn, loss=nn.CrossEntropyLoss,
                         x=(5, 3), y=_targets),
+    "conv3d-bn-pool": dict(model=_conv3d_bn_pool, loss=nn.CrossEntropyLoss,
+                           x=(3, 1, 5, 5, 5), y=_targets),
     "affine-free-bn": dict(model=_affine_free_bn, loss=nn.CrossEntropyLoss,
                            x=(4, 2, 6, 6), y=_targets),
 }  # fmt: skip
@@ -110,21 +120,71 @@ def test_pass_matches_dense(name, budget):
     assert_block_matches_dense(ggn.blocks[0], problem.dense())
 
 
-@pytest.mark.parametrize("name", ["conv-bn-pool", "conv-bn-conv", "conv1d-bn-pool"])
+@pytest.mark.parametrize(
+    "name", ["conv-bn-pool", "conv-bn-conv", "conv1d-bn-pool", "conv3d-bn-pool"]
+)
 def test_lazy_factor_is_not_formed_at_batch_norm(name, monkeypatch):
-    """Under a tiny budget no batch norm layer forms its lazy factor whole."""
+    """Under a tiny budget no batch norm layer forms its lazy factor whole.
+
+    Neither before its rule (the extension would, for a rule refusing lazy
+    factors) nor inside it: every lazy factor reaching the rule leaves it
+    lazy, and nothing in it forms a whole factor.
+    """
     problem = make_problem(NETS[name])
-    reached = []
-    real = LazyColumns.then
+    reached, formed, inside = [], [], []
+    real_materialise = LazyColumns.materialise
 
-    def spy(self, op):
-        reached.append(op)
-        return real(self, op)
+    def materialise(self):
+        formed.append(bool(inside))
+        return real_materialise(self)
 
-    monkeypatch.setattr(LazyColumns, "then", spy)
+    def spied(method):
+        def run(self, ext, module, g_inp, g_out, backproped):
+            if isinstance(backproped, LazyColumns):
+                reached.append(method.__name__)
+            inside.append(1)
+            try:
+                result = method(self, ext, module, g_inp, g_out, backproped)
+            finally:
+                inside.pop()
+            if method.__name__ == "backpropagate" and reached:
+                assert isinstance(result, LazyColumns)
+            return result
+
+        return run
+
+    for name_ in ("weight", "bias", "backpropagate"):
+        method = getattr(SqrtGGNBatchNorm, name_)
+        monkeypatch.setattr(SqrtGGNBatchNorm, name_, spied(method))
+    monkeypatch.setattr(LazyColumns, "materialise", materialise)
     messages = _run(problem, vivitlib.LowRankGGN(problem.params, max_memory=1))
-    assert reached, "no factor was lazy: the test would not test the lazy rule"
+    assert "backpropagate" in reached and "weight" in reached, "no lazy factor at BN"
+    assert not any(formed), "a batch norm rule formed a lazy factor whole"
     assert not [m for m in messages if "BatchNorm" in m], messages
+
+
+@pytest.mark.parametrize("name", ["conv-bn-pool", "conv-bn-conv", "conv3d-bn-pool"])
+def test_float32_pass_equals_float64(name):
+    """The lazy rule in float32: the float64 numbers to float32 round-off."""
+    problem = make_problem(NETS[name])
+    reference = vivitlib.LowRankGGN(problem.params, max_memory=1)
+    _run(problem, reference)
+    expected = reference.blocks[0]
+    expected_step = torch.cat([s.flatten() for s in expected.newton_step(0.1)])
+    expected_evals = expected.evals
+    problem.model.float()
+    problem.X = problem.X.float()
+    if problem.y.is_floating_point():
+        problem.y = problem.y.float()
+    ggn = vivitlib.LowRankGGN(problem.params, max_memory=1)
+    _run(problem, ggn)
+    got = ggn.blocks[0]
+    K = min(len(expected_evals), got.num_directions, 5)
+    torch.testing.assert_close(
+        got.evals[:K].double(), expected_evals[:K], rtol=1e-4, atol=1e-6
+    )
+    step = torch.cat([s.flatten().double() for s in got.newton_step(0.1)])
+    torch.testing.assert_close(step, expected_step, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("frozen", ["weight", "bias"])

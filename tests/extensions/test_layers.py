@@ -134,6 +134,10 @@ def test_input_handed_over_to_the_gradients(monkeypatch, grad_subsampling):
     X, y = torch.randn(4, 1, 9, 9, dtype=torch.float64), torch.arange(4)
     problem = Problem(model, loss_fn, X, y)
     calls = spy_unfolding(monkeypatch)
+    held = []  # what was held whenever an input was unfolded
+    real = layers.unfold_input
+    monkeypatch.setattr(layers, "unfold_input", lambda module, x: (
+        held.append(len(layers._HANDED_OVER)), real(module, x))[1])  # fmt: skip
     ggn = vivitlib.LowRankGGN(
         problem.params, max_memory=160_000, grad_subsampling=grad_subsampling
     )
@@ -142,6 +146,8 @@ def test_input_handed_over_to_the_gradients(monkeypatch, grad_subsampling):
         problem.run(ggn)
     whole = [n for n in calls if n > 1]  # (a budget probes shapes on one sample)
     assert whole == ([4] if grad_subsampling is None else [4, 2])
+    # other samples: nothing handed over, the factor's input is not held
+    assert not any(held)
     assert layers._HANDED_OVER == []
     block, dense = ggn.blocks[0], problem.dense()
     if grad_subsampling is None:
@@ -152,3 +158,27 @@ def test_input_handed_over_to_the_gradients(monkeypatch, grad_subsampling):
             block.gammas, dense.per_sample_grads[grad_subsampling] @ E.T,
             atol=1e-9, rtol=1e-7,
         )  # fmt: skip
+
+
+def test_nothing_held_after_a_failure_in_the_gradients(monkeypatch):
+    """An error between hand-over and take-over leaves nothing held."""
+    from backpack import extend
+
+    from vivitlib.extensions.backpack_ext import FACTORED_GRADS
+
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Conv2d(1, 3, 2), nn.Flatten(), nn.Linear(48, 3)))
+    problem = Problem(model, extend(nn.CrossEntropyLoss()),
+                      torch.randn(4, 1, 5, 5), torch.arange(4) % 3)  # fmt: skip
+    for p in problem.params:
+        p.grad = torch.ones_like(p)
+
+    def fail(*args, **kwargs):
+        assert layers._HANDED_OVER, "nothing was handed over: the test tests nothing"
+        raise MemoryError("simulated: out of memory in the gradients' bias step")
+
+    monkeypatch.setattr(FACTORED_GRADS[nn.Conv2d], "bias", fail, raising=False)
+    with pytest.raises(MemoryError, match="simulated"):
+        problem.run(vivitlib.LowRankGGN(problem.params))
+    assert layers._HANDED_OVER == []
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in problem.params)

@@ -235,8 +235,9 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
             sample (:func:`~vivitlib.extensions.losses.cross_entropy_column_basis`);
             the owner maps them back to BackPACK's ``C`` where columns are
             public.
-        grads_follow: A per-sample-gradient extension runs after this one in
-            the same pass: unfolded convolution inputs are handed over to it
+        grads_partner: The per-sample-gradient extension that runs after
+            this one in the same pass (or ``None``): where both are of the
+            same samples, unfolded convolution inputs are handed over to it
             (:func:`~vivitlib.extensions.layers.handing_over_inputs`).
     """
 
@@ -248,7 +249,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         savefield: str = FACTOR_FIELD,
         params: Iterable[Tensor] | None = None,
         deflate: bool = False,
-        grads_follow: bool = False,
+        grads_partner: BatchGrad | None = None,
     ):
         strategy = (
             LossHessianStrategy.EXACT
@@ -266,7 +267,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
         self.pool_indices = PoolingIndices()
         self._wanted = None if params is None else {id(p) for p in params}
         self._remaining: RemainingParams | None = None
-        self.grads_follow = grads_follow
+        self.grads_partner = grads_partner
 
     def wants(self, param: Tensor | None) -> bool:
         """Whether ``param``'s factor is needed."""
@@ -309,7 +310,7 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
                 self.saved_quantities.pin(module.output.data_ptr())
         with (
             self.pool_indices.offered_to(module),
-            handing_over_inputs(self.grads_follow),
+            handing_over_inputs(self._hands_over()),
         ):
             super().__call__(module, g_inp, g_out)
         if self._remaining is not None and self._remaining.visit(module):
@@ -334,6 +335,13 @@ class GGNFactorExtension(SqrtGGN, _KnowsItsLayers):
                 quantity.numel() * quantity.element_size(),
             )
             self.saved_quantities.materialise(key)
+
+    def _hands_over(self) -> bool:
+        """Whether the gradient partner takes this pass's unfolded inputs."""
+        partner = self.grads_partner
+        if partner is None:
+            return False
+        return partner.get_subsampling() == self.get_subsampling()
 
     def check_reachable(self, module: Module) -> None:
         """Raise if BackPACK has no rule for ``module`` or no signal reached it.
@@ -389,4 +397,7 @@ class BatchGradsExtension(BatchGrad):
             self.set_module_extension(module_cls, handler(), overwrite=True)
 
     def __call__(self, module: Module, g_inp, g_out) -> None:  # noqa: D102
-        self._owner.run_extension(super().__call__, module, g_inp, g_out)
+        try:
+            self._owner.run_extension(super().__call__, module, g_inp, g_out)
+        finally:
+            drop_handed_over()  # taken by now, or never to be

@@ -78,10 +78,16 @@ class FastBatchNormDerivatives(BatchNormNdDerivatives):
         shape = tuple(input_shape(module, subsampling))
         return channel_scale_op(channel_scale(module), shape)
 
-    def normalized_input(self, module, subsampling=None) -> Tensor:
-        """``x̂`` of the kept samples, ``[N, channels, ...]``."""
-        x_hat, _ = self._get_normalized_input_and_var(module)
-        return subsample(x_hat, subsampling=subsampling).detach()
+    @staticmethod
+    def normalized_input(module, subsampling=None) -> Tensor:
+        """``x̂`` of the kept samples, ``[N, channels, ...]`` (eval mode).
+
+        BackPACK's expression, on the kept samples only.
+        """
+        x = subsample(module.input0, subsampling=subsampling).detach()
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean, var = module.running_mean.view(shape), module.running_var.view(shape)
+        return (x - mean) / (var + module.eps).sqrt()
 
 
 def lazy_channel_sums(
@@ -107,7 +113,9 @@ def lazy_channel_sums(
         sums["weight"] = lazy.source.new_empty(C, N, channels)
     if bias:
         sums["bias"] = lazy.source.new_empty(C, N, channels)
-    for c0, c1 in lazy.chunks():
+    # the weighted sum forms a product as large as the chunk
+    weighted = 1 if x_hat is None else 2
+    for c0, c1 in lazy.chunks(weighted * lazy.column_bytes()):
         part = lazy.columns(c0, c1).reshape(c1 - c0, N, channels, -1)
         if bias:
             torch.sum(part, dim=3, out=sums["bias"][c0:c1])

@@ -84,10 +84,13 @@ def handing_over_inputs(enabled: bool) -> Iterator[None]:
     The factor extension runs before the gradient extension on every module.
     Its steps often drop the unfolded input (a weight factor formed dense from
     column chunks keeps none), so the gradients would unfold it again (a VGG-
-    like first block at ``N = 64``: 40 ms and 75 MiB). With ``enabled``, the
-    last input unfolded in the block is held until
-    :func:`conv_weight_grads` of the same layer takes it: one tensor that was
-    alive during the factor step anyway.
+    like first block at ``N = 64``: 40 ms and 75 MiB). With ``enabled`` (the
+    gradients are of the same samples), the last input unfolded in the block
+    is held until :func:`conv_weight_grads` of the same layer takes it: one
+    tensor that was alive during the factor step anyway. The gradient
+    extension drops whatever is still held once it is done with the module
+    (:func:`drop_handed_over`), whether it succeeded or failed, so nothing is
+    held between modules.
     """
     token = _HANDING_OVER.set(enabled)
     try:
@@ -97,15 +100,17 @@ def handing_over_inputs(enabled: bool) -> Iterator[None]:
 
 
 def drop_handed_over() -> None:
-    """Forget a held unfolded input (a pass starts, or one was aborted)."""
+    """Forget a held unfolded input (a module's extensions are done, or failed)."""
     _HANDED_OVER.clear()
 
 
 def _take_handed_over(module: Module) -> Tensor | None:
     """The unfolded input held for ``module``'s gradients, released (or ``None``)."""
-    if _HANDED_OVER and _HANDED_OVER[0][0]() is module:
-        return _HANDED_OVER.pop()[1]
-    return None
+    try:
+        ref, unfolded = _HANDED_OVER.pop()
+    except IndexError:
+        return None
+    return unfolded if ref() is module else None
 
 
 def conv_inputs(module: _ConvNd, subsampling: list[int] | None) -> Tensor:

@@ -62,6 +62,25 @@ def test_low_rank_ggn(device, case_id, plan):
     assert_block_matches_dense(block, dense)
 
 
+@pytest.mark.parametrize("name", ["conv-bn-pool", "conv-bn-conv"])
+def test_lazy_batch_norm(device, name):
+    """Batch norm taking lazy factors (a tiny budget) against the dense reference."""
+    import warnings
+
+    from tests.extensions.test_batch_norm import NETS
+    from vivitlib.memory import MemoryBudgetWarning
+
+    problem = make_problem(NETS[name])
+    dense = problem.dense()
+    problem = _to(problem, device)
+    ggn = vivitlib.LowRankGGN(problem.params, max_memory=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryBudgetWarning)
+        problem.run(ggn)
+    assert ggn.blocks[0].evals.device.type == device
+    assert_block_matches_dense(_OnCpu(ggn.blocks[0]), dense)
+
+
 class _OnCpu:
     """A block's results copied to the CPU, for the CPU-side reference checks."""
 

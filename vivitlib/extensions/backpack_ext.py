@@ -31,7 +31,7 @@ from vivitlib.extensions.layers import (
     drop_handed_over,
     handing_over_inputs,
 )
-from vivitlib.extensions.lazy import LazyColumns
+from vivitlib.extensions.lazy import LazyColumns, StepResults
 from vivitlib.extensions.lazy_layers import (
     channel_step,
     conv_step,
@@ -74,7 +74,7 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
             if derivatives is not None:
                 self.derivatives = derivatives()
             self._dense_bias = self._make_param_function("bias")
-            self._chunked: tuple[Any, dict[str, Any]] = (None, {})
+            self._chunked = StepResults()
 
         def accepts_lazy(self, ext, module, quantity: LazyColumns) -> bool:
             """Whether this step handles ``quantity`` in chunks (:func:`lazy_plan`)."""
@@ -85,7 +85,8 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
 
         def _from_chunks(self, ext, module, backproped, name: str):
             """Result ``name`` of the step on ``backproped`` (computed on first ask)."""
-            if self._chunked[0] is not backproped:
+
+            def compute() -> dict[str, Any]:
                 sub = ext.get_subsampling()
                 unfoldable = conv_unfoldable(module)
                 wants = _wants(ext)
@@ -98,15 +99,9 @@ def _factored_sqrt(base: type, build: Callable, derivatives: type | None) -> typ
                 plan = lazy_plan(module, backproped, unfoldable, wants)
                 steps = {"channels": channel_step, "samples": sample_step}
                 step = steps.get(plan, conv_step)
-                results = step(
-                    self.derivatives, module, backproped, sub, unfolded, wants
-                )
-                self._chunked = (backproped, results)
-            results = self._chunked[1]
-            value = results.pop(name)
-            if not results:
-                self._chunked = (None, {})
-            return value
+                return step(self.derivatives, module, backproped, sub, unfolded, wants)
+
+            return self._chunked.take(backproped, name, compute)
 
         def _given(self, backproped):
             """``backproped``, formed if lazy and the layer takes no lazy factor.

@@ -33,7 +33,7 @@ from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 
 from vivitlib.extensions.fast_backprop import scale_op
-from vivitlib.extensions.lazy import LazyColumns, PendingOp, input_shape
+from vivitlib.extensions.lazy import LazyColumns, PendingOp, StepResults, input_shape
 
 
 def channel_scale(module: nn.Module) -> Tensor:
@@ -138,40 +138,32 @@ class SqrtGGNBatchNorm(SqrtGGNBatchNormNd):
         self._formed = {
             name: self._make_param_function(name) for name in ("weight", "bias")
         }
-        self._lazy: tuple[Any, dict[str, Tensor]] = (None, {})
+        self._lazy = StepResults()
 
     def accepts_lazy(self, ext, module, quantity: LazyColumns) -> bool:
         """Eval mode takes a lazy factor (train mode is refused before the pass)."""
         return not module.training
 
-    def _lazy_sum(self, ext, module, backproped: LazyColumns, name: str) -> Tensor:
-        """The lazy factor's sums for ``name`` (both computed on the first ask)."""
-        if self._lazy[0] is not backproped:
-            sub = ext.get_subsampling()
+    def _factor(self, name: str, ext, module, g_inp, g_out, backproped):
+        """``name``'s factor: channel sums of a lazy factor (both on the first ask)."""
+        if not _wanted(ext, getattr(module, name)):
+            return None
+        if not isinstance(backproped, LazyColumns):
+            return self._formed[name](ext, module, g_inp, g_out, backproped)
+
+        def compute() -> dict[str, Tensor]:
             x_hat = None
             if _wanted(ext, module.weight):
-                x_hat = self.derivatives.normalized_input(module, sub)
-            sums = lazy_channel_sums(backproped, x_hat, _wanted(ext, module.bias))
-            self._lazy = (backproped, sums)
-        sums = self._lazy[1]
-        value = sums.pop(name)
-        if not sums:
-            self._lazy = (None, {})
-        return value
+                x_hat = self.derivatives.normalized_input(module, ext.get_subsampling())
+            return lazy_channel_sums(backproped, x_hat, _wanted(ext, module.bias))
+
+        return self._lazy.take(backproped, name, compute)
 
     def weight(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
-        if not _wanted(ext, module.weight):
-            return None
-        if isinstance(backproped, LazyColumns):
-            return self._lazy_sum(ext, module, backproped, "weight")
-        return self._formed["weight"](ext, module, g_inp, g_out, backproped)
+        return self._factor("weight", ext, module, g_inp, g_out, backproped)
 
     def bias(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
-        if not _wanted(ext, module.bias):
-            return None
-        if isinstance(backproped, LazyColumns):
-            return self._lazy_sum(ext, module, backproped, "bias")
-        return self._formed["bias"](ext, module, g_inp, g_out, backproped)
+        return self._factor("bias", ext, module, g_inp, g_out, backproped)
 
     def backpropagate(self, ext, module, g_inp, g_out, backproped):  # noqa: D102
         if isinstance(backproped, LazyColumns):

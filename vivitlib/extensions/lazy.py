@@ -348,6 +348,29 @@ def _entries(shape, channels: tuple[int, int] | None) -> int:
     return prod(shape) // shape[1] * (channels[1] - channels[0])
 
 
+class StepResults:
+    """A layer step's results on one quantity, computed once, handed out once each.
+
+    BackPACK asks a layer's rule for each parameter's result and for the
+    backpropagated quantity in turn; a step on a lazy factor computes them
+    together (one pass over its columns). The results are kept until each
+    has been taken, and dropped then.
+    """
+
+    def __init__(self):
+        self._quantity: object = None
+        self._left: dict[str, object] = {}
+
+    def take(self, quantity: object, name: str, compute) -> object:
+        """Result ``name`` for ``quantity`` (``compute()`` gives all, on first ask)."""
+        if self._quantity is not quantity:
+            self._quantity, self._left = quantity, compute()
+        value = self._left.pop(name)
+        if not self._left:
+            self._quantity, self._left = None, {}
+        return value
+
+
 def materialised(quantity):
     """``quantity`` with a lazy factor formed (anything else is returned as is)."""
     return quantity.materialise() if isinstance(quantity, LazyColumns) else quantity

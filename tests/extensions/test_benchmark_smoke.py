@@ -47,16 +47,16 @@ def test_libraries_agree_on_eigenvalues(name):
 
 def test_every_problem_builds():
     """Each problem gives a batch its model accepts and a finite loss."""
-    from experiments.benchmarks.ggn.problems import PROBLEMS
+    from experiments.benchmarks.ggn.problems import PROBES, PROBLEMS
 
-    for name in PROBLEMS:
+    for name in PROBLEMS + PROBES:
         if name == "resnet18":
             continue  # covered by tests/core/test_resnet18.py
         problem = make_problem(name, 2)
         loss = problem.loss_fn(problem.model(problem.X), problem.y)
         assert torch.isfinite(loss), name
     with pytest.raises(ValueError, match="Unknown problem"):
-        make_problem("vgg", 2)  # (vgg_bn is one)
+        make_problem("vgg16", 2)
 
 
 def test_timing_and_table(tmp_path):

@@ -24,6 +24,9 @@ PROBLEMS = (
     "resnet",
     "resnet18",
 )
+#: Networks off the benchmark's default table, to check the library where it
+#: was not tuned (issue 13, session 8); run them with ``--problems ... --sizes``.
+PROBES = ("lenet", "mlp_mse", "strided", "conv1d", "3c3d_c100", "vgg")
 
 
 @dataclass
@@ -109,16 +112,18 @@ def all_conv() -> nn.Module:
     )
 
 
-def vgg_bn() -> nn.Module:
+def vgg_bn(batch_norm: bool = True) -> nn.Module:
     """VGG-style net for 3x32x32 inputs, batch norm in eval mode, 331k parameters.
 
     Conv-BN-ReLU blocks (two at full resolution, then max pooling after each),
     dropout (eval) before a 1024-256-10 head: the Conv-BN-ReLU-MaxPool stacks
     of VGG and the batch norm layers of ResNets, off the DeepOBS nets' paths.
+    ``batch_norm=False``: the same net without batch norm.
     """
 
     def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        norm = [nn.BatchNorm2d(c_out)] if batch_norm else []
+        return [nn.Conv2d(c_in, c_out, 3, padding=1), *norm, nn.ReLU()]
 
     return nn.Sequential(
         *block(3, 32), *block(32, 32), nn.MaxPool2d(2),
@@ -127,6 +132,42 @@ def vgg_bn() -> nn.Module:
         nn.Flatten(), nn.Dropout(0.5), nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
         nn.Linear(256, 10),
     )  # fmt: skip
+
+
+def _probe(name: str, batch_size: int) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    """Model, loss, inputs and targets of one of :data:`PROBES`."""
+    N, ce = batch_size, nn.CrossEntropyLoss()
+    cifar, labels = torch.randn(N, 3, 32, 32), torch.randint(0, 10, (N,))
+    if name == "lenet":  # LeNet-5: tanh, average pooling
+        model = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
+            nn.Linear(400, 120), nn.Tanh(), nn.Linear(120, 84), nn.Tanh(),
+            nn.Linear(84, 10),
+        )  # fmt: skip
+        return model, ce, torch.randn(N, 1, 28, 28), labels
+    if name == "mlp_mse":  # regression: ELU, LeakyReLU, five outputs
+        model = nn.Sequential(nn.Linear(100, 256), nn.ELU(), nn.Linear(256, 256),
+                              nn.LeakyReLU(), nn.Linear(256, 5))  # fmt: skip
+        return model, nn.MSELoss(), torch.randn(N, 100), torch.randn(N, 5)
+    if name == "strided":  # strided convolutions, LeakyReLU, average pooling
+        model = nn.Sequential(
+            nn.Conv2d(3, 64, 5, stride=2, padding=2), nn.LeakyReLU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(8),
+            nn.Flatten(), nn.Linear(128, 10),
+        )  # fmt: skip
+        return model, ce, cifar, labels
+    if name == "conv1d":  # dilated, strided 1-D convolutions, max pooling
+        model = nn.Sequential(
+            nn.Conv1d(4, 32, 5), nn.ReLU(), nn.Conv1d(32, 32, 5, stride=2, dilation=2),
+            nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(32 * 29, 10),
+        )  # fmt: skip
+        return model, ce, torch.randn(N, 4, 128), labels
+    if name == "3c3d_c100":  # 100 classes
+        return cnn_3c3d((3, 32, 32), 100), ce, cifar, torch.randint(0, 100, (N,))
+    if name == "vgg":
+        return vgg_bn(batch_norm=False).eval(), ce, cifar, labels
+    raise ValueError(f"Unknown problem {name!r}; choose one of {PROBLEMS + PROBES}.")
 
 
 def _with_batch_statistics(model: nn.Module, X: Tensor) -> nn.Module:
@@ -160,7 +201,8 @@ def make_problem(
     """Build problem ``name`` with ``batch_size`` samples, deterministically.
 
     Args:
-        name: One of :data:`PROBLEMS`. ``resnet18`` is torchvision's ResNet-18
+        name: One of :data:`PROBLEMS` or :data:`PROBES`. ``resnet18`` is
+            torchvision's ResNet-18
             (10 classes, eval mode, final pooling as ``AvgPool2d`` so that
             vivit's stock BackPACK runs it too).
         batch_size: ``N``.
@@ -174,6 +216,7 @@ def make_problem(
         ValueError: For an unknown name.
     """
     torch.manual_seed(seed)
+    loss_fn: nn.Module = nn.CrossEntropyLoss()
     converter = False
     cifar = (batch_size, 3, 32, 32)
     if name == "digits_mlp":
@@ -201,7 +244,7 @@ def make_problem(
         model, converter = resnet18((3, 32, 32), 10).eval(), True
         X, y = torch.randn(*cifar), torch.randint(0, 10, (batch_size,))
     else:
-        raise ValueError(f"Unknown problem {name!r}; choose one of {PROBLEMS}.")
+        model, loss_fn, X, y = _probe(name, batch_size)
     model = extend(model, use_converter=converter).to(device)
-    loss_fn = extend(nn.CrossEntropyLoss())
+    loss_fn = extend(loss_fn)
     return Problem(name, model, loss_fn, X.to(device), y.to(device))

@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     sizes = {**(QUICK_SIZES if args.quick else FULL_SIZES), **args.sizes}
     configs = ["gradient"] + [c for c in args.configs if c != "gradient"]
     rows = []
+    missing = [p for p in args.problems if p not in sizes]
+    if missing:
+        raise SystemExit(f"No batch sizes for {missing}: pass --sizes NAME=N,N,...")
     for problem in args.problems:
         for n in sizes[problem]:
             for config in configs:

@@ -167,3 +167,33 @@ def test_whole_inputs_under_a_budget_are_reported(compute):
     assert ("Conv2d (per-sample gradients" in messages) == grads, messages
     if "eigenvectors" in compute:
         assert_block_matches_dense(ggn.blocks[0], problem.dense())
+
+
+def _strided_dilated_net():
+    """Stride, dilation and batch norm ahead of blocked unfolded inputs."""
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=2, dilation=2), nn.Tanh(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(45, 3),
+    )  # fmt: skip
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("compute", ["eigenvalues", "all"])
+@pytest.mark.parametrize("budget", [1, 2000])
+def test_strided_dilated_blocks_match_dense(monkeypatch, compute, budget):
+    formed = spy_unfolding(monkeypatch)
+    problem = make_problem(dict(CASE, model=_strided_dilated_net, x=(6, 2, 12, 12)))
+    options = {"compute": "eigenvalues"} if compute == "eigenvalues" else {}
+    ggn = vivitlib.LowRankGGN(problem.params, max_memory=budget, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryBudgetWarning)
+        problem.run(ggn)
+    (block,) = ggn.blocks
+    if compute == "eigenvalues":
+        _assert_eigenvalues(block, problem.dense().ggn)
+        assert formed and max(formed) < 6  # blocks of samples only
+    else:
+        assert_block_matches_dense(block, problem.dense())

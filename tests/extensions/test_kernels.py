@@ -228,11 +228,25 @@ def test_dense_plan_forms_thin_slices_class_by_class():
     # 3C3D's conv1 (T = 784 > I = 75) at N = 64, 256: the copy of s would leave
     # 15 / 3 outputs per 32 MiB slice; conv2 (I = 576) and ResNet-18's 64-channel
     # convolutions keep the sample-major products
-    budget = CostModel().materialise_elements
-    assert kernels._per_class(10, 64, 784, 64, 75, budget)
-    assert kernels._per_class(10, 256, 784, 64, 75, budget)
-    assert not kernels._per_class(10, 64, 144, 96, 576, budget)
-    assert not kernels._per_class(10, 32, 1024, 64, 576, budget)
+    model = CostModel()
+    for C, N, T, O, I, per_class in [(10, 64, 784, 64, 75, True),  # noqa: E741
+                                      (10, 256, 784, 64, 75, True),
+                                      (10, 64, 144, 96, 576, False),
+                                      (10, 32, 1024, 64, 576, False)]:  # fmt: skip
+        budget = model.slice_elements(C * N)
+        assert kernels._per_class(C, N, T, O, I, budget) == per_class
+
+
+def test_slices_are_halved_only_where_they_stay_wide():
+    model = CostModel()
+    full = model.materialise_elements
+    assert model.slice_elements(576) == full // 2  # 3C3D at N = 64
+    assert model.slice_elements(2304) == full  # N = 256: half is too thin
+    assert model.slice_elements(1536) == 1536 * model.slice_inner  # in between
+    small = CostModel(materialise_elements=50)  # set explicitly: kept
+    assert small.slice_elements(576) == 50
+    with pytest.raises(ValueError, match="slice_inner"):
+        CostModel(slice_inner=0)
 
 
 def test_gram_plan_prefers_pairwise_for_few_positions():

@@ -141,7 +141,7 @@ class ChannelSlicedFactor(_LazyOuterFactor):
             kernels.OutputSlices((C, N, T, O), take),
             self.a,
             grads_slices(grads, O),
-            chunk_elements=current_cost_model().materialise_elements,
+            chunk_elements=current_cost_model().slice_elements(C * N),
         )
         return gram, vtg, None
 

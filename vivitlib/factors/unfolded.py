@@ -43,7 +43,7 @@ class UnfoldedFactor(OuterFactor):
             self.s,
             self.a,
             grads_slices(grads, self.s.shape[-1]),
-            chunk_elements=model.materialise_elements,
+            chunk_elements=model.slice_elements(self.s.shape[0] * self.s.shape[1]),
         )
         return gram, vtg, self if keep else None
 

@@ -104,10 +104,22 @@ def test_budgeted_pass_unfolds_blocks_and_matches_dense(monkeypatch, plan, compu
             return "channels" if got == "columns" and quantity.narrowable else got
 
         monkeypatch.setattr("vivitlib.extensions.backpack_ext.lazy_plan", channels)
+    formed = _assert_budgeted_pass(monkeypatch, CASE, 2000, compute)
+    if compute != "eigenvalues":
+        # lifting keeps the factors, whole unfolded inputs included
+        assert min(formed) < 6
+
+
+def _assert_budgeted_pass(monkeypatch, case, budget, compute) -> list[int]:
+    """Run ``case`` (6 samples) under ``budget``, check it against dense.
+
+    For eigenvalues alone, only blocks of samples may be unfolded. Returns the
+    samples of every unfolded input formed.
+    """
     formed = spy_unfolding(monkeypatch)
-    problem = make_problem(CASE)
+    problem = make_problem(case)
     options = {"compute": "eigenvalues"} if compute == "eigenvalues" else {}
-    ggn = vivitlib.LowRankGGN(problem.params, max_memory=2000, **options)
+    ggn = vivitlib.LowRankGGN(problem.params, max_memory=budget, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MemoryBudgetWarning)
         problem.run(ggn)
@@ -117,9 +129,8 @@ def test_budgeted_pass_unfolds_blocks_and_matches_dense(monkeypatch, plan, compu
         # blocks of samples only: no whole unfolded input of the 6 samples
         assert formed and max(formed) < 6
     else:
-        # lifting keeps the factors, whole unfolded inputs included
         assert_block_matches_dense(block, problem.dense())
-        assert min(formed) < 6
+    return formed
 
 
 def _assert_eigenvalues(block, ggn):
@@ -184,16 +195,5 @@ def _strided_dilated_net():
 @pytest.mark.parametrize("compute", ["eigenvalues", "all"])
 @pytest.mark.parametrize("budget", [1, 2000])
 def test_strided_dilated_blocks_match_dense(monkeypatch, compute, budget):
-    formed = spy_unfolding(monkeypatch)
-    problem = make_problem(dict(CASE, model=_strided_dilated_net, x=(6, 2, 12, 12)))
-    options = {"compute": "eigenvalues"} if compute == "eigenvalues" else {}
-    ggn = vivitlib.LowRankGGN(problem.params, max_memory=budget, **options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MemoryBudgetWarning)
-        problem.run(ggn)
-    (block,) = ggn.blocks
-    if compute == "eigenvalues":
-        _assert_eigenvalues(block, problem.dense().ggn)
-        assert formed and max(formed) < 6  # blocks of samples only
-    else:
-        assert_block_matches_dense(block, problem.dense())
+    case = dict(CASE, model=_strided_dilated_net, x=(6, 2, 12, 12))
+    _assert_budgeted_pass(monkeypatch, case, budget, compute)
